@@ -1,0 +1,1 @@
+"""prime_jax: PRIME (Process Reinforcement through IMplicit rEwards) in JAX/Flax."""

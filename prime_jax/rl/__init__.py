@@ -1,0 +1,1 @@
+"""RL maths: advantage estimators, PPO-clip loss and step, online accuracy filter."""
