@@ -14,3 +14,33 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from tests.fixtures import tiny_config, tiny_llama_config, write_hf_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def qwen2_dir(tmp_path_factory) -> str:
+    """A tiny random Qwen2 checkpoint written by transformers."""
+    return write_hf_checkpoint(tiny_config(), tmp_path_factory.mktemp("qwen2"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory) -> str:
+    """A tiny random Llama 3 checkpoint (tied embeddings, rope scaling) written by transformers."""
+    return write_hf_checkpoint(tiny_llama_config(), tmp_path_factory.mktemp("llama"), seed=1)
+
+
+@pytest.fixture
+def left_padded_batch():
+    """tokens [3, 12] int32 with rows of 12, 7 and 3 real tokens, left padded; attention mask [3, 12]."""
+    rng = np.random.default_rng(0)
+    lengths = [12, 7, 3]
+    tokens = rng.integers(1, 90, size=(3, 12)).astype(np.int32)
+    mask = np.zeros((3, 12), np.int32)
+    for i, n in enumerate(lengths):
+        mask[i, 12 - n:] = 1
+        tokens[i, : 12 - n] = 0
+    return tokens, mask

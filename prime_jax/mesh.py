@@ -1,0 +1,121 @@
+"""One device mesh for policy, PRM and reference; logical axis names mapped onto mesh axes by one table.
+
+Params carry logical axes (`embed`, `mlp`, `heads`, `kv_heads`, `vocab`, `layers`, ...). `RULES`
+maps each onto zero or more mesh axes. A dimension that a mesh axis does not divide evenly stays
+replicated on that axis (e.g. 4 KV heads on an 8-way tensor axis), so one table serves one CPU
+device, 8 fake CPU devices, a GPU box and a TPU pod.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.experimental import mesh_utils
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+# Batch dimensions are split over both data-parallel axes.
+BATCH_AXES = ("data", "fsdp")
+
+RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("batch", BATCH_AXES),
+    ("vocab", ("tensor",)),
+    ("embed", ("fsdp",)),
+    ("heads", ("tensor",)),
+    ("kv_heads", ("tensor",)),
+    ("mlp", ("tensor",)),
+    ("layers", ()),
+    ("head_dim", ()),
+    ("norm", ()),
+)
+
+
+def make_mesh(axes: Mapping[str, int], devices: Sequence[Any] | None = None) -> Mesh:
+    """A mesh with named axes in the given order; one size may be -1 ("all remaining devices").
+
+    `devices` defaults to all devices (of every process); pass a TPU topology's devices for AOT.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    names, sizes = tuple(axes), [int(s) for s in axes.values()]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"mesh: at most one axis may be -1, got {dict(axes)}")
+    known = math.prod(s for s in sizes if s != -1)
+    if any(s == 0 or s < -1 for s in sizes) or len(devices) % known:
+        raise ValueError(f"mesh: axis sizes {dict(axes)} do not divide the {len(devices)} devices")
+    sizes = [len(devices) // known if s == -1 else s for s in sizes]
+    if math.prod(sizes) != len(devices):
+        raise ValueError(f"mesh: axis sizes {dict(zip(names, sizes))} use {math.prod(sizes)} devices, but there are {len(devices)}")
+    try:
+        grid = mesh_utils.create_device_mesh(sizes, devices, allow_split_physical_axes=True)
+    except (ValueError, NotImplementedError, AssertionError):
+        grid = np.asarray(devices).reshape(sizes)
+    return Mesh(grid, names, axis_types=(AxisType.Auto,) * len(names))
+
+
+def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+                    rules: Sequence[tuple[str, tuple[str, ...]]] = RULES) -> P:
+    """PartitionSpec for an array with the given logical axes; each mesh axis used at most once,
+    and only where it divides the dimension."""
+    table = dict(rules)
+    used: set[str] = set()
+    spec = []
+    for name, dim in zip(axes, shape, strict=True):
+        if name is not None and name not in table:
+            raise ValueError(f"logical axis {name!r} has no rule (known: {sorted(table)})")
+        chosen: list[str] = []
+        for ax in table.get(name, ()) if name else ():
+            if ax in mesh.shape and ax not in used and mesh.shape[ax] > 1 and dim % (math.prod(mesh.shape[a] for a in chosen) * mesh.shape[ax]) == 0:
+                chosen.append(ax)
+        used.update(chosen)
+        spec.append(None if not chosen else chosen[0] if len(chosen) == 1 else tuple(chosen))
+    return P(*spec)
+
+
+def _is_var(x: Any) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def state_shardings(state: nnx.State, mesh: Mesh, rules: Sequence[tuple[str, tuple[str, ...]]] = RULES) -> nnx.State:
+    """NamedShardings for every variable of a (real or abstract) model state, from its `axes` metadata.
+    Variables without `axes` are replicated. The result is a pytree prefix of `state`, usable as jit shardings."""
+
+    def one(v: nnx.Variable) -> NamedSharding:
+        shape = v.get_value().shape
+        axes = v.get_metadata().get("axes", (None,) * len(shape))
+        return NamedSharding(mesh, logical_to_spec(axes, shape, mesh, rules))
+
+    return jax.tree.map(one, state, is_leaf=_is_var)
+
+
+def shard_state(state: nnx.State, mesh: Mesh) -> nnx.State:
+    """Places a state onto the mesh per the rules (moves data; use load_pretrained to avoid host copies)."""
+    return jax.device_put(state, state_shardings(state, mesh))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Leading (batch) dim split over the data-parallel axes, the rest replicated."""
+    axes = tuple(a for a in BATCH_AXES if a in mesh.shape)
+    return NamedSharding(mesh, P(axes or None, *([None] * (ndim - 1))))
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    """How many ways a batch is split."""
+    return math.prod(mesh.shape[a] for a in BATCH_AXES if a in mesh.shape)
+
+
+def constrain_batch(x: jax.Array) -> jax.Array:
+    """Inside a jit under `jax.set_mesh(mesh)`: keep activations split over the batch axes (as MaxText
+    constrains activations), so GSPMD never prefers sharding them over the model dims. No-op without a mesh
+    or when the batch does not divide."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    axes = tuple(a for a in BATCH_AXES if a in mesh.shape and mesh.shape[a] > 1)
+    size = math.prod(mesh.shape[a] for a in axes)
+    if not axes or x.shape[0] % size:
+        return x
+    return jax.lax.with_sharding_constraint(x, P(axes, *([None] * (x.ndim - 1))))

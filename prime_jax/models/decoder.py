@@ -1,0 +1,223 @@
+"""The Qwen2 / Qwen2.5 / Llama-3 decoder as one Flax NNX module with stacked, scanned layers.
+
+Every weight is an `nnx.Param` carrying `axes`, a tuple of logical axis names that
+`prime_jax.mesh` maps onto mesh axes. Per-layer weights are stacked with a leading `layers`
+axis and the blocks run in one `lax.scan`, so compile time does not grow with depth.
+
+Two entry points share one block function:
+- `model(tokens, attention_mask=..., positions=...)`: full-sequence forward (training, scoring).
+- `model.forward_cached(tokens, positions, cache, kv_mask)`: writes the new keys/values into a
+  preallocated `KVCache` at `cache.index` and attends over the cache (sampler prefill + decode).
+  The cache is carried through the layer scan and updated in place, never copied per step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from prime_jax.mesh import constrain_batch
+from prime_jax.models.config import ModelConfig
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Keys and values of every layer. `k`, `v`: [L, B, S, K, Dh] compute dtype; `index`: next slot, int32 scalar."""
+
+    k: Array
+    v: Array
+    index: Array
+
+    @classmethod
+    def zeros(cls, cfg: ModelConfig, batch: int, length: int) -> KVCache:
+        shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+        dtype = jnp.dtype(cfg.dtype)
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), index=jnp.zeros((), jnp.int32))
+
+
+def positions_from_mask(attention_mask: Array) -> Array:
+    """Position ids that make left padding exact: 0 at the first real token. [B, T] int32."""
+    mask = attention_mask.astype(jnp.int32)
+    return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+
+
+def rope_frequencies(cfg: ModelConfig) -> Array:
+    """Inverse frequencies [Dh/2] float32, with Llama-3 scaling when configured (as transformers computes them)."""
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    s = cfg.rope_scaling
+    if s is None:
+        return inv_freq
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return jnp.where(medium, smoothed, scaled)
+
+
+def apply_rope(x: Array, positions: Array, inv_freq: Array) -> Array:
+    """Rotary embedding, rotate-half convention. x: [B, T, N, Dh]; positions: [B, T]."""
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, Dh/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def rms_norm(x: Array, weight: Array, eps: float) -> Array:
+    """RMSNorm in fp32, result in the input dtype (as transformers does)."""
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+    return (weight.astype(jnp.float32) * x32).astype(x.dtype)
+
+
+def attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
+    """Grouped-query attention with softmax in fp32.
+
+    q: [B, T, H, Dh]; k, v: [B, S, K, Dh]; mask: [B, T, S] bool (True = may attend). -> [B, T, H, Dh]
+    """
+    b, t, h, dh = q.shape
+    kv = k.shape[2]
+    qg = q.reshape(b, t, kv, h // kv, dh)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) / math.sqrt(dh)
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h, dh)
+
+
+def _block(cfg: ModelConfig, p: dict[str, Array], x: Array, positions: Array, inv_freq: Array,
+           k_all: Array | None, v_all: Array | None, write_at: Array | None, mask: Array):
+    """One decoder layer. x: [B, T, D]. With a cache slice (k_all, v_all: [B, S, K, Dh]) the new keys and
+    values are written at `write_at` and attention runs over the whole slice; otherwise over x itself."""
+    dt = x.dtype
+    w = lambda name: p[name].astype(dt)  # noqa: E731  (weights cast to the compute dtype)
+    h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
+    q = jnp.einsum("btd,dhk->bthk", h, w("q"))
+    k = jnp.einsum("btd,dhk->bthk", h, w("k"))
+    v = jnp.einsum("btd,dhk->bthk", h, w("v"))
+    if cfg.attention_bias:
+        q, k, v = q + w("q_bias"), k + w("k_bias"), v + w("v_bias")
+    q = apply_rope(q, positions, inv_freq)
+    k = apply_rope(k, positions, inv_freq)
+    if k_all is not None:
+        k = k_all = jax.lax.dynamic_update_slice_in_dim(k_all, k.astype(k_all.dtype), write_at, axis=1)
+        v = v_all = jax.lax.dynamic_update_slice_in_dim(v_all, v.astype(v_all.dtype), write_at, axis=1)
+    attn = attention(q, k.astype(dt), v.astype(dt), mask)
+    x = x + jnp.einsum("bthk,hkd->btd", attn, w("o"))
+    h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
+    gate = jnp.einsum("btd,df->btf", h, w("gate"))
+    up = jnp.einsum("btd,df->btf", h, w("up"))
+    x = x + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, w("down"))
+    return constrain_batch(x), k_all, v_all
+
+
+class LayerStack(nnx.Module):
+    """The weights of all decoder layers, stacked along a leading `layers` axis."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        L, D, F = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size
+        H, K, Dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        pd = jnp.dtype(cfg.param_dtype)
+        normal = lambda *shape: nnx.initializers.normal(0.02)(rngs.params(), shape, pd)  # noqa: E731
+        self.attn_norm = nnx.Param(jnp.ones((L, D), pd), axes=("layers", "norm"))
+        self.q = nnx.Param(normal(L, D, H, Dh), axes=("layers", "embed", "heads", "head_dim"))
+        self.k = nnx.Param(normal(L, D, K, Dh), axes=("layers", "embed", "kv_heads", "head_dim"))
+        self.v = nnx.Param(normal(L, D, K, Dh), axes=("layers", "embed", "kv_heads", "head_dim"))
+        if cfg.attention_bias:
+            self.q_bias = nnx.Param(jnp.zeros((L, H, Dh), pd), axes=("layers", "heads", "head_dim"))
+            self.k_bias = nnx.Param(jnp.zeros((L, K, Dh), pd), axes=("layers", "kv_heads", "head_dim"))
+            self.v_bias = nnx.Param(jnp.zeros((L, K, Dh), pd), axes=("layers", "kv_heads", "head_dim"))
+        self.o = nnx.Param(normal(L, H, Dh, D), axes=("layers", "heads", "head_dim", "embed"))
+        self.mlp_norm = nnx.Param(jnp.ones((L, D), pd), axes=("layers", "norm"))
+        self.gate = nnx.Param(normal(L, D, F), axes=("layers", "embed", "mlp"))
+        self.up = nnx.Param(normal(L, D, F), axes=("layers", "embed", "mlp"))
+        self.down = nnx.Param(normal(L, F, D), axes=("layers", "mlp", "embed"))
+
+
+class Decoder(nnx.Module):
+    """Causal LM: embedding -> L scanned blocks -> RMSNorm -> LM head (tied or not)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        pd = jnp.dtype(cfg.param_dtype)
+        self.embed = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (cfg.vocab_size, cfg.hidden_size), pd),
+                               axes=("vocab", "embed"))
+        self.layers = LayerStack(cfg, rngs)
+        self.final_norm = nnx.Param(jnp.ones((cfg.hidden_size,), pd), axes=("norm",))
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (cfg.hidden_size, cfg.vocab_size), pd),
+                                     axes=("embed", "vocab"))
+
+    def head_weight(self) -> Array:
+        """LM head as [D, V] (the transposed embedding when tied)."""
+        return self.embed[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
+
+    def _run_layers(self, tokens: Array, positions: Array, mask: Array, cache: KVCache | None):
+        cfg = self.cfg
+        x = constrain_batch(jnp.take(self.embed[...], tokens, axis=0).astype(cfg.dtype))
+        params = nnx.to_pure_dict(nnx.state(self.layers, nnx.Param))
+        inv_freq = rope_frequencies(cfg)
+
+        def layer(carry, p):
+            x, k_cache, v_cache, i = carry
+            k_i = v_i = None
+            if k_cache is not None:
+                k_i = jax.lax.dynamic_index_in_dim(k_cache, i, keepdims=False)
+                v_i = jax.lax.dynamic_index_in_dim(v_cache, i, keepdims=False)
+            x, k_i, v_i = _block(cfg, p, x, positions, inv_freq, k_i, v_i, None if cache is None else cache.index, mask)
+            if k_cache is not None:
+                k_cache = jax.lax.dynamic_update_index_in_dim(k_cache, k_i, i, axis=0)
+                v_cache = jax.lax.dynamic_update_index_in_dim(v_cache, v_i, i, axis=0)
+            return (x, k_cache, v_cache, i + 1), None
+
+        if cfg.remat:
+            layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.nothing_saveable)
+        init = (x, None if cache is None else cache.k, None if cache is None else cache.v, jnp.int32(0))
+        (x, k, v, _), _ = jax.lax.scan(layer, init, params)
+        x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
+        new_cache = None if cache is None else KVCache(k=k, v=v, index=cache.index + tokens.shape[1])
+        return x, new_cache
+
+    def hidden_states(self, tokens: Array, *, attention_mask: Array | None = None, positions: Array | None = None) -> Array:
+        """Final-norm hidden states [B, T, D] (compute dtype); causal attention restricted to `attention_mask`."""
+        if attention_mask is None:
+            attention_mask = jnp.ones(tokens.shape, jnp.bool_)
+        attention_mask = attention_mask.astype(jnp.bool_)
+        if positions is None:
+            positions = positions_from_mask(attention_mask)
+        t = tokens.shape[1]
+        causal = jnp.tril(jnp.ones((t, t), jnp.bool_))
+        # Each query may always see itself, so fully padded rows stay finite.
+        mask = (causal[None] & attention_mask[:, None, :]) | jnp.eye(t, dtype=jnp.bool_)[None]
+        x, _ = self._run_layers(tokens, positions, mask, None)
+        return x
+
+    def __call__(self, tokens: Array, *, attention_mask: Array | None = None, positions: Array | None = None) -> Array:
+        """Logits [B, T, V] float32. tokens: [B, T] int32; attention_mask: [B, T] (1 = real token)."""
+        h = self.hidden_states(tokens, attention_mask=attention_mask, positions=positions)
+        return jnp.einsum("btd,dv->btv", h, self.head_weight().astype(h.dtype), preferred_element_type=jnp.float32)
+
+    def forward_cached(self, tokens: Array, positions: Array, cache: KVCache, kv_mask: Array) -> tuple[Array, KVCache]:
+        """Runs `tokens` [B, T] written at cache slots index..index+T-1; returns last-position logits [B, V] f32.
+
+        kv_mask: [B, S] bool, which cache slots hold real tokens (prompt padding is False). Query t may
+        attend slot s iff kv_mask[s] and s <= index + t.
+        """
+        t, s = tokens.shape[1], cache.k.shape[2]
+        slot = cache.index + jnp.arange(t)
+        mask = (jnp.arange(s)[None, :] <= slot[:, None])[None] & kv_mask[:, None, :].astype(jnp.bool_)
+        mask = mask | (jnp.arange(s)[None, :] == slot[:, None])[None]
+        h, cache = self._run_layers(tokens, positions, mask, cache)
+        logits = jnp.einsum("bd,dv->bv", h[:, -1], self.head_weight().astype(h.dtype), preferred_element_type=jnp.float32)
+        return logits, cache

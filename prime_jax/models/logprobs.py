@@ -1,0 +1,70 @@
+"""Token log-probs without materialising [B, T, V] float32 logits.
+
+The LM head is applied to a fixed number of tokens at a time inside a `lax.scan`, each chunk
+rematerialised in the backward pass, so peak memory is one [chunk, V] block rather than the whole
+[B, T, V] tensor (152k vocab x 4k tokens x 4 bytes = 2.5 GB per sequence).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from prime_jax.models.decoder import Decoder
+
+Array = jax.Array
+
+
+def logprobs_from_hidden(hidden: Array, head: Array, targets: Array, *, chunk: int, temperature: float = 1.0,
+                         with_entropy: bool = False) -> Array | tuple[Array, Array]:
+    """log softmax(h @ head / temperature)[target] per token, in fp32.
+
+    hidden: [B, N, D]; head: [D, V]; targets: [B, N] int32 -> [B, N] float32 (and entropy [B, N]).
+    """
+    if temperature <= 0:
+        raise ValueError(f"log-prob temperature must be > 0, got {temperature}")
+    b, n, d = hidden.shape
+    total = b * n
+    chunk = min(chunk, total)
+    pad = -total % chunk
+    h = jnp.pad(hidden.reshape(total, d), ((0, pad), (0, 0))).reshape(-1, chunk, d)
+    t = jnp.pad(targets.reshape(total), (0, pad)).reshape(-1, chunk)
+    w = head.astype(hidden.dtype)
+
+    @jax.checkpoint
+    def one_chunk(_, xs):
+        hc, tc = xs
+        logits = jnp.einsum("nd,dv->nv", hc, w, preferred_element_type=jnp.float32) / temperature
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        lp = jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0] - lse
+        ent = lse - jnp.sum(jax.nn.softmax(logits, axis=-1) * logits, axis=-1) if with_entropy else jnp.zeros_like(lse)
+        return None, (lp, ent)
+
+    _, (lp, ent) = jax.lax.scan(one_chunk, None, (h, t))
+    lp = lp.reshape(-1)[:total].reshape(b, n)
+    if not with_entropy:
+        return lp
+    return lp, ent.reshape(-1)[:total].reshape(b, n)
+
+
+def token_logprobs(model: Decoder, tokens: Array, attention_mask: Array, *, positions: Array | None = None,
+                   temperature: float = 1.0) -> Array:
+    """Log-prob of each next token: out[:, t] = log p(tokens[:, t+1] | tokens[:, :t+1]). -> [B, T-1] float32."""
+    h = model.hidden_states(tokens, attention_mask=attention_mask, positions=positions)
+    return logprobs_from_hidden(h[:, :-1], model.head_weight(), tokens[:, 1:], chunk=model.cfg.logits_chunk,
+                                temperature=temperature)
+
+
+def response_logprobs(model: Decoder, prompt_tokens: Array, prompt_mask: Array, tokens: Array, mask: Array, *,
+                      temperature: float = 1.0, with_entropy: bool = False) -> Array | tuple[Array, Array]:
+    """Log-probs of the response tokens given a left-padded prompt; the LM head runs on response positions only.
+
+    prompt_tokens, prompt_mask: [B, P]; tokens, mask: [B, R] (mask = 1 up to and including the first stop).
+    -> logp [B, R] float32 (and entropy [B, R] when `with_entropy`).
+    """
+    p = prompt_tokens.shape[1]
+    full = jnp.concatenate([prompt_tokens, tokens], axis=1)
+    attn = jnp.concatenate([prompt_mask.astype(jnp.bool_), mask.astype(jnp.bool_)], axis=1)
+    h = model.hidden_states(full, attention_mask=attn)
+    return logprobs_from_hidden(h[:, p - 1:-1], model.head_weight(), tokens, chunk=model.cfg.logits_chunk,
+                                temperature=temperature, with_entropy=with_entropy)

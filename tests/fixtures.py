@@ -1,0 +1,57 @@
+"""Tiny model configs and checkpoints shared by the tests (one place, many users)."""
+
+from __future__ import annotations
+
+import os
+
+from prime_jax.models import ModelConfig, RopeScaling
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    """A 2-layer Qwen2-architecture decoder: GQA (4 heads, 2 KV heads), q/k/v biases, untied head."""
+    fields = dict(model_type="qwen2", vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2,
+                  num_heads=4, num_kv_heads=2, head_dim=8, rope_theta=10000.0, attention_bias=True,
+                  tie_word_embeddings=False, max_position_embeddings=256, logits_chunk=16)
+    fields.update(overrides)
+    return ModelConfig(**fields)
+
+
+def tiny_llama_config(**overrides) -> ModelConfig:
+    """A 2-layer Llama-3-architecture decoder: tied embeddings, llama3 rope scaling, no biases."""
+    fields = dict(model_type="llama", vocab_size=101, hidden_size=32, intermediate_size=48, num_layers=2,
+                  num_heads=4, num_kv_heads=1, head_dim=8, rope_theta=500000.0, attention_bias=False,
+                  tie_word_embeddings=True, max_position_embeddings=256, logits_chunk=16,
+                  rope_scaling=RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                           original_max_position_embeddings=32))
+    fields.update(overrides)
+    return ModelConfig(**fields)
+
+
+def write_hf_checkpoint(cfg: ModelConfig, path: str | os.PathLike, seed: int = 0) -> str:
+    """Writes a randomly initialised transformers model of `cfg`'s architecture with `save_pretrained`."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    hf_cfg = transformers.AutoConfig.for_model(**{k: v for k, v in cfg.to_hf().items() if k not in ("torch_dtype",)})
+    model = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32)
+    with torch.no_grad():  # non-trivial norms and biases so that a swapped tensor cannot go unnoticed
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in name else 0.0))
+    model.save_pretrained(path)
+    return str(path)
+
+
+def hf_logits(path: str | os.PathLike, tokens, attention_mask):
+    """Reference logits from transformers (PyTorch, fp32) for a left-padded batch. -> np.ndarray [B, T, V]."""
+    import numpy as np
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    mask = torch.tensor(np.asarray(attention_mask), dtype=torch.long)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(np.asarray(tokens), dtype=torch.long), attention_mask=mask, position_ids=pos)
+    return out.logits.numpy()
