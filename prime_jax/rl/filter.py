@@ -1,0 +1,22 @@
+"""Online accuracy filter (PRIME_SPEC §1.2): keep prompt groups whose mean accuracy is in [lo, hi]."""
+import numpy as np
+
+
+def accuracy_filter(acc: np.ndarray, n: int, *, lo: float = 0.2, hi: float = 0.8) -> np.ndarray:
+    """Indices of the kept groups: acc [B] (rows of one prompt contiguous, n per group) -> int64 [K].
+
+    A group is kept iff lo <= mean(acc of its n rows) <= hi (both inclusive); all-or-nothing
+    per group (ORIG `filter`). With binary acc and n=4 this keeps 1/4, 2/4 and 3/4 correct.
+    Host-side numpy: it decides which rows go to the device, so it never runs under jit.
+    """
+    acc = np.asarray(acc, dtype=np.float64)
+    if acc.ndim != 1:
+        raise ValueError(f"acc must be 1-D [B], got shape {acc.shape}")
+    if n < 1 or acc.shape[0] % n:
+        raise ValueError(f"n={n}: batch of {acc.shape[0]} rows is not a whole number of groups")
+    if not lo <= hi:
+        raise ValueError(f"accuracy filter bounds lo={lo} > hi={hi}")
+    if not np.all(np.isfinite(acc)):
+        raise ValueError("acc contains non-finite values")
+    means = acc.reshape(-1, n).mean(axis=1)
+    return np.flatnonzero((means >= lo) & (means <= hi))
