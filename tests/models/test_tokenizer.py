@@ -1,0 +1,135 @@
+"""Tokenizer adapters: round trips, chat templates against hand-written strings, stop/pad ids, dispatch."""
+
+import json
+
+import pytest
+from tokenizers import Tokenizer as RawTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from prime_jax.models.tokenizer import (
+    CHATML_TEMPLATE,
+    ENDOFTEXT,
+    IM_END,
+    IM_START,
+    HFTokenizer,
+    SentencePieceTokenizer,
+    Tokenizer,
+    load_tokenizer,
+    train_sentencepiece,
+)
+
+CORPUS = [
+    "Compute (17 + 5) * 3 - 4.\n\nPresent the answer in LaTex format: \\boxed{Your answer}",
+    "17 + 5 = 22\n22 * 3 = 66\n66 - 4 = 62\n\\boxed{62}",
+    "def f(x):\n    return (x + 5) * 3 - 4\n",
+    "When tackling complex reasoning tasks, you have access to the following actions.",
+] * 20
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 2?"}]
+# ChatML, written out by hand.
+EXPECTED_PROMPT = (
+    "<|im_start|>system\nBe brief.<|im_end|>\n"
+    "<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n"
+    "<|im_start|>assistant\n"
+)
+ROUND_TRIP = "Compute  (17 + 5)\t* 3 ünïcode 😀\n\n  def f(x):\n    return x"
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A tiny byte-level BPE tokenizer saved as an HF directory with a ChatML chat template."""
+    from transformers import PreTrainedTokenizerFast
+
+    raw = RawTokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=[ENDOFTEXT, IM_START, IM_END],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    raw.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=raw, eos_token=IM_END, pad_token=ENDOFTEXT, additional_special_tokens=[IM_START]
+    )
+    fast.chat_template = CHATML_TEMPLATE
+    path = tmp_path_factory.mktemp("hf_tok")
+    fast.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def sp_tok(tmp_path_factory):
+    return train_sentencepiece(CORPUS, tmp_path_factory.mktemp("sp") / "tok", vocab_size=400)
+
+
+def test_hf_round_trip_and_ids(hf_dir):
+    tok = HFTokenizer(hf_dir)
+    assert isinstance(tok, Tokenizer)
+    ids = tok.encode(ROUND_TRIP)
+    assert tok.decode(ids) == ROUND_TRIP
+    assert tok.encode(IM_START + "user")[0] == 1  # special tokens are single ids: 0 eot, 1 start, 2 end
+    assert tok.eos_ids == (2,)
+    assert tok.pad_id == 0
+    assert tok.vocab_size == 320
+
+
+def test_hf_generation_config_adds_stop_ids(hf_dir, tmp_path):
+    import shutil
+
+    d = tmp_path / "tok"
+    shutil.copytree(hf_dir, d)
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 0]}))
+    assert HFTokenizer(d).eos_ids == (2, 0)
+
+
+def test_hf_chat_template(hf_dir):
+    tok = HFTokenizer(hf_dir)
+    assert tok.apply_chat_template(MESSAGES) == EXPECTED_PROMPT
+    assert tok.apply_chat_template(MESSAGES, add_generation_prompt=False) == EXPECTED_PROMPT.removesuffix(
+        "<|im_start|>assistant\n"
+    )
+    ids = tok.encode(EXPECTED_PROMPT)
+    assert tok.decode(ids) == "system\nBe brief.\nuser\nWhat is 2 + 2?\nassistant\n"
+    assert tok.decode(ids, skip_special_tokens=False) == EXPECTED_PROMPT
+
+
+def test_sentencepiece_round_trip_specials_and_digits(sp_tok):
+    assert isinstance(sp_tok, Tokenizer)
+    assert sp_tok.decode(sp_tok.encode(ROUND_TRIP)) == ROUND_TRIP  # identity normalisation + byte fallback
+    ids = sp_tok.encode(EXPECTED_PROMPT)
+    # unk = 0, then the user-defined ChatML symbols in order.
+    assert ids.count(1) == 3 and ids.count(2) == 2
+    assert sp_tok.eos_ids == (2, 3)
+    assert sp_tok.pad_id == 3
+    assert sp_tok.vocab_size == 400
+    assert [sp_tok.decode([i]) for i in sp_tok.encode("12345")] == list("12345")
+    assert sp_tok.decode(ids) == "system\nBe brief.\nuser\nWhat is 2 + 2?\nassistant\n"
+    assert sp_tok.decode(ids, skip_special_tokens=False) == EXPECTED_PROMPT
+
+
+def test_sentencepiece_chat_template(sp_tok):
+    assert sp_tok.apply_chat_template(MESSAGES) == EXPECTED_PROMPT
+    assert sp_tok.apply_chat_template(MESSAGES[1:], add_generation_prompt=False) == (
+        "<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n"
+    )
+    with pytest.raises(ValueError, match="content"):
+        sp_tok.apply_chat_template([{"role": "user"}])
+
+
+def test_sentencepiece_training_is_deterministic(tmp_path):
+    a = train_sentencepiece(CORPUS, tmp_path / "a" / "tok", vocab_size=400)
+    b = train_sentencepiece(CORPUS, tmp_path / "b" / "tok", vocab_size=400)
+    assert [a.decode([i], skip_special_tokens=False) for i in range(400)] == [
+        b.decode([i], skip_special_tokens=False) for i in range(400)
+    ]
+    assert a.encode(ROUND_TRIP) == b.encode(ROUND_TRIP)
+
+
+def test_load_tokenizer_dispatch(hf_dir, tmp_path):
+    assert isinstance(load_tokenizer(hf_dir), HFTokenizer)
+    train_sentencepiece(CORPUS, tmp_path / "x", vocab_size=400)
+    assert isinstance(load_tokenizer(tmp_path / "x.model"), SentencePieceTokenizer)
+    with pytest.raises(ValueError, match="cannot load a tokenizer"):
+        load_tokenizer(tmp_path / "missing.json")
+    with pytest.raises(ValueError, match="local directory"):
+        HFTokenizer(tmp_path / "nope")
