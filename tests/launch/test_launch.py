@@ -136,7 +136,7 @@ def test_tpu_up_then_delete_runs_the_whole_sequence_on_every_worker(fake: Fake):
 
 
 def test_tpu_failed_queued_resource_exits_with_a_clear_message(fake: Fake):
-    result = fake.run(TPU, "--name", "prime-test", "--poll-interval", "0", "up",
+    result = fake.run(TPU, "--name", "prime-test", "--poll-interval", "0", "--timeout", "10", "up",
                       FAKE_QR_STATES="WAITING_FOR_RESOURCES,FAILED")
     assert result.returncode != 0
     assert "queued resource prime-test is FAILED, it will not become ACTIVE" in result.stderr
