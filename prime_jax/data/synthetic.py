@@ -1,0 +1,126 @@
+"""Synthetic math and code tasks for the built-in CPU run: no downloads, verifiable, tunable difficulty.
+
+Math: "Compute (17 + 5) * 3 - 4." with the integer result as ground truth (`\\boxed{}` answers).
+Code: "Write a function f(x) that returns (x + 5) * 3 - 4." with APPS call-based ground truth
+`{"fn_name": "f", "inputs": [[x], ...], "outputs": [f(x), ...]}`.
+`difficulty` = number of operations in the expression; operands grow with it (additive operands
+up to 10 * difficulty, multipliers 2..9). `reference_solution` writes a short correct response in
+the form the verifiers accept, for the supervised warm start of a tiny model.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import random
+import re
+
+from prime_jax.data.example import Example
+from prime_jax.data.prompts import build_messages
+
+_MATH_PREFIX = "Compute "
+_CODE_PREFIX = "Write a function f(x) that returns "
+_NUM_CODE_TESTS = 4
+_OP_SYMBOLS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*"}
+
+
+def random_expression(rng: random.Random, num_ops: int, max_operand: int, start: str) -> str:
+    """A left-to-right chain `start op a op b ...` with parentheses wherever `*` follows `+`/`-`.
+
+    The written order is the evaluation order, so a step-by-step solution reads left to right.
+    """
+    expr, additive = start, False
+    for _ in range(num_ops):
+        op = rng.choice("+-*")
+        if op == "*":
+            operand = rng.randint(2, 9)
+            expr = f"({expr}) * {operand}" if additive else f"{expr} * {operand}"
+        else:
+            expr = f"{expr} {op} {rng.randint(1, max_operand)}"
+        additive = op != "*"
+    return expr
+
+
+def _evaluate(node: ast.expr, x: int | None, steps: list[str] | None) -> int:
+    """Integer value of an expression tree of + - * over ints (and `x`), recording "a op b = c" steps."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, int):
+        return node.value
+    if isinstance(node, ast.Name) and node.id == "x" and x is not None:
+        return x
+    if isinstance(node, ast.BinOp) and type(node.op) in _OP_SYMBOLS:
+        a, b = _evaluate(node.left, x, steps), _evaluate(node.right, x, steps)
+        symbol = _OP_SYMBOLS[type(node.op)]
+        value = a + b if symbol == "+" else a - b if symbol == "-" else a * b
+        if steps is not None:
+            steps.append(f"{a} {symbol} {b} = {value}")
+        return value
+    raise ValueError(f"not a synthetic arithmetic expression: {ast.dump(node)}")
+
+
+def evaluate(expression: str, x: int | None = None) -> int:
+    """Value of a synthetic expression (`x` bound for code tasks)."""
+    return _evaluate(ast.parse(expression, mode="eval").body, x, None)
+
+
+def _math_task(rng: random.Random, difficulty: int) -> tuple[str, str]:
+    max_operand = 10 * difficulty
+    expr = random_expression(rng, difficulty, max_operand, str(rng.randint(1, max_operand)))
+    return f"{_MATH_PREFIX}{expr}.", str(evaluate(expr))
+
+
+def _code_task(rng: random.Random, difficulty: int) -> tuple[str, str]:
+    expr = random_expression(rng, difficulty, 10 * difficulty, "x")
+    xs = rng.sample(range(-10, 21), _NUM_CODE_TESTS)
+    tests = {"fn_name": "f", "inputs": [[x] for x in xs], "outputs": [evaluate(expr, x) for x in xs]}
+    return f"{_CODE_PREFIX}{expr}.", json.dumps(tests)
+
+
+def make_tasks(
+    n: int,
+    seed: int,
+    *,
+    math_frac: float = 0.5,
+    difficulty: int = 2,
+    system_prompt: str | None = None,
+) -> list[Example]:
+    """`n` tasks, round(n * math_frac) of them math, in a seeded random order; same args, same tasks.
+
+    `system_prompt` None (default) leaves the system message out to keep tiny-model prompts short.
+    """
+    if n < 0 or not 0.0 <= math_frac <= 1.0 or difficulty < 1:
+        raise ValueError(f"need n >= 0, 0 <= math_frac <= 1, difficulty >= 1; got {n}, {math_frac}, {difficulty}")
+    rng = random.Random(seed)
+    n_math = round(n * math_frac)
+    abilities = ["math"] * n_math + ["code"] * (n - n_math)
+    rng.shuffle(abilities)
+    tasks = []
+    for i, ability in enumerate(abilities):
+        question, truth = (_math_task if ability == "math" else _code_task)(rng, difficulty)
+        tasks.append(
+            Example(
+                prompt=build_messages(question, ability, system_prompt=system_prompt),
+                ability=ability,
+                ground_truth=truth,
+                data_source=f"synthetic_{ability}",
+                uid=f"synthetic-{seed}-{i}",
+            )
+        )
+    return tasks
+
+
+def _expression_of(example: Example) -> str:
+    prefix = _MATH_PREFIX if example.ability == "math" else _CODE_PREFIX
+    match = re.match(re.escape(prefix) + r"(.+?)\.(\n|$)", example.question())
+    if match is None:
+        raise ValueError(f"{example.uid} is not a synthetic task: {example.question()[:80]!r}")
+    return match.group(1)
+
+
+def reference_solution(example: Example) -> str:
+    """A correct, short response: math = one line per operation then `\\boxed{N}`; code = a fenced `def f(x)`."""
+    expr = _expression_of(example)
+    if example.ability == "math":
+        steps: list[str] = []
+        value = _evaluate(ast.parse(expr, mode="eval").body, None, steps)
+        return "\n".join(steps) + f"\n\\boxed{{{value}}}"
+    return f"```python\ndef f(x):\n    return {expr}\n```"

@@ -1,0 +1,64 @@
+"""Synthetic tasks: ground truth checked against Python's own arithmetic, reference solutions re-checked."""
+
+import json
+import re
+
+import pytest
+
+from prime_jax.data.prompts import CODE_SUFFIX, MATH_SUFFIX
+from prime_jax.data.synthetic import make_tasks, reference_solution
+
+
+def _expr(question: str, prefix: str) -> str:
+    return question.removeprefix(prefix).split(".\n\n")[0]
+
+
+def test_make_tasks_is_deterministic_and_mixed():
+    a = make_tasks(50, seed=7, math_frac=0.3, difficulty=2)
+    assert a == make_tasks(50, seed=7, math_frac=0.3, difficulty=2)
+    assert a != make_tasks(50, seed=8, math_frac=0.3, difficulty=2)
+    assert sum(t.ability == "math" for t in a) == 15
+    assert len({t.uid for t in a}) == 50
+    assert {t.data_source for t in a} == {"synthetic_math", "synthetic_code"}
+    for t in a:
+        assert t.prompt[-1]["role"] == "user" and len(t.prompt) == 1  # no system prompt by default
+        assert t.question().endswith(MATH_SUFFIX if t.ability == "math" else CODE_SUFFIX)
+    with pytest.raises(ValueError):
+        make_tasks(5, 0, difficulty=0)
+
+
+@pytest.mark.parametrize("difficulty", [1, 3, 5])
+def test_math_truth_matches_python_eval(difficulty):
+    for t in make_tasks(60, seed=difficulty, math_frac=1.0, difficulty=difficulty):
+        expr = _expr(t.question(), "Compute ")
+        assert len(re.findall(r" [-+*] ", expr)) == difficulty
+        assert t.ground_truth == str(eval(expr))  # the independent reference: Python itself
+
+
+def test_math_reference_solution_steps_are_correct():
+    for t in make_tasks(40, seed=3, math_frac=1.0, difficulty=4):
+        lines = reference_solution(t).split("\n")
+        assert lines[-1] == f"\\boxed{{{t.ground_truth}}}"
+        assert len(lines) == 5  # one line per operation
+        for line in lines[:-1]:
+            lhs, rhs = line.split(" = ")
+            assert eval(lhs) == int(rhs)
+        assert lines[-2].endswith(f"= {t.ground_truth}")
+
+
+def test_code_truth_and_reference_solution_run():
+    for t in make_tasks(40, seed=4, math_frac=0.0, difficulty=3):
+        tests = json.loads(t.ground_truth)
+        assert tests["fn_name"] == "f" and len(tests["inputs"]) == len(tests["outputs"]) == 4
+        expr = _expr(t.question(), "Write a function f(x) that returns ")
+        for (x,), y in zip(tests["inputs"], tests["outputs"]):
+            assert eval(expr, {"x": x}) == y
+        code = re.fullmatch(r"```python\n(.*)\n```", reference_solution(t), re.S).group(1)
+        namespace: dict = {}
+        exec(code, namespace)
+        assert [namespace["f"](*args) for args in tests["inputs"]] == tests["outputs"]
+
+
+def test_reference_solution_is_short(sp_tokenizer):
+    for t in make_tasks(100, seed=5, difficulty=3):
+        assert len(sp_tokenizer.encode(reference_solution(t))) <= 60
