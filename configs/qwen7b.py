@@ -1,0 +1,41 @@
+"""The paper's recipe (Eurus-2-7B-PRIME, PRIME_SPEC.md §3.1-3.2) for Qwen2.5-Math-7B / Eurus-2-7B-SFT.
+
+256 prompts x 4 samples per step, prompt 1024 / response 3072 tokens, beta 0.05, policy lr 5e-7,
+PRM lr 1e-6, RLOO on process + outcome rewards, online filter 0.2-0.8, 592 steps.
+Sized for a TPU v5p-16 (8 chips, 95 GiB HBM each) or larger; see README "Run on a TPU pod"
+and the AOT table (`python -m prime_jax.aot --config=configs/qwen7b.py`).
+    python -m prime_jax.main --config=configs/qwen7b.py --config.model.path=/path/to/Eurus-2-7B-SFT \
+        --config.data.train_files=/path/to/Eurus-2-RL-Data/train.parquet --config.data.val_files=...
+"""
+
+import ml_collections
+
+from prime_jax.config import base_config
+
+# Qwen2.5-Math-7B (the base of Eurus-2-7B-SFT): used for dry runs and AOT without weights.
+QWEN25_MATH_7B = dict(
+    model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+    num_attention_heads=28, num_key_value_heads=4, rms_norm_eps=1e-6, rope_theta=10000.0,
+    max_position_embeddings=4096, tie_word_embeddings=False, hidden_act="silu")
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = base_config()  # every default there is the paper's recipe
+    c.workdir = "runs/qwen7b"
+    c.model.path = "checkpoints/Eurus-2-7B-SFT"
+    c.model.arch = ml_collections.ConfigDict(QWEN25_MATH_7B)
+    c.data.source = "files"
+    c.data.train_files = "data/eurus2_rl/train.parquet"
+    c.data.val_files = "data/eurus2_rl/validation.parquet"
+    c.verifier.num_workers = 64
+    # v5p-16 (8 chips): FSDP over all chips. v5p-32 / v4-64: see SHARDING below.
+    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
+    return c
+
+
+# Sharding plans by TPU slice (select with --config.mesh.fsdp=... --config.mesh.tensor=...).
+SHARDING = {
+    "v5p-16": {"data": 1, "fsdp": 8, "tensor": 1},
+    "v5p-32": {"data": 2, "fsdp": 8, "tensor": 1},
+    "v4-64": {"data": 4, "fsdp": 8, "tensor": 1},
+}

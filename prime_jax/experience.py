@@ -1,0 +1,149 @@
+"""Rollouts on the host: sample, verify, filter, and "collect until full" with a prompt buffer (PRIME_SPEC §1.1-1.3).
+
+An `Experience` is a batch of prompt groups (n contiguous rows per prompt) as numpy arrays plus
+the examples they came from. `collect` draws prompts (leftover buffer first), samples n responses
+each, scores them in the verifier pool, keeps the groups the online filter accepts, and repeats
+until `batch_size` groups are in hand; the prompts of surplus groups go back to the buffer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from prime_jax.data.example import Example
+from prime_jax.rewards.pool import VerifierPool, VerifyItem
+from prime_jax.rl.filter import accuracy_filter
+from prime_jax.sampling import Rollout
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+    """A prompt to sample from: its example and chat-templated token ids."""
+
+    example: Example
+    ids: tuple[int, ...]
+
+
+@dataclasses.dataclass
+class Experience:
+    """Groups of n rows, host numpy. prompt_tokens/prompt_mask [G*n, P] (left-padded); tokens, mask,
+    old_logp [G*n, R]; acc [G*n] float32; prompts [G] (one per group)."""
+
+    prompts: list[Prompt]
+    prompt_tokens: np.ndarray
+    prompt_mask: np.ndarray
+    tokens: np.ndarray
+    mask: np.ndarray
+    old_logp: np.ndarray
+    acc: np.ndarray
+    n: int
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.prompts)
+
+    def groups(self, idx: Sequence[int]) -> Experience:
+        """The given groups, in that order."""
+        idx = np.asarray(idx, np.int64)
+        rows = (idx[:, None] * self.n + np.arange(self.n)).reshape(-1)
+        return Experience([self.prompts[i] for i in idx], self.prompt_tokens[rows], self.prompt_mask[rows],
+                          self.tokens[rows], self.mask[rows], self.old_logp[rows], self.acc[rows], self.n)
+
+    @staticmethod
+    def concat(parts: Sequence[Experience], pad_id: int) -> Experience:
+        """Joins batches, re-left-padding prompts to the longest prompt width among them."""
+        width = max(p.prompt_tokens.shape[1] for p in parts)
+
+        def left_pad(x: np.ndarray, value: int) -> np.ndarray:
+            return np.pad(x, ((0, 0), (width - x.shape[1], 0)), constant_values=value)
+
+        cat = lambda f: np.concatenate([f(p) for p in parts])  # noqa: E731
+        return Experience(
+            prompts=[q for p in parts for q in p.prompts],
+            prompt_tokens=cat(lambda p: left_pad(p.prompt_tokens, pad_id)),
+            prompt_mask=cat(lambda p: left_pad(p.prompt_mask, 0)),
+            tokens=cat(lambda p: p.tokens), mask=cat(lambda p: p.mask), old_logp=cat(lambda p: p.old_logp),
+            acc=cat(lambda p: p.acc), n=parts[0].n)
+
+    def device_batch(self) -> dict[str, np.ndarray]:
+        """The arrays the jitted PRM and PPO programs read."""
+        return {"prompt_tokens": self.prompt_tokens.astype(np.int32), "prompt_mask": self.prompt_mask.astype(np.int32),
+                "tokens": self.tokens.astype(np.int32), "mask": self.mask.astype(np.float32),
+                "old_logp": self.old_logp.astype(np.float32), "acc": self.acc.astype(np.float32)}
+
+
+@dataclasses.dataclass(frozen=True)
+class CollectConfig:
+    """batch_size: groups per step. If `max_rounds` generation rounds do not yield enough accepted groups,
+    the batch is topped up with rejected groups (as VERL does) so every step has the same static shape."""
+
+    batch_size: int
+    n: int
+    filter_accuracy: bool = True
+    lower: float = 0.2
+    upper: float = 0.8
+    filter_truncated: bool = False
+    max_rounds: int = 8
+    pad_id: int = 0
+
+
+Sampler = Callable[[list[Prompt], int], Rollout]  # (prompts, seed) -> Rollout of n rows each
+Decoder = Callable[[np.ndarray], str]  # response ids -> text
+
+
+def verify(rollout: Rollout, prompts: Sequence[Prompt], n: int, decode: Decoder, pool: VerifierPool) -> tuple[np.ndarray, dict[str, int]]:
+    """Outcome reward of every row: decode its valid tokens, score with the pool. -> acc [B*n] float32, pool counts."""
+    items = []
+    for row in range(len(prompts) * n):
+        ex = prompts[row // n].example
+        items.append(VerifyItem(decode(rollout.tokens[row, : int(rollout.lengths[row])]), ex.ability, ex.ground_truth))
+    result = pool.score_batch(items)
+    return np.asarray(result.scores, np.float32), dict(result.counts)
+
+
+def collect(sample: Sampler, next_prompts: Callable[[int], list[Prompt]], buffer: list[Prompt], decode: Decoder,
+            pool: VerifierPool, cfg: CollectConfig, seed: int) -> tuple[Experience, list[Prompt], dict[str, float]]:
+    """Collects exactly `cfg.batch_size` groups for one step. Returns (experience, new buffer, metrics).
+
+    Metrics: train_verify_score/{all,<ability>} over every generated row (pre-filter), and counts
+    of rounds, kept and topped-up groups and verifier faults.
+    """
+    target, n = cfg.batch_size, cfg.n
+    kept: list[Experience] = []
+    rejected: list[Experience] = []
+    scores: dict[str, list[float]] = {}
+    faults: dict[str, int] = {}
+    num_kept = rounds = 0
+    while num_kept < target and rounds < cfg.max_rounds:
+        prompts = buffer[:target] + next_prompts(target) if rounds == 0 else next_prompts(target)
+        rollout = sample(prompts, seed * 1000 + rounds)
+        acc, counts = verify(rollout, prompts, n, decode, pool)
+        for k, v in counts.items():
+            faults[k] = faults.get(k, 0) + int(v)
+        for row, a in enumerate(acc):
+            ability = prompts[row // n].example.ability
+            scores.setdefault(ability, []).append(float(a))
+        exp = Experience(prompts, rollout.prompt_tokens, rollout.prompt_mask, rollout.tokens, rollout.mask,
+                         rollout.logprobs, acc, n)
+        ok = np.ones(len(prompts), bool)
+        if cfg.filter_accuracy:
+            ok[:] = False
+            ok[accuracy_filter(acc, n, lo=cfg.lower, hi=cfg.upper)] = True
+        if cfg.filter_truncated:
+            ok &= ~(rollout.mask.sum(1).reshape(-1, n) >= rollout.mask.shape[1]).any(1)
+        kept.append(exp.groups(np.flatnonzero(ok)))
+        rejected.append(exp.groups(np.flatnonzero(~ok)))
+        num_kept += int(ok.sum())
+        rounds += 1
+    batch = Experience.concat(kept + rejected, cfg.pad_id)
+    topped_up = max(0, target - num_kept)
+    # Surplus accepted groups: their prompts are re-queued (responses discarded), as the reference does.
+    new_buffer = buffer[target:] + batch.prompts[target:num_kept]
+    metrics = {f"train_verify_score/{a}": float(np.mean(v)) for a, v in sorted(scores.items())}
+    metrics["train_verify_score/all"] = float(np.mean([x for v in scores.values() for x in v]))
+    metrics.update({"train/gen_rounds": rounds, "train/groups_kept": min(num_kept, target), "train/groups_topped_up": topped_up})
+    metrics.update({f"verifier/{k}": v for k, v in sorted(faults.items())})
+    return batch.groups(np.arange(target)), new_buffer, metrics

@@ -1,0 +1,53 @@
+"""Analytic memory plan of a run, per device, from the architecture alone (no weights loaded).
+
+Counts what must live on the mesh: policy and PRM params + fp32 Adam moments, the frozen reference,
+and the sampler's KV cache for a full batch of rollouts. The exact per-program figures come from
+the compiler (`prime_jax/aot.py`); this is the quick check `--config.dry_run=True` prints.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import ml_collections
+
+from prime_jax.models import ModelConfig, read_hf_config
+
+GIB = 2**30
+_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def architecture(c: ml_collections.ConfigDict) -> ModelConfig:
+    """The policy architecture: `model.path`/config.json when present, else the config's inline `model.arch`."""
+    if c.model.path and os.path.isfile(os.path.join(c.model.path, "config.json")):
+        return read_hf_config(c.model.path)
+    if "arch" not in c.model or not c.model.arch:
+        raise ValueError(f"config.model.path: no config.json at {c.model.path!r} and no model.arch given")
+    return ModelConfig.from_hf(c.model.arch.to_dict())
+
+
+def plan(c: ml_collections.ConfigDict, num_devices: int) -> dict[str, float]:
+    """GiB per device of each resident item (params fully sharded over the mesh; cache over data axes)."""
+    cfg = architecture(c)
+    params = cfg.num_params
+    trainable = params * (_BYTES[c.model.param_dtype] + 8) / GIB  # params + Adam mu, nu in fp32
+    rows = c.train.batch_size * c.rollout.n_samples
+    seq = c.data.max_prompt_length + c.rollout.max_response_length
+    kv = 2 * cfg.num_layers * rows * seq * cfg.num_kv_heads * cfg.head_dim * _BYTES[c.model.compute_dtype] / GIB
+    out = {"policy (params + adam)": trainable, "prm (params + adam)": trainable,
+           "reference": params * _BYTES[c.model.ref_dtype] / GIB, "sampler kv cache": kv}
+    return {k: v / num_devices for k, v in out.items()}
+
+
+def print_plan(c: ml_collections.ConfigDict) -> None:
+    import jax
+
+    cfg = architecture(c)
+    n = math.prod(v for v in c.mesh.values() if v > 0) if -1 not in c.mesh.values() else jax.device_count()
+    items = plan(c, n)
+    print(f"memory plan: {cfg.model_type} {cfg.num_params / 1e9:.2f}B params, {n} devices, "
+          f"{c.train.batch_size}x{c.rollout.n_samples} rollouts of {c.data.max_prompt_length}+{c.rollout.max_response_length} tokens")
+    for k, v in items.items():
+        print(f"  {k:<24}{v:8.2f} GiB/device")
+    print(f"  {'total resident':<24}{sum(items.values()):8.2f} GiB/device (+ activations; exact figures: prime_jax.aot)")

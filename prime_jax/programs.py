@@ -1,0 +1,120 @@
+"""The device programs of a PRIME run, built from its config: sampler, PRM kernel, advantages, PPO step.
+
+This is the one place where the ml_collections config is mapped onto the typed settings of the
+jitted programs, so the trainer and the AOT compiler build exactly the same programs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from prime_jax.mesh import data_parallel_size
+from prime_jax.rewards.implicit_prm import PrmStepConfig, make_prm_step
+from prime_jax.rl.advantages import compute_advantages, validate_advantage_args
+from prime_jax.rl.optim import (OptimConfig, TrainState, init_train_state, make_lr_schedule, make_optimizer,
+                                train_state_shardings)
+from prime_jax.rl.ppo import PpoStepConfig, make_ppo_step
+
+
+def rows_per_step(c: ml_collections.ConfigDict) -> int:
+    return c.train.batch_size * c.rollout.n_samples
+
+
+def prm_step_config(c: ml_collections.ConfigDict, mesh: Mesh) -> PrmStepConfig:
+    return PrmStepConfig(n=c.rollout.n_samples, mini_batch_size=c.prm.mini_batch_size,
+                         micro_batch_size=c.prm.micro_batch_size, beta=c.prm.beta, update=c.prm.update_mode,
+                         norm_scope=c.prm.norm_scope,
+                         num_shards=data_parallel_size(mesh) if c.prm.norm_scope == "shard" else 1,
+                         include_eos=c.prm.include_eos, granularity=c.prm.granularity)
+
+
+def ppo_step_config(c: ml_collections.ConfigDict) -> PpoStepConfig:
+    return PpoStepConfig(mini_batch_size=c.actor.mini_batch_size, micro_batch_size=c.actor.micro_batch_size,
+                         epochs=c.actor.ppo_epochs, clip=c.actor.clip_ratio, clip_high=c.actor.clip_ratio_high or None,
+                         agg=c.actor.loss_agg, entropy_coef=c.actor.entropy_coeff,
+                         temperature=c.rollout.temperature or 1.0)
+
+
+def optimizers(c: ml_collections.ConfigDict, mesh: Mesh) -> tuple[optax.GradientTransformation, optax.GradientTransformation, optax.Schedule]:
+    """(policy tx, PRM tx, policy lr schedule), each stepped once per PRIME iteration."""
+    rows = rows_per_step(c)
+    ppo_updates = ppo_step_config(c).updates_per_iteration(rows)
+    prm_updates = max(1, prm_step_config(c, mesh).updates_per_iteration(rows))
+    actor = OptimConfig(lr=c.actor.lr, weight_decay=c.actor.weight_decay, grad_clip=c.actor.grad_clip,
+                        zero_lr_first_iteration=c.actor.zero_lr_first_iteration)
+    prm = OptimConfig(lr=c.prm.lr, weight_decay=c.prm.weight_decay, grad_clip=c.prm.grad_clip,
+                      zero_lr_first_iteration=c.prm.zero_lr_first_iteration)
+    return make_optimizer(actor, ppo_updates), make_optimizer(prm, prm_updates), make_lr_schedule(actor, ppo_updates)
+
+
+def validate_programs(c: ml_collections.ConfigDict, mesh: Mesh) -> None:
+    """The programs' own checks (batching vs mesh, estimator), before anything is loaded or traced."""
+    prm_step_config(c, mesh).validate(mesh)
+    ppo_step_config(c).validate(mesh)
+    validate_advantage_args(n=c.rollout.n_samples, estimator=c.algorithm.adv_estimator,
+                            rloo_formula=c.algorithm.process_formula)
+    rows = rows_per_step(c)
+    if rows % data_parallel_size(mesh):
+        raise ValueError(f"config.train.batch_size: {rows} rows per step do not split over the {data_parallel_size(mesh)}-way data-parallel mesh")
+
+
+@dataclasses.dataclass
+class Programs:
+    """prm_step(state, ref_params, batch) -> (state, PrmStepOutput); advantages(rm, acc, mask) -> (adv, metrics);
+    ppo_step(state, batch, key) -> (state, metrics)."""
+
+    prm_step: Callable[..., Any]
+    advantages: Callable[..., Any]
+    ppo_step: Callable[..., Any]
+
+
+def init_states(c: ml_collections.ConfigDict, mesh: Mesh, policy_params: nnx.State, prm_params: nnx.State) -> tuple[TrainState, TrainState]:
+    """Fresh optimiser states, created on device with the params' shardings (Adam moments fp32, like params)."""
+    policy_tx, prm_tx, _ = optimizers(c, mesh)
+
+    def init(params, tx):
+        abstract = jax.eval_shape(lambda p: init_train_state(p, tx), params)
+        return jax.jit(lambda p: init_train_state(p, tx), out_shardings=train_state_shardings(abstract, mesh))(params)
+
+    return init(policy_params, policy_tx), init(prm_params, prm_tx)
+
+
+def make_programs(c: ml_collections.ConfigDict, mesh: Mesh, graphdef: nnx.GraphDef, policy: TrainState, prm: TrainState,
+                  ref_params: nnx.State) -> Programs:
+    """Builds (does not compile) the jitted programs for these (real or abstract) states."""
+    policy_tx, prm_tx, lr_schedule = optimizers(c, mesh)
+    n = c.rollout.n_samples
+    a = c.algorithm
+
+    @jax.jit
+    def advantages(rm_scores, acc, mask):
+        adv, returns = compute_advantages(rm_scores, acc, mask, n=n, estimator=a.adv_estimator,
+                                          gamma_process=a.gamma_process, gamma_outcome=a.gamma_outcome,
+                                          rloo_formula=a.process_formula)
+        m = mask.astype(jnp.float32)
+        valid = m > 0
+        stats = {}
+        for name, x in (("advantages", adv), ("returns", returns)):
+            stats[f"critic/{name}/mean"] = jnp.sum(x * m) / jnp.maximum(jnp.sum(m), 1.0)
+            stats[f"critic/{name}/max"] = jnp.max(jnp.where(valid, x, -jnp.inf))
+            stats[f"critic/{name}/min"] = jnp.min(jnp.where(valid, x, jnp.inf))
+        process = jnp.sum(rm_scores * m, axis=1)
+        stats["train_reward/reward_model"] = jnp.mean(process)
+        stats["train_reward/verifier"] = jnp.mean(acc)
+        stats["train_reward/reward_all"] = jnp.mean(a.rm_coef * process + a.verifier_coef * acc)
+        return adv, stats
+
+    return Programs(
+        prm_step=make_prm_step(graphdef, prm_tx, prm_step_config(c, mesh), mesh=mesh, state=prm, ref_params=ref_params),
+        advantages=advantages,
+        ppo_step=make_ppo_step(graphdef, policy_tx, ppo_step_config(c), mesh=mesh, state=policy, lr_schedule=lr_schedule),
+    )

@@ -1,0 +1,168 @@
+"""The PRIME iteration (DESIGN.md, PRIME_SPEC.md §1): a host loop around three jitted programs.
+
+    collect prompts -> sample n each -> decode -> verify -> online filter (+ prompt buffer)
+    -> PRM kernel (token rewards, online PRM update) -> advantages -> PPO step
+    -> metrics -> periodic validation -> periodic checkpoint
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import time
+from collections.abc import Iterator
+
+import jax
+import numpy as np
+from flax import nnx
+
+from prime_jax.checkpointing import Checkpointer, StopOnSignal
+from prime_jax.components import Components
+from prime_jax.data.example import Example
+from prime_jax.evaluate import score_examples, summarize
+from prime_jax.experience import CollectConfig, Experience, Prompt, collect
+from prime_jax.mesh import batch_sharding
+from prime_jax.metrics import MetricWriter, plot_curves
+from prime_jax.models import save_pretrained
+from prime_jax.sampling import Rollout, generate
+
+
+class Timer:
+    """Wall-clock seconds per named phase, as `timing/<name>` metrics."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        yield
+        self.seconds[f"timing/{name}"] = time.perf_counter() - t0
+
+
+class Trainer:
+    def __init__(self, parts: Components):
+        self.p = parts
+        c = parts.config
+        self.c = c
+        self.policy, self.prm = parts.policy, parts.prm
+        self.buffer: list[Prompt] = []
+        self.step = 0
+        self.key = jax.random.key(c.seed)
+        self.collect_cfg = CollectConfig(
+            batch_size=c.train.batch_size, n=c.rollout.n_samples, filter_accuracy=c.train.filter_accuracy,
+            lower=c.train.accuracy_lower_bound, upper=c.train.accuracy_upper_bound,
+            filter_truncated=c.train.filter_truncated, max_rounds=c.train.max_rounds, pad_id=parts.tokenizer.pad_id)
+        self.ckpt = Checkpointer(c.workdir, keep=c.checkpoint.keep)
+        self.writer = MetricWriter(c.workdir, total_steps=c.total_steps, tensorboard=c.log.tensorboard,
+                                   wandb_project=c.log.wandb_project, config=c.to_dict(), enabled=jax.process_index() == 0)
+
+    # --- the iteration ------------------------------------------------------------------------------
+
+    def iteration(self) -> dict[str, float]:
+        """One PRIME step (PRIME_SPEC §1.9); returns its metrics."""
+        t = Timer()
+        with t("gen"):
+            exp, self.buffer, metrics = collect(self.sample, self.next_prompts, self.buffer, self.p.tokenizer.decode,
+                                                self.p.pool, self.collect_cfg, seed=self.c.seed + self.step)
+        batch = self.to_device(exp.device_batch())
+        with t("reward_model"):
+            self.prm, prm_out = jax.block_until_ready(self.p.programs.prm_step(self.prm, self.p.ref_params, batch))
+        with t("adv"):
+            advantages, adv_metrics = jax.block_until_ready(self.p.programs.advantages(prm_out.rm_scores, batch["acc"], batch["mask"]))
+        with t("update_actor"):
+            key = jax.random.fold_in(self.key, self.step)
+            self.policy, actor = jax.block_until_ready(self.p.programs.ppo_step(self.policy, {**batch, "advantages": advantages}, key))
+        metrics.update({k: float(v) for k, v in jax.device_get({**prm_out.metrics, **adv_metrics, **actor}).items()})
+        metrics.update(response_length_metrics(exp), t.seconds)
+        metrics["timing/step"] = sum(t.seconds.values())
+        tokens = float(exp.mask.sum())
+        metrics["throughput/gen_tokens_per_s"] = tokens * metrics["train/gen_rounds"] / max(metrics["timing/gen"], 1e-9)
+        metrics["throughput/train_tokens_per_s"] = tokens / max(metrics["timing/reward_model"] + metrics["timing/update_actor"], 1e-9)
+        return metrics
+
+    def fit(self) -> dict[str, float]:
+        """Runs (or resumes) to `total_steps`; returns the last step's metrics."""
+        stop = StopOnSignal()
+        self.restore()
+        last: dict[str, float] = {}
+        if self.step == 0:
+            self.writer.write(0, {**self.p.data_skipped, **(self.validate() if self.c.eval.before_train else {})})
+        while self.step < self.c.total_steps and not stop.requested:
+            last = self.iteration()
+            self.step += 1
+            if self.step % self.c.eval.freq == 0 or self.step == self.c.total_steps:
+                last.update(self.validate())
+            self.writer.write(self.step, last)
+            if self.step % self.c.checkpoint.freq == 0 or self.step == self.c.total_steps or stop.requested:
+                self.save()
+        self.ckpt.close()
+        if self.step == self.c.total_steps and not stop.requested:
+            self.finish()
+        stop.restore()
+        self.writer.close()
+        return last
+
+    # --- pieces -------------------------------------------------------------------------------------
+
+    def sample(self, prompts: list[Prompt], seed: int) -> Rollout:
+        r = self.c.rollout
+        return generate(nnx.merge(self.p.graphdef, self.policy.params), [list(p.ids) for p in prompts],
+                        n=r.n_samples, max_new_tokens=r.max_response_length, temperature=r.temperature, top_p=r.top_p,
+                        top_k=r.top_k, stop_ids=self.p.tokenizer.eos_ids, seed=seed, pad_id=self.p.tokenizer.pad_id,
+                        mesh=self.p.mesh)
+
+    def next_prompts(self, k: int) -> list[Prompt]:
+        return [Prompt(ex, tuple(ids)) for ex, ids in self.p.train_data.next_prompts(k)]
+
+    def to_device(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        return {k: jax.make_array_from_process_local_data(batch_sharding(self.p.mesh, v.ndim), v) for k, v in batch.items()}
+
+    def validate(self) -> dict[str, float]:
+        """Greedy pass@1 on the validation prompts, per data source (`val/test_score/<source>`, `.../all`)."""
+        if not self.p.val_examples:
+            return {}
+        max_len = self.c.eval.max_response_length or self.c.rollout.max_response_length
+        scores = score_examples(nnx.merge(self.p.graphdef, self.policy.params), self.p.tokenizer, self.p.val_examples,
+                                self.p.pool, max_new_tokens=max_len, temperature=0.0, seed=self.c.seed,
+                                batch_size=self.c.eval.batch_size, mesh=self.p.mesh)
+        return summarize(self.p.val_examples, scores)
+
+    def save(self) -> None:
+        host = {"step": self.step, "data": self.p.train_data.state(), "buffer": [prompt_to_json(p) for p in self.buffer]}
+        self.ckpt.save(self.step, {"policy": self.policy, "prm": self.prm}, host)
+
+    def restore(self) -> None:
+        step = self.ckpt.latest_step()
+        if step is None:
+            return
+        device, host = self.ckpt.restore(step, {"policy": self.policy, "prm": self.prm})
+        self.policy, self.prm = device["policy"], device["prm"]
+        self.step = int(host["step"])
+        self.p.train_data.restore(host["data"])
+        self.buffer = [prompt_from_json(d) for d in host["buffer"]]
+        print(f"resumed from {self.ckpt.directory} at step {self.step}", flush=True)
+
+    def finish(self) -> None:
+        """Exports policy and PRM as HF directories and renders the curves."""
+        if self.c.checkpoint.export_hf:
+            for name, state in (("policy", self.policy), ("prm", self.prm)):
+                save_pretrained(nnx.merge(self.p.graphdef, state.params), os.path.join(self.c.workdir, "export", name))
+        if self.c.log.plot and jax.process_index() == 0:
+            print(f"curves: {plot_curves(self.c.workdir)}", flush=True)
+
+
+def response_length_metrics(exp: Experience) -> dict[str, float]:
+    lengths = exp.mask.sum(axis=1)
+    limit = exp.mask.shape[1]
+    return {"response_length/mean": float(lengths.mean()), "response_length/max": float(lengths.max()),
+            "response_length/min": float(lengths.min()), "response_length/clip_ratio": float((lengths >= limit).mean())}
+
+
+def prompt_to_json(p: Prompt) -> dict:
+    return {"example": dataclasses.asdict(p.example), "ids": list(p.ids)}
+
+
+def prompt_from_json(d: dict) -> Prompt:
+    return Prompt(Example(**d["example"]), tuple(d["ids"]))
