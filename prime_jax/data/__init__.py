@@ -1,1 +1,12 @@
-"""Datasets: Eurus-2-RL-Data schema readers, prompt templates, benchmarks, synthetic tasks."""
+"""Datasets: Eurus-2-RL-Data schema readers, prompt templates, benchmarks, synthetic tasks.
+
+Import the submodule you need (no re-exports here, so that e.g. `synthetic` does not pull in
+pyarrow, TFDS or the code verifier):
+  example      `Example` (chat prompt, ability, ground truth, data source, uid)
+  prompts      PRIME system prompt, math / code suffixes, `build_messages`
+  eurus        Eurus-2-RL-Data schema rows from/to JSONL / Parquet, skip counts (`read_eurus`, `write_eurus`)
+  tfds_reader  the prepared TFDS (array_record) dataset, read without TensorFlow (`read_tfds`)
+  dataset      `PromptDataset`: templated, length-filtered, sharded, reshuffled, resumable prompt stream
+  benchmarks   `load_benchmark` for MATH-500, AIME, AMC, Minerva, OlympiadBench, HumanEval, MBPP, LeetCode
+  synthetic    `make_tasks` / `reference_solution` for the built-in CPU run
+"""

@@ -3,7 +3,9 @@
 Reads the public files in their original formats (see ../shared/data/benchmarks/README.md for the
 fields). Math ground truth is the answer string; code ground truth is the assert-style JSON
 `{"prelude": str, "asserts": [str, ...]}` the code verifier runs after the candidate's code, one
-entry per test. Prompts are the PRIME system prompt + question + the math / code suffix.
+entry per test. Prompts are the PRIME system prompt + question + the math / code suffix, with
+the question worded as PRIME's `eval/` scripts word it (HumanEval and MBPP: an instruction naming
+the function signature; LeetCode: `prompt_sft`; math: the problem text).
 A row that cannot give a ground truth is an error naming file and row: these files are curated.
 """
 
@@ -152,19 +154,46 @@ def _olympiadbench(path: str) -> Rows:
         yield str(row["id"]), question, join_final_answers(row["final_answer"])
 
 
+def humaneval_question(prompt: str, entry_point: str) -> str:
+    """PRIME's HumanEval instruction (eval/ human_eval script): the signature, then the prompt code fenced."""
+    match = re.search(rf"def\s+({re.escape(entry_point)}.*?):\s*\n", prompt)
+    if match is None:
+        raise ValueError(f"no 'def {entry_point}' in the HumanEval prompt")
+    return (
+        "Write Python code to solve the task.\n"
+        f"Write a Python function `{match.group(1)}` to solve the following problem: Present code in ```python```\n"
+        f"```python\n{prompt}\n```\n"
+    )
+
+
+def mbpp_question(description: str, code: str, first_test: str) -> str:
+    """PRIME's MBPP instruction (eval/ mbpp script): signature of the reference `def`, task, first test."""
+    def_line = next((line.strip() for line in code.splitlines() if line.strip().startswith("def ")), None)
+    if def_line is None:
+        raise ValueError("MBPP reference code has no 'def'")
+    signature = def_line.removeprefix("def ").replace(" ", "").rstrip(":").replace(",", ", ")
+    description = description.split(" https://www.")[0]
+    return (
+        "Write Python code to solve the task.\n"
+        f"Write a Python function `{signature}` to solve the following problem: Present code in ```python and ```\n"
+        f"{description}\n"
+        f"The code should pass the following test cases:>>> {first_test}\n\n Let's coding step by step.\n"
+    )
+
+
 def _humaneval(path: str) -> Rows:
     for row in _read_jsonl(path):
         # The test's check() may use names the prompt imports (math, typing, ...).
         prelude = "\n".join([*_top_level_imports(row["prompt"]), row["test"]])
-        yield row["task_id"], row["prompt"], code_truth(prelude, [f"check({row['entry_point']})"])
+        question = humaneval_question(row["prompt"], row["entry_point"])
+        yield row["task_id"], question, code_truth(prelude, [f"check({row['entry_point']})"])
 
 
 def _mbpp(path: str) -> Rows:
     with open(path, encoding="utf-8") as f:
         rows = json.load(f)
     for row in rows:
-        # The first test shows the expected function name and signature.
-        question = f"{row['prompt']}\n{row['test_list'][0]}"
+        question = mbpp_question(row["prompt"], row["code"], row["test_list"][0])
         yield str(row["task_id"]), question, code_truth("\n".join(row["test_imports"]), row["test_list"])
 
 

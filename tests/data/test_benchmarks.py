@@ -61,6 +61,24 @@ def test_math_answers_hand_checked():
     assert "69,84" in olympiad.values() and "f(n)=n, g(n)=1" in olympiad.values()
 
 
+def test_code_questions_hand_checked():
+    he = _load("humaneval")[0].question()
+    assert he.startswith(
+        "Write Python code to solve the task.\nWrite a Python function "
+        "`has_close_elements(numbers: List[float], threshold: float) -> bool` to solve the following "
+        "problem: Present code in ```python```\n```python\nfrom typing import List\n"
+    )
+    assert _raw("humaneval.jsonl.gz")[0]["prompt"] in he
+    assert _load("mbpp")[0].question() == (
+        "Write Python code to solve the task.\nWrite a Python function `similar_elements(test_tup1, test_tup2)` "
+        "to solve the following problem: Present code in ```python and ```\n"
+        "Write a function to find the shared elements from the given two lists.\n"
+        "The code should pass the following test cases:>>> "
+        "assert set(similar_elements((3, 4, 5, 6),(5, 7, 4, 10))) == set((4, 5))\n\n Let's coding step by step.\n"
+        + CODE_SUFFIX
+    )
+
+
 def test_answer_helpers():
     assert last_boxed(r"so \boxed{1} then \boxed{\frac{1}{2}} and more") == r"\frac{1}{2}"
     assert last_boxed(r"\boxed{x^{2}") is None and last_boxed("none") is None
