@@ -17,6 +17,8 @@ import numpy as np
 from prime_jax.data.example import Example
 from prime_jax.models.tokenizer import Tokenizer
 
+_ENCODE_CHUNK = 1024  # prompts tokenised per batch call when filtering by length
+
 
 class PromptDataset:
     """Infinite, deterministic stream of (Example, prompt token ids) for one host."""
@@ -41,11 +43,15 @@ class PromptDataset:
         self.skipped: collections.Counter = collections.Counter()
         # Only examples are kept; ids are recomputed when served (cheap, and saves memory on 482k rows).
         self._examples: list[Example] = []
-        for ex in examples[shard_index::num_shards]:
-            if len(self.encode(ex)) > max_prompt_len:
-                self.skipped["prompt_too_long"] += 1
-            else:
-                self._examples.append(ex)
+        shard = examples[shard_index::num_shards]
+        for start in range(0, len(shard), _ENCODE_CHUNK):
+            chunk = shard[start : start + _ENCODE_CHUNK]
+            texts = [tokenizer.apply_chat_template(ex.prompt, add_generation_prompt=True) for ex in chunk]
+            for ex, ids in zip(chunk, tokenizer.encode_batch(texts), strict=True):
+                if len(ids) > max_prompt_len:
+                    self.skipped["prompt_too_long"] += 1
+                else:
+                    self._examples.append(ex)
         if not self._examples:
             raise ValueError(
                 f"no prompts on shard {shard_index}/{num_shards} within max_prompt_len={max_prompt_len} "

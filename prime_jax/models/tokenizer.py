@@ -13,6 +13,7 @@ import os
 from collections.abc import Iterable, Sequence
 from typing import Protocol, runtime_checkable
 
+import jinja2
 import jinja2.sandbox
 import sentencepiece as spm
 
@@ -42,6 +43,10 @@ class Tokenizer(Protocol):
         """Token ids of `text`, no BOS/EOS added (special-token strings map to their ids)."""
         ...
 
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """`[encode(t) for t in texts]`, computed in parallel where the backend can."""
+        ...
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids`; special tokens dropped when `skip_special_tokens`."""
         ...
@@ -51,12 +56,10 @@ class Tokenizer(Protocol):
         ...
 
 
-def _render_chat_template(template: str, messages: list[dict], add_generation_prompt: bool) -> str:
-    """Render a Jinja chat template the way transformers does (sandboxed, trim/lstrip blocks)."""
+def _compile_chat_template(template: str) -> jinja2.Template:
+    """Compile a Jinja chat template the way transformers does (sandboxed, trim/lstrip blocks)."""
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    return env.from_string(template).render(
-        messages=messages, add_generation_prompt=add_generation_prompt
-    )
+    return env.from_string(template)
 
 
 def _check_messages(messages: list[dict]) -> None:
@@ -102,6 +105,10 @@ class HFTokenizer:
         """Token ids of `text` without added BOS/EOS."""
         return list(self._tok.encode(text, add_special_tokens=False))
 
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of many texts (the Rust tokenizer's parallel batch path)."""
+        return [list(ids) for ids in self._tok(list(texts), add_special_tokens=False)["input_ids"]]
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids`."""
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -130,6 +137,7 @@ class SentencePieceTokenizer:
             raise ValueError(f"sentencepiece model file not found: {model_file!r}")
         self._sp = spm.SentencePieceProcessor(model_file=model_file)
         self.chat_template = chat_template
+        self._compiled_template = _compile_chat_template(chat_template)
         self.vocab_size: int = self._sp.get_piece_size()
         specials = {t: self._sp.piece_to_id(t) for t in CHATML_SPECIAL_TOKENS}
         specials = {t: i for t, i in specials.items() if self._sp.id_to_piece(i) == t}
@@ -150,6 +158,10 @@ class SentencePieceTokenizer:
         """Token ids of `text` (no BOS/EOS; ChatML markers map to their single ids)."""
         return list(self._sp.encode(text))
 
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of many texts (sentencepiece's multi-threaded batch encode)."""
+        return [list(ids) for ids in self._sp.encode(list(texts))]
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids`; ChatML markers and control pieces dropped when `skip_special_tokens`."""
         ids = [int(i) for i in ids]
@@ -160,7 +172,7 @@ class SentencePieceTokenizer:
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """Prompt text rendered from `chat_template`."""
         _check_messages(messages)
-        return _render_chat_template(self.chat_template, messages, add_generation_prompt)
+        return self._compiled_template.render(messages=messages, add_generation_prompt=add_generation_prompt)
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:

@@ -71,6 +71,7 @@ def test_hf_round_trip_and_ids(hf_dir):
     assert tok.eos_ids == (2,)
     assert tok.pad_id == 0
     assert tok.vocab_size == 320
+    assert tok.encode_batch([ROUND_TRIP, EXPECTED_PROMPT, ""]) == [ids, tok.encode(EXPECTED_PROMPT), []]
 
 
 def test_hf_generation_config_adds_stop_ids(hf_dir, tmp_path):
@@ -97,6 +98,7 @@ def test_sentencepiece_round_trip_specials_and_digits(sp_tok):
     assert isinstance(sp_tok, Tokenizer)
     assert sp_tok.decode(sp_tok.encode(ROUND_TRIP)) == ROUND_TRIP  # identity normalisation + byte fallback
     ids = sp_tok.encode(EXPECTED_PROMPT)
+    assert sp_tok.encode_batch([EXPECTED_PROMPT, ROUND_TRIP, ""]) == [ids, sp_tok.encode(ROUND_TRIP), []]
     # unk = 0, then the user-defined ChatML symbols in order.
     assert ids.count(1) == 3 and ids.count(2) == 2
     assert sp_tok.eos_ids == (2, 3)
