@@ -185,3 +185,12 @@ def test_unknown_benchmark():
         load_benchmark("gsm8k", ROOT)
     with pytest.raises(FileNotFoundError):
         load_benchmark("aime", "/nonexistent")
+
+
+def test_code_truths_parse_with_the_code_verifier():
+    from prime_jax.rewards.code import parse_tests
+
+    for name in ("humaneval", "mbpp", "leetcode"):
+        for e in _load(name):
+            parsed = parse_tests(e.ground_truth)
+            assert parsed.kind == "assert" and len(parsed) == len(json.loads(e.ground_truth)["asserts"])

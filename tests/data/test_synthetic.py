@@ -62,3 +62,16 @@ def test_code_truth_and_reference_solution_run():
 def test_reference_solution_is_short(sp_tokenizer):
     for t in make_tasks(100, seed=5, difficulty=3):
         assert len(sp_tokenizer.encode(reference_solution(t))) <= 60
+
+
+def test_reference_solutions_pass_the_real_verifiers():
+    from prime_jax.rewards import code, math
+
+    tasks = make_tasks(16, seed=6, difficulty=3)
+    for t in tasks:
+        verifier = math if t.ability == "math" else code
+        assert verifier.score(reference_solution(t), t.ground_truth) == 1.0, t
+    wrong_math = next(t for t in tasks if t.ability == "math")
+    assert math.score(f"\\boxed{{{int(wrong_math.ground_truth) + 1}}}", wrong_math.ground_truth) == 0.0
+    wrong_code = next(t for t in tasks if t.ability == "code")
+    assert code.score("```python\ndef f(x):\n    return x\n```", wrong_code.ground_truth) < 1.0

@@ -1,0 +1,1 @@
+"""Eurus-2-RL-Data as a TFDS dataset (array_record, prepared and read without TensorFlow)."""
