@@ -1,5 +1,6 @@
 """Eurus-2-RL-Data schema reader/writer: JSONL and Parquet, globs, per-reason skip counts, round trips."""
 
+import dataclasses
 import json
 
 import pyarrow as pa
@@ -80,8 +81,7 @@ def test_parquet_globs_and_nulls(tmp_path):
     pq.write_table(pa.Table.from_pylist([null_row], schema=EURUS_ARROW_SCHEMA), tmp_path / "part-2.parquet")
     result = read_eurus([str(tmp_path / "part-*.parquet")])
     assert result.examples == [
-        type(t)(t.prompt, t.ability, t.ground_truth, t.data_source, f"part-{i // 7}.parquet:{i % 7}")
-        for i, t in enumerate(tasks)
+        dataclasses.replace(t, uid=f"part-{i // 7}.parquet:{i % 7}") for i, t in enumerate(tasks)
     ]
     assert dict(result.skipped) == {"missing_ground_truth": 1}
     with pytest.raises(FileNotFoundError, match="nothing"):

@@ -45,3 +45,32 @@ def test_prepare_and_read_back_without_tensorflow(tmp_path):
     val = read_tfds(dataset_dir, "validation")
     assert len(val.examples) == 3 and dict(val.skipped) == {"missing_ground_truth": 1}
     assert "tensorflow" not in sys.modules
+
+
+def test_prepare_downloads_the_listed_parquet_files(tmp_path, monkeypatch):
+    """The download path, against a local HTTP server standing in for the Hugging Face hub."""
+    import functools
+    import http.server
+    import json
+    import threading
+
+    from third_party.eurus2_rl_data import eurus2_rl_data_dataset_builder as builder_module
+
+    served = tmp_path / "hub"
+    tasks = make_tasks(6, seed=2, difficulty=1)
+    write_eurus(tasks[:4], str(served / "train-0.parquet"))
+    write_eurus(tasks[4:], str(served / "validation-0.parquet"), split="validation")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    for split in ("train", "validation"):
+        (served / f"{split}.json").write_text(json.dumps([f"{base}/{split}-0.parquet"]))
+    monkeypatch.setattr(builder_module, "_HF_PARQUET_LIST", base + "/{split}.json")
+    try:
+        dataset_dir = prepare(tmp_path / "tfds")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert _fields(read_tfds(dataset_dir, "train").examples) == _fields(tasks[:4])
+    assert _fields(read_tfds(dataset_dir, "validation").examples) == _fields(tasks[4:])
