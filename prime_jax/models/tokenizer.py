@@ -91,7 +91,8 @@ class HFTokenizer:
         if os.path.exists(gen_cfg):
             with open(gen_cfg) as f:
                 extra = json.load(f).get("eos_token_id")
-            for i in extra if isinstance(extra, list) else [extra] if extra is not None else []:
+            extra_ids = extra if isinstance(extra, list) else [] if extra is None else [extra]
+            for i in extra_ids:
                 if int(i) not in eos:
                     eos.append(int(i))
         if not eos:
