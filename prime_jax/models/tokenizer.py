@@ -198,7 +198,10 @@ def train_sentencepiece(
     byte_fallback: bool = True,
     chat_template: str = CHATML_TEMPLATE,
 ) -> SentencePieceTokenizer:
-    """Train a deterministic sentencepiece model on `texts`; writes `<out_prefix>.model` / `.vocab`.
+    """Train a deterministic sentencepiece model of at most `vocab_size` pieces on `texts`.
+
+    Writes `<out_prefix>.model` / `.vocab`; a small corpus may support fewer pieces than asked for,
+    so read the size back from `.vocab_size`.
 
     Digits are split into single tokens (arithmetic stays learnable for a tiny model), text is not
     normalised (identity rule, no dummy prefix, whitespace kept) so decode(encode(s)) == s, and with
@@ -215,6 +218,7 @@ def train_sentencepiece(
         sentence_iterator=iter(texts),
         model_prefix=out_prefix,
         vocab_size=vocab_size,
+        hard_vocab_limit=False,
         model_type=model_type,
         character_coverage=1.0,
         byte_fallback=byte_fallback,

@@ -135,3 +135,9 @@ def test_load_tokenizer_dispatch(hf_dir, tmp_path):
         load_tokenizer(tmp_path / "missing.json")
     with pytest.raises(ValueError, match="local directory"):
         HFTokenizer(tmp_path / "nope")
+
+
+def test_sentencepiece_vocab_size_is_an_upper_bound(tmp_path):
+    small = train_sentencepiece(["ab ab ab"], tmp_path / "small", vocab_size=1000, byte_fallback=False)
+    assert small.vocab_size < 1000
+    assert small.decode(small.encode("ab ab")) == "ab ab"
