@@ -1,0 +1,226 @@
+"""Host process pool that scores a batch of responses with the math and code verifiers.
+
+Workers come from a `forkserver` that has the verifier modules imported, so starting or
+replacing one is a cheap fork of a process that never loaded JAX. Each worker scores one item
+at a time in its main thread (math-verify's SIGALRM timeouts need that). The parent enforces a
+per-item and a per-batch deadline: a worker that overruns is killed (its sandboxes die with it)
+and replaced; a worker that dies is replaced; a worker is retired after `max_tasks_per_worker`
+items to bound memory growth. Whatever goes wrong with an item scores it 0.0 and is counted;
+`score_batch` never raises because of an item.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+import multiprocessing.connection
+import resource
+import time
+from collections import deque
+from collections.abc import Sequence
+
+import numpy as np
+
+from prime_jax.rewards.sandbox import Limits
+
+ABILITIES = ("math", "code")
+COUNT_KEYS = ("timeouts", "batch_timeouts", "errors", "crashes", "unknown_ability")
+_PRELOAD = ["prime_jax.rewards.math", "prime_jax.rewards.code"]
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifyItem:
+    """One response to verify. ability: "math" | "code"; ground_truth: LaTeX answer or code tests JSON."""
+
+    response: str
+    ability: str
+    ground_truth: str
+
+
+@dataclasses.dataclass
+class BatchResult:
+    """scores: [N] float32 in [0, 1], aligned with the items; counts: failures by kind (COUNT_KEYS)."""
+
+    scores: np.ndarray
+    counts: dict[str, int]
+
+
+def _score_item(ability: str, response: str, ground_truth: str, code_limits: Limits) -> float:
+    # Imported here, not at module level: the trainer process that owns the pool never needs
+    # sympy; the workers get these modules preloaded by the forkserver.
+    from prime_jax.rewards import code as code_verifier
+    from prime_jax.rewards import math as math_verifier
+
+    if ability == "math":
+        return math_verifier.score(response, ground_truth)
+    return code_verifier.score(response, ground_truth, code_limits)
+
+
+def _worker_main(conn: multiprocessing.connection.Connection, memory_bytes: int | None, code_limits: Limits) -> None:
+    """Worker loop: receive (index, ability, response, ground_truth), send (index, score, error or None)."""
+    if memory_bytes is not None:  # a runaway sympy computation fails with MemoryError instead of swapping
+        resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
+    while True:
+        try:
+            message = conn.recv()
+        except EOFError:
+            return
+        if message is None:
+            return
+        index, ability, response, ground_truth = message
+        try:
+            result = (index, float(_score_item(ability, response, ground_truth, code_limits)), None)
+        except Exception as exc:  # a verifier failure scores 0 (counted by the parent)
+            result = (index, 0.0, f"{type(exc).__name__}: {exc}"[:300])
+        conn.send(result)
+
+
+@dataclasses.dataclass
+class _Worker:
+    process: multiprocessing.process.BaseProcess
+    conn: multiprocessing.connection.Connection
+    tasks: int = 0
+    item: int | None = None  # index being scored
+    started: float = 0.0
+
+
+class VerifierPool:
+    """Scores batches of VerifyItems in `num_workers` processes.
+
+    item_timeout_s: wall-clock limit per item (then the worker is killed and the item scores 0).
+    batch_timeout_s: wall-clock limit per `score_batch` call; unfinished items score 0.
+    max_tasks_per_worker: items after which a worker is replaced by a fresh one.
+    worker_memory_bytes: address-space limit of each worker (None: unlimited); sandboxed code
+      gets its own, lower limit.
+    code_limits: sandbox limits for code items (per-test timeout, memory, ...).
+    """
+
+    def __init__(
+        self,
+        num_workers: int,
+        item_timeout_s: float,
+        batch_timeout_s: float,
+        max_tasks_per_worker: int = 500,
+        worker_memory_bytes: int | None = 8 << 30,
+        code_limits: Limits = Limits(),
+    ) -> None:
+        if num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+        if item_timeout_s <= 0 or batch_timeout_s <= 0:
+            raise ValueError(f"timeouts must be > 0, got item {item_timeout_s}, batch {batch_timeout_s}")
+        if max_tasks_per_worker < 1:
+            raise ValueError(f"max_tasks_per_worker must be >= 1, got {max_tasks_per_worker}")
+        self.item_timeout_s = item_timeout_s
+        self.batch_timeout_s = batch_timeout_s
+        self.max_tasks_per_worker = max_tasks_per_worker
+        self.worker_memory_bytes = worker_memory_bytes
+        self.code_limits = code_limits
+        self._ctx = multiprocessing.get_context("forkserver")
+        self._ctx.set_forkserver_preload(_PRELOAD)
+        self._workers = [self._start_worker() for _ in range(num_workers)]
+
+    def _start_worker(self) -> _Worker:
+        parent, child = self._ctx.Pipe()
+        process = self._ctx.Process(target=_worker_main, args=(child, self.worker_memory_bytes, self.code_limits), daemon=True)
+        process.start()
+        child.close()
+        return _Worker(process, parent)
+
+    def _replace(self, worker: _Worker, kill: bool) -> None:
+        if kill:
+            worker.process.kill()
+        else:
+            try:
+                worker.conn.send(None)
+            except OSError:
+                pass
+        worker.process.join(timeout=None if kill else 5)
+        if worker.process.is_alive():
+            worker.process.kill()
+            worker.process.join()
+        worker.conn.close()
+        self._workers[self._workers.index(worker)] = self._start_worker()
+
+    def score_batch(self, items: Sequence[VerifyItem]) -> BatchResult:
+        """Scores for `items` ([N] float32) plus failure counts; never raises because of an item."""
+        if not self._workers:
+            raise RuntimeError("VerifierPool is closed")
+        scores = np.zeros(len(items), np.float32)
+        counts = dict.fromkeys(COUNT_KEYS, 0)
+        queue = deque()
+        for index, item in enumerate(items):
+            if item.ability in ABILITIES:
+                queue.append(index)
+            else:
+                counts["unknown_ability"] += 1
+        batch_deadline = time.monotonic() + self.batch_timeout_s
+        while queue or any(w.item is not None for w in self._workers):
+            for worker in self._workers:
+                if worker.item is None and queue:
+                    index = queue.popleft()
+                    item = items[index]
+                    worker.item, worker.started = index, time.monotonic()
+                    try:
+                        worker.conn.send((index, item.ability, item.response, item.ground_truth))
+                    except OSError:  # died while idle: the wait below sees it
+                        pass
+            busy = [w for w in self._workers if w.item is not None]
+            now = time.monotonic()
+            wake = min([batch_deadline] + [w.started + self.item_timeout_s for w in busy])
+            ready = multiprocessing.connection.wait(
+                [w.conn for w in busy] + [w.process.sentinel for w in busy], timeout=max(0.0, wake - now)
+            )
+            for worker in busy:
+                if worker.conn in ready:
+                    try:
+                        index, value, error = worker.conn.recv()
+                    except (EOFError, OSError):
+                        counts["crashes"] += 1
+                        worker.item = None
+                        self._replace(worker, kill=True)
+                        continue
+                    scores[index] = value
+                    counts["errors"] += error is not None
+                    worker.item = None
+                    worker.tasks += 1
+                    if worker.tasks >= self.max_tasks_per_worker:
+                        self._replace(worker, kill=False)
+                elif worker.process.sentinel in ready:
+                    counts["crashes"] += 1
+                    worker.item = None
+                    self._replace(worker, kill=True)
+            now = time.monotonic()
+            for worker in [w for w in self._workers if w.item is not None]:
+                if now >= batch_deadline:
+                    counts["batch_timeouts"] += 1
+                elif now >= worker.started + self.item_timeout_s:
+                    counts["timeouts"] += 1
+                else:
+                    continue
+                worker.item = None
+                self._replace(worker, kill=True)
+            if now >= batch_deadline:
+                counts["batch_timeouts"] += len(queue)
+                queue.clear()
+        return BatchResult(scores, counts)
+
+    def close(self) -> None:
+        """Stop all workers (idempotent)."""
+        workers, self._workers = self._workers, []
+        for worker in workers:
+            try:
+                worker.conn.send(None)
+            except OSError:
+                pass
+        for worker in workers:
+            worker.process.join(timeout=5)
+            if worker.process.is_alive():
+                worker.process.kill()
+                worker.process.join()
+            worker.conn.close()
+
+    def __enter__(self) -> VerifierPool:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

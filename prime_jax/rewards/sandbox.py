@@ -1,0 +1,640 @@
+"""Run untrusted Python code against tests in an isolated process, with results it cannot forge.
+
+Both halves of one protocol live in this file:
+
+* Host side, `run_tests`: starts this file as a script (the *harness*) in a new process group,
+  under bubblewrap when it works (no network, read-only root, private size-capped /tmp, own PID
+  namespace, dies with its parent, new session); sends the program, the tests and a random
+  per-run nonce on the harness's stdin; reads per-test reports from a pipe; gives every test a
+  wall-clock deadline; kills the whole sandbox at the end; and after a crash or hang starts a
+  fresh sandbox at the next test.
+* Harness side, `_harness_main`: reads the payload, confines itself (when started as root it
+  drops to an unprivileged uid of its own; rlimits on CPU, address space, processes, file size;
+  parent-death signal; no new privileges), then runs the candidate and the tests and reports
+  each outcome, tagged with the nonce, on the channel fd.
+
+Why the results can be trusted:
+- A test counts only if a channel line carrying this run's nonce reports it, in order. The nonce
+  reaches the harness on stdin, which is drained and replaced by /dev/null before any candidate
+  code runs; it is in no file, argument, environment variable or pipe the candidate can read.
+  Exiting early (`sys.exit`, `os._exit`), printing markers, closing or flooding the channel, or
+  killing processes all end in missing reports, i.e. failures.
+- Stdin/stdout and call-based tests report outputs only; the expected outputs never enter the
+  sandbox and are compared on the host.
+- Tests run with a fresh copy of the builtins taken before the candidate ran, so patching
+  `builtins` changes nothing they see; after the candidate starts, the harness uses only
+  references it bound beforehand.
+Residual risk: assert-style tests necessarily run inside the candidate's interpreter, so a
+candidate that digs the nonce out of the harness's memory (gc, frames) or returns objects whose
+`__eq__` always says True could still fake a pass there; expected-output tests are immune.
+
+Without a working bubblewrap the harness still confines itself with rlimits (and a uid of its
+own when root and the interpreter is reachable by it), and a warning is logged once.
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import os
+import signal
+import sys
+
+MODES = ("stdio", "call", "assert")
+# Tasks a user may own count against RLIMIT_NPROC per user namespace from Linux 5.14 on.
+_PER_USERNS_NPROC_KERNEL = (5, 14)
+# Root drops each sandbox to uid/gid = base + caller pid, so concurrent sandboxes never share
+# an RLIMIT_NPROC count (the kernel ignores that limit for root itself).
+_SANDBOX_UID_BASE = 200_000
+_STARTUP_GRACE_S = 2.0  # interpreter start-up, on top of the load deadline
+_BWRAP_MASKED = ("/tmp", "/run")  # replaced by empty tmpfs inside the sandbox
+
+
+# ----------------------------------------------------------------------------- harness side
+
+
+def _confine(limits: dict, uid: int | None, in_bwrap: bool) -> None:
+    """Drop privileges and set resource limits on the harness process itself (still trusted)."""
+    import resource
+
+    if not in_bwrap:  # bwrap already gives parent-death kill and no-new-privileges
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig, pr_set_no_new_privs = 1, 38
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+        libc.prctl(pr_set_no_new_privs, 1, 0, 0, 0)
+    if uid is not None and os.geteuid() == 0:
+        os.setgroups([])
+        os.setresgid(uid, uid, uid)
+        os.setresuid(uid, uid, uid)
+    for name, soft, hard in (
+        ("RLIMIT_AS", limits["memory_bytes"], limits["memory_bytes"]),
+        ("RLIMIT_CPU", limits["cpu_s"], limits["cpu_s"] + 1),
+        ("RLIMIT_NPROC", limits["nproc"], limits["nproc"]),
+        ("RLIMIT_FSIZE", limits["file_size_bytes"], limits["file_size_bytes"]),
+        ("RLIMIT_NOFILE", limits["max_open_files"], limits["max_open_files"]),
+        ("RLIMIT_CORE", 0, 0),
+    ):
+        kind = getattr(resource, name)
+        current_hard = resource.getrlimit(kind)[1]
+        if current_hard != resource.RLIM_INFINITY:  # limits can only go down
+            soft, hard = min(soft, current_hard), min(hard, current_hard)
+        resource.setrlimit(kind, (soft, hard))
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # oversized writes fail with EFBIG instead
+
+
+def _make_reporter(fd: int, nonce: str):
+    """A function writing one nonce-tagged JSON line per event to `fd` (bound before the candidate runs)."""
+    write, dumps, view_of = os.write, json.dumps, memoryview
+
+    def report(event: str, index: int = -1, status: str = "", output: str = "", detail: str = "") -> None:
+        line = dumps(
+            {"nonce": nonce, "event": event, "index": index, "status": status, "output": output, "detail": detail}
+        )
+        view = view_of((line + "\n").encode())
+        while view:
+            view = view[write(fd, view) :]
+
+    return report
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:300]
+
+
+def _memfd_with(data: bytes) -> int:
+    fd = os.memfd_create("stdin", 0)
+    os.write(fd, data)
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
+def _run_stdio(payload: dict, report, pristine: dict) -> None:
+    """Each test runs the whole program as `__main__` with the test input on fd 0; reports stdout."""
+    import io
+    import threading
+
+    inputs, max_output = payload["input_fds"], payload["limits"]["max_output_bytes"]
+    header = compile(payload["header"], "<header>", "exec")
+    code = compile(payload["source"], "<candidate>", "exec")  # a SyntaxError is a load failure
+    dup2, memfd, lseek, read, close = os.dup2, os.memfd_create, os.lseek, os.read, os.close
+    run, fresh, open_fd, sys_mod = exec, dict, io.open, sys
+    enumerate_threads, main_thread = threading.enumerate, threading.main_thread()
+    base_exc, exit_exc = BaseException, SystemExit
+    report("loaded")
+    for index, in_fd in inputs:
+        dup2(in_fd, 0)
+        out_fd = memfd("stdout", 0)
+        dup2(out_fd, 1)
+        stdout = open_fd(1, "w", encoding="utf-8", closefd=False)
+        sys_mod.stdin = open_fd(0, "r", encoding="utf-8", errors="replace", closefd=False)
+        sys_mod.stdout = stdout
+        namespace = {"__name__": "__main__", "__builtins__": fresh(pristine)}
+        status, detail = "output", ""
+        try:
+            run(header, namespace)
+            run(code, namespace)
+        except exit_exc:
+            pass
+        except base_exc as exc:
+            status, detail = "fail", _describe(exc)
+        for thread in enumerate_threads():
+            if thread is not main_thread:
+                thread.join()
+        try:
+            stdout.flush()
+        except base_exc as exc:
+            status, detail = "fail", _describe(exc)
+        lseek(out_fd, 0, 0)
+        data = read(out_fd, max_output + 1)
+        close(out_fd)
+        if len(data) > max_output:
+            status, detail, data = "fail", "output too large", b""
+        report("test", index, status, data.decode("utf-8", "replace"), detail)
+
+
+def _load_candidate(payload: dict, pristine: dict) -> dict:
+    """Run header + candidate in a namespace of their own; returns it (raises on failure)."""
+    namespace = {"__name__": "__candidate__", "__builtins__": dict(pristine)}
+    exec(compile(payload["header"], "<header>", "exec"), namespace)
+    exec(compile(payload["source"], "<candidate>", "exec"), namespace)
+    return namespace
+
+
+def _run_call(payload: dict, report, pristine: dict) -> None:
+    """Calls `fn_name` (a function, or a method of a fresh `Solution()`) per test; reports JSON of the result."""
+    name, max_output = payload["fn_name"], payload["limits"]["max_output_bytes"]
+    tests = [(i, payload["tests"][i]) for i in range(payload["start"], len(payload["tests"]))]
+    dumps, base_exc, as_text = json.dumps, BaseException, repr
+    namespace = _load_candidate(payload, pristine)
+    solution = namespace.get("Solution")
+    if isinstance(solution, type) and hasattr(solution, name):
+        target = lambda *args: getattr(solution(), name)(*args)  # noqa: E731
+    elif callable(namespace.get(name)):
+        target = namespace[name]
+    else:
+        raise NameError(f"the program defines no function or Solution method {name!r}")
+    report("loaded")
+    for index, args in tests:
+        try:
+            output, status, detail = dumps(target(*args), default=as_text), "output", ""
+        except base_exc as exc:
+            output, status, detail = "", "fail", _describe(exc)
+        if len(output) > max_output:
+            output, status, detail = "", "fail", "output too large"
+        report("test", index, status, output, detail)
+
+
+def _run_assert(payload: dict, report, pristine: dict) -> None:
+    """Runs the prelude after the candidate, then each test statement; a test passes if it raises nothing."""
+    tests = [(i, compile(payload["tests"][i], f"<test {i}>", "exec")) for i in range(payload["start"], len(payload["tests"]))]
+    prelude = compile(payload["prelude"], "<prelude>", "exec")
+    run, fresh, base_exc = exec, dict, BaseException
+    settrace, setprofile = sys.settrace, sys.setprofile
+    candidate = _load_candidate(payload, pristine)
+    namespace = fresh(candidate)
+    namespace["__builtins__"] = fresh(pristine)
+    run(prelude, namespace)
+    report("loaded")
+    for index, test in tests:
+        settrace(None)
+        setprofile(None)
+        try:
+            run(test, namespace)
+            status, detail = "pass", ""
+        except base_exc as exc:
+            status, detail = "fail", _describe(exc)
+        report("test", index, status, "", detail)
+
+
+def _harness_main() -> None:
+    """Entry point inside the sandbox: payload on stdin, reports on the channel fd."""
+    pristine = dict(builtins.__dict__)
+    payload = json.loads(sys.stdin.buffer.read())
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    report = _make_reporter(payload["channel_fd"], payload["nonce"])
+    runner = {"stdio": _run_stdio, "call": _run_call, "assert": _run_assert}[payload["mode"]]
+    if payload["mode"] == "stdio":  # written before RLIMIT_FSIZE applies
+        tests = payload["tests"]
+        payload["input_fds"] = [(i, _memfd_with(tests[i].encode())) for i in range(payload["start"], len(tests))]
+    _confine(payload["limits"], payload["uid"], payload["in_bwrap"])
+    sys.setrecursionlimit(payload["recursion_limit"])
+    try:
+        runner(payload, report, pristine)
+    except BaseException as exc:  # the program (or its prelude) failed to load
+        report("load_failed", detail=_describe(exc))
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    _harness_main()
+
+
+# ----------------------------------------------------------------------------- host side
+
+import contextlib  # noqa: E402  (host-only imports: kept out of the harness's start-up)
+import dataclasses  # noqa: E402
+import functools  # noqa: E402
+import logging  # noqa: E402
+import math  # noqa: E402
+import platform  # noqa: E402
+import secrets  # noqa: E402
+import tempfile  # noqa: E402
+import selectors  # noqa: E402
+import shutil  # noqa: E402
+import stat  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+
+_log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """Resource limits of one sandboxed run.
+
+    timeout_s: wall-clock seconds per test (the same again for loading the program).
+    memory_bytes: address space (RLIMIT_AS). max_processes: tasks, threads included (RLIMIT_NPROC).
+    file_size_bytes: largest file the program may write (RLIMIT_FSIZE), stdout of a stdin test included.
+    max_output_bytes: largest output one test may report. tmp_bytes: size of the private /tmp.
+    """
+
+    timeout_s: float = 5.0
+    memory_bytes: int = 2 << 30
+    max_processes: int = 32
+    file_size_bytes: int = 16 << 20
+    max_output_bytes: int = 1 << 20
+    tmp_bytes: int = 64 << 20
+    max_open_files: int = 256
+    recursion_limit: int = 100_000
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """Candidate code plus the tests to run against it.
+
+    mode "stdio": tests are stdin texts; each run executes `source` as `__main__`, output = stdout.
+    mode "call": tests are positional-argument lists for `fn_name` (or `Solution().<fn_name>`),
+      output = the JSON of the return value.
+    mode "assert": tests are Python statements run after `prelude`; no exception = pass.
+    `header` runs before `source`, in the same namespace (imports the program may rely on).
+    """
+
+    mode: str
+    source: str
+    tests: Sequence
+    header: str = ""
+    prelude: str = ""
+    fn_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"Program.mode must be one of {MODES}, got {self.mode!r}")
+        if self.mode == "call" and not self.fn_name:
+            raise ValueError("Program.mode 'call' needs fn_name")
+
+
+@dataclasses.dataclass(frozen=True)
+class TestResult:
+    """Outcome of one test: status "pass" | "fail" | "output" | "timeout" | "crash".
+
+    "output" means the program finished the test and `output` holds what it produced (stdio / call
+    modes); whether that output is right is decided by the caller.
+    """
+
+    status: str
+    output: str = ""
+    detail: str = ""
+
+    __test__ = False  # not a pytest test class
+
+
+@dataclasses.dataclass
+class _Launch:
+    """What one sandbox launch reported."""
+
+    results: dict[int, TestResult]
+    loaded: bool = False
+    load_detail: str = ""
+    timed_out: bool = False
+
+
+def run_tests(program: Program, limits: Limits = Limits()) -> list[TestResult]:
+    """Run every test of `program` in order; one TestResult per test.
+
+    Tests run one after another in a sandboxed process; a test that crashes the process or
+    passes its deadline is recorded as "crash"/"timeout" and a fresh sandbox continues with the
+    next test. If the program fails to load (syntax error, exception at top level, dies before
+    its first test) every remaining test fails without retrying.
+    """
+    use_bwrap = _bwrap_works()
+    n = len(program.tests)
+    results: list[TestResult | None] = [None] * n
+    start = 0
+    while start < n:
+        launch = _launch(program, start, limits, use_bwrap)
+        for index, result in launch.results.items():
+            results[index] = result
+        if not launch.loaded:
+            for index in range(start, n):
+                results[index] = results[index] or TestResult("fail", detail=f"load failed: {launch.load_detail}")
+            break
+        start = next((i for i in range(start, n) if results[i] is None), n)
+        if start < n:
+            results[start] = TestResult("timeout" if launch.timed_out else "crash")
+            start += 1
+    return [r for r in results if r is not None]
+
+
+def _launch(program: Program, start: int, limits: Limits, use_bwrap: bool) -> _Launch:
+    """One sandboxed harness run over tests[start:]."""
+    uid = _sandbox_uid(use_bwrap)
+    nonce = secrets.token_hex(16)
+    remaining = len(program.tests) - start
+    read_fd, write_fd = os.pipe()
+    payload = {
+        "nonce": nonce,
+        "channel_fd": write_fd,
+        "mode": program.mode,
+        "source": program.source,
+        "header": program.header,
+        "prelude": program.prelude,
+        "fn_name": program.fn_name,
+        "tests": list(program.tests),
+        "start": start,
+        "uid": uid,
+        "in_bwrap": use_bwrap,
+        "recursion_limit": limits.recursion_limit,
+        "limits": {
+            "memory_bytes": limits.memory_bytes,
+            "cpu_s": math.ceil(limits.timeout_s * (remaining + 1) + _STARTUP_GRACE_S),
+            "nproc": _process_limit(limits.max_processes, use_bwrap, uid),
+            "file_size_bytes": limits.file_size_bytes,
+            "max_open_files": limits.max_open_files,
+            "max_output_bytes": limits.max_output_bytes,
+        },
+    }
+    harness = [sys.executable, "-I", os.path.abspath(__file__)]
+    with contextlib.ExitStack() as cleanup:
+        if use_bwrap:
+            argv, cwd = _bwrap_argv(limits.tmp_bytes, uid is not None) + harness, "/"
+        else:  # a private working directory at least
+            argv, cwd = harness, cleanup.enter_context(tempfile.TemporaryDirectory(prefix="prime_jax_sandbox_"))
+            if uid is not None:
+                os.chown(cwd, uid, uid)
+        try:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                pass_fds=(write_fd,),
+                start_new_session=True,
+                cwd=cwd,
+                env=_sandbox_env("/tmp" if use_bwrap else cwd),
+            )
+        finally:
+            os.close(write_fd)
+        try:
+            return _collect(proc, read_fd, json.dumps(payload).encode(), nonce, start, len(program.tests), limits)
+        finally:
+            _kill_group(proc)
+            os.close(read_fd)
+
+
+def _collect(
+    proc: subprocess.Popen, read_fd: int, payload: bytes, nonce: str, start: int, n: int, limits: Limits
+) -> _Launch:
+    """Feed the payload, read nonce-tagged reports until EOF, a deadline, or too much output."""
+    launch = _Launch(results={})
+    expected = start
+    budget = (n - start + 1) * (2 * limits.max_output_bytes + 4096)  # JSON may double the output
+    received = 0
+    pending = b""
+    stdin_fd = proc.stdin.fileno()
+    os.set_blocking(stdin_fd, False)
+    to_send = memoryview(payload)
+    deadline = time.monotonic() + limits.timeout_s + _STARTUP_GRACE_S
+    with selectors.DefaultSelector() as selector:
+        selector.register(read_fd, selectors.EVENT_READ)
+        selector.register(stdin_fd, selectors.EVENT_WRITE)
+        while True:
+            wait = deadline - time.monotonic()
+            if wait <= 0:
+                launch.timed_out = True
+                return launch
+            for key, _ in selector.select(wait):
+                if key.fd == stdin_fd:
+                    try:
+                        to_send = to_send[os.write(stdin_fd, to_send) :]
+                    except BrokenPipeError:
+                        to_send = to_send[:0]
+                    if not to_send:
+                        selector.unregister(stdin_fd)
+                        proc.stdin.close()
+                    continue
+                chunk = os.read(read_fd, 1 << 16)
+                received += len(chunk)
+                if not chunk or received > budget:
+                    return launch
+                *lines, pending = (pending + chunk).split(b"\n")
+                for line in lines:
+                    message = _authentic(line, nonce)
+                    if message is None:
+                        continue
+                    event, index = message["event"], message["index"]
+                    if event == "load_failed" and not launch.loaded:
+                        launch.load_detail = message["detail"]
+                        return launch
+                    if event == "loaded":
+                        launch.loaded = True
+                    elif event == "test" and launch.loaded and index == expected:
+                        launch.results[index] = TestResult(message["status"], message["output"], message["detail"])
+                        expected += 1
+                    else:
+                        continue
+                    if expected == n:
+                        return launch
+                    deadline = time.monotonic() + limits.timeout_s
+
+
+def _authentic(line: bytes, nonce: str) -> dict | None:
+    """The decoded report if `line` is a well-formed report carrying `nonce`, else None."""
+    try:
+        message = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(message, dict) or message.get("nonce") != nonce:
+        return None
+    fields = {"event": str, "index": int, "status": str, "output": str, "detail": str}
+    if any(not isinstance(message.get(k), t) for k, t in fields.items()):
+        return None
+    return message
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the sandbox's process group (bwrap takes its PID namespace down with it) and reap."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    if proc.stdin and not proc.stdin.closed:
+        try:
+            proc.stdin.close()
+        except OSError:
+            pass
+    proc.wait()
+
+
+def _sandbox_env(home: str) -> dict[str, str]:
+    return {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "HOME": home,
+        "LANG": "C.UTF-8",
+        "OMP_NUM_THREADS": "1",
+        "OPENBLAS_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+    }
+
+
+def _process_limit(max_processes: int, use_bwrap: bool, uid: int | None) -> int:
+    """RLIMIT_NPROC value giving the sandbox `max_processes` tasks of its own.
+
+    The kernel counts tasks per user: a fresh uid (root case) or a fresh user namespace on
+    Linux >= 5.14 (bwrap as non-root) starts at zero; otherwise the user's existing tasks count.
+    """
+    if uid is not None:
+        return max_processes
+    if use_bwrap and _kernel_version() >= _PER_USERNS_NPROC_KERNEL:
+        return max_processes
+    return _count_tasks_of(os.getuid()) + max_processes
+
+
+def _kernel_version() -> tuple[int, int]:
+    parts = platform.release().split(".")
+    try:
+        return int(parts[0]), int("".join(ch for ch in parts[1] if ch.isdigit()) or 0)
+    except (IndexError, ValueError):
+        return (0, 0)
+
+
+def _count_tasks_of(uid: int) -> int:
+    count = 0
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                if entry.stat().st_uid == uid:
+                    count += len(os.listdir(f"/proc/{entry.name}/task"))
+            except OSError:
+                continue
+    return count
+
+
+def _sandbox_uid(use_bwrap: bool) -> int | None:
+    """The uid a sandbox started by this process runs as, or None to keep the caller's.
+
+    Only root switches: to a uid of this process's own (unique among live processes), so
+    concurrent sandboxes never share an RLIMIT_NPROC count. Without bwrap the interpreter must
+    then be reachable by that uid; if it is not, root's uid is kept (warned about once).
+    """
+    if os.geteuid() != 0:
+        return None
+    if not use_bwrap and _blocked_ancestors(_needed_paths()):
+        _warn_root_without_uid_switch()
+        return None
+    return _SANDBOX_UID_BASE + os.getpid()
+
+
+@functools.cache
+def _warn_root_without_uid_switch() -> None:
+    _log.warning(
+        "running as root without bwrap and the Python interpreter is not reachable by other users: "
+        "sandboxed code keeps root's uid, so its process-count limit cannot be enforced"
+    )
+
+
+@functools.cache
+def _bwrap_works() -> bool:
+    """Whether bubblewrap sandboxes work here: probed once per process by a real harness run."""
+    if not shutil.which("bwrap"):
+        _log.warning("bwrap (bubblewrap) not found: sandboxed code runs with rlimits only, no namespaces")
+        return False
+    probe = Program("assert", "x = 1", ["assert x == 1"])
+    launch = _launch(probe, 0, Limits(timeout_s=30.0), use_bwrap=True)
+    if launch.results.get(0) == TestResult("pass"):
+        return True
+    _log.warning("bwrap is installed but cannot run the sandbox here: sandboxed code runs with rlimits only")
+    return False
+
+
+def _needed_paths() -> list[str]:
+    """Paths the sandboxed interpreter and harness must be able to read."""
+    paths = {os.path.realpath(sys.executable), sys.base_prefix, sys.prefix, os.path.abspath(__file__)}
+    paths.update(p for p in sys.path if p and os.path.isdir(p))
+    return sorted({os.path.realpath(p) for p in paths})
+
+
+def _blocked_ancestors(paths: list[str]) -> dict[str, list[str]]:
+    """For each topmost directory others cannot traverse: the needed paths under it."""
+    blocked: dict[str, list[str]] = {}
+    for path in paths:
+        parts = path.strip("/").split("/")
+        for depth in range(1, len(parts)):
+            ancestor = "/" + "/".join(parts[:depth])
+            try:
+                mode = os.stat(ancestor).st_mode
+            except OSError:
+                break
+            if not mode & stat.S_IXOTH:
+                blocked.setdefault(ancestor, []).append(path)
+                break
+    return blocked
+
+
+def _rebind(root: str, paths: list[str]) -> list[str]:
+    """bwrap arguments re-exposing `paths` (read-only) inside `root`, which is an empty tmpfs there."""
+    args: list[str] = []
+    made: set[str] = set()
+    kept = [p for p in paths if not any(p != q and p.startswith(q + "/") for q in paths)]
+    for path in kept:
+        parts = path[len(root) :].strip("/").split("/")
+        for depth in range(1, len(parts)):
+            directory = root + "/" + "/".join(parts[:depth])
+            if directory not in made:
+                made.add(directory)
+                args += ["--perms", "0755", "--dir", directory]
+        args += ["--ro-bind", path, path]
+    return args
+
+
+def _bwrap_argv(tmp_bytes: int, drop_uid: bool) -> list[str]:
+    """bubblewrap command prefix: read-only root, private /tmp and /run, no network, own PID namespace."""
+    args = [
+        "bwrap",
+        "--ro-bind", "/", "/",
+        "--dev", "/dev",
+        "--proc", "/proc",
+        "--perms", "1777", "--size", str(tmp_bytes), "--tmpfs", "/tmp",
+        "--tmpfs", "/run",
+        "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
+        "--die-with-parent", "--new-session",
+        "--chdir", "/tmp",
+    ]  # fmt: skip
+    needed = _needed_paths()
+    for masked in _BWRAP_MASKED:
+        under = [p for p in needed if p.startswith(masked + "/")]
+        args += _rebind(masked, under)
+    needed = [p for p in needed if not any(p.startswith(m + "/") for m in _BWRAP_MASKED)]
+    if drop_uid:
+        # bwrap keeps root's capabilities unless told otherwise; the harness needs only these two
+        # to switch to its own uid, after which it has none.
+        args += ["--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
+        for root, paths in _blocked_ancestors(needed).items():
+            args += ["--perms", "0755", "--tmpfs", root] + _rebind(root, paths)
+    else:
+        args += ["--unshare-user"]
+    return args

@@ -1,0 +1,316 @@
+"""Hostile programs: each is contained, scores 0, and leaves the host (this process, its files,
+its network, its process table) unaffected. Plus the harness's own protocol guarantees."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from prime_jax.rewards import code, sandbox
+from prime_jax.rewards.sandbox import Limits, Program, TestResult, run_tests
+
+LIMITS = Limits(timeout_s=2.0)
+REPO = Path(__file__).resolve().parents[2]
+
+
+def score(program: str, asserts: list[str], prelude: str = "") -> float:
+    return code.score(f"```python\n{program}\n```", {"prelude": prelude, "asserts": asserts}, LIMITS)
+
+
+def _sandbox_processes() -> list[int]:
+    """Live processes started by sandboxes of this process (harness, bwrap, anything they forked)."""
+    uid = sandbox._SANDBOX_UID_BASE + os.getpid()
+    harness = os.path.abspath(sandbox.__file__).encode()
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry.name}/cmdline").read_bytes()
+            status = Path(f"/proc/{entry.name}/status").read_text()
+        except OSError:
+            continue
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        if "Z" in fields["State"]:
+            continue
+        ours = str(uid) in fields["Uid"].split() or (harness in cmdline and int(fields["PPid"]) == os.getpid())
+        if ours:
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.fixture(autouse=True)
+def host_unaffected():
+    """Around every test: bwrap in use, and afterwards no sandbox process left, no process-table
+    growth, and this process can still start programs."""
+    assert sandbox._bwrap_works(), "these tests need a working bubblewrap"
+    processes_before = len([e for e in os.scandir("/proc") if e.name.isdigit()])
+    yield
+    deadline = time.monotonic() + 5
+    while _sandbox_processes() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _sandbox_processes() == []
+    processes_after = len([e for e in os.scandir("/proc") if e.name.isdigit()])
+    assert processes_after < processes_before + 50
+    assert subprocess.run(["true"], check=False).returncode == 0
+
+
+def timed(fn, *args):
+    start = time.monotonic()
+    value = fn(*args)
+    return value, time.monotonic() - start
+
+
+# ----------------------------------------------------------------------------- hostile programs
+
+
+def test_infinite_loop() -> None:
+    value, elapsed = timed(score, "def f():\n    while True:\n        pass", ["assert f() is None"])
+    assert value == 0.0
+    assert elapsed < LIMITS.timeout_s + 5
+
+
+def test_sleeping_past_the_timeout() -> None:
+    value, elapsed = timed(score, "import time\ndef f():\n    time.sleep(60)\n    return 1", ["assert f() == 1"])
+    assert value == 0.0
+    assert elapsed < LIMITS.timeout_s + 5
+
+
+def test_fork_bomb() -> None:
+    bomb = (
+        "import os\n"
+        "def f():\n"
+        "    while True:\n"
+        "        try:\n"
+        "            os.fork()\n"
+        "        except OSError:\n"
+        "            pass\n"
+    )
+    value, elapsed = timed(score, bomb, ["assert f()"])
+    assert value == 0.0
+    assert elapsed < LIMITS.timeout_s + 10
+
+
+def test_thread_bomb() -> None:
+    bomb = (
+        "import threading, time\n"
+        "threading.stack_size(32768)\n"
+        "def f():\n"
+        "    while True:\n"
+        "        try:\n"
+        "            threading.Thread(target=time.sleep, args=(60,)).start()\n"
+        "        except RuntimeError:\n"
+        "            pass\n"
+    )
+    assert score(bomb, ["assert f()"]) == 0.0
+
+
+@pytest.mark.parametrize(
+    "bomb",
+    [
+        "x = bytearray(1 << 40)",
+        "chunks = []\nwhile True:\n    chunks.append(bytearray(1 << 26))",
+        "x = ' ' * (8 << 30)",
+    ],
+)
+def test_memory_bomb(bomb: str) -> None:
+    value, elapsed = timed(score, f"def f():\n    {bomb.replace(chr(10), chr(10) + '    ')}\n    return 1", ["assert f() == 1"])
+    assert value == 0.0
+    assert elapsed < LIMITS.timeout_s + 10
+
+
+def test_huge_output() -> None:
+    """Unbounded stdout: the stdin/stdout test fails (file-size limit) and the host reads a bounded amount."""
+    flood = "while True:\n    print('x' * 1000000)"
+    tests = {"inputs": ["1\n"], "outputs": ["x"]}
+    value, elapsed = timed(code.score, f"```python\n{flood}\n```", tests, LIMITS)
+    assert value == 0.0
+    assert elapsed < LIMITS.timeout_s + 5
+    results = run_tests(Program("stdio", "import sys\nsys.stdout.write('y' * (1 << 30))", ["\n"]), LIMITS)
+    assert results[0].status == "fail" and len(results[0].output) == 0
+
+
+def test_writing_outside_the_temp_dir(tmp_path: Path) -> None:
+    targets = [REPO / f"pwned_{secrets.token_hex(4)}", Path("/etc") / f"pwned_{secrets.token_hex(4)}", tmp_path / "pwned"]
+    program = (
+        "def f(paths):\n"
+        "    for p in paths:\n"
+        "        with open(p, 'w') as out:\n"
+        "            out.write('pwned')\n"
+        "    return True\n"
+    )
+    assert score(program, [f"assert f({[str(t)]!r})" for t in targets]) == 0.0
+    assert not any(t.exists() for t in targets)
+
+
+def test_private_temp_dir_is_writable_and_private() -> None:
+    """Control for the test above: the sandbox's own /tmp works, and is not the host's /tmp."""
+    marker = f"/tmp/prime_jax_marker_{secrets.token_hex(4)}"
+    program = f"def f():\n    open({marker!r}, 'w').write('ok')\n    return open({marker!r}).read()"
+    assert score(program, ["assert f() == 'ok'"]) == 1.0
+    assert not Path(marker).exists()
+
+
+def test_reading_then_deleting_files(tmp_path: Path) -> None:
+    canaries = [tmp_path / "canary", Path("/var/tmp") / f"prime_jax_canary_{secrets.token_hex(4)}"]
+    for canary in canaries:
+        canary.write_text("keep me")
+        canary.chmod(0o644)
+    try:
+        program = (
+            "import os\n"
+            "def f(path):\n"
+            "    data = open(path).read()\n"
+            "    os.remove(path)\n"
+            "    return data\n"
+        )
+        assert score(program, [f"assert f({str(c)!r}) == 'keep me'" for c in canaries]) == 0.0
+        assert all(c.read_text() == "keep me" for c in canaries)
+    finally:
+        canaries[1].unlink()
+
+
+def test_network_connection_to_host_listener() -> None:
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    listener.settimeout(0.5)
+    port = listener.getsockname()[1]
+    program = (
+        "import socket\n"
+        "def f(port):\n"
+        "    s = socket.create_connection(('127.0.0.1', port), timeout=1)\n"
+        "    s.sendall(b'pwned')\n"
+        "    return True\n"
+    )
+    try:
+        assert score(program, [f"assert f({port})"]) == 0.0
+        with pytest.raises(socket.timeout):
+            listener.accept()
+    finally:
+        listener.close()
+
+
+@pytest.mark.parametrize(
+    "kill",
+    [
+        "os.kill(os.getppid(), signal.SIGKILL)",
+        "os.kill(-1, signal.SIGKILL)",
+        "os.killpg(0, signal.SIGKILL)",
+    ],
+)
+def test_killing_the_parent(kill: str) -> None:
+    program = f"import os, signal\ndef f():\n    {kill}\n    return True"
+    assert score(program, ["assert f()", "assert f()"]) == 0.0
+    # this process is alive and the next verification works normally
+    assert score("def f():\n    return True", ["assert f()"]) == 1.0
+
+
+@pytest.mark.parametrize("escape", ["sys.exit(0)", "os._exit(0)", "raise SystemExit(0)"])
+def test_exit_before_the_asserts(escape: str) -> None:
+    """A wrong answer that exits (with status 0) before, or instead of, the asserts."""
+    assert score(f"import os, sys\ndef f(x):\n    return 0\n{escape}", ["assert f(1) == 2"]) == 0.0
+    assert score(f"import os, sys\ndef f(x):\n    {escape}", ["assert f(1) == 2"]) == 0.0
+
+
+@pytest.mark.parametrize(
+    "patch",
+    [
+        "import builtins\nbuiltins.set = lambda *args: 0",
+        "__builtins__['set'] = lambda *args: 0",
+        "import builtins\nbuiltins.len = lambda *args: 2\nbuiltins.set = lambda *args: {1}",
+    ],
+)
+def test_monkeypatching_builtins_to_fake_the_asserts(patch: str) -> None:
+    """A wrong function plus builtins patched so that the tests' own expressions would agree."""
+    wrong = "def f():\n    return [3]\n"
+    asserts = ["assert set(f()) == set([1, 2])", "assert len(set(f())) == 2"]
+    assert score(wrong + patch, asserts) == 0.0
+    assert score("def f():\n    return [1, 2]\n" + patch, asserts) == 1.0  # control: the real answer passes
+
+
+def test_forged_report_lines() -> None:
+    """Printing pass reports, with any nonce, on stdout, stderr and every other fd does not count."""
+    forged = (
+        "import json, os\n"
+        "for nonce in ['0' * 32, '']:\n"
+        "    for fd in range(0, 64):\n"
+        "        for event in ('loaded', 'test'):\n"
+        "            line = json.dumps({'nonce': nonce, 'event': event, 'index': 0, 'status': 'pass',"
+        " 'output': '', 'detail': ''}) + '\\n'\n"
+        "            try:\n"
+        "                os.write(fd, line.encode())\n"
+        "            except OSError:\n"
+        "                pass\n"
+        "print('PASS')\n"
+        "os._exit(0)\n"
+    )
+    assert score(forged, ["assert False"]) == 0.0
+
+
+# ----------------------------------------------------------------------------- protocol
+
+
+def test_results_in_order_and_statuses() -> None:
+    program = Program(
+        "assert",
+        "def f(x):\n    if x == 3:\n        import os\n        os._exit(1)\n    if x == 5:\n        while True:\n            pass\n    return x",
+        ["assert f(1) == 1", "assert f(2) == 0", "f(3)", "assert f(4) == 4", "f(5)", "assert f(6) == 6"],
+    )
+    statuses = [r.status for r in run_tests(program, Limits(timeout_s=1.0))]
+    assert statuses == ["pass", "fail", "crash", "pass", "timeout", "pass"]
+
+
+def test_load_failure_fails_every_test() -> None:
+    results = run_tests(Program("assert", "raise ValueError('boom')", ["assert True", "assert True"]), LIMITS)
+    assert [r.status for r in results] == ["fail", "fail"]
+    assert "boom" in results[0].detail
+
+
+def test_tests_see_pristine_builtins() -> None:
+    """Patches of the builtins module reach neither namespace; patches of the candidate's own
+    `__builtins__` stay in the candidate's namespace."""
+    candidate = (
+        "__builtins__['abs'] = lambda x: 42\n"
+        "import builtins\n"
+        "builtins.round = lambda *args: 7\n"
+        "def g():\n"
+        "    return abs(-1), round(1.2)\n"
+    )
+    tests = ["assert abs(-1) == 1 and round(1.2) == 1", "assert g() == (42, 1)"]
+    assert [r.status for r in run_tests(Program("assert", candidate, tests), LIMITS)] == ["pass", "pass"]
+
+
+def test_rlimits_and_uid_inside_the_sandbox() -> None:
+    """The harness runs the program under the configured limits, as an unprivileged uid, without
+    capabilities, network or the host's /tmp."""
+    probe = (
+        "import os, resource, socket\n"
+        "def info():\n"
+        "    caps = [l for l in open('/proc/self/status') if l.startswith('CapEff')][0].split()[1]\n"
+        "    return dict(uid=os.getuid(), caps=caps, as_=resource.getrlimit(resource.RLIMIT_AS)[0],\n"
+        "        nproc=resource.getrlimit(resource.RLIMIT_NPROC)[0], fsize=resource.getrlimit(resource.RLIMIT_FSIZE)[0],\n"
+        "        ifaces=sorted(n for _, n in socket.if_nameindex()), pid1=open('/proc/1/cmdline').read()[:5])\n"
+    )
+    limits = Limits(timeout_s=5.0, memory_bytes=1 << 30, max_processes=16, file_size_bytes=1 << 20)
+    results = run_tests(Program("call", probe, [[]], fn_name="info"), limits)
+    info = json.loads(results[0].output)
+    assert info["uid"] != 0 and info["caps"] == "0000000000000000"
+    assert (info["as_"], info["nproc"], info["fsize"]) == (1 << 30, 16, 1 << 20)
+    assert info["ifaces"] == ["lo"]
+    assert info["pid1"] == "bwrap"
+
+
+def test_without_bwrap_rlimits_still_apply(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fallback (no bubblewrap) runs the same protocol with rlimits only."""
+    monkeypatch.setattr(sandbox, "_bwrap_works", lambda: False)
+    program = Program("assert", "def f(x):\n    return x * 2", ["assert f(2) == 4", "assert f(2) == 5", "x = bytearray(1 << 40)"])
+    assert [r.status for r in run_tests(program, LIMITS)] == ["pass", "fail", "fail"]
+    assert run_tests(Program("stdio", "print(int(input()) + 1)", ["41"]), LIMITS) == [TestResult("output", "42\n")]
