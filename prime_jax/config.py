@@ -46,7 +46,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.synthetic.val_size = 256
     c.synthetic.math_frac = 0.75
     c.synthetic.difficulty = 2
-    c.synthetic.vocab_size = 320
+    c.synthetic.vocab_size = 512
 
     c.rollout = ml_collections.ConfigDict()
     c.rollout.n_samples = 4

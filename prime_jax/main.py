@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "path to a configs/*.py file", lock_config=True)
@@ -70,6 +70,8 @@ def run(c) -> dict[str, float]:
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if flags.FLAGS.verbosity <= 0:  # orbax and absl are chatty at INFO; -v 1 brings it back
+        logging.set_verbosity(logging.WARNING)
     try:
         run(_CONFIG.value)
     except ValueError as e:

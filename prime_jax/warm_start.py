@@ -43,6 +43,7 @@ def warm_start(c: ml_collections.ConfigDict, out_dir: str) -> str:
         pt[i, p_len - len(p):], pm[i, p_len - len(p):] = p, 1
         rt[i, : len(r)], rm[i, : len(r)] = r, 1
 
+    pt, pm, rt, rm = map(jnp.asarray, (pt, pm, rt, rm))
     cfg = ModelConfig(model_type="qwen2", vocab_size=tok.vocab_size, attention_bias=True,
                       eos_token_id=tok.eos_ids[0], **w.arch.to_dict())
     model = Decoder(cfg, rngs=nnx.Rngs(c.seed))

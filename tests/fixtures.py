@@ -55,3 +55,24 @@ def hf_logits(path: str | os.PathLike, tokens, attention_mask):
     with torch.no_grad():
         out = model(input_ids=torch.tensor(np.asarray(tokens), dtype=torch.long), attention_mask=mask, position_ids=pos)
     return out.logits.numpy()
+
+
+def write_hf_tokenizer(path: str | os.PathLike, corpus: list[str], vocab_size: int = 320) -> str:
+    """A tiny byte-level BPE tokenizer, saved as an HF directory with a ChatML chat template."""
+    from tokenizers import Tokenizer as RawTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from prime_jax.models.tokenizer import CHATML_TEMPLATE, ENDOFTEXT, IM_END, IM_START
+
+    raw = RawTokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[ENDOFTEXT, IM_START, IM_END],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    raw.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token=IM_END, pad_token=ENDOFTEXT,
+                                   additional_special_tokens=[IM_START])
+    fast.chat_template = CHATML_TEMPLATE
+    fast.save_pretrained(path)
+    return str(path)

@@ -3,8 +3,6 @@
 import json
 
 import pytest
-from tokenizers import Tokenizer as RawTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from prime_jax.models.tokenizer import (
     CHATML_TEMPLATE,
@@ -17,6 +15,7 @@ from prime_jax.models.tokenizer import (
     load_tokenizer,
     train_sentencepiece,
 )
+from tests.fixtures import write_hf_tokenizer
 
 CORPUS = [
     "Compute (17 + 5) * 3 - 4.\n\nPresent the answer in LaTex format: \\boxed{Your answer}",
@@ -37,24 +36,7 @@ ROUND_TRIP = "Compute  (17 + 5)\t* 3 ünïcode 😀\n\n  def f(x):\n    return x
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
     """A tiny byte-level BPE tokenizer saved as an HF directory with a ChatML chat template."""
-    from transformers import PreTrainedTokenizerFast
-
-    raw = RawTokenizer(models.BPE())
-    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    raw.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320,
-        special_tokens=[ENDOFTEXT, IM_START, IM_END],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    raw.train_from_iterator(CORPUS, trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=raw, eos_token=IM_END, pad_token=ENDOFTEXT, additional_special_tokens=[IM_START]
-    )
-    fast.chat_template = CHATML_TEMPLATE
-    path = tmp_path_factory.mktemp("hf_tok")
-    fast.save_pretrained(path)
-    return path
+    return write_hf_tokenizer(tmp_path_factory.mktemp("hf_tok"), CORPUS)
 
 
 @pytest.fixture(scope="module")
