@@ -114,7 +114,9 @@ def parse_tests(tests: str | dict) -> Tests:
     if not isinstance(inputs, list) or not isinstance(outputs, list):
         raise ValueError("'inputs' and 'outputs' must both be lists")
     if not inputs or len(inputs) != len(outputs):
-        raise ValueError(f"'inputs' and 'outputs' must be non-empty and equally long, got {len(inputs)} and {len(outputs)}")
+        raise ValueError(
+            f"'inputs' and 'outputs' must be non-empty and equally long, got {len(inputs)} and {len(outputs)}"
+        )
     if fn_name is None:
         ins = tuple(_lines_text(v, f"inputs[{i}]") for i, v in enumerate(inputs))
         outs = tuple(_lines_text(v, f"outputs[{i}]") for i, v in enumerate(outputs))

@@ -21,11 +21,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from prime_jax.rewards.sandbox import Limits
+from prime_jax.rewards.sandbox import Limits, bwrap_available
 
 ABILITIES = ("math", "code")
 COUNT_KEYS = ("timeouts", "batch_timeouts", "errors", "crashes", "unknown_ability")
 _PRELOAD = ["prime_jax.rewards.math", "prime_jax.rewards.code"]
+_WORKER_START_TIMEOUT_S = 120.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,9 +58,12 @@ def _score_item(ability: str, response: str, ground_truth: str, code_limits: Lim
 
 
 def _worker_main(conn: multiprocessing.connection.Connection, memory_bytes: int | None, code_limits: Limits) -> None:
-    """Worker loop: receive (index, ability, response, ground_truth), send (index, score, error or None)."""
+    """Worker: set up, say "ready", then loop: receive (index, ability, response, ground_truth),
+    send (index, score, error or None); stop on None or a closed pipe."""
     if memory_bytes is not None:  # a runaway sympy computation fails with MemoryError instead of swapping
         resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
+    bwrap_available()  # probe the sandbox now, not on the clock of the first code item
+    conn.send("ready")
     while True:
         try:
             message = conn.recv()
@@ -120,10 +124,22 @@ class VerifierPool:
         self._workers = [self._start_worker() for _ in range(num_workers)]
 
     def _start_worker(self) -> _Worker:
+        """A new worker, returned once it is ready; RuntimeError if it cannot start."""
         parent, child = self._ctx.Pipe()
-        process = self._ctx.Process(target=_worker_main, args=(child, self.worker_memory_bytes, self.code_limits), daemon=True)
+        process = self._ctx.Process(
+            target=_worker_main, args=(child, self.worker_memory_bytes, self.code_limits), daemon=True
+        )
         process.start()
         child.close()
+        try:
+            ready = parent.poll(_WORKER_START_TIMEOUT_S) and parent.recv() == "ready"
+        except (EOFError, OSError):
+            ready = False
+        if not ready:
+            process.kill()
+            process.join()
+            parent.close()
+            raise RuntimeError(f"a verifier worker failed to start within {_WORKER_START_TIMEOUT_S} s")
         return _Worker(process, parent)
 
     def _replace(self, worker: _Worker, kill: bool) -> None:

@@ -24,9 +24,11 @@ Why the results can be trusted:
 - Tests run with a fresh copy of the builtins taken before the candidate ran, so patching
   `builtins` changes nothing they see; after the candidate starts, the harness uses only
   references it bound beforehand.
-Residual risk: assert-style tests necessarily run inside the candidate's interpreter, so a
-candidate that digs the nonce out of the harness's memory (gc, frames) or returns objects whose
-`__eq__` always says True could still fake a pass there; expected-output tests are immune.
+Residual risks: assert-style tests necessarily run inside the candidate's interpreter, so a
+candidate that digs the harness's reporter or nonce out of its memory (gc, frames) or returns
+objects whose `__eq__` always says True could still fake a pass there. Expected-output tests are
+not exposed to that, but the read-only root is readable: expected outputs stored in a dataset
+file that the sandbox uid may read could be looked up.
 
 Without a working bubblewrap the harness still confines itself with rlimits (and a uid of its
 own when root and the interpreter is reachable by it), and a warning is logged once.
@@ -170,7 +172,10 @@ def _run_call(payload: dict, report, pristine: dict) -> None:
     namespace = _load_candidate(payload, pristine)
     solution = namespace.get("Solution")
     if isinstance(solution, type) and hasattr(solution, name):
-        target = lambda *args: getattr(solution(), name)(*args)  # noqa: E731
+
+        def target(*args):  # a fresh instance per test, as LeetCode does
+            return getattr(solution(), name)(*args)
+
     elif callable(namespace.get(name)):
         target = namespace[name]
     else:
@@ -188,7 +193,8 @@ def _run_call(payload: dict, report, pristine: dict) -> None:
 
 def _run_assert(payload: dict, report, pristine: dict) -> None:
     """Runs the prelude after the candidate, then each test statement; a test passes if it raises nothing."""
-    tests = [(i, compile(payload["tests"][i], f"<test {i}>", "exec")) for i in range(payload["start"], len(payload["tests"]))]
+    indices = range(payload["start"], len(payload["tests"]))
+    tests = [(i, compile(payload["tests"][i], f"<test {i}>", "exec")) for i in indices]
     prelude = compile(payload["prelude"], "<prelude>", "exec")
     run, fresh, base_exc = exec, dict, BaseException
     settrace, setprofile = sys.settrace, sys.setprofile
@@ -261,6 +267,7 @@ class Limits:
     memory_bytes: address space (RLIMIT_AS). max_processes: tasks, threads included (RLIMIT_NPROC).
     file_size_bytes: largest file the program may write (RLIMIT_FSIZE), stdout of a stdin test included.
     max_output_bytes: largest output one test may report. tmp_bytes: size of the private /tmp.
+    max_open_files: RLIMIT_NOFILE. recursion_limit: Python recursion limit of the program.
     """
 
     timeout_s: float = 5.0
@@ -331,7 +338,7 @@ def run_tests(program: Program, limits: Limits = Limits()) -> list[TestResult]:
     next test. If the program fails to load (syntax error, exception at top level, dies before
     its first test) every remaining test fails without retrying.
     """
-    use_bwrap = _bwrap_works()
+    use_bwrap = bwrap_available()
     n = len(program.tests)
     results: list[TestResult | None] = [None] * n
     start = 0
@@ -348,6 +355,20 @@ def run_tests(program: Program, limits: Limits = Limits()) -> list[TestResult]:
             results[start] = TestResult("timeout" if launch.timed_out else "crash")
             start += 1
     return [r for r in results if r is not None]
+
+
+@functools.cache
+def bwrap_available() -> bool:
+    """Whether bubblewrap sandboxes work here: probed once per process by a real harness run."""
+    if not shutil.which("bwrap"):
+        _log.warning("bwrap (bubblewrap) not found: sandboxed code runs with rlimits only, no namespaces")
+        return False
+    probe = Program("assert", "x = 1", ["assert x == 1"])
+    launch = _launch(probe, 0, Limits(timeout_s=30.0), use_bwrap=True)
+    if launch.results.get(0) == TestResult("pass"):
+        return True
+    _log.warning("bwrap is installed but cannot run the sandbox here: sandboxed code runs with rlimits only")
+    return False
 
 
 def _launch(program: Program, start: int, limits: Limits, use_bwrap: bool) -> _Launch:
@@ -555,20 +576,6 @@ def _warn_root_without_uid_switch() -> None:
         "running as root without bwrap and the Python interpreter is not reachable by other users: "
         "sandboxed code keeps root's uid, so its process-count limit cannot be enforced"
     )
-
-
-@functools.cache
-def _bwrap_works() -> bool:
-    """Whether bubblewrap sandboxes work here: probed once per process by a real harness run."""
-    if not shutil.which("bwrap"):
-        _log.warning("bwrap (bubblewrap) not found: sandboxed code runs with rlimits only, no namespaces")
-        return False
-    probe = Program("assert", "x = 1", ["assert x == 1"])
-    launch = _launch(probe, 0, Limits(timeout_s=30.0), use_bwrap=True)
-    if launch.results.get(0) == TestResult("pass"):
-        return True
-    _log.warning("bwrap is installed but cannot run the sandbox here: sandboxed code runs with rlimits only")
-    return False
 
 
 def _needed_paths() -> list[str]:

@@ -182,7 +182,8 @@ def test_call_based(program: str, tests: dict, expected: float) -> None:
 
 
 def test_assert_style_partial_credit() -> None:
-    tests = {"prelude": "import math", "asserts": ["assert f(4) == 2", "assert f(9) == 3", "assert f(2) == math.sqrt(2)"]}
+    asserts = ["assert f(4) == 2", "assert f(9) == 3", "assert f(2) == math.sqrt(2)"]
+    tests = {"prelude": "import math", "asserts": asserts}
     assert code.score(fenced("def f(x):\n    return int(x ** 0.5)"), tests, FAST) == pytest.approx(2 / 3)
     assert code.score(fenced("def f(x):\n    return x ** 0.5"), tests, FAST) == 1.0
 
@@ -241,7 +242,8 @@ def _reference_solutions() -> list[tuple[str, str, str, int]]:
         for line in f:
             r = json.loads(line)
             truth = {"prelude": r["test"], "asserts": [f"check({r['entry_point']})"]}
-            rows.append((r["task_id"], r["prompt"] + r["canonical_solution"], json.dumps(truth), r["prompt"].count("\n") + 1))
+            program, first_line = r["prompt"] + r["canonical_solution"], r["prompt"].count("\n") + 1
+            rows.append((r["task_id"], program, json.dumps(truth), first_line))
     for r in json.loads((BENCH / "mbpp.json").read_text()):
         truth = {"prelude": "\n".join(r["test_imports"]), "asserts": r["test_list"]}
         rows.append((f"MBPP/{r['task_id']}", r["code"], json.dumps(truth), 1))

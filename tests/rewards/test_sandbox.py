@@ -50,7 +50,7 @@ def _sandbox_processes() -> list[int]:
 def host_unaffected():
     """Around every test: bwrap in use, and afterwards no sandbox process left, no process-table
     growth, and this process can still start programs."""
-    assert sandbox._bwrap_works(), "these tests need a working bubblewrap"
+    assert sandbox.bwrap_available(), "these tests need a working bubblewrap"
     processes_before = len([e for e in os.scandir("/proc") if e.name.isdigit()])
     yield
     deadline = time.monotonic() + 5
@@ -121,7 +121,8 @@ def test_thread_bomb() -> None:
     ],
 )
 def test_memory_bomb(bomb: str) -> None:
-    value, elapsed = timed(score, f"def f():\n    {bomb.replace(chr(10), chr(10) + '    ')}\n    return 1", ["assert f() == 1"])
+    body = bomb.replace("\n", "\n    ")
+    value, elapsed = timed(score, f"def f():\n    {body}\n    return 1", ["assert f() == 1"])
     assert value == 0.0
     assert elapsed < LIMITS.timeout_s + 10
 
@@ -138,7 +139,8 @@ def test_huge_output() -> None:
 
 
 def test_writing_outside_the_temp_dir(tmp_path: Path) -> None:
-    targets = [REPO / f"pwned_{secrets.token_hex(4)}", Path("/etc") / f"pwned_{secrets.token_hex(4)}", tmp_path / "pwned"]
+    name = f"pwned_{secrets.token_hex(4)}"
+    targets = [REPO / name, Path("/etc") / name, tmp_path / name]
     program = (
         "def f(paths):\n"
         "    for p in paths:\n"
@@ -261,7 +263,13 @@ def test_forged_report_lines() -> None:
 def test_results_in_order_and_statuses() -> None:
     program = Program(
         "assert",
-        "def f(x):\n    if x == 3:\n        import os\n        os._exit(1)\n    if x == 5:\n        while True:\n            pass\n    return x",
+        "import os\n"
+        "def f(x):\n"
+        "    if x == 3:\n"
+        "        os._exit(1)\n"
+        "    while x == 5:\n"
+        "        pass\n"
+        "    return x\n",
         ["assert f(1) == 1", "assert f(2) == 0", "f(3)", "assert f(4) == 4", "f(5)", "assert f(6) == 6"],
     )
     statuses = [r.status for r in run_tests(program, Limits(timeout_s=1.0))]
@@ -296,7 +304,8 @@ def test_rlimits_and_uid_inside_the_sandbox() -> None:
         "def info():\n"
         "    caps = [l for l in open('/proc/self/status') if l.startswith('CapEff')][0].split()[1]\n"
         "    return dict(uid=os.getuid(), caps=caps, as_=resource.getrlimit(resource.RLIMIT_AS)[0],\n"
-        "        nproc=resource.getrlimit(resource.RLIMIT_NPROC)[0], fsize=resource.getrlimit(resource.RLIMIT_FSIZE)[0],\n"
+        "        nproc=resource.getrlimit(resource.RLIMIT_NPROC)[0],\n"
+        "        fsize=resource.getrlimit(resource.RLIMIT_FSIZE)[0],\n"
         "        ifaces=sorted(n for _, n in socket.if_nameindex()), pid1=open('/proc/1/cmdline').read()[:5])\n"
     )
     limits = Limits(timeout_s=5.0, memory_bytes=1 << 30, max_processes=16, file_size_bytes=1 << 20)
@@ -310,7 +319,8 @@ def test_rlimits_and_uid_inside_the_sandbox() -> None:
 
 def test_without_bwrap_rlimits_still_apply(monkeypatch: pytest.MonkeyPatch) -> None:
     """The fallback (no bubblewrap) runs the same protocol with rlimits only."""
-    monkeypatch.setattr(sandbox, "_bwrap_works", lambda: False)
-    program = Program("assert", "def f(x):\n    return x * 2", ["assert f(2) == 4", "assert f(2) == 5", "x = bytearray(1 << 40)"])
+    monkeypatch.setattr(sandbox, "bwrap_available", lambda: False)
+    tests = ["assert f(2) == 4", "assert f(2) == 5", "x = bytearray(1 << 40)"]
+    program = Program("assert", "def f(x):\n    return x * 2", tests)
     assert [r.status for r in run_tests(program, LIMITS)] == ["pass", "fail", "fail"]
     assert run_tests(Program("stdio", "print(int(input()) + 1)", ["41"]), LIMITS) == [TestResult("output", "42\n")]

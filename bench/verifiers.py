@@ -1,0 +1,94 @@
+"""Verifier throughput: verifications/s through VerifierPool vs the single-process direct call.
+
+Math: the 500 MATH-500 reference solutions (a boxed answer at the end of worked text) against
+their expected answers. Code: the 164 HumanEval canonical solutions and 399 MBPP reference
+solutions against their tests (each one sandboxed run). Prints, for each, verifications/s through
+the pool (`--workers`, default 2) and through a plain loop calling `math.score` / `code.score`
+in this process, and their ratio. Pool start-up and one warm-up call per path are excluded.
+Run: `python bench/verifiers.py [--workers 2 --math-rows 500 --code-rows 563]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+from prime_jax.rewards import code as code_verifier  # noqa: E402
+from prime_jax.rewards import math as math_verifier  # noqa: E402
+from prime_jax.rewards.pool import VerifierPool, VerifyItem  # noqa: E402
+
+BENCH = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "benchmarks"
+
+
+def math_items() -> list[VerifyItem]:
+    table = json.loads((BENCH / "math500.json").read_text())
+    keys = sorted(table["solution"], key=int)
+    return [VerifyItem(table["solution"][k], "math", table["expected_answer"][k]) for k in keys]
+
+
+def code_items() -> list[VerifyItem]:
+    items = []
+    with gzip.open(BENCH / "humaneval.jsonl.gz", "rt") as f:
+        for line in f:
+            r = json.loads(line)
+            truth = {"prelude": r["test"], "asserts": [f"check({r['entry_point']})"]}
+            response = f"```python\n{r['prompt']}{r['canonical_solution']}\n```"
+            items.append(VerifyItem(response, "code", json.dumps(truth)))
+    for r in json.loads((BENCH / "mbpp.json").read_text()):
+        truth = {"prelude": "\n".join(r["test_imports"]), "asserts": r["test_list"]}
+        items.append(VerifyItem(f"```python\n{r['code']}\n```", "code", json.dumps(truth)))
+    return items
+
+
+def direct(items: list[VerifyItem]) -> tuple[float, np.ndarray]:
+    """(seconds, scores) of calling the verifier in this process, one item after another."""
+    score = math_verifier.score if items[0].ability == "math" else code_verifier.score
+    score(items[0].response, items[0].ground_truth)  # warm-up
+    start = time.perf_counter()
+    scores = np.array([score(item.response, item.ground_truth) for item in items], np.float32)
+    return time.perf_counter() - start, scores
+
+
+def pooled(pool: VerifierPool, workers: int, items: list[VerifyItem]) -> tuple[float, np.ndarray]:
+    """(seconds, scores) of one score_batch call over `items`."""
+    pool.score_batch(items[:workers])  # warm-up: every worker has scored once
+    start = time.perf_counter()
+    result = pool.score_batch(items)
+    seconds = time.perf_counter() - start
+    failures = {k: v for k, v in result.counts.items() if v}
+    if failures:
+        print(f"  (pool counted failures: {failures})")
+    return seconds, result.scores
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--math-rows", type=int, default=500)
+    ap.add_argument("--code-rows", type=int, default=563)
+    args = ap.parse_args()
+    sets = {"math": math_items()[: args.math_rows], "code": code_items()[: args.code_rows]}
+    with VerifierPool(args.workers, item_timeout_s=120.0, batch_timeout_s=3600.0) as pool:
+        for name, items in sets.items():
+            pool_s, pool_scores = pooled(pool, args.workers, items)
+            direct_s, direct_scores = direct(items)
+            pool_rate, direct_rate = len(items) / pool_s, len(items) / direct_s
+            print(
+                f"{name}: {pool_rate:7.1f} verifications/s through VerifierPool({args.workers} workers) | "
+                f"single-process direct {name}.score: {direct_rate:7.1f}/s | ratio {pool_rate / direct_rate:.2f}x "
+                f"({len(items)} rows, mean score {pool_scores.mean():.3f}, "
+                f"{int((pool_scores != direct_scores).sum())} scores differ between the two, {os.cpu_count()} CPUs)"
+            )
+
+
+if __name__ == "__main__":
+    main()
