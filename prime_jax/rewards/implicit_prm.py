@@ -3,13 +3,25 @@
 The implicit PRM is a causal LM pi_phi trained with an outcome (CE) objective on the sequence
 log-ratio beta * sum_t log(pi_phi / pi_ref); its per-token log-ratio is the process reward.
 All arrays are [B, R] over response tokens, rows of one prompt contiguous (n per group).
+
+`make_prm_step` builds the one jitted program of §1.4: reference log-probs, the PRM's
+mini-batch updates in order with micro-batch gradient accumulation, and the token rewards.
 """
-from typing import Literal
+import dataclasses
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from prime_jax.models import response_logprobs
 from prime_jax.rl.advantages import last_token_mask
+from prime_jax.rl.optim import (TrainState, accumulate_gradients, apply_gradients, batch_prefix_sharding,
+                                check_batch, split_micro_batches, train_state_shardings, validate_batching)
 
 Granularity = Literal["token", "whole"]
 GRANULARITIES = ("token", "whole")
@@ -94,3 +106,148 @@ def dpo_acc(seq_scores: jax.Array, acc: jax.Array, n: int) -> jax.Array:
     total = jnp.sum(weight, axis=(1, 2))
     per_group = jnp.where(total > 0, jnp.sum(agree * weight, axis=(1, 2)) / jnp.where(total > 0, total, 1.0), 0.5)
     return jnp.mean(per_group)
+
+
+UPDATE_MODES = ("after", "before", "none")
+NORM_SCOPES = ("global", "shard")
+PRM_BATCH_KEYS = ("prompt_tokens", "prompt_mask", "tokens", "mask", "acc")
+
+
+@dataclasses.dataclass(frozen=True)
+class PrmStepConfig:
+    """Implicit-PRM step settings (PRIME_SPEC §1.4, §3; ORIG defaults except where noted).
+
+    mini_batch_size / micro_batch_size: rows per PRM optimiser step / per forward-backward
+    (ORIG 256 / 8). update: "after" = single forward, each row's reward from the PRM before
+    the update on its own mini-batch (ORIG default); "before" = update on the whole batch, then
+    a second forward for the rewards (VERL default, PAPER App. B.2 "double forward");
+    "none" = no update. num_shards: the batch is seen as that many contiguous chunks (ORIG: one
+    per GPU, 8) and mini-batch m takes the m-th slice of every chunk, in order; it is also the
+    scope of batch_norm when norm_scope="shard" (ORIG's effective scope). Default 1 and
+    "global": one scope over the batch, independent of the device count.
+    """
+    n: int
+    mini_batch_size: int
+    micro_batch_size: int
+    beta: float = 0.05
+    update: Literal["after", "before", "none"] = "after"
+    norm_scope: Literal["global", "shard"] = "global"
+    num_shards: int = 1
+    include_eos: bool = True
+    granularity: Granularity = "token"
+
+    def validate(self, mesh: Mesh) -> None:
+        """Raise ValueError naming the bad key, before anything is traced."""
+        if self.n < 1:
+            raise ValueError(f"prm.n={self.n}: must be >= 1")
+        if self.update not in UPDATE_MODES:
+            raise ValueError(f"prm.update={self.update!r}: expected one of {UPDATE_MODES}")
+        if self.norm_scope not in NORM_SCOPES:
+            raise ValueError(f"prm.norm_scope={self.norm_scope!r}: expected one of {NORM_SCOPES}")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"prm.granularity={self.granularity!r}: expected one of {GRANULARITIES}")
+        if self.num_shards < 1 or self.mini_batch_size % self.num_shards:
+            raise ValueError(f"prm.num_shards={self.num_shards}: must be >= 1 and divide "
+                             f"prm.mini_batch_size={self.mini_batch_size}")
+        validate_batching("prm", mini_batch_size=self.mini_batch_size,
+                          micro_batch_size=self.micro_batch_size, mesh=mesh)
+
+    def updates_per_iteration(self, batch_size: int) -> int:
+        """PRM optimiser steps per call (for the lr schedule): B / mini_batch_size, or 0 for "none"."""
+        return 0 if self.update == "none" else batch_size // self.mini_batch_size
+
+
+class PrmStepOutput(NamedTuple):
+    """rm_scores: normalised token rewards [B, R] (what the advantage reads); raw: un-normalised [B, R];
+    metrics: scalar dict (reward_model/...)."""
+    rm_scores: jax.Array
+    raw: jax.Array
+    metrics: dict[str, jax.Array]
+
+
+def minibatch_order(batch_size: int, mini_batch_size: int, num_shards: int) -> np.ndarray:
+    """Row permutation putting the batch in mini-batch order: [B] int.
+
+    The batch is num_shards contiguous chunks; mini-batch m is the m-th run of mini/num_shards rows
+    of every chunk (ORIG: each GPU walks its own chunk in order, gradients all-reduced).
+    """
+    rows = np.arange(batch_size).reshape(num_shards, batch_size // mini_batch_size, mini_batch_size // num_shards)
+    return rows.transpose(1, 0, 2).reshape(-1)
+
+
+def make_prm_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: PrmStepConfig, *,
+                  mesh: Mesh, state: TrainState, ref_params: Any) -> Callable[..., tuple[TrainState, PrmStepOutput]]:
+    """The jitted PRM program: (state, ref_params, batch) -> (new state, PrmStepOutput).
+
+    batch: prompt_tokens [B, P] int32 (left-padded), prompt_mask [B, P], tokens [B, R] int32,
+    mask [B, R], acc [B] float32. `state` / `ref_params` (real or abstract) fix the shardings:
+    params and Adam moments by their logical axes, the batch over the data axes; the state is
+    donated. PRM log-probs use temperature 1 (ORIG). Metrics: reward_model/prm_loss (mean of
+    the mini-batch losses; ORIG logs the last micro-batch's), reward_model/grad_norm (pre-clip,
+    mean over mini-batches), reward_model/dpo_acc_before, and reward_model/dpo_acc_after for
+    update="before".
+    """
+    cfg.validate(mesh)
+    state_sh = train_state_shardings(state, mesh)
+    ref_sh = train_state_shardings(ref_params, mesh)
+    batch_sh = batch_prefix_sharding(mesh)
+    replicated = NamedSharding(mesh, P())
+    micro_per_mini = cfg.mini_batch_size // cfg.micro_batch_size
+
+    def logps(params: Any, micro: dict[str, jax.Array]) -> jax.Array:
+        model = nnx.merge(graphdef, params)
+        return response_logprobs(model, micro["prompt_tokens"], micro["prompt_mask"], micro["tokens"], micro["mask"])
+
+    def rewards_of(logp_prm: jax.Array, logp_ref: jax.Array, mask: jax.Array) -> jax.Array:
+        return token_rewards(jax.lax.stop_gradient(logp_prm), logp_ref, mask,
+                             include_eos=cfg.include_eos, granularity=cfg.granularity)
+
+    def step(state: TrainState, ref_params: Any, batch: dict[str, jax.Array]):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            b = check_batch("prm", batch, PRM_BATCH_KEYS, cfg.mini_batch_size)
+            if b % cfg.n:
+                raise ValueError(f"prm batch of {b} rows is not a multiple of prm.n={cfg.n}")
+            batch = {k: batch[k] for k in PRM_BATCH_KEYS}
+            permute = cfg.num_shards > 1
+            order = minibatch_order(b, cfg.mini_batch_size, cfg.num_shards)
+            inverse = np.argsort(order)
+            ordered = {k: v[order] for k, v in batch.items()} if permute else batch
+            micro = split_micro_batches(ordered, micro_batch_size=cfg.micro_batch_size,
+                                        micro_per_mini=micro_per_mini, mesh=mesh)
+
+            def restore(x: jax.Array) -> jax.Array:
+                """[M, k, mu, R] in mini-batch order -> [B, R] in batch order."""
+                x = x.reshape(b, -1)
+                return x[inverse] if permute else x
+
+            def micro_loss(params, mb):
+                logp_ref = jax.lax.stop_gradient(logps(ref_params, mb))
+                logp_prm = logps(params, mb)
+                terms = prm_loss_terms(logp_prm, logp_ref, mb["mask"], mb["acc"], beta=cfg.beta)
+                return jnp.sum(terms) / cfg.mini_batch_size, (rewards_of(logp_prm, logp_ref, mb["mask"]), logp_ref)
+
+            def minibatch(state, mb):
+                if cfg.update == "none":
+                    losses, rewards = jax.lax.map(lambda m: micro_loss(state.params, m), mb)
+                    return state, (jnp.sum(losses), jnp.zeros(()), rewards)
+                loss, grads, rewards = accumulate_gradients(micro_loss, state.params, mb)
+                return apply_gradients(state, grads, tx), (loss, optax.tree.norm(grads), rewards)
+
+            new_state, (losses, grad_norms, (first, logp_ref)) = jax.lax.scan(minibatch, state, micro)
+            before = raw = restore(first)
+            metrics = {"reward_model/prm_loss": jnp.mean(losses),
+                       "reward_model/dpo_acc_before": dpo_acc(jnp.sum(before, axis=-1), batch["acc"], cfg.n)}
+            if cfg.update != "none":
+                metrics["reward_model/grad_norm"] = jnp.mean(grad_norms)
+            if cfg.update == "before":
+                flat = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), (micro, logp_ref))
+                raw = restore(jax.lax.map(
+                    lambda m: rewards_of(logps(new_state.params, m[0]), m[1], m[0]["mask"]), flat))
+                metrics["reward_model/dpo_acc_after"] = dpo_acc(jnp.sum(raw, axis=-1), batch["acc"], cfg.n)
+            scope = cfg.num_shards if cfg.norm_scope == "shard" else 1
+            rm_scores = batch_norm(raw.reshape(scope, b // scope, -1),
+                                   batch["mask"].reshape(scope, b // scope, -1)).reshape(b, -1)
+            return new_state, PrmStepOutput(rm_scores, raw, metrics)
+
+    return jax.jit(step, in_shardings=(state_sh, ref_sh, batch_sh),
+                   out_shardings=(state_sh, PrmStepOutput(batch_sh, batch_sh, replicated)), donate_argnums=0)

@@ -1,4 +1,7 @@
-"""Optimiser shared by the policy and the implicit PRM: global-norm clip + AdamW + per-iteration lr schedule.
+"""Training-step plumbing shared by the policy and the implicit PRM.
+
+Global-norm clip + AdamW + per-iteration lr schedule, the explicit `TrainState`, its shardings
+(optimiser moments sharded like the params), and exact gradient accumulation over micro-batches.
 
 PRIME_SPEC §1.4/§1.7/§3: policy AdamW lr 5e-7, betas (0.9, 0.999), weight_decay 0.01, clip 1.0;
 PRM AdamW lr 1e-6, weight_decay 0.0, clip 10.0; both constant lr, no warmup. The schedule is
@@ -6,11 +9,16 @@ stepped once per RL iteration (ORIG), so it is a function of iteration = update 
 """
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from prime_jax.mesh import BATCH_AXES, data_parallel_size, state_shardings
 
 SCHEDULES = ("constant", "cosine")
 
@@ -100,3 +108,87 @@ def apply_gradients(state: TrainState, grads: Any, tx: optax.GradientTransformat
     """One optimiser update of `state` with `grads` (same tree as params)."""
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     return TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1)
+
+
+def train_state_shardings(state: Any, mesh: Mesh) -> Any:
+    """NamedShardings for a (real or abstract) TrainState or bare params: every nnx Variable (params and the Adam
+    moments, which keep the params' `axes` metadata) by its logical axes; counters replicated."""
+    def one(x: Any) -> NamedSharding:
+        if isinstance(x, nnx.Variable):
+            return state_shardings(x, mesh)
+        return NamedSharding(mesh, P())
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def shard_train_state(state: Any, mesh: Mesh) -> Any:
+    """Places a TrainState (or bare params) on the mesh with `train_state_shardings`. Steps return
+    their state placed this way, so placing the first input the same way avoids a second compile."""
+    return jax.device_put(state, train_state_shardings(state, mesh))
+
+
+def batch_prefix_sharding(mesh: Mesh) -> NamedSharding:
+    """One sharding usable as a pytree prefix for a whole batch dict: dim 0 over the data axes."""
+    return NamedSharding(mesh, P(tuple(a for a in BATCH_AXES if a in mesh.shape) or None))
+
+
+def validate_batching(prefix: str, *, mini_batch_size: int, micro_batch_size: int, mesh: Mesh) -> None:
+    """Mini-batches must split into whole micro-batches, and micro-batches over the data axes."""
+    if micro_batch_size < 1 or mini_batch_size < 1:
+        raise ValueError(f"{prefix}.mini_batch_size={mini_batch_size}, {prefix}.micro_batch_size="
+                         f"{micro_batch_size}: must be >= 1")
+    if mini_batch_size % micro_batch_size:
+        raise ValueError(f"{prefix}.mini_batch_size={mini_batch_size} is not divisible by "
+                         f"{prefix}.micro_batch_size={micro_batch_size}")
+    dp = data_parallel_size(mesh)
+    if micro_batch_size % dp:
+        raise ValueError(f"{prefix}.micro_batch_size={micro_batch_size} is not divisible by the "
+                         f"data-parallel size {dp} of mesh {dict(mesh.shape)}")
+
+
+def check_batch(prefix: str, batch: dict[str, jax.Array], keys: tuple[str, ...], mini_batch_size: int) -> int:
+    """Trace-time check of a step's batch: required keys present, one leading size, whole mini-batches.
+    Returns the batch size B."""
+    missing = [k for k in keys if k not in batch]
+    if missing:
+        raise ValueError(f"{prefix} batch is missing {missing} (needs {list(keys)})")
+    sizes = {k: batch[k].shape[0] for k in keys}
+    if len(set(sizes.values())) != 1:
+        raise ValueError(f"{prefix} batch arrays disagree on the batch size: {sizes}")
+    b = next(iter(sizes.values()))
+    if b % mini_batch_size:
+        raise ValueError(f"{prefix} batch of {b} rows is not a whole number of "
+                         f"{prefix}.mini_batch_size={mini_batch_size}")
+    return b
+
+
+def split_micro_batches(batch: dict[str, jax.Array], *, micro_batch_size: int, micro_per_mini: int,
+                        mesh: Mesh) -> dict[str, jax.Array]:
+    """[M * k * mu, ...] rows (already in mini-batch order) -> [M, k, mu, ...], mu split over the data axes."""
+    axes = tuple(a for a in BATCH_AXES if a in mesh.shape) or None
+
+    def one(x: jax.Array) -> jax.Array:
+        y = x.reshape(-1, micro_per_mini, micro_batch_size, *x.shape[1:])
+        return jax.lax.with_sharding_constraint(y, NamedSharding(mesh, P(None, None, axes)))
+
+    return {k: one(v) for k, v in batch.items()}
+
+
+def accumulate_gradients(loss_fn: Callable[[Any, dict[str, jax.Array]], tuple[jax.Array, Any]], params: Any,
+                         micro_batches: dict[str, jax.Array]) -> tuple[jax.Array, Any, Any]:
+    """Sum of loss and fp32 gradients over micro-batches [k, mu, ...] in one `lax.scan`.
+
+    loss_fn(params, micro) -> (loss, aux) must already be normalised by the whole mini-batch
+    (e.g. sum over rows / mini-batch rows), so the sum is the exact mini-batch gradient whatever k is.
+    Returns (loss_sum, grads, aux stacked [k, ...]).
+    """
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def body(carry, micro):
+        loss_sum, grads = carry
+        (loss, aux), g = grad_fn(params, micro)
+        return (loss_sum + loss, jax.tree.map(jnp.add, grads, g)), aux
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    (loss_sum, grads), aux = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), micro_batches)
+    return loss_sum, grads, aux

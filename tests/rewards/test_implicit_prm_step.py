@@ -1,0 +1,201 @@
+"""The jitted PRM step vs a plain mini-batch loop; micro-batching, update modes, sharding, learning."""
+import functools
+import math
+
+import jax
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from prime_jax.mesh import make_mesh
+from prime_jax.models import response_logprobs
+from prime_jax.rewards.implicit_prm import PrmStepConfig, make_prm_step, prm_loss
+from prime_jax.rl.optim import OptimConfig, init_train_state, make_optimizer, shard_train_state
+from tests.rl import numpy_reference as ref
+from tests.rl.step_data import assert_trees_close, copy_tree, logp_fn, make_batch, one_device_mesh, tiny_model
+
+B, MINI, N, SHARDS = 16, 8, 4, 2
+OPTIM = OptimConfig(lr=1e-3, grad_clip=10.0)
+
+
+@pytest.fixture(scope="module")
+def model():
+    graphdef, params = tiny_model(0)
+    return graphdef, params, logp_fn(graphdef)
+
+
+@functools.cache
+def compiled(cfg: PrmStepConfig, mesh_axes: tuple = ()):
+    """One compiled step per (config, mesh), shared by the tests of this module."""
+    graphdef, params = tiny_model(0)
+    mesh = make_mesh(dict(mesh_axes)) if mesh_axes else one_device_mesh()
+    tx = make_optimizer(OPTIM, cfg.updates_per_iteration(B) or 1)
+    state = init_train_state(params, tx)
+    return make_prm_step(graphdef, tx, cfg, mesh=mesh, state=state, ref_params=params), tx, mesh
+
+
+def fresh(cfg, params, mesh_axes=()):
+    """(step, tx, placed PRM state, placed reference params) for one run; steps donate their state."""
+    step, tx, mesh = compiled(cfg, mesh_axes)
+    state = shard_train_state(init_train_state(copy_tree(params), tx), mesh)
+    return step, tx, state, shard_train_state(copy_tree(params), mesh)
+
+
+def run_step(cfg, params, batch, mesh_axes=()):
+    step, tx, state, ref_params = fresh(cfg, params, mesh_axes)
+    state, out = step(state, ref_params, batch)
+    return state, out, tx
+
+
+@functools.cache
+def prm_loss_and_grad(graphdef, beta):
+    """jitted (params, logp_ref, mini-batch) -> (PRM loss, grads) on a whole mini-batch."""
+    @jax.jit
+    def fn(p, logp_ref, mb):
+        def loss(p):
+            lp = response_logprobs(nnx.merge(graphdef, p), mb["prompt_tokens"], mb["prompt_mask"], mb["tokens"], mb["mask"])
+            return prm_loss(lp, logp_ref, mb["mask"], mb["acc"], beta=beta)
+        return jax.value_and_grad(loss)(p)
+    return fn
+
+
+def reference_iteration(graphdef, logps, tx, params, batch, *, mini, shards, update, beta=0.05):
+    """PRIME_SPEC §1.4 as a plain loop: whole mini-batches (no micro-batching), in order per chunk."""
+    b = len(batch["acc"])
+    chunk, per = b // shards, mini // shards
+    minibatches = [[s * chunk + m * per + j for s in range(shards) for j in range(per)] for m in range(b // mini)]
+
+    loss_and_grad = prm_loss_and_grad(graphdef, beta)
+    ref_params, opt_state = params, tx.init(params)
+    raw = np.zeros(batch["mask"].shape)
+    losses, norms = [], []
+    for rows in minibatches:
+        mb = {k: v[rows] for k, v in batch.items()}
+        logp_ref = np.asarray(logps(ref_params, mb)[0], np.float64)
+        raw[rows] = ref.token_rewards(np.asarray(logps(params, mb)[0], np.float64), logp_ref, mb["mask"])
+        loss, grads = loss_and_grad(params, logp_ref.astype(np.float32), mb)
+        losses.append(float(loss))
+        if update != "none":
+            norms.append(float(optax.tree.norm(grads)))
+            updates, opt_state = tx.update(grads, opt_state, params)
+            params = optax.apply_updates(params, updates)
+    before = raw.copy()
+    if update == "before":
+        raw = ref.token_rewards(np.asarray(logps(params, batch)[0], np.float64),
+                                np.asarray(logps(ref_params, batch)[0], np.float64), batch["mask"])
+    return params, before, raw, np.mean(losses), norms
+
+
+@pytest.mark.parametrize("micro", [8, 4, 2])
+def test_step_matches_loop_reference_for_1_2_4_micro_batches(model, micro):
+    graphdef, params, logps = model
+    batch = make_batch(1, B)
+    cfg = PrmStepConfig(n=N, mini_batch_size=MINI, micro_batch_size=micro, num_shards=SHARDS, norm_scope="shard")
+    state, out, tx = run_step(cfg, params, batch)
+    want_params, before, raw, loss, norms = reference_iteration(graphdef, logps, tx, params, batch, mini=MINI,
+                                                                shards=SHARDS, update="after")
+    assert int(state.step) == B // MINI
+    # log-probs are O(5) in fp32 and one Adam step amplifies rounding, so rewards agree to 1e-5 absolute
+    np.testing.assert_allclose(np.asarray(out.raw), raw, rtol=0, atol=1e-5)
+    assert np.abs(raw).max() > 1e-3                           # the second mini-batch saw an updated PRM
+    np.testing.assert_allclose(np.asarray(out.rm_scores), ref.batch_norm(np.asarray(out.raw), batch["mask"], SHARDS),
+                               rtol=1e-5, atol=1e-6)
+    m = out.metrics
+    np.testing.assert_allclose(float(m["reward_model/prm_loss"]), loss, rtol=1e-5)
+    np.testing.assert_allclose(float(m["reward_model/grad_norm"]), np.mean(norms), rtol=1e-5)
+    np.testing.assert_allclose(float(m["reward_model/dpo_acc_before"]), ref.dpo_acc(raw.sum(1), batch["acc"], N))
+    assert_trees_close(state.params, want_params)
+
+
+def test_update_none_with_prm_equal_to_reference_is_the_init_sanity_point(model):
+    _, params, _ = model
+    batch = make_batch(2, B)
+    cfg = PrmStepConfig(n=N, mini_batch_size=MINI, micro_batch_size=4, update="none")
+    state, out, _ = run_step(cfg, params, batch)
+    assert np.all(np.asarray(out.raw) == 0.0) and np.all(np.asarray(out.rm_scores) == 0.0)
+    np.testing.assert_allclose(float(out.metrics["reward_model/prm_loss"]), math.log(2.0), rtol=1e-6)
+    assert float(out.metrics["reward_model/dpo_acc_before"]) == 0.5
+    assert "reward_model/grad_norm" not in out.metrics and int(state.step) == 0
+    assert_trees_close(state.params, params, rtol=0, atol=0)
+
+
+def test_update_before_is_double_forward(model):
+    graphdef, params, logps = model
+    batch = make_batch(3, B)
+    cfg = PrmStepConfig(n=N, mini_batch_size=MINI, micro_batch_size=4, update="before")
+    state, out, tx = run_step(cfg, params, batch)
+    want_params, before, raw, _, _ = reference_iteration(graphdef, logps, tx, params, batch, mini=MINI, shards=1,
+                                                         update="before")
+    np.testing.assert_allclose(np.asarray(out.raw), raw, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(out.rm_scores), ref.batch_norm(np.asarray(out.raw), batch["mask"]),
+                               rtol=1e-5, atol=1e-6)
+    m = out.metrics
+    np.testing.assert_allclose(float(m["reward_model/dpo_acc_before"]), ref.dpo_acc(before.sum(1), batch["acc"], N))
+    np.testing.assert_allclose(float(m["reward_model/dpo_acc_after"]), ref.dpo_acc(raw.sum(1), batch["acc"], N))
+    assert_trees_close(state.params, want_params)
+
+
+def test_sharded_two_axis_mesh_matches_one_device_and_params_stay_sharded(model):
+    _, params, _ = model
+    batch = make_batch(1, B)
+    cfg = PrmStepConfig(n=N, mini_batch_size=MINI, micro_batch_size=8, num_shards=SHARDS, norm_scope="shard")
+    one_state, one_out, _ = run_step(cfg, params, batch)
+    state, out, _ = run_step(cfg, params, batch, mesh_axes=(("data", 2), ("fsdp", 4)))
+    np.testing.assert_allclose(np.asarray(out.raw), np.asarray(one_out.raw), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(out.rm_scores), ref.batch_norm(np.asarray(out.raw), batch["mask"], SHARDS),
+                               rtol=1e-5, atol=1e-6)
+    for k in one_out.metrics:
+        np.testing.assert_allclose(float(out.metrics[k]), float(one_out.metrics[k]), rtol=1e-5)
+    assert_trees_close(state.params, one_state.params)
+    gate = state.params["layers"]["gate"][...]
+    assert gate.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None)
+    assert len({repr(s.index) for s in gate.addressable_shards}) == 4   # four distinct pieces
+    mu = state.opt_state[1][0].mu["layers"]["gate"][...]
+    assert mu.sharding.spec == gate.sharding.spec
+
+
+def test_dpo_acc_rises_when_correct_and_wrong_responses_differ(model):
+    _, params, _ = model
+    batch = make_batch(4, B)
+    correct = batch["acc"] > 0
+    rng = np.random.default_rng(0)
+    # correct answers are written with tokens 1..20, wrong ones with 60..80
+    batch["tokens"] = np.where(correct[:, None], rng.integers(1, 21, batch["tokens"].shape),
+                               rng.integers(60, 81, batch["tokens"].shape)).astype(np.int32) * (batch["mask"] > 0)
+    cfg = PrmStepConfig(n=N, mini_batch_size=MINI, micro_batch_size=8, num_shards=SHARDS, norm_scope="shard")
+    step, _, state, ref_params = fresh(cfg, params)
+    history = []
+    for _ in range(6):
+        state, out = step(state, ref_params, batch)
+        history.append(float(out.metrics["reward_model/dpo_acc_before"]))
+    assert history[-1] > 0.9, history
+    assert float(out.metrics["reward_model/prm_loss"]) < math.log(2.0)
+
+
+@pytest.mark.parametrize("changes, key", [
+    (dict(micro_batch_size=3), "prm.mini_batch_size=8 is not divisible by prm.micro_batch_size=3"),
+    (dict(update="sometimes"), "prm.update"),
+    (dict(norm_scope="worker"), "prm.norm_scope"),
+    (dict(num_shards=3), "prm.num_shards"),
+    (dict(micro_batch_size=4), "data-parallel size 8"),
+])
+def test_bad_config_raises_before_compiling(model, changes, key):
+    graphdef, params, _ = model
+    cfg = PrmStepConfig(**{**dict(n=N, mini_batch_size=MINI, micro_batch_size=8), **changes})
+    tx = make_optimizer(OPTIM, 1)
+    with pytest.raises(ValueError, match=key):
+        make_prm_step(graphdef, tx, cfg, mesh=make_mesh({"data": 2, "fsdp": 4}), state=init_train_state(params, tx),
+                      ref_params=params)
+
+
+def test_bad_batch_raises_at_trace_time(model):
+    _, params, _ = model
+    cfg = PrmStepConfig(n=N, mini_batch_size=MINI, micro_batch_size=8, num_shards=SHARDS, norm_scope="shard")
+    step, _, state, ref_params = fresh(cfg, params)
+    with pytest.raises(ValueError, match="not a whole number of prm.mini_batch_size=8"):
+        step(state, ref_params, make_batch(1, 12))
+    batch = make_batch(1, B)
+    del batch["acc"]
+    with pytest.raises(ValueError, match="missing \\['acc'\\]"):
+        step(state, ref_params, batch)

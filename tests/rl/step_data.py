@@ -1,0 +1,54 @@
+"""Tiny model and batches shared by the PRM-step and PPO-step tests."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from prime_jax.mesh import make_mesh
+from prime_jax.models import Decoder, response_logprobs
+from tests.fixtures import tiny_config
+
+PROMPT_LEN, RESPONSE_LEN = 5, 6
+
+
+def tiny_model(seed: int = 0):
+    """(graphdef, params) of the 2-layer test decoder."""
+    return nnx.split(Decoder(tiny_config(), rngs=nnx.Rngs(seed)))
+
+
+def one_device_mesh():
+    return make_mesh({"data": 1, "fsdp": 1}, jax.devices()[:1])
+
+
+def make_batch(seed: int, rows: int, vocab: int = 97) -> dict[str, np.ndarray]:
+    """Left-padded prompts [B, P], right-padded responses [B, R] with lengths 1..R, acc [B] with every
+    group of 4 listed symmetrically (so all-zero scores give dpo_acc exactly 0.5)."""
+    rng = np.random.default_rng(seed)
+    prompt_len = rng.integers(2, PROMPT_LEN + 1, rows)
+    prompt_mask = (np.arange(PROMPT_LEN)[None] >= PROMPT_LEN - prompt_len[:, None]).astype(np.int32)
+    prompt_tokens = (rng.integers(1, vocab, (rows, PROMPT_LEN)) * prompt_mask).astype(np.int32)
+    lengths = rng.integers(1, RESPONSE_LEN + 1, rows)
+    lengths[0] = RESPONSE_LEN
+    mask = (np.arange(RESPONSE_LEN)[None] < lengths[:, None]).astype(np.float32)
+    tokens = (rng.integers(1, vocab, (rows, RESPONSE_LEN)) * mask).astype(np.int32)
+    acc = np.tile(np.array([1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0, 0.0], np.float32), rows // 8 + 1)[:rows]
+    return dict(prompt_tokens=prompt_tokens, prompt_mask=prompt_mask, tokens=tokens, mask=mask, acc=acc)
+
+
+def logp_fn(graphdef):
+    """jitted (params, batch) -> (logp, entropy) [B, R] for the tiny model (one device)."""
+    @jax.jit
+    def fn(params, b):
+        model = nnx.merge(graphdef, params)
+        return response_logprobs(model, b["prompt_tokens"], b["prompt_mask"], b["tokens"], b["mask"], with_entropy=True)
+    return fn
+
+
+def copy_tree(tree):
+    """Fresh buffers (steps donate their state)."""
+    return jax.tree.map(jnp.array, tree)
+
+
+def assert_trees_close(a, b, rtol=1e-5, atol=1e-5):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
