@@ -20,7 +20,7 @@ from prime_jax.experience import Prompt, verify
 from prime_jax.models import Decoder
 from prime_jax.models.tokenizer import Tokenizer
 from prime_jax.rewards.pool import VerifierPool
-from prime_jax.sampling import generate
+from prime_jax.sampling import generate, length_buckets
 
 
 def score_examples(model: Decoder, tokenizer: Tokenizer, examples: Sequence[Example], pool: VerifierPool, *,
@@ -31,9 +31,10 @@ def score_examples(model: Decoder, tokenizer: Tokenizer, examples: Sequence[Exam
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
         prompts = [Prompt(ex, tuple(tokenizer.encode(tokenizer.apply_chat_template(ex.prompt)))) for ex in chunk]
+        longest = max(len(p.ids) for p in prompts)
         rollout = generate(model, [list(p.ids) for p in prompts], n=k, max_new_tokens=max_new_tokens,
                            temperature=temperature, top_p=top_p, stop_ids=tokenizer.eos_ids, seed=seed + start,
-                           pad_id=tokenizer.pad_id, mesh=mesh)
+                           pad_id=tokenizer.pad_id, mesh=mesh, buckets=length_buckets(max(1024, longest)))
         acc, _ = verify(rollout, prompts, k, tokenizer.decode, pool)
         out.append(acc.reshape(len(chunk), k))
     return np.concatenate(out) if out else np.zeros((0, k), np.float32)

@@ -76,3 +76,12 @@ def write_hf_tokenizer(path: str | os.PathLike, corpus: list[str], vocab_size: i
     fast.chat_template = CHATML_TEMPLATE
     fast.save_pretrained(path)
     return str(path)
+
+
+def write_tiny_model_dir(path: str | os.PathLike, corpus: list[str], seed: int = 0, **overrides) -> str:
+    """An HF directory with both a tiny Qwen2 checkpoint and a tokenizer trained on `corpus` (vocab fits)."""
+    write_hf_tokenizer(path, corpus)
+    from prime_jax.models.tokenizer import load_tokenizer
+
+    vocab = load_tokenizer(str(path)).vocab_size
+    return write_hf_checkpoint(tiny_config(vocab_size=vocab, **overrides), path, seed=seed)

@@ -75,10 +75,11 @@ def apply_rope(x: Array, positions: Array, inv_freq: Array) -> Array:
 
 
 def rms_norm(x: Array, weight: Array, eps: float) -> Array:
-    """RMSNorm in fp32, result in the input dtype (as transformers does)."""
+    """RMSNorm: statistics in fp32, scale applied in the input (compute) dtype, as transformers does, so
+    an fp32 master copy and a bf16 copy of the same weights compute identically."""
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
-    return (weight.astype(jnp.float32) * x32).astype(x.dtype)
+    return weight.astype(x.dtype) * x32.astype(x.dtype)
 
 
 def attention(q: Array, k: Array, v: Array, mask: Array) -> Array:

@@ -1,0 +1,132 @@
+"""The training loop end to end, in-process: configs/qwen7b.py's exact code path with its model shrunk."""
+
+import importlib.util
+import json
+import math
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import transformers
+
+from prime_jax.data.eurus import example_to_row
+from prime_jax.data.synthetic import make_tasks, reference_solution
+from prime_jax.main import run
+from prime_jax.metrics import read_metrics
+from prime_jax.models import load_pretrained
+from tests.fixtures import hf_logits, write_tiny_model_dir
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name: str):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def write_parquet_with_bad_rows(path, tasks):
+    """Eurus-2-RL-Data rows for `tasks` plus malformed rows: 2 without ground truth, 1 unknown ability,
+    1 code row whose tests are not JSON."""
+    rows = [example_to_row(t, split="train", index=i) for i, t in enumerate(tasks)]
+    no_truth = dict(rows[0], reward_model={"style": "rule", "ground_truth": ""})
+    rows += [no_truth, dict(no_truth), dict(rows[1], ability="poetry")]
+    rows.append(dict(rows[2], ability="code", reward_model={"style": "rule", "ground_truth": "{not json"}))
+    pq.write_table(pa.Table.from_pylist(rows), path)
+
+
+@pytest.fixture(scope="module")
+def qwen7b_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("qwen7b_path")
+    tasks = make_tasks(48, seed=5, math_frac=0.5, difficulty=1)
+    corpus = [m["content"] for t in tasks for m in t.prompt] + [reference_solution(t) for t in tasks]
+    model_dir = write_tiny_model_dir(tmp / "model", corpus * 4)
+    write_parquet_with_bad_rows(tmp / "train.parquet", tasks[:40])
+    write_parquet_with_bad_rows(tmp / "val.parquet", tasks[40:])
+    c = load_config("qwen7b")
+    overrides = {  # the model, data and sizes shrink; every code path stays qwen7b's
+        "model.path": model_dir, "data.train_files": str(tmp / "train.parquet"), "data.val_files": str(tmp / "val.parquet"),
+        "workdir": str(tmp / "run"), "total_steps": 2, "train.batch_size": 4, "rollout.max_response_length": 12,
+        "actor.mini_batch_size": 8, "actor.micro_batch_size": 8, "prm.mini_batch_size": 16, "prm.micro_batch_size": 8,
+        "verifier.num_workers": 2, "eval.batch_size": 16, "checkpoint.freq": 1,
+    }
+    for key, value in overrides.items():
+        section, _, name = key.rpartition(".")
+        (c[section] if section else c)[name] = value
+    metrics = run(c)
+    return c, metrics, model_dir
+
+
+def test_qwen7b_path_runs_two_iterations_with_the_reference_sanity_checks(qwen7b_run):
+    c, last, _ = qwen7b_run
+    records = read_metrics(c.workdir)
+    assert [r["step"] for r in records] == [0, 1, 2]
+    first = records[1]
+    # Step 1: PRM == reference (same checkpoint, same compute dtype), one PRM mini-batch updated "after" the rewards.
+    assert first["reward_model/prm_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert first["reward_model/dpo_acc_before"] == pytest.approx(0.5, abs=1e-6)
+    assert first["train_reward/reward_model"] == 0.0
+    for key in ("train_verify_score/all", "actor/pg_loss", "actor/pg_clipfrac", "actor/ppo_kl", "actor/grad_norm",
+                "actor/lr", "actor/entropy", "critic/advantages/mean", "critic/returns/max", "response_length/mean",
+                "timing/gen", "timing/reward_model", "timing/update_actor", "throughput/gen_tokens_per_s",
+                "val/test_score/all"):
+        assert key in records[2], key
+    assert abs(records[2]["critic/advantages/mean"]) < 1e-5  # whitened over all valid tokens
+    assert records[2]["actor/lr"] == pytest.approx(5e-7)
+
+
+def test_malformed_parquet_rows_are_skipped_and_counted(qwen7b_run):
+    c, _, _ = qwen7b_run
+    step0 = read_metrics(c.workdir)[0]
+    # train + val files each hold 2 rows without ground truth, 1 unknown ability, 1 bad code tests
+    assert step0["data/skipped_missing_ground_truth"] == 4
+    assert step0["data/skipped_unknown_ability"] == 2
+    assert step0["data/skipped_bad_code_tests"] == 2
+
+
+def test_exported_policy_loads_in_transformers_with_the_same_logits(qwen7b_run):
+    c, _, _ = qwen7b_run
+    export = os.path.join(c.workdir, "export", "policy")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(export)
+    assert type(hf).__name__ == "Qwen2ForCausalLM"
+    tokens = np.random.default_rng(0).integers(1, 200, (2, 9)).astype(np.int32)
+    mask = np.ones_like(tokens)
+    ours = np.asarray(load_pretrained(export)(tokens, attention_mask=mask))
+    assert np.max(np.abs(hf_logits(export, tokens, mask) - ours)) < 1e-4
+    assert os.path.isfile(os.path.join(c.workdir, "export", "prm", "model.safetensors"))
+    assert os.path.isfile(os.path.join(c.workdir, "curves.png"))
+
+
+def test_dry_run_validates_and_prints_the_memory_plan(capsys):
+    c = load_config("qwen7b")
+    c.dry_run = True
+    c.model.path = "/nonexistent"  # no weights are touched: the plan uses the config's architecture
+    assert run(c) == {}
+    out = capsys.readouterr().out
+    assert "memory plan: qwen2 7.62B params" in out
+    assert "rollouts of 1024+3072 tokens" in out
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("rollout.n_samples", 1, "config.rollout.n_samples: rloo needs at least 2"),
+    ("actor.micro_batch_size", 7, "config.actor.micro_batch_size: 7 does not divide"),
+    ("algorithm.adv_estimator", "gae", "config.algorithm.adv_estimator: 'gae' is not one of"),
+    ("prm.update_mode", "sometimes", "config.prm.update_mode: 'sometimes'"),
+    ("data.train_files", "", "config.data.train_files: empty"),
+])
+def test_bad_config_is_a_one_line_error_naming_the_key(key, value, message):
+    c = load_config("qwen7b")
+    section, name = key.split(".")
+    c[section][name] = value
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        run(c)
+
+
+def test_metrics_file_is_json_lines(qwen7b_run):
+    c, _, _ = qwen7b_run
+    with open(os.path.join(c.workdir, "metrics.jsonl")) as f:
+        for line in f:
+            assert "step" in json.loads(line)
