@@ -123,7 +123,7 @@ Options for both launchers (environment variable in brackets):
   --worker N             host whose log 'logs' tails (default: 0)
   --follow               after 'run', tail the log (Ctrl-C stops tailing, not training)
   --dry-run              print every command instead of running it
-  -- ARGS...             everything after -- goes to main, e.g. -- --config.rl.lr=1e-6
+  -- ARGS...             everything after -- goes to main, e.g. -- --config.actor.lr=1e-6
 EOF
 }
 
