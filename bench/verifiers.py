@@ -1,11 +1,11 @@
 """Verifier throughput: verifications/s through VerifierPool vs the single-process direct call.
 
-Math: the 500 MATH-500 reference solutions (a boxed answer at the end of worked text) against
-their expected answers. Code: the 164 HumanEval canonical solutions and 399 MBPP reference
+Math: the 500 MATH-500 reference solutions (a boxed answer at the end of worked text), each
+against its expected answer and against the next problem's answer (1000 verifications). Code: the 164 HumanEval canonical solutions and 399 MBPP reference
 solutions against their tests (each one sandboxed run). Prints, for each, verifications/s through
 the pool (`--workers`, default 2) and through a plain loop calling `math.score` / `code.score`
 in this process, and their ratio. Pool start-up and one warm-up call per path are excluded.
-Run: `python bench/verifiers.py [--workers 2 --math-rows 500 --code-rows 563]`.
+Run: `python bench/verifiers.py [--workers 2 --math-rows 1000 --code-rows 563]`.
 """
 
 from __future__ import annotations
@@ -30,9 +30,15 @@ BENCH = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "benchm
 
 
 def math_items() -> list[VerifyItem]:
+    """Each MATH-500 solution against its own answer and against the next problem's (a wrong
+    answer, which takes the full math-verify comparison as most wrong responses do), interleaved."""
     table = json.loads((BENCH / "math500.json").read_text())
     keys = sorted(table["solution"], key=int)
-    return [VerifyItem(table["solution"][k], "math", table["expected_answer"][k]) for k in keys]
+    items = []
+    for k, other in zip(keys, keys[1:] + keys[:1]):
+        items.append(VerifyItem(table["solution"][k], "math", table["expected_answer"][k]))
+        items.append(VerifyItem(table["solution"][k], "math", table["expected_answer"][other]))
+    return items
 
 
 def code_items() -> list[VerifyItem]:
@@ -73,7 +79,7 @@ def pooled(pool: VerifierPool, workers: int, items: list[VerifyItem]) -> tuple[f
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--math-rows", type=int, default=500)
+    ap.add_argument("--math-rows", type=int, default=1000)
     ap.add_argument("--code-rows", type=int, default=563)
     args = ap.parse_args()
     sets = {"math": math_items()[: args.math_rows], "code": code_items()[: args.code_rows]}

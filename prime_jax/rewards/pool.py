@@ -7,6 +7,9 @@ per-item and a per-batch deadline: a worker that overruns is killed (its sandbox
 and replaced; a worker that dies is replaced; a worker is retired after `max_tasks_per_worker`
 items to bound memory growth. Whatever goes wrong with an item scores it 0.0 and is counted;
 `score_batch` never raises because of an item.
+
+As with any spawn/forkserver pool, each worker imports the program's `__main__` module, which
+must therefore guard its entry point with `if __name__ == "__main__":` and stay cheap to import.
 """
 
 from __future__ import annotations
@@ -21,12 +24,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from prime_jax.rewards.sandbox import Limits, bwrap_available
+from prime_jax.rewards.sandbox import Limits
 
 ABILITIES = ("math", "code")
 COUNT_KEYS = ("timeouts", "batch_timeouts", "errors", "crashes", "unknown_ability")
 _PRELOAD = ["prime_jax.rewards.math", "prime_jax.rewards.code"]
 _WORKER_START_TIMEOUT_S = 120.0
+_MAX_CHUNK = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,34 +62,33 @@ def _score_item(ability: str, response: str, ground_truth: str, code_limits: Lim
 
 
 def _worker_main(conn: multiprocessing.connection.Connection, memory_bytes: int | None, code_limits: Limits) -> None:
-    """Worker: set up, say "ready", then loop: receive (index, ability, response, ground_truth),
-    send (index, score, error or None); stop on None or a closed pipe."""
+    """Worker: set up, say "ready", then for each chunk of (index, ability, response, ground_truth)
+    received, send (index, score, error or None) per item as it finishes; stop on None or EOF."""
     if memory_bytes is not None:  # a runaway sympy computation fails with MemoryError instead of swapping
         resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
-    bwrap_available()  # probe the sandbox now, not on the clock of the first code item
     conn.send("ready")
     while True:
         try:
-            message = conn.recv()
+            chunk = conn.recv()
         except EOFError:
             return
-        if message is None:
+        if chunk is None:
             return
-        index, ability, response, ground_truth = message
-        try:
-            result = (index, float(_score_item(ability, response, ground_truth, code_limits)), None)
-        except Exception as exc:  # a verifier failure scores 0 (counted by the parent)
-            result = (index, 0.0, f"{type(exc).__name__}: {exc}"[:300])
-        conn.send(result)
+        for index, ability, response, ground_truth in chunk:
+            try:
+                result = (index, float(_score_item(ability, response, ground_truth, code_limits)), None)
+            except Exception as exc:  # a verifier failure scores 0 (counted by the parent)
+                result = (index, 0.0, f"{type(exc).__name__}: {exc}"[:300])
+            conn.send(result)
 
 
 @dataclasses.dataclass
 class _Worker:
     process: multiprocessing.process.BaseProcess
     conn: multiprocessing.connection.Connection
-    tasks: int = 0
-    item: int | None = None  # index being scored
-    started: float = 0.0
+    tasks: int = 0  # items finished
+    pending: deque = dataclasses.field(default_factory=deque)  # indices sent, in order; head is running
+    started: float = 0.0  # when the head item started (as seen by the parent)
 
 
 class VerifierPool:
@@ -97,6 +100,10 @@ class VerifierPool:
     worker_memory_bytes: address-space limit of each worker (None: unlimited); sandboxed code
       gets its own, lower limit.
     code_limits: sandbox limits for code items (per-test timeout, memory, ...).
+
+    Items go to idle workers in small chunks (at most `_MAX_CHUNK`, fewer as the queue drains)
+    and come back one result at a time, so a worker does not wait for the parent between items
+    while every item still has its own deadline.
     """
 
     def __init__(
@@ -104,7 +111,7 @@ class VerifierPool:
         num_workers: int,
         item_timeout_s: float,
         batch_timeout_s: float,
-        max_tasks_per_worker: int = 500,
+        max_tasks_per_worker: int = 1000,
         worker_memory_bytes: int | None = 8 << 30,
         code_limits: Limits = Limits(),
     ) -> None:
@@ -143,6 +150,7 @@ class VerifierPool:
         return _Worker(process, parent)
 
     def _replace(self, worker: _Worker, kill: bool) -> None:
+        """Stop `worker` (SIGKILL, or a polite None) and put a fresh one in its place."""
         if kill:
             worker.process.kill()
         else:
@@ -157,8 +165,38 @@ class VerifierPool:
         worker.conn.close()
         self._workers[self._workers.index(worker)] = self._start_worker()
 
+    def _dispatch(self, queue: deque, items: Sequence[VerifyItem]) -> None:
+        """Send a chunk of queued items to every idle worker."""
+        for worker in list(self._workers):
+            if worker.pending or not queue:
+                continue
+            if not worker.process.is_alive():  # died between batches: replace, nothing lost
+                worker.conn.close()
+                self._workers[self._workers.index(worker)] = worker = self._start_worker()
+            size = min(_MAX_CHUNK, self.max_tasks_per_worker - worker.tasks, -(-len(queue) // (2 * len(self._workers))))
+            chunk = [queue.popleft() for _ in range(max(1, min(size, len(queue))))]
+            worker.pending.extend(chunk)
+            worker.started = time.monotonic()
+            try:
+                worker.conn.send([(i, items[i].ability, items[i].response, items[i].ground_truth) for i in chunk])
+            except OSError:  # died just now: the wait in score_batch sees it
+                pass
+
+    def _fail_head(self, worker: _Worker, queue: deque, counts: dict[str, int], kind: str) -> None:
+        """The worker's running item fails as `kind`; the rest of its chunk is queued again; the
+        worker is replaced."""
+        counts[kind] += 1
+        worker.pending.popleft()
+        queue.extendleft(reversed(worker.pending))
+        worker.pending.clear()
+        self._replace(worker, kill=True)
+
     def score_batch(self, items: Sequence[VerifyItem]) -> BatchResult:
-        """Scores for `items` ([N] float32) plus failure counts; never raises because of an item."""
+        """Scores for `items` ([N] float32) plus failure counts.
+
+        Never raises because of an item; raises RuntimeError only if the pool is closed or a
+        replacement worker cannot be started at all.
+        """
         if not self._workers:
             raise RuntimeError("VerifierPool is closed")
         scores = np.zeros(len(items), np.float32)
@@ -170,54 +208,42 @@ class VerifierPool:
             else:
                 counts["unknown_ability"] += 1
         batch_deadline = time.monotonic() + self.batch_timeout_s
-        while queue or any(w.item is not None for w in self._workers):
-            for worker in self._workers:
-                if worker.item is None and queue:
-                    index = queue.popleft()
-                    item = items[index]
-                    worker.item, worker.started = index, time.monotonic()
-                    try:
-                        worker.conn.send((index, item.ability, item.response, item.ground_truth))
-                    except OSError:  # died while idle: the wait below sees it
-                        pass
-            busy = [w for w in self._workers if w.item is not None]
-            now = time.monotonic()
+        while queue or any(w.pending for w in self._workers):
+            self._dispatch(queue, items)
+            busy = [w for w in self._workers if w.pending]
             wake = min([batch_deadline] + [w.started + self.item_timeout_s for w in busy])
             ready = multiprocessing.connection.wait(
-                [w.conn for w in busy] + [w.process.sentinel for w in busy], timeout=max(0.0, wake - now)
+                [w.conn for w in busy] + [w.process.sentinel for w in busy], timeout=max(0.0, wake - time.monotonic())
             )
             for worker in busy:
                 if worker.conn in ready:
                     try:
-                        index, value, error = worker.conn.recv()
-                    except (EOFError, OSError):
-                        counts["crashes"] += 1
-                        worker.item = None
-                        self._replace(worker, kill=True)
+                        while worker.pending and worker.conn.poll():
+                            index, value, error = worker.conn.recv()
+                            if index != worker.pending[0]:
+                                raise RuntimeError(f"worker answered item {index}, expected {worker.pending[0]}")
+                            worker.pending.popleft()
+                            worker.started = time.monotonic()
+                            worker.tasks += 1
+                            scores[index] = value
+                            counts["errors"] += error is not None
+                    except (EOFError, OSError, RuntimeError):
+                        self._fail_head(worker, queue, counts, "crashes")
                         continue
-                    scores[index] = value
-                    counts["errors"] += error is not None
-                    worker.item = None
-                    worker.tasks += 1
-                    if worker.tasks >= self.max_tasks_per_worker:
+                    if not worker.pending and worker.tasks >= self.max_tasks_per_worker:
                         self._replace(worker, kill=False)
                 elif worker.process.sentinel in ready:
-                    counts["crashes"] += 1
-                    worker.item = None
-                    self._replace(worker, kill=True)
+                    self._fail_head(worker, queue, counts, "crashes")
             now = time.monotonic()
-            for worker in [w for w in self._workers if w.item is not None]:
-                if now >= batch_deadline:
-                    counts["batch_timeouts"] += 1
-                elif now >= worker.started + self.item_timeout_s:
-                    counts["timeouts"] += 1
-                else:
-                    continue
-                worker.item = None
-                self._replace(worker, kill=True)
             if now >= batch_deadline:
+                for worker in [w for w in self._workers if w.pending]:
+                    counts["batch_timeouts"] += len(worker.pending)
+                    worker.pending.clear()
+                    self._replace(worker, kill=True)
                 counts["batch_timeouts"] += len(queue)
                 queue.clear()
+            for worker in [w for w in self._workers if w.pending and now >= w.started + self.item_timeout_s]:
+                self._fail_head(worker, queue, counts, "timeouts")
         return BatchResult(scores, counts)
 
     def close(self) -> None:

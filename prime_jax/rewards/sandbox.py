@@ -2,7 +2,7 @@
 
 Both halves of one protocol live in this file:
 
-* Host side, `run_tests`: starts this file as a script (the *harness*) in a new process group,
+* Host side, `run_tests`: runs this file (compiled once) as the *harness* in a new process group,
   under bubblewrap when it works (no network, read-only root, private size-capped /tmp, own PID
   namespace, dies with its parent, new session); sends the program, the tests and a random
   per-run nonce on the harness's stdin; reads per-test reports from a pipe; gives every test a
@@ -245,6 +245,7 @@ import contextlib  # noqa: E402  (host-only imports: kept out of the harness's s
 import dataclasses  # noqa: E402
 import functools  # noqa: E402
 import logging  # noqa: E402
+import marshal  # noqa: E402
 import math  # noqa: E402
 import platform  # noqa: E402
 import secrets  # noqa: E402
@@ -257,6 +258,9 @@ import time  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 
 _log = logging.getLogger(__name__)
+# Runs the harness: this file's code object (marshal, trusted: sent by the host) is the first
+# argv[1] bytes of stdin; the payload follows. Saves compiling the file in every sandbox.
+_BOOTSTRAP = "import marshal, sys; exec(marshal.loads(sys.stdin.buffer.read(int(sys.argv[1]))), {'__name__': '__main__'})"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -399,7 +403,8 @@ def _launch(program: Program, start: int, limits: Limits, use_bwrap: bool) -> _L
             "max_output_bytes": limits.max_output_bytes,
         },
     }
-    harness = [sys.executable, "-I", os.path.abspath(__file__)]
+    code = _harness_code()
+    harness = [sys.executable, "-I", "-c", _BOOTSTRAP, str(len(code))]
     with contextlib.ExitStack() as cleanup:
         if use_bwrap:
             argv, cwd = _bwrap_argv(limits.tmp_bytes, uid is not None) + harness, "/"
@@ -421,7 +426,8 @@ def _launch(program: Program, start: int, limits: Limits, use_bwrap: bool) -> _L
         finally:
             os.close(write_fd)
         try:
-            return _collect(proc, read_fd, json.dumps(payload).encode(), nonce, start, len(program.tests), limits)
+            stdin = code + json.dumps(payload).encode()
+            return _collect(proc, read_fd, stdin, nonce, start, len(program.tests), limits)
         finally:
             _kill_group(proc)
             os.close(read_fd)
@@ -578,9 +584,16 @@ def _warn_root_without_uid_switch() -> None:
     )
 
 
+@functools.cache
+def _harness_code() -> bytes:
+    """This file compiled once per process (marshal), for `_BOOTSTRAP` to run as `__main__`."""
+    with open(__file__, encoding="utf-8") as f:
+        return marshal.dumps(compile(f.read(), __file__, "exec"))
+
+
 def _needed_paths() -> list[str]:
-    """Paths the sandboxed interpreter and harness must be able to read."""
-    paths = {os.path.realpath(sys.executable), sys.base_prefix, sys.prefix, os.path.abspath(__file__)}
+    """Paths the sandboxed interpreter must be able to read."""
+    paths = {os.path.realpath(sys.executable), sys.base_prefix, sys.prefix}
     paths.update(p for p in sys.path if p and os.path.isdir(p))
     return sorted({os.path.realpath(p) for p in paths})
 

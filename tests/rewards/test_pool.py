@@ -35,7 +35,8 @@ def _kill_worker_scoring(pool: VerifierPool, index: int, stop: threading.Event) 
     """Stand-in for the OOM killer: SIGKILL the worker process while it scores item `index`."""
     while not stop.is_set():
         for worker in list(pool._workers):
-            if worker.item == index and time.monotonic() - worker.started > 0.5:
+            running = list(worker.pending)[:1]  # head of the worker's chunk = the item it is scoring
+            if running == [index] and time.monotonic() - worker.started > 0.5:
                 os.kill(worker.process.pid, signal.SIGKILL)
                 return
         time.sleep(0.02)
