@@ -12,7 +12,8 @@ Scoring follows the reference (PRIME_SPEC §2.2): the reference runs all tests i
 returns 1.0 if all pass, else runs the first 10 one at a time and returns passed / min(#tests, 10).
 Tests after the tenth cannot change that score (when the first ten pass it is 1.0 either way), so
 only the first min(#tests, 10) tests are run, in one sandboxed process; a test that crashes or
-hangs is failed and a fresh process continues with the next (see `sandbox.run_tests`).
+hangs is failed and a fresh process continues with the next (see `sandbox.run_tests`); each test
+has the reference's 5 s wall-clock limit unless `Limits` says otherwise.
 Outputs are compared on the host, leniently as the reference does: stripped text, stripped
 non-empty lines, whitespace-separated tokens, then tokens as floats with numpy.allclose tolerances.
 (The reference's order-insensitive set-of-tokens match is left out: it accepts permuted outputs.)
@@ -29,7 +30,8 @@ from prime_jax.rewards.sandbox import Limits, Program, TestResult, run_tests
 
 MAX_SCORED_TESTS = 10
 _FENCE_OPEN, _FENCE_CLOSE = "```python", "```"
-# Names a solution may use without importing them, as in the reference's execution prelude.
+# Runs before every program, in its namespace: the modules the reference's execution prelude
+# imports (PRIME_SPEC §2.2), plus their names that solutions commonly use without importing.
 HEADER = """\
 from typing import *
 import bisect, collections, copy, datetime, functools, heapq, io, itertools, json, math, operator

@@ -59,17 +59,17 @@ def _confine(limits: dict, uid: int | None, in_bwrap: bool) -> None:
     """Drop privileges and set resource limits on the harness process itself (still trusted)."""
     import resource
 
-    if not in_bwrap:  # bwrap already gives parent-death kill and no-new-privileges
+    if uid is not None and os.geteuid() == 0:
+        os.setgroups([])
+        os.setresgid(uid, uid, uid)
+        os.setresuid(uid, uid, uid)
+    if not in_bwrap:  # bwrap already gives both; set after the uid switch, which clears the first
         import ctypes
 
         libc = ctypes.CDLL(None, use_errno=True)
         pr_set_pdeathsig, pr_set_no_new_privs = 1, 38
         libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
         libc.prctl(pr_set_no_new_privs, 1, 0, 0, 0)
-    if uid is not None and os.geteuid() == 0:
-        os.setgroups([])
-        os.setresgid(uid, uid, uid)
-        os.setresuid(uid, uid, uid)
     for name, soft, hard in (
         ("RLIMIT_AS", limits["memory_bytes"], limits["memory_bytes"]),
         ("RLIMIT_CPU", limits["cpu_s"], limits["cpu_s"] + 1),
@@ -221,7 +221,7 @@ def _harness_main() -> None:
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
-    report = _make_reporter(payload["channel_fd"], payload["nonce"])
+    report = _make_reporter(payload.pop("channel_fd"), payload.pop("nonce"))  # only the closure keeps them
     runner = {"stdio": _run_stdio, "call": _run_call, "assert": _run_assert}[payload["mode"]]
     if payload["mode"] == "stdio":  # written before RLIMIT_FSIZE applies
         tests = payload["tests"]
@@ -249,11 +249,11 @@ import marshal  # noqa: E402
 import math  # noqa: E402
 import platform  # noqa: E402
 import secrets  # noqa: E402
-import tempfile  # noqa: E402
 import selectors  # noqa: E402
 import shutil  # noqa: E402
 import stat  # noqa: E402
 import subprocess  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 
