@@ -4,7 +4,8 @@ Math: the 500 MATH-500 reference solutions (a boxed answer at the end of worked 
 against its expected answer and against the next problem's answer (1000 verifications). Code: the 164 HumanEval canonical solutions and 399 MBPP reference
 solutions against their tests (each one sandboxed run). Prints, for each, verifications/s through
 the pool (`--workers`, default 2) and through a plain loop calling `math.score` / `code.score`
-in this process, and their ratio. Pool start-up and one warm-up call per path are excluded.
+in this process, and their ratio. Pool start-up and one warm-up call per path are excluded; the
+two paths alternate over `--slices` slices of the rows so that both see the same background load.
 Run: `python bench/verifiers.py [--workers 2 --math-rows 1000 --code-rows 563]`.
 """
 
@@ -58,15 +59,13 @@ def code_items() -> list[VerifyItem]:
 def direct(items: list[VerifyItem]) -> tuple[float, np.ndarray]:
     """(seconds, scores) of calling the verifier in this process, one item after another."""
     score = math_verifier.score if items[0].ability == "math" else code_verifier.score
-    score(items[0].response, items[0].ground_truth)  # warm-up
     start = time.perf_counter()
     scores = np.array([score(item.response, item.ground_truth) for item in items], np.float32)
     return time.perf_counter() - start, scores
 
 
-def pooled(pool: VerifierPool, workers: int, items: list[VerifyItem]) -> tuple[float, np.ndarray]:
+def pooled(pool: VerifierPool, items: list[VerifyItem]) -> tuple[float, np.ndarray]:
     """(seconds, scores) of one score_batch call over `items`."""
-    pool.score_batch(items[:workers])  # warm-up: every worker has scored once
     start = time.perf_counter()
     result = pool.score_batch(items)
     seconds = time.perf_counter() - start
@@ -81,13 +80,22 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--math-rows", type=int, default=1000)
     ap.add_argument("--code-rows", type=int, default=563)
+    ap.add_argument("--slices", type=int, default=5, help="pool and direct alternate over this many slices")
     args = ap.parse_args()
     sets = {"math": math_items()[: args.math_rows], "code": code_items()[: args.code_rows]}
     with VerifierPool(args.workers, item_timeout_s=120.0, batch_timeout_s=3600.0) as pool:
         for name, items in sets.items():
-            pool_s, pool_scores = pooled(pool, args.workers, items)
-            direct_s, direct_scores = direct(items)
-            pool_rate, direct_rate = len(items) / pool_s, len(items) / direct_s
+            pool.score_batch(items[: args.workers])  # warm-up: every worker has scored once
+            direct(items[:1])
+            # Alternating slices make both paths see the same background load on a shared host.
+            times, scores = {"pool": 0.0, "direct": 0.0}, {"pool": [], "direct": []}
+            for part in np.array_split(np.arange(len(items)), args.slices):
+                chunk = [items[i] for i in part]
+                for path, (seconds, got) in (("pool", pooled(pool, chunk)), ("direct", direct(chunk))):
+                    times[path] += seconds
+                    scores[path].append(got)
+            pool_scores, direct_scores = np.concatenate(scores["pool"]), np.concatenate(scores["direct"])
+            pool_rate, direct_rate = len(items) / times["pool"], len(items) / times["direct"]
             print(
                 f"{name}: {pool_rate:7.1f} verifications/s through VerifierPool({args.workers} workers) | "
                 f"single-process direct {name}.score: {direct_rate:7.1f}/s | ratio {pool_rate / direct_rate:.2f}x "

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing
 import multiprocessing.connection
+import os
 import resource
 import time
 from collections import deque
@@ -64,6 +65,10 @@ def _score_item(ability: str, response: str, ground_truth: str, code_limits: Lim
 def _worker_main(conn: multiprocessing.connection.Connection, memory_bytes: int | None, code_limits: Limits) -> None:
     """Worker: set up, say "ready", then for each chunk of (index, ability, response, ground_truth)
     received, send (index, score, error or None) per item as it finishes; stop on None or EOF."""
+    # A session of its own: Ctrl-C aimed at the trainer does not kill a worker mid-item (close()
+    # stops workers), and with Linux autogroup scheduling the workers are not squeezed into the
+    # CPU share of the trainer's session.
+    os.setsid()
     if memory_bytes is not None:  # a runaway sympy computation fails with MemoryError instead of swapping
         resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
     conn.send("ready")
