@@ -16,7 +16,9 @@ from tests.rl import numpy_reference as ref
 from tests.rl.step_data import assert_trees_close, copy_tree, logp_fn, make_batch, one_device_mesh, tiny_model
 
 B, MINI, N, SHARDS = 16, 8, 4, 2
-OPTIM = OptimConfig(lr=1e-3, grad_clip=10.0)
+# Adam eps 1e-6 instead of 1e-8: with 1e-8 a gradient entry at rounding-noise level (~1e-9) gets a
+# sign-like update of size ~lr, so two exact-in-maths orders of summation could differ by ~lr there.
+OPTIM = OptimConfig(lr=1e-3, grad_clip=10.0, eps=1e-6)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,6 @@
 """Tiny model and batches shared by the PRM-step and PPO-step tests."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,9 +13,14 @@ from tests.fixtures import tiny_config
 PROMPT_LEN, RESPONSE_LEN = 5, 6
 
 
+@functools.cache
 def tiny_model(seed: int = 0):
-    """(graphdef, params) of the 2-layer test decoder."""
-    return nnx.split(Decoder(tiny_config(), rngs=nnx.Rngs(seed)))
+    """(graphdef, params) of the 2-layer test decoder, initialised in one jitted program (eager
+    initialisation compiles every small op on its own and is several times slower)."""
+    cfg = tiny_config()
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(seed))))
+    params = jax.jit(lambda: nnx.split(Decoder(cfg, rngs=nnx.Rngs(seed)))[1])()
+    return graphdef, params
 
 
 def one_device_mesh():
@@ -35,8 +42,9 @@ def make_batch(seed: int, rows: int, vocab: int = 97) -> dict[str, np.ndarray]:
     return dict(prompt_tokens=prompt_tokens, prompt_mask=prompt_mask, tokens=tokens, mask=mask, acc=acc)
 
 
+@functools.cache
 def logp_fn(graphdef):
-    """jitted (params, batch) -> (logp, entropy) [B, R] for the tiny model (one device)."""
+    """jitted (params, batch) -> (logp, entropy) [B, R] for the tiny model (one device), shared by the modules."""
     @jax.jit
     def fn(params, b):
         model = nnx.merge(graphdef, params)

@@ -1,0 +1,205 @@
+"""Training-step throughput: the jitted PPO and PRM steps vs the same loss and update in plain PyTorch.
+
+Both sides train the same weights (a transformers Qwen2ForCausalLM written from the config, loaded into
+prime_jax) on the same batch with the same batching: PPO = shuffled mini-batches x micro-batches with
+gradient accumulation, seq-mean-token-mean PPO-clip loss, clip 1.0, AdamW; PRM = in-order mini-batches,
+frozen-reference forward + PRM forward, CE on beta * sum_t q, clip 10, AdamW, batch_norm'd rewards.
+Prints tokens/s (prompt + response tokens of the batch per second) for both and the ratio prime_jax / torch.
+Compile time is excluded (one warm-up iteration each) and reported; figures are medians of `--repeats`.
+Run: `python bench/train_step.py [--rows 16 --prompt 64 --response 192]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from prime_jax.mesh import make_mesh  # noqa: E402
+from prime_jax.models import load_pretrained  # noqa: E402
+from prime_jax.rewards.implicit_prm import PrmStepConfig, make_prm_step  # noqa: E402
+from prime_jax.rl.optim import (OptimConfig, init_train_state, make_lr_schedule, make_optimizer,  # noqa: E402
+                                shard_train_state)
+from prime_jax.rl.ppo import PpoStepConfig, make_ppo_step  # noqa: E402
+from tests.fixtures import tiny_config, write_hf_checkpoint  # noqa: E402
+
+POLICY_OPTIM = OptimConfig(lr=5e-7, weight_decay=0.01, grad_clip=1.0)
+PRM_OPTIM = OptimConfig(lr=1e-6, weight_decay=0.0, grad_clip=10.0)
+CLIP, BETA = 0.2, 0.05
+
+
+def make_batch(rows: int, prompt: int, response: int, vocab: int) -> dict[str, np.ndarray]:
+    """Left-padded prompts, right-padded responses of random lengths, acc, old log-probs, advantages."""
+    rng = np.random.default_rng(0)
+    plen = rng.integers(prompt // 2, prompt + 1, rows)
+    prompt_mask = (np.arange(prompt)[None] >= prompt - plen[:, None]).astype(np.int32)
+    rlen = rng.integers(response // 2, response + 1, rows)
+    mask = (np.arange(response)[None] < rlen[:, None]).astype(np.float32)
+    return dict(
+        prompt_tokens=(rng.integers(1, vocab, (rows, prompt)) * prompt_mask).astype(np.int32),
+        prompt_mask=prompt_mask,
+        tokens=(rng.integers(1, vocab, (rows, response)) * mask).astype(np.int32),
+        mask=mask,
+        acc=np.tile(np.array([1.0, 0.0], np.float32), rows // 2),
+        old_logp=(rng.normal(-8.0, 0.5, (rows, response)) * mask).astype(np.float32),
+        advantages=(rng.normal(size=(rows, response)) * mask).astype(np.float32),
+    )
+
+
+def median_seconds(fn, repeats: int) -> tuple[float, float]:
+    """(first call seconds, median of the next `repeats` calls)."""
+    t0 = time.perf_counter()
+    fn()
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return first, float(np.median(times))
+
+
+# ----------------------------------------------------------------------------------------- prime_jax
+
+
+def jax_steps(path: str, batch: dict[str, np.ndarray], args) -> dict[str, tuple[float, float]]:
+    rows = len(batch["acc"])
+    mesh = make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
+    graphdef, params = nnx.split(load_pretrained(path))
+    ppo_cfg = PpoStepConfig(mini_batch_size=args.mini, micro_batch_size=args.micro)
+    prm_cfg = PrmStepConfig(n=2, mini_batch_size=args.mini, micro_batch_size=args.micro)
+    ppo_tx = make_optimizer(POLICY_OPTIM, ppo_cfg.updates_per_iteration(rows))
+    prm_tx = make_optimizer(PRM_OPTIM, prm_cfg.updates_per_iteration(rows))
+    policy = shard_train_state(init_train_state(params, ppo_tx), mesh)
+    prm = shard_train_state(init_train_state(jax.tree.map(np.array, params), prm_tx), mesh)
+    ref = shard_train_state(jax.tree.map(np.array, params), mesh)
+    ppo_step = make_ppo_step(graphdef, ppo_tx, ppo_cfg, mesh=mesh, state=policy,
+                             lr_schedule=make_lr_schedule(POLICY_OPTIM, ppo_cfg.updates_per_iteration(rows)))
+    prm_step = make_prm_step(graphdef, prm_tx, prm_cfg, mesh=mesh, state=prm, ref_params=ref)
+    holder = {"policy": policy, "prm": prm, "key": jax.random.key(0)}
+
+    def run_ppo():
+        holder["key"], key = jax.random.split(holder["key"])
+        holder["policy"], metrics = ppo_step(holder["policy"], batch, key)
+        jax.block_until_ready(metrics)
+
+    def run_prm():
+        holder["prm"], out = prm_step(holder["prm"], ref, batch)
+        jax.block_until_ready(out)
+
+    return {"ppo": median_seconds(run_ppo, args.repeats), "prm": median_seconds(run_prm, args.repeats)}
+
+
+# ----------------------------------------------------------------------------------------- PyTorch
+
+
+def torch_logprobs(model, b: dict[str, torch.Tensor], rows: torch.Tensor, with_entropy: bool = False):
+    """Response-token log-probs (and entropy) of the selected rows: [b, R] float32."""
+    prompt, tokens = b["prompt_tokens"][rows], b["tokens"][rows]
+    attn = torch.cat([b["prompt_mask"][rows], b["mask"][rows].long()], dim=1)
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=torch.cat([prompt, tokens], dim=1), attention_mask=attn, position_ids=pos).logits
+    logp_all = torch.log_softmax(logits[:, prompt.shape[1] - 1:-1].float(), dim=-1)
+    logp = logp_all.gather(-1, tokens[..., None])[..., 0]
+    if not with_entropy:
+        return logp
+    with torch.no_grad():
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy
+
+
+def adamw(model, cfg: OptimConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.b1, cfg.b2), eps=cfg.eps,
+                             weight_decay=cfg.weight_decay)
+
+
+def torch_ppo_iteration(model, opt, b: dict[str, torch.Tensor], mini: int, micro: int) -> None:
+    """Shuffled mini-batches, micro-batch accumulation, PPO-clip seq-mean-token-mean, clip 1.0, AdamW."""
+    order = torch.randperm(len(b["acc"]))
+    for start in range(0, len(order), mini):
+        opt.zero_grad(set_to_none=True)
+        for m in range(start, start + mini, micro):
+            rows = order[m:m + micro]
+            logp, _ = torch_logprobs(model, b, rows, with_entropy=True)
+            mask, adv = b["mask"][rows], b["advantages"][rows]
+            ratio = torch.exp(logp - b["old_logp"][rows])
+            loss_t = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - CLIP, 1 + CLIP))
+            per_row = (loss_t * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+            (per_row.sum() / mini).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), POLICY_OPTIM.grad_clip)
+        opt.step()
+
+
+def torch_prm_iteration(prm, ref, opt, b: dict[str, torch.Tensor], mini: int, micro: int) -> torch.Tensor:
+    """In-order mini-batches: rewards from the pre-update PRM, CE loss, clip 10, AdamW; batch_norm'd rewards."""
+    rewards = []
+    for start in range(0, len(b["acc"]), mini):
+        opt.zero_grad(set_to_none=True)
+        for m in range(start, start + mini, micro):
+            rows = torch.arange(m, m + micro)
+            with torch.no_grad():
+                logp_ref = torch_logprobs(ref, b, rows)
+            q = (torch_logprobs(prm, b, rows) - logp_ref) * b["mask"][rows]
+            rewards.append(q.detach())
+            z = BETA * q.sum(-1)
+            ((F.softplus(z) - b["acc"][rows] * z).sum() / mini).backward()
+        torch.nn.utils.clip_grad_norm_(prm.parameters(), PRM_OPTIM.grad_clip)
+        opt.step()
+    r = torch.cat(rewards)
+    to_go = r.flip(-1).cumsum(-1).flip(-1)
+    return r / (to_go.abs().max() + 1e-6)
+
+
+def torch_steps(path: str, batch: dict[str, np.ndarray], args) -> dict[str, tuple[float, float]]:
+    import transformers
+
+    load = lambda: transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)  # noqa: E731
+    policy, prm, ref = load().train(), load().train(), load().eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    b = {k: torch.tensor(v) for k, v in batch.items()}
+    b["prompt_tokens"], b["tokens"] = b["prompt_tokens"].long(), b["tokens"].long()
+    ppo_opt, prm_opt = adamw(policy, POLICY_OPTIM), adamw(prm, PRM_OPTIM)
+    return {"ppo": median_seconds(lambda: torch_ppo_iteration(policy, ppo_opt, b, args.mini, args.micro), args.repeats),
+            "prm": median_seconds(lambda: torch_prm_iteration(prm, ref, prm_opt, b, args.mini, args.micro), args.repeats)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", type=int, default=16, help="responses per step (B)")
+    ap.add_argument("--mini", type=int, default=8, help="rows per optimiser step")
+    ap.add_argument("--micro", type=int, default=4, help="rows per forward/backward")
+    ap.add_argument("--prompt", type=int, default=64)
+    ap.add_argument("--response", type=int, default=192)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    cfg = tiny_config(vocab_size=4096, hidden_size=256, intermediate_size=704, num_layers=4, num_heads=8,
+                      num_kv_heads=2, head_dim=32, logits_chunk=1024)
+    batch = make_batch(args.rows, args.prompt, args.response, cfg.vocab_size)
+    tokens = args.rows * (args.prompt + args.response)
+    with tempfile.TemporaryDirectory() as d:
+        write_hf_checkpoint(cfg, d)
+        ours = jax_steps(d, batch, args)
+        theirs = torch_steps(d, batch, args)
+    print(f"model: qwen2 d={cfg.hidden_size} L={cfg.num_layers} V={cfg.vocab_size}, fp32; batch {args.rows} rows x "
+          f"({args.prompt} prompt + {args.response} response) tokens, mini {args.mini}, micro {args.micro}; "
+          f"{jax.devices()[0].platform} x{len(jax.devices())}, torch threads {torch.get_num_threads()}")
+    for name in ("ppo", "prm"):
+        (j_first, j), (t_first, t) = ours[name], theirs[name]
+        print(f"{name}_step: prime_jax {tokens / j:,.0f} tok/s (first call {j_first:.1f} s, incl. compile) | "
+              f"torch {tokens / t:,.0f} tok/s | ratio {t / j:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

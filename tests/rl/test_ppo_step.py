@@ -1,0 +1,173 @@
+"""The jitted PPO step vs a plain mini-batch loop; micro-batching, sharding, learning direction, errors."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from prime_jax.mesh import make_mesh
+from prime_jax.models import response_logprobs
+from prime_jax.rl.optim import OptimConfig, init_train_state, make_lr_schedule, make_optimizer, shard_train_state
+from prime_jax.rl.ppo import PpoStepConfig, aggregate, make_ppo_step, policy_loss
+from tests.rl.step_data import assert_trees_close, copy_tree, logp_fn, make_batch, one_device_mesh, tiny_model
+
+B, MINI = 16, 8
+# Adam eps 1e-6 instead of 1e-8: with 1e-8 a gradient entry at rounding-noise level (~1e-9) gets a
+# sign-like update of size ~lr, so two exact-in-maths orders of summation could differ by ~lr there.
+OPTIM = OptimConfig(lr=1e-3, weight_decay=0.01, grad_clip=1.0, eps=1e-6)
+FULL = dict(agg="token", entropy_coef=0.01, kl_coef=0.1)       # every loss term switched on
+
+
+@pytest.fixture(scope="module")
+def model():
+    graphdef, params = tiny_model(0)
+    return graphdef, params, logp_fn(graphdef)
+
+
+@functools.cache
+def compiled(cfg: PpoStepConfig, mesh_axes: tuple = ()):
+    """One compiled step per (config, mesh), shared by the tests of this module."""
+    graphdef, params = tiny_model(0)
+    mesh = make_mesh(dict(mesh_axes)) if mesh_axes else one_device_mesh()
+    updates = cfg.updates_per_iteration(B)
+    tx = make_optimizer(OPTIM, updates)
+    step = make_ppo_step(graphdef, tx, cfg, mesh=mesh, state=init_train_state(params, tx),
+                         lr_schedule=make_lr_schedule(OPTIM, updates))
+    return step, tx, mesh
+
+
+def ppo_batch(seed, logps, params):
+    """A batch whose old log-probs are near the current policy's and advantages are random."""
+    batch = make_batch(seed, B)
+    rng = np.random.default_rng(seed)
+    logp, _ = logps(params, batch)
+    batch["old_logp"] = np.asarray(logp) + rng.normal(0, 0.1, logp.shape).astype(np.float32)
+    batch["ref_logp"] = np.asarray(logp) + rng.normal(0, 0.1, logp.shape).astype(np.float32)
+    batch["advantages"] = rng.normal(size=logp.shape).astype(np.float32)
+    return batch
+
+
+def run_step(cfg, params, batch, key, mesh_axes=()):
+    step, tx, mesh = compiled(cfg, mesh_axes)
+    state = shard_train_state(init_train_state(copy_tree(params), tx), mesh)
+    state, metrics = step(state, batch, key)
+    return state, metrics, tx
+
+
+def reference_grad(graphdef, cfg: PpoStepConfig):
+    """jitted (params, mini-batch) -> ((loss, metrics), grads) on a whole mini-batch."""
+    return _reference_grad(graphdef, cfg.clip, cfg.agg, cfg.entropy_coef, cfg.kl_coef)
+
+
+@functools.cache
+def _reference_grad(graphdef, clip, agg, entropy_coef, kl_coef):
+    @jax.jit
+    def fn(params, mb):
+        def loss(p):
+            lp, ent = response_logprobs(nnx.merge(graphdef, p), mb["prompt_tokens"], mb["prompt_mask"], mb["tokens"],
+                                        mb["mask"], with_entropy=True)
+            pg, clipfrac = policy_loss(lp, mb["old_logp"], mb["advantages"], mb["mask"], clip=clip, agg=agg)
+            d = mb["ref_logp"] - lp
+            kl = aggregate(jnp.exp(d) - d - 1.0, mb["mask"], agg)
+            entropy = aggregate(ent, mb["mask"], agg)
+            ppo_kl = aggregate(mb["old_logp"] - lp, mb["mask"], agg)
+            total = pg - entropy_coef * entropy + kl_coef * kl
+            return total, {"actor/pg_loss": pg, "actor/pg_clipfrac": clipfrac, "actor/entropy": entropy,
+                           "actor/ppo_kl": ppo_kl, "actor/kl_loss": kl}
+        return jax.value_and_grad(loss, has_aux=True)(params)
+    return fn
+
+
+def reference_iteration(graphdef, cfg, tx, params, batch, key):
+    """PRIME_SPEC §1.7 as a plain loop over whole mini-batches of permutation(fold_in(key, epoch))."""
+    grad = reference_grad(graphdef, cfg)
+    opt_state = tx.init(params)
+    history = []
+    for epoch in range(cfg.epochs):
+        perm = np.asarray(jax.random.permutation(jax.random.fold_in(key, epoch), B))
+        for start in range(0, B, cfg.mini_batch_size):
+            mb = {k: v[perm[start:start + cfg.mini_batch_size]] for k, v in batch.items()}
+            (_, metrics), grads = grad(params, mb)
+            metrics["actor/grad_norm"] = optax.tree.norm(grads)
+            history.append({k: float(v) for k, v in metrics.items()})
+            updates, opt_state = tx.update(grads, opt_state, params)
+            params = optax.apply_updates(params, updates)
+    return params, {k: np.mean([h[k] for h in history]) for k in history[0]}
+
+
+@pytest.mark.parametrize("micro", [8, 4, 2])
+def test_step_matches_loop_reference_for_1_2_4_micro_batches(model, micro):
+    graphdef, params, logps = model
+    batch = ppo_batch(0, logps, params)
+    cfg = PpoStepConfig(mini_batch_size=MINI, micro_batch_size=micro, **FULL)
+    key = jax.random.key(7)
+    state, metrics, tx = run_step(cfg, params, batch, key)
+    want_params, want = reference_iteration(graphdef, cfg, tx, params, batch, key)
+    assert int(state.step) == B // MINI
+    for k, v in want.items():
+        np.testing.assert_allclose(float(metrics[k]), v, rtol=1e-5, atol=1e-6, err_msg=k)
+    assert 0 < float(metrics["actor/pg_clipfrac"]) < 1 and float(metrics["actor/kl_loss"]) > 0
+    np.testing.assert_allclose(float(metrics["actor/lr"]), OPTIM.lr, rtol=1e-6)
+    assert_trees_close(state.params, want_params)
+
+
+def test_sharded_two_axis_mesh_matches_one_device_and_params_stay_sharded(model):
+    _, params, logps = model
+    batch = ppo_batch(1, logps, params)
+    cfg = PpoStepConfig(mini_batch_size=MINI, micro_batch_size=8, **FULL)
+    key = jax.random.key(3)
+    one_state, one_metrics, _ = run_step(cfg, params, batch, key)
+    state, metrics, _ = run_step(cfg, params, batch, key, mesh_axes=(("data", 2), ("fsdp", 4)))
+    for k in one_metrics:
+        np.testing.assert_allclose(float(metrics[k]), float(one_metrics[k]), rtol=1e-5, atol=1e-6, err_msg=k)
+    assert_trees_close(state.params, one_state.params)
+    up = state.params["layers"]["up"][...]
+    assert up.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None)
+    assert len({repr(s.index) for s in up.addressable_shards}) == 4
+    assert state.opt_state[1][0].nu["layers"]["up"][...].sharding.spec == up.sharding.spec
+
+
+def test_steps_raise_positive_and_lower_negative_advantage_responses(model):
+    _, params, logps = model
+    batch = make_batch(2, B)
+    sign = np.where(batch["acc"] > 0, 1.0, -1.0).astype(np.float32)
+    batch["advantages"] = (sign[:, None] * batch["mask"]).astype(np.float32)
+    cfg = PpoStepConfig(mini_batch_size=MINI, micro_batch_size=8, **FULL)   # the step compiled above
+    step, tx, mesh = compiled(cfg)
+    state = shard_train_state(init_train_state(copy_tree(params), tx), mesh)
+    seq_logp = lambda p: np.sum(np.asarray(logps(p, batch)[0]) * batch["mask"], axis=1)  # noqa: E731
+    start = seq_logp(params)
+    for i in range(3):
+        batch["old_logp"] = batch["ref_logp"] = np.asarray(logps(state.params, batch)[0])   # on-policy rollout
+        state, metrics = step(state, batch, jax.random.key(i))
+        assert float(metrics["actor/pg_clipfrac"]) == 0.0     # ratio 1 on the first mini-batch, within 1 +- 0.2 after it
+    delta = seq_logp(state.params) - start
+    assert np.all(delta[sign > 0] > 0) and np.all(delta[sign < 0] < 0), delta
+
+
+@pytest.mark.parametrize("changes, key", [
+    (dict(micro_batch_size=3), "actor.mini_batch_size=8 is not divisible by actor.micro_batch_size=3"),
+    (dict(micro_batch_size=4), "data-parallel size 8"),
+    (dict(agg="sum"), "actor.agg"),
+    (dict(clip=0.0), "actor.clip"),
+    (dict(epochs=0), "actor.epochs"),
+])
+def test_bad_config_raises_before_compiling(model, changes, key):
+    graphdef, params, _ = model
+    cfg = PpoStepConfig(**{**dict(mini_batch_size=MINI, micro_batch_size=8), **changes})
+    tx = make_optimizer(OPTIM, 1)
+    with pytest.raises(ValueError, match=key):
+        make_ppo_step(graphdef, tx, cfg, mesh=make_mesh({"data": 2, "fsdp": 4}), state=init_train_state(params, tx),
+                      lr_schedule=make_lr_schedule(OPTIM, 1))
+
+
+def test_kl_needs_reference_log_probs(model):
+    _, params, logps = model
+    batch = ppo_batch(0, logps, params)
+    del batch["ref_logp"]
+    cfg = PpoStepConfig(mini_batch_size=MINI, micro_batch_size=8, **FULL)
+    with pytest.raises(ValueError, match="missing \\['ref_logp'\\]"):
+        run_step(cfg, params, batch, jax.random.key(0))
