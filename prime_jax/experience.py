@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from prime_jax.data.example import Example
+from prime_jax.mesh import allgather_rows, process_rows
 from prime_jax.rewards.pool import VerifierPool, VerifyItem
 from prime_jax.rl.filter import accuracy_filter
 from prime_jax.sampling import Rollout
@@ -30,7 +31,8 @@ class Prompt:
 @dataclasses.dataclass
 class Experience:
     """Groups of n rows, host numpy. prompt_tokens/prompt_mask [G*n, P] (left-padded); tokens, mask,
-    old_logp [G*n, R]; acc [G*n] float32; prompts [G] (one per group)."""
+    old_logp [G*n, R]; acc [G*n] float32; trained [G*n] bool (False: a padding row that carries no loss);
+    prompts [G] (one per group)."""
 
     prompts: list[Prompt]
     prompt_tokens: np.ndarray
@@ -39,6 +41,7 @@ class Experience:
     mask: np.ndarray
     old_logp: np.ndarray
     acc: np.ndarray
+    trained: np.ndarray
     n: int
 
     @property
@@ -50,7 +53,8 @@ class Experience:
         idx = np.asarray(idx, np.int64)
         rows = (idx[:, None] * self.n + np.arange(self.n)).reshape(-1)
         return Experience([self.prompts[i] for i in idx], self.prompt_tokens[rows], self.prompt_mask[rows],
-                          self.tokens[rows], self.mask[rows], self.old_logp[rows], self.acc[rows], self.n)
+                          self.tokens[rows], self.mask[rows], self.old_logp[rows], self.acc[rows], self.trained[rows],
+                          self.n)
 
     @staticmethod
     def concat(parts: Sequence[Experience], pad_id: int) -> Experience:
@@ -66,19 +70,22 @@ class Experience:
             prompt_tokens=cat(lambda p: left_pad(p.prompt_tokens, pad_id)),
             prompt_mask=cat(lambda p: left_pad(p.prompt_mask, 0)),
             tokens=cat(lambda p: p.tokens), mask=cat(lambda p: p.mask), old_logp=cat(lambda p: p.old_logp),
-            acc=cat(lambda p: p.acc), n=parts[0].n)
+            acc=cat(lambda p: p.acc), trained=cat(lambda p: p.trained), n=parts[0].n)
 
     def device_batch(self) -> dict[str, np.ndarray]:
-        """The arrays the jitted PRM and PPO programs read."""
+        """The arrays the jitted PRM and PPO programs read. Padding rows get an all-zero response mask, so
+        they enter no loss, no advantage statistics and no whitening."""
+        mask = self.mask * self.trained[:, None]
         return {"prompt_tokens": self.prompt_tokens.astype(np.int32), "prompt_mask": self.prompt_mask.astype(np.int32),
-                "tokens": self.tokens.astype(np.int32), "mask": self.mask.astype(np.float32),
+                "tokens": self.tokens.astype(np.int32), "mask": mask.astype(np.float32),
                 "old_logp": self.old_logp.astype(np.float32), "acc": self.acc.astype(np.float32)}
 
 
 @dataclasses.dataclass(frozen=True)
 class CollectConfig:
     """batch_size: groups per step. If `max_rounds` generation rounds do not yield enough accepted groups,
-    the batch is topped up with rejected groups (as VERL does) so every step has the same static shape."""
+    the batch is padded with rejected groups that carry no loss, so every step has the same static shape
+    (the reference instead keeps generating until the batch is full)."""
 
     batch_size: int
     n: int
@@ -95,13 +102,17 @@ Decoder = Callable[[np.ndarray], str]  # response ids -> text
 
 
 def verify(rollout: Rollout, prompts: Sequence[Prompt], n: int, decode: Decoder, pool: VerifierPool) -> tuple[np.ndarray, dict[str, int]]:
-    """Outcome reward of every row: decode its valid tokens, score with the pool. -> acc [B*n] float32, pool counts."""
+    """Outcome reward of every row: decode its valid tokens, score with the pool. -> acc [B*n] float32, pool counts.
+
+    Multi-host: each process verifies its own share of the rows; the scores are then gathered so that
+    every host takes the same filtering decisions."""
+    rows = len(prompts) * n
     items = []
-    for row in range(len(prompts) * n):
+    for row in range(rows)[process_rows(rows)]:
         ex = prompts[row // n].example
         items.append(VerifyItem(decode(rollout.tokens[row, : int(rollout.lengths[row])]), ex.ability, ex.ground_truth))
     result = pool.score_batch(items)
-    return np.asarray(result.scores, np.float32), dict(result.counts)
+    return allgather_rows(np.asarray(result.scores, np.float32), rows), dict(result.counts)
 
 
 def collect(sample: Sampler, next_prompts: Callable[[int], list[Prompt]], buffer: list[Prompt], decode: Decoder,
@@ -127,7 +138,7 @@ def collect(sample: Sampler, next_prompts: Callable[[int], list[Prompt]], buffer
             ability = prompts[row // n].example.ability
             scores.setdefault(ability, []).append(float(a))
         exp = Experience(prompts, rollout.prompt_tokens, rollout.prompt_mask, rollout.tokens, rollout.mask,
-                         rollout.logprobs, acc, n)
+                         rollout.logprobs, acc, np.ones(len(acc), bool), n)
         ok = np.ones(len(prompts), bool)
         if cfg.filter_accuracy:
             ok[:] = False
@@ -135,15 +146,17 @@ def collect(sample: Sampler, next_prompts: Callable[[int], list[Prompt]], buffer
         if cfg.filter_truncated:
             ok &= ~(rollout.mask.sum(1).reshape(-1, n) >= rollout.mask.shape[1]).any(1)
         kept.append(exp.groups(np.flatnonzero(ok)))
-        rejected.append(exp.groups(np.flatnonzero(~ok)))
+        padding = exp.groups(np.flatnonzero(~ok))
+        padding.trained[:] = False
+        rejected.append(padding)
         num_kept += int(ok.sum())
         rounds += 1
     batch = Experience.concat(kept + rejected, cfg.pad_id)
-    topped_up = max(0, target - num_kept)
+    padded = max(0, target - num_kept)
     # Surplus accepted groups: their prompts are re-queued (responses discarded), as the reference does.
     new_buffer = buffer[target:] + batch.prompts[target:num_kept]
     metrics = {f"train_verify_score/{a}": float(np.mean(v)) for a, v in sorted(scores.items())}
     metrics["train_verify_score/all"] = float(np.mean([x for v in scores.values() for x in v]))
-    metrics.update({"train/gen_rounds": rounds, "train/groups_kept": min(num_kept, target), "train/groups_topped_up": topped_up})
+    metrics.update({"train/gen_rounds": rounds, "train/groups_kept": min(num_kept, target), "train/groups_padding": padded})
     metrics.update({f"verifier/{k}": v for k, v in sorted(faults.items())})
     return batch.groups(np.arange(target)), new_buffer, metrics

@@ -23,6 +23,8 @@ def init_distributed(c) -> None:
 
     if not c.distributed:
         return
+    if os.environ.get("JAX_PLATFORMS", "") == "cpu":  # CPU processes (tests) talk over gloo
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     addr = os.environ.get("JAX_COORDINATOR_ADDRESS")
     if addr:
         jax.distributed.initialize(coordinator_address=addr, num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
@@ -51,8 +53,14 @@ def run(c) -> dict[str, float]:
     if c.data.source == "synthetic" and not c.model.path:
         from prime_jax.warm_start import warm_start
 
+        from jax.experimental import multihost_utils
+
+        sft_dir = os.path.join(c.workdir, "sft")
+        if jax.process_index() == 0:
+            warm_start(c, sft_dir)
+        multihost_utils.sync_global_devices("warm_start")
         with c.unlocked():
-            c.model.path = warm_start(c, os.path.join(c.workdir, "sft"))
+            c.model.path = sft_dir
             c.model.tokenizer = c.model.tokenizer or os.path.join(c.model.path, "tokenizer.model")
     from prime_jax.components import build
     from prime_jax.trainer import Trainer

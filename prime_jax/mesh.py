@@ -119,3 +119,36 @@ def constrain_batch(x: jax.Array) -> jax.Array:
     if not axes or x.shape[0] % size:
         return x
     return jax.lax.with_sharding_constraint(x, P(axes, *([None] * (x.ndim - 1))))
+
+
+def host_to_global(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A global array from host data every process holds in full (each device takes its own slice).
+    Single-process this is `device_put`; multi-process nothing crosses the network."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def global_to_host(x: jax.Array) -> np.ndarray:
+    """The whole value of a (possibly multi-process) array on every host."""
+    if x.is_fully_addressable or x.is_fully_replicated:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def process_rows(num_rows: int) -> slice:
+    """This process's contiguous share of `num_rows` host-side rows (e.g. responses to verify)."""
+    per = -(-num_rows // jax.process_count())
+    start = min(num_rows, jax.process_index() * per)
+    return slice(start, min(num_rows, start + per))
+
+
+def allgather_rows(local: np.ndarray, num_rows: int) -> np.ndarray:
+    """Concatenates every process's `process_rows` share back into all `num_rows` rows, on every host."""
+    if jax.process_count() == 1:
+        return local
+    from jax.experimental import multihost_utils
+    per = -(-num_rows // jax.process_count())
+    padded = np.zeros((per, *local.shape[1:]), local.dtype)
+    padded[: len(local)] = local
+    return np.asarray(multihost_utils.process_allgather(padded)).reshape(-1, *local.shape[1:])[:num_rows]

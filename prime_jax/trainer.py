@@ -22,7 +22,7 @@ from prime_jax.components import Components
 from prime_jax.data.example import Example
 from prime_jax.evaluate import score_examples, summarize
 from prime_jax.experience import CollectConfig, Experience, Prompt, collect
-from prime_jax.mesh import batch_sharding
+from prime_jax.mesh import batch_sharding, host_to_global
 from prime_jax.metrics import MetricWriter, plot_curves
 from prime_jax.models import save_pretrained
 from prime_jax.sampling import Rollout, generate, length_buckets
@@ -118,7 +118,7 @@ class Trainer:
         return [Prompt(ex, tuple(ids)) for ex, ids in self.p.train_data.next_prompts(k)]
 
     def to_device(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        return {k: jax.make_array_from_process_local_data(batch_sharding(self.p.mesh, v.ndim), v) for k, v in batch.items()}
+        return {k: host_to_global(v, batch_sharding(self.p.mesh, v.ndim)) for k, v in batch.items()}
 
     def validate(self) -> dict[str, float]:
         """Greedy pass@1 on the validation prompts, per data source (`val/test_score/<source>`, `.../all`)."""
