@@ -1,0 +1,261 @@
+"""Rollout sampler: greedy parity with transformers, sampling distribution, top-k/top-p sets, log-probs,
+stop handling, sharded determinism and input errors."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+import transformers
+from flax import nnx
+
+from prime_jax.mesh import batch_sharding, make_mesh
+from prime_jax.models import Decoder, load_pretrained, response_logprobs
+from prime_jax.sampling import SamplingParams, decode, filter_logits, generate, prefill
+
+PAD = 0
+
+
+def _prompts(vocab: int, lengths, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(1, vocab, size=k).tolist() for k in lengths]
+
+
+def _hf_greedy(path, prompts, max_new_tokens, stop_ids) -> np.ndarray:
+    """transformers greedy generate on the same left-padded batch; [B, max_new_tokens], pad after a stop."""
+    p = max(map(len, prompts))
+    ids = np.zeros((len(prompts), p), np.int64)
+    mask = np.zeros_like(ids)
+    for i, q in enumerate(prompts):
+        ids[i, p - len(q):], mask[i, p - len(q):] = q, 1
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    out = hf.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False, num_beams=1,
+                      max_new_tokens=max_new_tokens, eos_token_id=list(stop_ids) or None, pad_token_id=PAD)
+    out = out[:, p:].numpy()
+    return np.pad(out, ((0, 0), (0, max_new_tokens - out.shape[1])), constant_values=PAD)  # HF stops when all did
+
+
+def _chi_square_p(samples: np.ndarray, probs: np.ndarray) -> float:
+    """Pearson goodness of fit; cells expecting < 5 counts are pooled; any sample where probs is 0 -> p = 0."""
+    counts = np.bincount(samples, minlength=probs.size)
+    if counts[probs == 0].sum():
+        return 0.0
+    expected = probs * samples.size
+    big = expected >= 5
+    obs = np.append(counts[big], counts[~big & (probs > 0)].sum())
+    exp = np.append(expected[big], expected[~big & (probs > 0)].sum())
+    if exp[-1] == 0:
+        obs, exp = obs[:-1], exp[:-1]
+    return float(scipy.stats.chisquare(obs, exp * obs.sum() / exp.sum()).pvalue)
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames="temperature")
+def _recomputed_logprobs(graphdef, params, prompt_tokens, prompt_mask, tokens, mask, *, temperature=1.0):
+    """The model's own `response_logprobs` of a rollout (one compile instead of op-by-op)."""
+    return response_logprobs(nnx.merge(graphdef, params), prompt_tokens, prompt_mask, tokens, mask,
+                             temperature=temperature)
+
+
+def _reference_logprobs(model: Decoder, out, temperature: float = 1.0) -> np.ndarray:
+    graphdef, params = nnx.split(model)
+    lp = _recomputed_logprobs(graphdef, params, out.prompt_tokens, out.prompt_mask, out.tokens, out.mask,
+                              temperature=temperature)
+    return np.asarray(lp) * out.mask
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _full_logits(graphdef, params, tokens, mask):
+    return nnx.merge(graphdef, params)(tokens, attention_mask=mask)
+
+
+def _logits(model: Decoder, tokens: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """Full-sequence logits [B, T, V] as float64 (the independent reference for the sampler's draws)."""
+    graphdef, params = nnx.split(model)
+    mask = np.ones_like(tokens) if mask is None else mask
+    return np.asarray(_full_logits(graphdef, params, tokens, mask), np.float64)
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def _numpy_keep_set(logits: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
+    """Spec reference, one row: top-k first, then the smallest prefix of the renormalised rest with mass >= top_p."""
+    order = np.argsort(-logits, kind="stable")
+    k = top_k if top_k > 0 else logits.size
+    probs = _softmax(logits[order[:k]].astype(np.float64))
+    before = np.cumsum(probs) - probs
+    keep = np.zeros(logits.size, bool)
+    keep[order[:k][before < top_p]] = True
+    return keep
+
+
+@pytest.fixture(scope="module")
+def peaked_model(qwen2_dir) -> Decoder:
+    """The tiny Qwen2 with its LM head scaled up: a next-token distribution far from uniform (top token ~0.3,
+    entropy ~3.2 nats at T=0.7), so a wrong temperature or filter shows."""
+    model = load_pretrained(qwen2_dir)
+    model.lm_head[...] = model.lm_head[...] * 8
+    return model
+
+
+# One sampled rollout shared by the log-prob, stop, padding and sharding tests (one compile).
+PROMPTS = _prompts(97, (7, 3, 12), seed=4)
+SAMPLED = dict(n=4, max_new_tokens=10, temperature=0.7, top_p=0.9, stop_ids=(3, 17, 50, 71, 88), seed=5, pad_id=96,
+               buckets=(16,))
+
+
+@pytest.fixture(scope="module")
+def qwen_model(qwen2_dir) -> Decoder:
+    return load_pretrained(qwen2_dir)
+
+
+@pytest.fixture(scope="module")
+def sampled(qwen_model):
+    return generate(qwen_model, PROMPTS, **SAMPLED)
+
+
+@pytest.mark.parametrize("ckpt", ["qwen2_dir", "llama_dir"])
+def test_greedy_matches_transformers_generate(ckpt, request):
+    path = request.getfixturevalue(ckpt)
+    model = load_pretrained(path)
+    prompts = _prompts(model.cfg.vocab_size, (9, 4, 1, 6), seed=1)
+    r = 10
+    free = _hf_greedy(path, prompts, r, ())
+    # Two stop ids taken from the unstopped output, so rows stop at different steps (HF gets them as eos ids).
+    stops = (int(free[2, 1]), int(free[3, 4]))
+    ref = _hf_greedy(path, prompts, r, stops)
+    out = generate(model, prompts, max_new_tokens=r, temperature=0, stop_ids=stops, seed=0, pad_id=PAD, buckets=(8, 16))
+    np.testing.assert_array_equal(out.tokens, ref)
+    np.testing.assert_array_equal(np.where(out.mask == 1, out.tokens, -1), np.where(out.mask == 1, free, -1))
+    assert out.lengths.min() < r
+    # Greedy log-probs are the temperature-1 log-probs of the chosen tokens.
+    np.testing.assert_allclose(out.logprobs, _reference_logprobs(model, out), atol=1e-4, rtol=0)
+    # The decode loop exits as soon as every row has stopped: a batch of the earliest-stopping prompt.
+    first = int(np.argmin(out.lengths))
+    batch = np.repeat(out.prompt_tokens[first:first + 1], 4, axis=0)
+    graphdef, params = nnx.split(model)
+    state = prefill(graphdef, params, batch, np.repeat(out.prompt_mask[first:first + 1], 4, axis=0), jax.random.key(0),
+                    n=1, max_new_tokens=r, sampling=SamplingParams(temperature=0.0, stop_ids=stops), pad_id=PAD)
+    state = decode(graphdef, params, state)
+    assert int(state.step) == out.lengths[first] < r and bool(state.done.all())
+    np.testing.assert_array_equal(np.asarray(state.tokens), np.repeat(out.tokens[first:first + 1], 4, axis=0))
+
+
+def test_next_token_distribution_matches_softmax_at_temperature(peaked_model):
+    prompt, t, n = [5, 6, 7], 0.7, 4000
+    out = generate(peaked_model, [prompt], n=n, max_new_tokens=2, temperature=t, stop_ids=(), seed=11, buckets=(4,))
+    first = out.tokens[:, 0]
+    t0 = int(np.bincount(first).argmax())
+    logits = _logits(peaked_model, np.array([prompt + [t0]]))[0, -2:]  # next-token logits after prompt, prompt+t0
+    assert _chi_square_p(first, _softmax(logits[0] / t)) > 1e-3
+    assert _chi_square_p(first, _softmax(logits[0])) < 1e-6  # the statistic does see a wrong temperature
+    # Second token (drawn in the decode loop), conditioned on the most frequent first token.
+    rows = first == t0
+    assert rows.sum() > 500
+    assert _chi_square_p(out.tokens[rows, 1], _softmax(logits[1] / t)) > 1e-3
+
+
+def test_filter_logits_matches_numpy_reference():
+    logits = np.random.default_rng(0).normal(size=(64, 50)).astype(np.float32) * 3
+    for top_k, top_p in [(5, 1.0), (0, 0.8), (10, 0.6), (0, 1e-6)]:
+        kept = np.isfinite(np.asarray(filter_logits(jnp.asarray(logits), top_k, top_p)))
+        ref = np.stack([_numpy_keep_set(row, top_k, top_p) for row in logits])
+        np.testing.assert_array_equal(kept, ref, err_msg=f"top_k={top_k} top_p={top_p}")
+
+
+def test_top_k_top_p_never_leave_their_set(peaked_model):
+    prompt, t, r, top_k, top_p = [5, 6, 7], 0.7, 4, 6, 0.92
+    out = generate(peaked_model, [prompt], n=1500, max_new_tokens=r, temperature=t, top_k=top_k, top_p=top_p,
+                   stop_ids=(), seed=2, buckets=(4,))
+    p = out.prompt_tokens.shape[1]
+    full = np.concatenate([out.prompt_tokens, out.tokens], axis=1)
+    attn = np.concatenate([out.prompt_mask, out.mask], axis=1)
+    logits = _logits(peaked_model, full, attn)[:, p - 1:-1] / t  # [N, R, V]
+    cut_by = set()
+    for j in range(r):
+        uniq, idx = np.unique(full[:, : p + j], axis=0, return_inverse=True)
+        for u in range(len(uniq)):  # one reference set per distinct prefix
+            rows = np.flatnonzero(idx.reshape(-1) == u)
+            keep = _numpy_keep_set(logits[rows[0], j], top_k, top_p)
+            assert keep[out.tokens[rows, j]].all(), f"step {j}: token outside the top_k={top_k} top_p={top_p} set"
+            cut_by.add("k" if keep.sum() == top_k else "p")
+    assert cut_by == {"k", "p"}  # each filter was the binding one somewhere
+    keep0 = _numpy_keep_set(logits[0, 0], top_k, top_p)
+    probs = np.where(keep0, _softmax(np.where(keep0, logits[0, 0], -np.inf)), 0.0)
+    assert 1 < keep0.sum()
+    assert _chi_square_p(out.tokens[:, 0], probs) > 1e-3
+
+
+def test_sampled_logprobs_equal_recomputed_response_logprobs(qwen_model, sampled):
+    ref = _reference_logprobs(qwen_model, sampled, SAMPLED["temperature"])
+    np.testing.assert_allclose(sampled.logprobs, ref, atol=1e-4, rtol=0)
+
+
+def test_stop_ids_mask_and_pad(sampled):
+    out, stops, pad, r = sampled, SAMPLED["stop_ids"], SAMPLED["pad_id"], SAMPLED["max_new_tokens"]
+    for row in range(out.tokens.shape[0]):
+        hits = np.flatnonzero(np.isin(out.tokens[row], stops))
+        length = hits[0] + 1 if hits.size else r
+        assert out.lengths[row] == length
+        np.testing.assert_array_equal(out.mask[row], np.arange(r) < length)
+        assert (out.tokens[row, length:] == pad).all() and (out.logprobs[row, length:] == 0).all()
+        assert (out.logprobs[row, :length] < 0).all()
+    assert out.lengths.min() < r and out.lengths.max() == r  # both cases occurred
+    assert len(set(out.tokens[out.mask == 1]) & set(stops)) >= 2  # several stop ids did stop rows
+    n = SAMPLED["n"]
+    np.testing.assert_array_equal(out.prompt_tokens, np.repeat(out.prompt_tokens[::n], n, axis=0))
+    assert [row[m == 1].tolist() for row, m in zip(out.prompt_tokens[::n], out.prompt_mask[::n])] == PROMPTS
+
+
+def test_another_seed_gives_other_tokens(qwen_model, sampled):
+    reseeded = generate(qwen_model, PROMPTS, **{**SAMPLED, "seed": 6})
+    assert (reseeded.tokens != sampled.tokens).mean() > 0.5
+
+
+def test_sharded_mesh_gives_the_same_tokens(qwen2_dir, sampled):
+    """Same tokens on 8 devices as on one, also with a wider prompt bucket and a dummy row padding 3 prompts to 4."""
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    model = load_pretrained(qwen2_dir, mesh=mesh)
+    kw = {**SAMPLED, "buckets": (32,)}
+    out = generate(model, PROMPTS, mesh=mesh, **kw)
+    np.testing.assert_array_equal(out.tokens, sampled.tokens)
+    np.testing.assert_allclose(out.logprobs, sampled.logprobs, atol=1e-5)
+    # The sampler state lives on the mesh (batch over data+fsdp, the 2 KV heads over tensor); same call as generate's.
+    graphdef, params = nnx.split(model)
+    put = lambda x: jax.device_put(np.pad(x[::kw["n"]], ((0, 1), (0, 0))), batch_sharding(mesh, 2))  # noqa: E731
+    rng = jax.random.key(kw["seed"])
+    with jax.set_mesh(mesh):
+        state = prefill(graphdef, params, put(out.prompt_tokens), put(out.prompt_mask), rng,
+                        n=kw["n"], max_new_tokens=kw["max_new_tokens"],
+                        sampling=SamplingParams(kw["temperature"], kw["top_p"], 0, kw["stop_ids"]), pad_id=kw["pad_id"])
+        state = decode(graphdef, params, state)
+    spec = jax.sharding.PartitionSpec(None, ("data", "fsdp"), None, "tensor", None)
+    assert state.cache.k.sharding.is_equivalent_to(jax.sharding.NamedSharding(mesh, spec), 5)
+    assert state.tokens.sharding.is_equivalent_to(batch_sharding(mesh, 2), 2)
+    np.testing.assert_array_equal(np.asarray(state.tokens)[: out.tokens.shape[0]], out.tokens)
+
+
+@pytest.mark.parametrize("prompts,kw,match", [
+    ([[1, 2], []], {}, "prompt 1 is empty"),
+    ([], {}, "no prompts"),
+    ([[1] * 17], {}, "more than the largest bucket 16"),
+    ([[1, 2]], {"n": 0}, "n .* must be >= 1"),
+    ([[1, 2]], {"temperature": -0.5}, "temperature must be >= 0"),
+    ([[1, 2]], {"top_p": 0.0}, "top_p must be in"),
+    ([[1, 2]], {"top_k": -1}, "top_k must be >= 0"),
+    ([[1, 200]], {}, "outside the vocabulary"),
+    ([[1.5, 2.0]], {}, "not a flat list of token ids"),
+    ([[1, 2]], {"stop_ids": (500,)}, "stop ids"),
+    ([[1, 2]], {"max_new_tokens": 0}, "max_new_tokens must be >= 1"),
+])
+def test_bad_input_raises_before_compiling(peaked_model, prompts, kw, match):
+    args = dict(max_new_tokens=4, stop_ids=(), seed=0, buckets=(8, 16)) | kw
+    before = (prefill._cache_size(), decode._cache_size())
+    with pytest.raises(ValueError, match=match):
+        generate(peaked_model, prompts, **args)
+    assert (prefill._cache_size(), decode._cache_size()) == before
