@@ -49,6 +49,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.verifier.num_workers = 2
     c.verifier.item_timeout_s = 10.0
     c.verifier.batch_timeout_s = 120.0
+    # The synthetic questions contain their answer as an expression ("Compute 7 * 3."), and math-verify
+    # rightly scores `\boxed{7 * 3}` as 21: left open, the policy learns to copy the question into the
+    # box within ~13 PRIME steps. The built-in run therefore asks for number answers.
+    c.verifier.literal_numbers = True
     c.eval.freq = 10
     c.eval.batch_size = 256
     c.checkpoint.freq = 10

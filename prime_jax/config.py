@@ -101,6 +101,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.verifier.num_workers = 64
     c.verifier.item_timeout_s = 300.0
     c.verifier.batch_timeout_s = 1800.0
+    c.verifier.literal_numbers = False  # True: a number ground truth needs a number answer, not an expression
 
     c.eval = ml_collections.ConfigDict()
     c.eval.freq = 16

@@ -191,9 +191,23 @@ def _numbers_disagree(gold: object, pred: object) -> bool:
     return abs(g - p) > 1e-4 * max(abs(g), abs(p))
 
 
-def score(response: str, ground_truth: str) -> float:
-    """1.0 if the response's final answer equals `ground_truth` (LaTeX), else 0.0."""
+def is_plain_number(answer: str) -> bool:
+    """"42", "-3.5", "1,000", "{42}" — a number literal, not an expression such as "6 * 7" or "2^{10}"."""
+    text = _normalise(_clean(answer)).replace("{", "").replace("}", "").replace(",", "")
+    return _PLAIN_NUMBER.match(text.removeprefix("+")) is not None
+
+
+def score(response: str, ground_truth: str, *, literal_numbers: bool = False) -> float:
+    """1.0 if the response's final answer equals `ground_truth` (LaTeX), else 0.0.
+
+    literal_numbers: when the ground truth is a plain number, only a plain number counts as an answer
+    (an unevaluated expression like `\\boxed{6 * 7}` scores 0). Off by default, as the reference grader
+    (sympy) accepts expressions; on for tasks whose question contains its answer as an expression,
+    where copying it into the box is a reward hack (the built-in synthetic run finds it in ~13 steps).
+    """
     answer = extract_answer(response)
     if answer is None:
+        return 0.0
+    if literal_numbers and is_plain_number(ground_truth) and not is_plain_number(answer):
         return 0.0
     return 1.0 if is_equivalent(answer, ground_truth) else 0.0

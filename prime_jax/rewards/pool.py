@@ -51,18 +51,19 @@ class BatchResult:
     counts: dict[str, int]
 
 
-def _score_item(ability: str, response: str, ground_truth: str, code_limits: Limits) -> float:
+def _score_item(ability: str, response: str, ground_truth: str, code_limits: Limits, literal_numbers: bool) -> float:
     # Imported here, not at module level: the trainer process that owns the pool never needs
     # sympy; the workers get these modules preloaded by the forkserver.
     from prime_jax.rewards import code as code_verifier
     from prime_jax.rewards import math as math_verifier
 
     if ability == "math":
-        return math_verifier.score(response, ground_truth)
+        return math_verifier.score(response, ground_truth, literal_numbers=literal_numbers)
     return code_verifier.score(response, ground_truth, code_limits)
 
 
-def _worker_main(conn: multiprocessing.connection.Connection, memory_bytes: int | None, code_limits: Limits) -> None:
+def _worker_main(conn: multiprocessing.connection.Connection, memory_bytes: int | None, code_limits: Limits,
+                 literal_numbers: bool) -> None:
     """Worker: set up, say "ready", then for each chunk of (index, ability, response, ground_truth)
     received, send (index, score, error or None) per item as it finishes; stop on None or EOF."""
     # A session of its own: Ctrl-C aimed at the trainer does not kill a worker mid-item (close()
@@ -81,7 +82,7 @@ def _worker_main(conn: multiprocessing.connection.Connection, memory_bytes: int 
             return
         for index, ability, response, ground_truth in chunk:
             try:
-                result = (index, float(_score_item(ability, response, ground_truth, code_limits)), None)
+                result = (index, float(_score_item(ability, response, ground_truth, code_limits, literal_numbers)), None)
             except Exception as exc:  # a verifier failure scores 0 (counted by the parent)
                 result = (index, 0.0, f"{type(exc).__name__}: {exc}"[:300])
             conn.send(result)
@@ -119,6 +120,7 @@ class VerifierPool:
         max_tasks_per_worker: int = 1000,
         worker_memory_bytes: int | None = 8 << 30,
         code_limits: Limits = Limits(),
+        literal_numbers: bool = False,
     ) -> None:
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
@@ -131,6 +133,7 @@ class VerifierPool:
         self.max_tasks_per_worker = max_tasks_per_worker
         self.worker_memory_bytes = worker_memory_bytes
         self.code_limits = code_limits
+        self.literal_numbers = literal_numbers
         self._ctx = multiprocessing.get_context("forkserver")
         self._ctx.set_forkserver_preload(_PRELOAD)
         self._workers = [self._start_worker() for _ in range(num_workers)]
@@ -139,7 +142,8 @@ class VerifierPool:
         """A new worker, returned once it is ready; RuntimeError if it cannot start."""
         parent, child = self._ctx.Pipe()
         process = self._ctx.Process(
-            target=_worker_main, args=(child, self.worker_memory_bytes, self.code_limits), daemon=True
+            target=_worker_main, args=(child, self.worker_memory_bytes, self.code_limits, self.literal_numbers),
+            daemon=True
         )
         process.start()
         child.close()

@@ -185,3 +185,17 @@ def test_benchmark_reference_answers() -> None:
         print(f"  miss [{source}] answer={answer!r} self={s} vs other={other!r} -> {d}")
     assert result.counts["timeouts"] == result.counts["crashes"] == result.counts["errors"] == 0
     assert rate >= 0.99
+
+
+@pytest.mark.parametrize("response, truth, reference, literal", [
+    ("\\boxed{7 + 3}", "10", 1.0, 0.0),        # an unevaluated expression: accepted by the reference grader
+    ("\\boxed{2^{10}}", "1024", 1.0, 0.0),
+    ("\\boxed{10}", "10", 1.0, 1.0),
+    ("\\boxed{1,000}", "1000", 1.0, 1.0),
+    ("\\boxed{+10}", "10", 1.0, 1.0),
+    ("\\boxed{\\frac12}", "\\frac{1}{2}", 1.0, 1.0),  # non-number truths are unaffected
+    ("\\boxed{11}", "10", 0.0, 0.0),
+])
+def test_literal_numbers_rejects_expressions_for_number_truths(response, truth, reference, literal):
+    assert math_verifier.score(response, truth) == reference
+    assert math_verifier.score(response, truth, literal_numbers=True) == literal
