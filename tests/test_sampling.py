@@ -13,8 +13,9 @@ import transformers
 from flax import nnx
 
 from prime_jax.mesh import batch_sharding, make_mesh
-from prime_jax.models import Decoder, load_pretrained, response_logprobs
+from prime_jax.models import Decoder, abstract_model, load_pretrained, response_logprobs
 from prime_jax.sampling import SamplingParams, decode, filter_logits, generate, prefill
+from tests.fixtures import tiny_config
 
 PAD = 0
 
@@ -238,6 +239,19 @@ def test_sharded_mesh_gives_the_same_tokens(qwen2_dir, sampled):
     assert state.cache.k.sharding.is_equivalent_to(jax.sharding.NamedSharding(mesh, spec), 5)
     assert state.tokens.sharding.is_equivalent_to(batch_sharding(mesh, 2), 2)
     np.testing.assert_array_equal(np.asarray(state.tokens)[: out.tokens.shape[0]], out.tokens)
+
+
+def test_programs_lower_from_abstract_inputs_and_decode_donates_its_state():
+    """What the AOT compiler does: lower both programs from shapes only; decode's outputs alias every state input."""
+    graphdef, params = nnx.split(abstract_model(tiny_config()))
+    prompt = jax.ShapeDtypeStruct((4, 16), jnp.int32)
+    rng = jax.eval_shape(lambda: jax.random.key(0))
+    kw = dict(n=2, max_new_tokens=8, sampling=SamplingParams(temperature=0.7, top_p=0.9, stop_ids=(3,)), pad_id=PAD)
+    prefill.trace(graphdef, params, prompt, prompt, rng, **kw).lower()
+    state = jax.eval_shape(lambda p: prefill(graphdef, p, prompt, prompt, rng, **kw), params)
+    assert state.tokens.shape == (8, 8) and state.cache.k.shape == (2, 8, 16 + 8 - 1, 2, 8)
+    text = decode.trace(graphdef, params, state).lower().as_text()
+    assert text.count("tf.aliasing_output") == len(jax.tree.leaves(state))
 
 
 @pytest.mark.parametrize("prompts,kw,match", [
