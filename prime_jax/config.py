@@ -68,6 +68,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.algorithm.process_formula = "reference"   # reference | paper (RLOO on process rewards)
     c.algorithm.gamma_process = 1.0
     c.algorithm.gamma_outcome = 1.0
+    c.algorithm.process_coef = 1.0      # 0: the paper's "RLOO w/ outcome verifier only" baseline
     c.algorithm.rm_coef = 5.0           # logging-only weights, as the reference (advantages are whitened)
     c.algorithm.verifier_coef = 5.0
 

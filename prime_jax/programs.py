@@ -99,7 +99,7 @@ def make_programs(c: ml_collections.ConfigDict, mesh: Mesh, graphdef: nnx.GraphD
     def advantages(rm_scores, acc, mask):
         adv, returns = compute_advantages(rm_scores, acc, mask, n=n, estimator=a.adv_estimator,
                                           gamma_process=a.gamma_process, gamma_outcome=a.gamma_outcome,
-                                          rloo_formula=a.process_formula)
+                                          process_coef=a.process_coef, rloo_formula=a.process_formula)
         m = mask.astype(jnp.float32)
         valid = m > 0
         stats = {}

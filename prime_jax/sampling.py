@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from prime_jax.mesh import batch_sharding, data_parallel_size, logical_to_spec
+from prime_jax.mesh import batch_sharding, data_parallel_size, global_to_host, host_to_global, logical_to_spec
 from prime_jax.models.decoder import Decoder, KVCache, positions_from_mask
 
 Array = jax.Array
@@ -324,7 +324,7 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, n: int = 1, ma
             raise ValueError("generate: the model's params are not on `mesh`; load it with load_pretrained(path, mesh=mesh)")
     rng = jax.random.key(seed)
     if mesh is not None:
-        tokens_in, mask_in = (jax.device_put(x, batch_sharding(mesh, 2)) for x in (tokens, mask))
+        tokens_in, mask_in = (host_to_global(x, batch_sharding(mesh, 2)) for x in (tokens, mask))
     else:
         tokens_in, mask_in = tokens, mask
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
@@ -332,8 +332,7 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, n: int = 1, ma
                         sampling=sampling, pad_id=pad_id)
         state = decode(graphdef, params, state)
     rows = b * n
-    out_tokens, out_logprobs, lengths = (np.asarray(jax.device_get(x))[:rows]
-                                         for x in (state.tokens, state.logprobs, state.lengths))
+    out_tokens, out_logprobs, lengths = (global_to_host(x)[:rows] for x in (state.tokens, state.logprobs, state.lengths))
     return Rollout(prompt_tokens=np.repeat(tokens[:b], n, axis=0), prompt_mask=np.repeat(mask[:b], n, axis=0),
                    tokens=out_tokens, logprobs=out_logprobs,
                    mask=(np.arange(max_new_tokens)[None, :] < lengths[:, None]).astype(np.int32), lengths=lengths)
