@@ -72,7 +72,7 @@ class SamplingParams:
 class SamplerState:
     """Everything the decode loop carries; N = padded batch * n rows, S = prompt bucket + max_new_tokens - 1.
 
-    cache: KV of every layer [L, N, S, K, Dh]; kv_mask [N, S] bool (prompt padding False); prompt_len [N]
+    cache: KV of every layer [L, N, K, S, Dh]; kv_mask [N, S] bool (prompt padding False); prompt_len [N]
     int32 (real prompt tokens); keys [N] per-row PRNG keys; tokens [N, R] int32 (pad after stop);
     logprobs [N, R] float32 (0 after stop); lengths [N] int32 (valid tokens, stop included); done [N] bool;
     step: int32 scalar, tokens generated so far. `sampling` and `pad_id` are static (part of the tree
@@ -191,7 +191,7 @@ def _constrain(x: Array, axes: tuple[str | None, ...]) -> Array:
 
 def _constrain_state(state: SamplerState) -> SamplerState:
     """The same shardings for every state at the jit boundaries, so `decode` donates in place."""
-    kv = ("layers", "batch", None, "kv_heads", "head_dim")
+    kv = ("layers", "batch", "kv_heads", None, "head_dim")
     cache = KVCache(k=_constrain(state.cache.k, kv), v=_constrain(state.cache.v, kv), index=state.cache.index)
     b1, b2 = ("batch",), ("batch", None)
     return state.replace(cache=cache, kv_mask=_constrain(state.kv_mask, b2), prompt_len=_constrain(state.prompt_len, b1),

@@ -235,7 +235,7 @@ def test_sharded_mesh_gives_the_same_tokens(qwen2_dir, sampled):
                         n=kw["n"], max_new_tokens=kw["max_new_tokens"],
                         sampling=SamplingParams(kw["temperature"], kw["top_p"], 0, kw["stop_ids"]), pad_id=kw["pad_id"])
         state = decode(graphdef, params, state)
-    spec = jax.sharding.PartitionSpec(None, ("data", "fsdp"), None, "tensor", None)
+    spec = jax.sharding.PartitionSpec(None, ("data", "fsdp"), "tensor", None, None)  # [L, N, K, S, Dh]
     assert state.cache.k.sharding.is_equivalent_to(jax.sharding.NamedSharding(mesh, spec), 5)
     assert state.tokens.sharding.is_equivalent_to(batch_sharding(mesh, 2), 2)
     np.testing.assert_array_equal(np.asarray(state.tokens)[: out.tokens.shape[0]], out.tokens)
@@ -249,7 +249,7 @@ def test_programs_lower_from_abstract_inputs_and_decode_donates_its_state():
     kw = dict(n=2, max_new_tokens=8, sampling=SamplingParams(temperature=0.7, top_p=0.9, stop_ids=(3,)), pad_id=PAD)
     prefill.trace(graphdef, params, prompt, prompt, rng, **kw).lower()
     state = jax.eval_shape(lambda p: prefill(graphdef, p, prompt, prompt, rng, **kw), params)
-    assert state.tokens.shape == (8, 8) and state.cache.k.shape == (2, 8, 16 + 8 - 1, 2, 8)
+    assert state.tokens.shape == (8, 8) and state.cache.k.shape == (2, 8, 2, 16 + 8 - 1, 8)  # [L, N, K, S, Dh]
     text = decode.trace(graphdef, params, state).lower().as_text()
     assert text.count("tf.aliasing_output") == len(jax.tree.leaves(state))
 

@@ -28,7 +28,8 @@ Array = jax.Array
 
 @flax.struct.dataclass
 class KVCache:
-    """Keys and values of every layer. `k`, `v`: [L, B, S, K, Dh] compute dtype; `index`: next slot, int32 scalar."""
+    """Keys and values of every layer, head-major so attention reads them without transposes.
+    `k`, `v`: [L, B, K, S, Dh] compute dtype; `index`: the next slot to write, int32 scalar."""
 
     k: Array
     v: Array
@@ -36,7 +37,7 @@ class KVCache:
 
     @classmethod
     def zeros(cls, cfg: ModelConfig, batch: int, length: int) -> KVCache:
-        shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+        shape = (cfg.num_layers, batch, cfg.num_kv_heads, length, cfg.head_dim)
         dtype = jnp.dtype(cfg.dtype)
         return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), index=jnp.zeros((), jnp.int32))
 
@@ -85,25 +86,22 @@ def rms_norm(x: Array, weight: Array, eps: float) -> Array:
 def attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
     """Grouped-query attention with softmax in fp32.
 
-    q: [B, T, H, Dh]; k, v: [B, S, K, Dh]; mask: [B, T, S] bool (True = may attend). -> [B, T, H, Dh]
+    q: [B, T, H, Dh]; k, v: [B, K, S, Dh] (head-major); mask: [B, T, S] bool (True = may attend). -> [B, T, H, Dh]
     """
     b, t, h, dh = q.shape
-    kv = k.shape[2]
+    kv = k.shape[1]
     qg = q.reshape(b, t, kv, h // kv, dh)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) / math.sqrt(dh)
+    scores = jnp.einsum("btkgd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32) / math.sqrt(dh)
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
     return out.reshape(b, t, h, dh)
 
 
-def _block(cfg: ModelConfig, p: dict[str, Array], x: Array, positions: Array, inv_freq: Array,
-           k_all: Array | None, v_all: Array | None, write_at: Array | None, mask: Array):
-    """One decoder layer. x: [B, T, D]. With a cache slice (k_all, v_all: [B, S, K, Dh]) the new keys and
-    values are written at `write_at` and attention runs over the whole slice; otherwise over x itself."""
-    dt = x.dtype
-    w = lambda name: p[name].astype(dt)  # noqa: E731  (weights cast to the compute dtype)
+def _qkv(cfg: ModelConfig, p: dict[str, Array], x: Array, positions: Array, inv_freq: Array) -> tuple[Array, Array, Array]:
+    """Attention inputs of one layer: q [B, T, H, Dh]; k, v head-major [B, K, T, Dh], RoPE applied."""
     h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
+    w = lambda name: p[name].astype(x.dtype)  # noqa: E731  (weights cast to the compute dtype)
     q = jnp.einsum("btd,dhk->bthk", h, w("q"))
     k = jnp.einsum("btd,dhk->bthk", h, w("k"))
     v = jnp.einsum("btd,dhk->bthk", h, w("v"))
@@ -111,16 +109,18 @@ def _block(cfg: ModelConfig, p: dict[str, Array], x: Array, positions: Array, in
         q, k, v = q + w("q_bias"), k + w("k_bias"), v + w("v_bias")
     q = apply_rope(q, positions, inv_freq)
     k = apply_rope(k, positions, inv_freq)
-    if k_all is not None:
-        k = k_all = jax.lax.dynamic_update_slice_in_dim(k_all, k.astype(k_all.dtype), write_at, axis=1)
-        v = v_all = jax.lax.dynamic_update_slice_in_dim(v_all, v.astype(v_all.dtype), write_at, axis=1)
-    attn = attention(q, k.astype(dt), v.astype(dt), mask)
+    return q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+
+
+def _attend_and_mlp(cfg: ModelConfig, p: dict[str, Array], x: Array, q: Array, k: Array, v: Array, mask: Array) -> Array:
+    """The rest of one layer: attention over k, v [B, K, S, Dh], output projection, SwiGLU MLP. -> [B, T, D]"""
+    w = lambda name: p[name].astype(x.dtype)  # noqa: E731
+    attn = attention(q, k.astype(x.dtype), v.astype(x.dtype), mask)
     x = x + jnp.einsum("bthk,hkd->btd", attn, w("o"))
     h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
     gate = jnp.einsum("btd,df->btf", h, w("gate"))
     up = jnp.einsum("btd,df->btf", h, w("up"))
-    x = x + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, w("down"))
-    return constrain_batch(x), k_all, v_all
+    return constrain_batch(x + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, w("down")))
 
 
 class LayerStack(nnx.Module):
@@ -172,15 +172,15 @@ class Decoder(nnx.Module):
 
         def layer(carry, p):
             x, k_cache, v_cache, i = carry
-            k_i = v_i = None
+            q, k, v = _qkv(cfg, p, x, positions, inv_freq)
             if k_cache is not None:
-                k_i = jax.lax.dynamic_index_in_dim(k_cache, i, keepdims=False)
-                v_i = jax.lax.dynamic_index_in_dim(v_cache, i, keepdims=False)
-            x, k_i, v_i = _block(cfg, p, x, positions, inv_freq, k_i, v_i, None if cache is None else cache.index, mask)
-            if k_cache is not None:
-                k_cache = jax.lax.dynamic_update_index_in_dim(k_cache, k_i, i, axis=0)
-                v_cache = jax.lax.dynamic_update_index_in_dim(v_cache, v_i, i, axis=0)
-            return (x, k_cache, v_cache, i + 1), None
+                # Write only the new slots of layer i in place; attend over that layer's whole cache.
+                at = (i, 0, 0, cache.index, 0)
+                k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), at)
+                v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), at)
+                k = jax.lax.dynamic_index_in_dim(k_cache, i, keepdims=False)
+                v = jax.lax.dynamic_index_in_dim(v_cache, i, keepdims=False)
+            return (_attend_and_mlp(cfg, p, x, q, k, v, mask), k_cache, v_cache, i + 1), None
 
         if cfg.remat:
             layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.nothing_saveable)
@@ -215,7 +215,7 @@ class Decoder(nnx.Module):
         kv_mask: [B, S] bool, which cache slots hold real tokens (prompt padding is False). Query t may
         attend slot s iff kv_mask[s] and s <= index + t.
         """
-        t, s = tokens.shape[1], cache.k.shape[2]
+        t, s = tokens.shape[1], cache.k.shape[3]
         slot = cache.index + jnp.arange(t)
         mask = (jnp.arange(s)[None, :] <= slot[:, None])[None] & kv_mask[:, None, :].astype(jnp.bool_)
         mask = mask | (jnp.arange(s)[None, :] == slot[:, None])[None]
