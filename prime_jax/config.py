@@ -84,6 +84,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.actor.entropy_coeff = 0.0
     c.actor.loss_agg = "seq-mean-token-mean"
     c.actor.zero_lr_first_iteration = False   # True reproduces the reference's lr=0 on iteration 1
+    c.actor.warmup_steps = 0                  # linear lr warmup over this many PRIME steps
 
     c.prm = ml_collections.ConfigDict()
     c.prm.lr = 1e-6
@@ -97,6 +98,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.prm.include_eos = True
     c.prm.norm_scope = "global"        # global | shard (the reference normalises per data shard)
     c.prm.zero_lr_first_iteration = False
+    c.prm.warmup_steps = 0
 
     c.verifier = ml_collections.ConfigDict()
     c.verifier.num_workers = 64
@@ -109,6 +111,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.before_train = True
     c.eval.max_response_length = 0     # 0: rollout.max_response_length
     c.eval.batch_size = 256            # prompts per validation generate call
+    c.eval.k = 1                       # responses per prompt; val/test_score is their mean (avg@k)
+    c.eval.temperature = 0.0           # 0: greedy pass@1, as the reference validates
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.freq = 16

@@ -50,9 +50,9 @@ def optimizers(c: ml_collections.ConfigDict, mesh: Mesh) -> tuple[optax.Gradient
     ppo_updates = ppo_step_config(c).updates_per_iteration(rows)
     prm_updates = max(1, prm_step_config(c, mesh).updates_per_iteration(rows))
     actor = OptimConfig(lr=c.actor.lr, weight_decay=c.actor.weight_decay, grad_clip=c.actor.grad_clip,
-                        zero_lr_first_iteration=c.actor.zero_lr_first_iteration)
+                        warmup_iterations=c.actor.warmup_steps, zero_lr_first_iteration=c.actor.zero_lr_first_iteration)
     prm = OptimConfig(lr=c.prm.lr, weight_decay=c.prm.weight_decay, grad_clip=c.prm.grad_clip,
-                      zero_lr_first_iteration=c.prm.zero_lr_first_iteration)
+                      warmup_iterations=c.prm.warmup_steps, zero_lr_first_iteration=c.prm.zero_lr_first_iteration)
     return make_optimizer(actor, ppo_updates), make_optimizer(prm, prm_updates), make_lr_schedule(actor, ppo_updates)
 
 

@@ -121,13 +121,15 @@ class Trainer:
         return {k: host_to_global(v, batch_sharding(self.p.mesh, v.ndim)) for k, v in batch.items()}
 
     def validate(self) -> dict[str, float]:
-        """Greedy pass@1 on the validation prompts, per data source (`val/test_score/<source>`, `.../all`)."""
+        """Validation score per data source (`val/test_score/<source>`, `.../all`): greedy pass@1 by default,
+        avg@k at `eval.temperature` when configured."""
         if not self.p.val_examples:
             return {}
-        max_len = self.c.eval.max_response_length or self.c.rollout.max_response_length
+        e = self.c.eval
         scores = score_examples(nnx.merge(self.p.graphdef, self.policy.params), self.p.tokenizer, self.p.val_examples,
-                                self.p.pool, max_new_tokens=max_len, temperature=0.0, seed=self.c.seed,
-                                batch_size=self.c.eval.batch_size, mesh=self.p.mesh)
+                                self.p.pool, max_new_tokens=e.max_response_length or self.c.rollout.max_response_length,
+                                k=e.k, temperature=e.temperature, seed=self.c.seed, batch_size=e.batch_size,
+                                mesh=self.p.mesh)
         return summarize(self.p.val_examples, scores)
 
     def save(self) -> None:
