@@ -26,8 +26,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.max_prompt_length = 96
     c.synthetic.train_size = 4000
     c.synthetic.val_size = 256
+    c.synthetic.math_frac = 0.5
+    # One operation per task ("Compute 7 * 3.", "Write a function f(x) that returns x * 3."): a 1M-parameter
+    # model gets the format and the copying right in a 200-step warm start, but not all arithmetic facts.
+    c.synthetic.difficulty = 1
 
-    c.warm_start.steps = 300
+    c.warm_start.steps = 200
     c.warm_start.batch_size = 32
     c.warm_start.lr = 3e-3
     c.warm_start.num_examples = 4000
@@ -39,10 +43,14 @@ def get_config() -> ml_collections.ConfigDict:
     c.rollout.max_response_length = 48
     c.train.batch_size = 32
     c.train.max_rounds = 3
-    c.actor.lr = 2e-5
-    c.actor.mini_batch_size = 64
-    c.actor.micro_batch_size = 64
-    c.prm.lr = 2e-5
+    # A tiny model takes much larger steps than a 7B one; warmup keeps Adam's first, sign-like
+    # updates (every weight moves by ~lr before the moment estimates settle) from undoing the warm start.
+    c.actor.lr = 2e-4
+    c.actor.warmup_steps = 5
+    c.actor.mini_batch_size = 32
+    c.actor.micro_batch_size = 32
+    c.prm.lr = 1e-3
+    c.prm.warmup_steps = 5
     c.prm.mini_batch_size = 64
     c.prm.micro_batch_size = 64
 
@@ -55,6 +63,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.verifier.literal_numbers = True
     c.eval.freq = 10
     c.eval.batch_size = 256
+    # Held-out score = avg@4 at the sampling temperature: greedy decoding of the warm-start model already
+    # copies code right, so greedy has little headroom at this scale (both are reported in the README).
+    c.eval.k = 4
+    c.eval.temperature = 1.0
     c.checkpoint.freq = 10
     c.checkpoint.keep = 2
     return c
