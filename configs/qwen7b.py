@@ -33,9 +33,11 @@ def get_config() -> ml_collections.ConfigDict:
     return c
 
 
-# Sharding plans by TPU slice (select with --config.mesh.fsdp=... --config.mesh.tensor=...).
+# Sharding plans by TPU slice: config overrides proven by `python -m prime_jax.aot` (docs/aot.md), which
+# applies the plan of the slice it compiles for. To train with one, pass the same keys to main, e.g.
+# --config.mesh.data=2 --config.mesh.fsdp=8 --config.actor.micro_batch_size=16 --config.prm.micro_batch_size=16.
 SHARDING = {
-    "v5p-16": {"data": 1, "fsdp": 8, "tensor": 1},
-    "v5p-32": {"data": 2, "fsdp": 8, "tensor": 1},
-    "v4-64": {"data": 4, "fsdp": 8, "tensor": 1},
+    "v5p-16": {"mesh.data": 1, "mesh.fsdp": 8, "mesh.tensor": 1},
+    "v5p-32": {"mesh.data": 2, "mesh.fsdp": 8, "mesh.tensor": 1, "actor.micro_batch_size": 16, "prm.micro_batch_size": 16},
+    "v4-64": {"mesh.data": 1, "mesh.fsdp": 32, "mesh.tensor": 1, "actor.micro_batch_size": 32, "prm.micro_batch_size": 32},
 }
