@@ -9,6 +9,7 @@ until `batch_size` groups are in hand; the prompts of surplus groups go back to 
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -119,8 +120,8 @@ def collect(sample: Sampler, next_prompts: Callable[[int], list[Prompt]], buffer
             pool: VerifierPool, cfg: CollectConfig, seed: int) -> tuple[Experience, list[Prompt], dict[str, float]]:
     """Collects exactly `cfg.batch_size` groups for one step. Returns (experience, new buffer, metrics).
 
-    Metrics: train_verify_score/{all,<ability>} over every generated row (pre-filter), and counts
-    of rounds, kept and topped-up groups and verifier faults.
+    Metrics: train_verify_score/{all,<ability>} over every generated row (pre-filter), counts of
+    rounds, kept and padding groups and verifier faults, and timing/verify.
     """
     target, n = cfg.batch_size, cfg.n
     kept: list[Experience] = []
@@ -128,10 +129,13 @@ def collect(sample: Sampler, next_prompts: Callable[[int], list[Prompt]], buffer
     scores: dict[str, list[float]] = {}
     faults: dict[str, int] = {}
     num_kept = rounds = 0
+    verify_s = 0.0
     while num_kept < target and rounds < cfg.max_rounds:
         prompts = buffer[:target] + next_prompts(target) if rounds == 0 else next_prompts(target)
         rollout = sample(prompts, seed * 1000 + rounds)
+        t0 = time.perf_counter()
         acc, counts = verify(rollout, prompts, n, decode, pool)
+        verify_s += time.perf_counter() - t0
         for k, v in counts.items():
             faults[k] = faults.get(k, 0) + int(v)
         for row, a in enumerate(acc):
@@ -159,4 +163,5 @@ def collect(sample: Sampler, next_prompts: Callable[[int], list[Prompt]], buffer
     metrics["train_verify_score/all"] = float(np.mean([x for v in scores.values() for x in v]))
     metrics.update({"train/gen_rounds": rounds, "train/groups_kept": min(num_kept, target), "train/groups_padding": padded})
     metrics.update({f"verifier/{k}": v for k, v in sorted(faults.items())})
+    metrics["timing/verify"] = verify_s
     return batch.groups(np.arange(target)), new_buffer, metrics

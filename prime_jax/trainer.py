@@ -63,7 +63,7 @@ class Trainer:
     def iteration(self) -> dict[str, float]:
         """One PRIME step (PRIME_SPEC §1.9); returns its metrics."""
         t = Timer()
-        with t("gen"):
+        with t("collect"):
             exp, self.buffer, metrics = collect(self.sample, self.next_prompts, self.buffer, self.p.tokenizer.decode,
                                                 self.p.pool, self.collect_cfg, seed=self.c.seed + self.step)
         batch = self.to_device(exp.device_batch())
@@ -78,6 +78,7 @@ class Trainer:
         metrics.update(response_length_metrics(exp))
         metrics.update(t.seconds)
         metrics["timing/step"] = sum(t.seconds.values())
+        metrics["timing/gen"] = metrics.pop("timing/collect") - metrics["timing/verify"]
         tokens = float(exp.mask.sum())
         metrics["throughput/gen_tokens_per_s"] = tokens * metrics["train/gen_rounds"] / max(metrics["timing/gen"], 1e-9)
         metrics["throughput/train_tokens_per_s"] = tokens / max(metrics["timing/reward_model"] + metrics["timing/update_actor"], 1e-9)
