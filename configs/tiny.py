@@ -14,7 +14,7 @@ from prime_jax.config import base_config
 def get_config() -> ml_collections.ConfigDict:
     c = base_config()
     c.workdir = "runs/tiny"
-    c.total_steps = 40
+    c.total_steps = 30
     c.model.param_dtype = "float32"
     c.model.ref_dtype = "float32"
     c.model.compute_dtype = "float32"
