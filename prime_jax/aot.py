@@ -24,7 +24,7 @@ Cost: XLA's `cost_analysis()` visits the body of every while loop once (layer sc
 decode loop...), so its FLOPs and seconds describe one pass through each loop. `program_cost` walks the
 compiled HLO with every loop at its trip count (the decode loop, which stops on data, at its limit: all
 rows run to max length) and costs each op as the compiler's roofline does, max(matmul FLOPs / peak,
-HBM bytes / bandwidth); with loops once it lands within ~25% of the compiler's optimal_seconds on the 7B
+HBM bytes / bandwidth); with loops once it lands within 20% of the compiler's optimal_seconds on the 7B
 programs. Estimated seconds are that roofline (ICI not modelled, no overlap): a lower bound on time, so
 MFU = matmul FLOPs / (seconds * peak bf16 FLOP/s) is an upper bound (rematerialisation counted as FLOPs).
 """
@@ -381,36 +381,42 @@ def _called(ins: _Instr, key: str) -> list[str]:
     return re.findall(rf"\b{key}=%?([\w.\-]+)", ins.attrs)
 
 
-def _loop_compare(root: _Instr, comps: dict[str, list[_Instr]]) -> tuple[str, list[str]] | None:
-    """(direction, [lhs, rhs]) of a loop condition's root compare, looking through a fusion that wraps it."""
-    if root.opcode == "fusion":
-        inner = comps.get(next(iter(_called(root, "calls")), ""))
-        if not inner or inner[-1].opcode != "compare":
-            return None
-        params = {i.name: int(i.args) for i in inner if i.opcode == "parameter"}
-        if any(o not in params for o in inner[-1].operands):
-            return None
-        root = dataclasses.replace(inner[-1], operands=[root.operands[params[o]] for o in inner[-1].operands])
-    direction = re.search(r"direction=(\w+)", root.attrs)
-    return (direction.group(1), root.operands) if root.opcode == "compare" and direction else None
+def _through_fusion(ins: _Instr, opcode: str, comps: dict[str, list[_Instr]]) -> _Instr | None:
+    """`ins` if it is an `opcode` op, or the `opcode` root of the fusion `ins` with its operands mapped to
+    the fusion's operands; None otherwise."""
+    if ins.opcode == opcode:
+        return ins
+    inner = comps.get(next(iter(_called(ins, "calls")), "")) if ins.opcode == "fusion" else None
+    if not inner or inner[-1].opcode != opcode:
+        return None
+    params = {i.name: int(i.args) for i in inner if i.opcode == "parameter"}
+    if any(o not in params for o in inner[-1].operands):
+        return None
+    return dataclasses.replace(inner[-1], operands=[ins.operands[params[o]] for o in inner[-1].operands])
 
 
 def _trip_count(loop: _Instr, comps: dict[str, list[_Instr]], defs: dict[str, _Instr]) -> int | None:
-    """Iterations of a counted loop (condition: counter < constant, the counter starting at a constant),
-    as `lax.scan` and `fori_loop` compile; None for any other loop (e.g. one that stops on data)."""
-    cond = comps.get(next(iter(_called(loop, "condition")), ""))
-    compare = _loop_compare(cond[-1], comps) if cond else None
-    if compare is None or compare[0] not in ("LT", "LE"):
+    """Iterations of a counted loop: condition `counter < constant`, the counter starting at a constant and
+    the body adding a constant (1 for `lax.scan` / `fori_loop`, 2 for XLA's bidirectional windowed matmuls);
+    None for any other loop (e.g. one that stops on data)."""
+    cond, body = (comps.get(next(iter(_called(loop, key)), "")) for key in ("condition", "body"))
+    compare = _through_fusion(cond[-1], "compare", comps) if cond else None
+    direction = re.search(r"direction=(\w+)", compare.attrs) if compare else None
+    if not direction or direction.group(1) not in ("LT", "LE") or not body or body[-1].opcode != "tuple":
         return None
-    counter, bound = defs.get(compare[1][0]), _constant_value(compare[1][1], defs)
+    counter, bound = defs.get(compare.operands[0]), _constant_value(compare.operands[1], defs)
     if counter is None or counter.opcode != "get-tuple-element" or bound is None:
         return None
     index = int(re.search(r"index=(\d+)", counter.attrs).group(1))
-    init = defs.get(loop.operands[0])
-    if init is None or init.opcode != "tuple" or index >= len(init.operands):
+    init, update = defs.get(loop.operands[0]), defs.get(body[-1].operands[index])
+    if init is None or init.opcode != "tuple" or update is None:
         return None
-    start = _constant_value(init.operands[index], defs)
-    return None if start is None else max(0, bound - start + (compare[0] == "LE"))
+    add = _through_fusion(update, "add", comps)
+    steps = [_constant_value(o, defs) for o in add.operands] if add else []
+    start, step = _constant_value(init.operands[index], defs), next((v for v in steps if v is not None), None)
+    if start is None or not step or step < 0:
+        return None
+    return max(0, -(-(bound - start + (direction.group(1) == "LE")) // step))
 
 
 def _op_bytes(ins: _Instr, shapes: dict[str, str], comps: dict[str, list[_Instr]]) -> float:
@@ -667,6 +673,7 @@ def format_report(r: ProgramReport, chip: Chip) -> str:
             f"code {_gib(r.code_bytes):>5}  alias {_gib(r.alias_bytes):>6}  resident {_gib(r.resident_bytes):>6}  "
             f"peak {_gib(r.peak_bytes):>6} GiB/device  fits={'yes' if r.fits(chip) else 'no'}  "
             f"{r.flops / 1e12:9.1f} TFLOP/device  ~{r.seconds:8.2f} s  MFU {100 * r.mfu(chip):5.1f}%  "
+            f"{f'({r.cost.unknown_loops} data-dependent loop(s) at their limit) ' if r.cost.unknown_loops else ''}"
             f"(loop bodies once: {r.cost.flops_once / 1e12:.2f} TFLOP, {r.cost.seconds_once:.3g} s; compiler's "
             f"cost_analysis: {r.compiler_flops / 1e12:.2f} TFLOP, {r.compiler_seconds:.3g} s; compile {r.compile_seconds:.0f} s)")
 
@@ -689,7 +696,8 @@ def markdown_rows(c: ml_collections.ConfigDict, topology: Topology, reports: Seq
         cells = [topology.slice_name, f"`{topology.name}`", mesh, micro, r.name, _gib(r.argument_bytes),
                  _gib(r.temp_bytes), _gib(r.resident_bytes)]
         if r.error:
-            cells += [f">= {_gib(r.peak_bytes)}", f"{chip.hbm_bytes // GIB}", "**no** (compiler: out of HBM)", "-", "-", "-"]
+            why = "compiler: out of HBM" if "RESOURCE_EXHAUSTED" in r.error else r.error
+            cells += [f">= {_gib(r.peak_bytes)}", f"{chip.hbm_bytes // GIB}", f"**no** ({why})", "-", "-", "-"]
         else:
             cells += [_gib(r.peak_bytes), f"{chip.hbm_bytes // GIB}", "yes" if r.fits(chip) else "**no**",
                       f"{r.flops / 1e12:.0f}", f"{r.seconds:.1f}", f"{100 * r.mfu(chip):.0f}%"]
