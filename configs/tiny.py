@@ -25,7 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.source = "synthetic"
     c.data.max_prompt_length = 96
     c.synthetic.train_size = 4000
-    c.synthetic.val_size = 256
+    c.synthetic.val_size = 128
     c.synthetic.math_frac = 0.5
     # One operation per task ("Compute 7 * 3.", "Write a function f(x) that returns x * 3."): a 1M-parameter
     # model gets the format and the copying right in a 200-step warm start, but not all arithmetic facts.
