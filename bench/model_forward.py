@@ -10,7 +10,6 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -21,17 +20,10 @@ import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from prime_jax.models import load_pretrained  # noqa: E402
+from bench.common import median_seconds  # noqa: E402
 from tests.fixtures import tiny_config, write_hf_checkpoint  # noqa: E402
 
 
-def median_seconds(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
 
 
 def main() -> None:

@@ -15,7 +15,6 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -27,18 +26,10 @@ import transformers  # noqa: E402
 
 from prime_jax.models import load_pretrained  # noqa: E402
 from prime_jax.sampling import generate  # noqa: E402
+from bench.common import median_seconds  # noqa: E402
 from tests.fixtures import tiny_config, write_hf_checkpoint  # noqa: E402
 
 
-def median_seconds(fn, repeats: int, warmup=None) -> float:
-    """Median wall time of `repeats` calls after one untimed warm-up call (`warmup`, default `fn`: compiles)."""
-    (warmup or fn)()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
 
 
 def main() -> None:
