@@ -24,9 +24,10 @@ Cost: XLA's `cost_analysis()` visits the body of every while loop once (layer sc
 decode loop...), so its FLOPs and seconds describe one pass through each loop. `program_cost` walks the
 compiled HLO with every loop at its trip count (the decode loop, which stops on data, at its limit: all
 rows run to max length) and costs each op as the compiler's roofline does, max(matmul FLOPs / peak,
-HBM bytes / bandwidth); with loops once it lands within 20% of the compiler's optimal_seconds on the 7B
-programs. Estimated seconds are that roofline (ICI not modelled, no overlap): a lower bound on time, so
-MFU = matmul FLOPs / (seconds * peak bf16 FLOP/s) is an upper bound (rematerialisation counted as FLOPs).
+HBM bytes / bandwidth); with loops once it lands within 20% of the compiler's optimal_seconds on the
+v5p 7B programs (libtpu's v4 and v5e cost models report negative seconds). Estimated seconds are that
+roofline (ICI not modelled, no overlap): a lower bound on time, so MFU = matmul FLOPs / (seconds * peak
+bf16 FLOP/s) is an upper bound (rematerialisation counted as FLOPs).
 """
 
 from __future__ import annotations
@@ -117,7 +118,8 @@ class Topology:
 
         # No chip is ever opened: several processes may load libtpu at once, and libtpu's start-up is told
         # there are no TPU workers to look for (it would warn that it cannot find them). Restored after.
-        quiet = {"ALLOW_MULTIPLE_LIBTPU_LOAD": "1", "TPU_ACCELERATOR_TYPE": self.slice_name, "TPU_WORKER_HOSTNAMES": "localhost"}
+        quiet = {"ALLOW_MULTIPLE_LIBTPU_LOAD": "1", "TPU_ACCELERATOR_TYPE": self.slice_name,
+                 "TPU_WORKER_HOSTNAMES": "localhost"}
         saved = {k: os.environ.get(k) for k in quiet}
         os.environ.update({k: v for k, v in quiet.items() if saved[k] is None})
         try:
@@ -128,7 +130,7 @@ class Topology:
                 if v is None:
                     os.environ.pop(k, None)
         if len(desc.devices) != self.num_chips:
-            raise RuntimeError(f"libtpu gave {len(desc.devices)} devices for {self.name}, expected {self.num_chips} chips")
+            raise RuntimeError(f"libtpu gave {len(desc.devices)} devices for {self.name}, expected {self.num_chips}")
         return list(desc.devices)
 
 
@@ -199,7 +201,8 @@ class AbstractRun:
 
 
 def abstract_run(c: ml_collections.ConfigDict, mesh: Mesh) -> AbstractRun:
-    """Policy and PRM train states (params + Adam) and the frozen reference, sharded as `components.build` shards them."""
+    """Policy and PRM train states (params + Adam) and the frozen reference, sharded as `components.build`
+    shards them."""
     graphdef, params = nnx.split(abstract_model(model_config(c, c.model.param_dtype)))
     _, ref = nnx.split(abstract_model(model_config(c, c.model.ref_dtype)))
     params = _with_shardings(params, state_shardings(params, mesh))
@@ -209,7 +212,8 @@ def abstract_run(c: ml_collections.ConfigDict, mesh: Mesh) -> AbstractRun:
         state = jax.eval_shape(lambda p: init_train_state(p, tx), params)
         return _with_shardings(state, train_state_shardings(state, mesh))
 
-    return AbstractRun(graphdef, train_state(policy_tx), train_state(prm_tx), _with_shardings(ref, state_shardings(ref, mesh)))
+    ref = _with_shardings(ref, state_shardings(ref, mesh))
+    return AbstractRun(graphdef, train_state(policy_tx), train_state(prm_tx), ref)
 
 
 def bytes_per_device(tree: Any) -> int:
@@ -227,7 +231,9 @@ def _key(mesh: Mesh) -> jax.ShapeDtypeStruct:
 
 
 def _batch(mesh: Mesh, rows: int, shapes: dict[str, tuple[tuple[int, ...], Any]]) -> dict[str, jax.ShapeDtypeStruct]:
-    return {k: jax.ShapeDtypeStruct((rows, *s), d, sharding=batch_sharding(mesh, 1 + len(s))) for k, (s, d) in shapes.items()}
+    """{name: (row shape, dtype)} -> [rows, *row shape] arrays split over the data axes."""
+    return {k: jax.ShapeDtypeStruct((rows, *s), d, sharding=batch_sharding(mesh, 1 + len(s)))
+            for k, (s, d) in shapes.items()}
 
 
 # --- loop-aware cost of a compiled program -------------------------------------------------------
@@ -468,8 +474,10 @@ def program_cost(hlo_text: str, peak_flops: float, hbm_bandwidth: float, unknown
     defs = {ins.name: ins for name, instrs in comps.items() if name != "__entry__" for ins in instrs}
     shapes = {name: ins.shape for name, ins in defs.items()}
 
-    def fused_flops(comp: str) -> float:
-        return sum(_matmul_flops(i, shapes) + sum(fused_flops(c) for c in _called(i, "calls")) for i in comps.get(comp, []))
+    def flops_of(ins: _Instr) -> float:
+        """Matmul FLOPs of an op, including those inside the computations a fusion calls."""
+        inner = [i for c in _called(ins, "calls") for i in comps.get(c, [])] if ins.opcode == "fusion" else []
+        return _matmul_flops(ins, shapes) + sum(flops_of(i) for i in inner)
 
     totals = np.zeros(4)  # flops once, seconds once, flops, seconds
     unknown = 0
@@ -490,7 +498,7 @@ def program_cost(hlo_text: str, peak_flops: float, hbm_bandwidth: float, unknown
                 stack.extend((c, mult) for key in ("true_computation", "false_computation") for c in _called(ins, key))
             if ins.opcode in _FREE:
                 continue
-            flops = _matmul_flops(ins, shapes) + (sum(fused_flops(c) for c in _called(ins, "calls")) if ins.opcode == "fusion" else 0)
+            flops = flops_of(ins)
             seconds = max(flops / peak_flops, _op_bytes(ins, shapes, comps) / hbm_bandwidth)
             totals += (flops, seconds, flops * mult, seconds * mult)
     return ProgramCost(*totals.tolist(), unknown_loops=unknown)
@@ -518,7 +526,8 @@ class ProgramReport:
 
     @property
     def peak_bytes(self) -> int:
-        return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes + self.code_bytes + self.resident_bytes
+        return (self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes + self.code_bytes
+                + self.resident_bytes)
 
     def fits(self, chip: Chip) -> bool:
         return not self.error and self.peak_bytes <= chip.hbm_bytes
@@ -564,7 +573,8 @@ def compile_program(name: str, fn: Any, args: tuple, kwargs: dict[str, Any], chi
             raise
         report.compile_seconds = time.perf_counter() - t0
         report.error = " ".join(message.split())[:300]
-        report.argument_bytes = bytes_per_device([x for x in jax.tree.leaves(args) if isinstance(x, jax.ShapeDtypeStruct)])
+        arrays = [x for x in jax.tree.leaves(args) if isinstance(x, jax.ShapeDtypeStruct)]  # not the graphdef
+        report.argument_bytes = bytes_per_device(arrays)
         report.temp_bytes = _oom_temp_bytes(message)
         return report, lowered, None
     report.compile_seconds = time.perf_counter() - t0
@@ -597,7 +607,8 @@ def sampling_params(c: ml_collections.ConfigDict, cfg: ModelConfig) -> SamplingP
 
 
 def compile_run(c: ml_collections.ConfigDict, topology: Topology, programs: Sequence[str] = PROGRAMS,
-                sampler_prompts: int = 0, hlo_dir: str = "", log: Callable[[str], None] = lambda s: None) -> list[ProgramReport]:
+                sampler_prompts: int = 0, hlo_dir: str = "",
+                log: Callable[[str], None] = lambda s: None) -> list[ProgramReport]:
     """Compiles the run's programs for `topology`; one report per program (in PROGRAMS order).
 
     sampler_prompts: prompts per sampler call (default 0: train.batch_size, one call per round as the
@@ -620,7 +631,8 @@ def compile_run(c: ml_collections.ConfigDict, topology: Topology, programs: Sequ
     cfg = model_config(c, c.model.param_dtype)
     sampler = dict(n=c.rollout.n_samples, max_new_tokens=r_len, sampling=sampling_params(c, cfg), pad_id=0)
     policy_rest = bytes_per_device((run.policy.opt_state, run.policy.step))
-    prm_all, ref_all, policy_all = bytes_per_device(run.prm), bytes_per_device(run.ref_params), bytes_per_device(run.policy)
+    prm_all, ref_all = bytes_per_device(run.prm), bytes_per_device(run.ref_params)
+    policy_all = bytes_per_device(run.policy)
     key = _key(mesh)
     sampler_resident = prm_all + ref_all + policy_rest  # the policy params are the sampler's argument
     reports: dict[str, ProgramReport] = {}
@@ -634,8 +646,9 @@ def compile_run(c: ml_collections.ConfigDict, topology: Topology, programs: Sequ
         log("compiling sampler_prefill ...")
         with jax.set_mesh(mesh):  # as `generate` calls them: sampler state constrained to the batch axes
             report, lowered, compiled = compile_program(
-                "sampler_prefill", prefill, (run.graphdef, run.policy.params, prompt_batch["tokens"], prompt_batch["mask"], key),
-                sampler, chip, sampler_resident, hlo_dir=hlo_dir)
+                "sampler_prefill", prefill,
+                (run.graphdef, run.policy.params, prompt_batch["tokens"], prompt_batch["mask"], key), sampler, chip,
+                sampler_resident, hlo_dir=hlo_dir)
             if "sampler_prefill" in programs:
                 done(report)
             if "sampler_decode" in programs and compiled is None:
@@ -669,13 +682,15 @@ def format_report(r: ProgramReport, chip: Chip) -> str:
     if r.error:
         return (f"{r.name:<16} args {_gib(r.argument_bytes):>6}  temp {_gib(r.temp_bytes):>6}  resident "
                 f"{_gib(r.resident_bytes):>6}  peak >= {_gib(r.peak_bytes)} GiB/device  fits=no  ({r.error})")
-    return (f"{r.name:<16} args {_gib(r.argument_bytes):>6}  out {_gib(r.output_bytes):>6}  temp {_gib(r.temp_bytes):>6}  "
+    return (f"{r.name:<16} args {_gib(r.argument_bytes):>6}  out {_gib(r.output_bytes):>6}  "
+            f"temp {_gib(r.temp_bytes):>6}  "
             f"code {_gib(r.code_bytes):>5}  alias {_gib(r.alias_bytes):>6}  resident {_gib(r.resident_bytes):>6}  "
             f"peak {_gib(r.peak_bytes):>6} GiB/device  fits={'yes' if r.fits(chip) else 'no'}  "
             f"{r.flops / 1e12:9.1f} TFLOP/device  ~{r.seconds:8.2f} s  MFU {100 * r.mfu(chip):5.1f}%  "
             f"{f'({r.cost.unknown_loops} data-dependent loop(s) at their limit) ' if r.cost.unknown_loops else ''}"
             f"(loop bodies once: {r.cost.flops_once / 1e12:.2f} TFLOP, {r.cost.seconds_once:.3g} s; compiler's "
-            f"cost_analysis: {r.compiler_flops / 1e12:.2f} TFLOP, {r.compiler_seconds:.3g} s; compile {r.compile_seconds:.0f} s)")
+            f"cost_analysis: {r.compiler_flops / 1e12:.2f} TFLOP, {r.compiler_seconds:.3g} s; "
+            f"compile {r.compile_seconds:.0f} s)")
 
 
 def summary_line(topology: Topology, reports: Sequence[ProgramReport]) -> str:
@@ -726,7 +741,8 @@ def load_config_file(path: str) -> tuple[ml_collections.ConfigDict, dict[str, di
     return module.get_config(), plans
 
 
-def config_for(base: ml_collections.ConfigDict, plan: dict[str, Any], overrides: dict[str, Any]) -> ml_collections.ConfigDict:
+def config_for(base: ml_collections.ConfigDict, plan: dict[str, Any],
+               overrides: dict[str, Any]) -> ml_collections.ConfigDict:
     """`base` with a sharding plan applied, then the command line's overrides again (they win)."""
     from prime_jax.config import validate
 
@@ -744,16 +760,18 @@ def config_for(base: ml_collections.ConfigDict, plan: dict[str, Any], overrides:
 
 def run_topology(base: ml_collections.ConfigDict, plans: dict[str, dict[str, Any]], overrides: dict[str, Any],
                  topology: Topology, programs: Sequence[str], use_plan: bool = True, sampler_prompts: int = 0,
-                 hlo_dir: str = "", log: Callable[[str], None] = print) -> tuple[ml_collections.ConfigDict, list[ProgramReport]]:
+                 hlo_dir: str = "",
+                 log: Callable[[str], None] = print) -> tuple[ml_collections.ConfigDict, list[ProgramReport]]:
     """Compiles the programs for one slice (with its SHARDING plan when there is one) and logs them."""
     plan = plans.get(topology.slice_name, {}) if use_plan else {}
     c = config_for(base, plan, overrides)
     chip = topology.chip
     log(f"AOT {topology.slice_name} ({topology.name}: {topology.num_chips} chips, {chip.hbm_bytes / GIB:.0f} GiB HBM, "
         f"{chip.peak_flops / 1e12:.0f} TFLOP/s bf16 each); mesh {dict(c.mesh)}; plan {plan or 'none'}")
-    log(f"  {sampler_prompts or c.train.batch_size} prompts x {c.rollout.n_samples} samples per sampler call, prompt {c.data.max_prompt_length} + response "
-        f"{c.rollout.max_response_length}; micro-batch PRM {c.prm.micro_batch_size} / actor {c.actor.micro_batch_size}")
-    reports = compile_run(c, topology, programs, sampler_prompts, hlo_dir, log=lambda s: log("  " + s) if not s.startswith("compiling") else None)
+    log(f"  {sampler_prompts or c.train.batch_size} prompts x {c.rollout.n_samples} samples per sampler call, "
+        f"prompt {c.data.max_prompt_length} + response {c.rollout.max_response_length}; "
+        f"micro-batch PRM {c.prm.micro_batch_size} / actor {c.actor.micro_batch_size}")
+    reports = compile_run(c, topology, programs, sampler_prompts, hlo_dir, log=lambda s: log("  " + s))
     return c, reports
 
 
@@ -769,7 +787,8 @@ def main(argv: Sequence[str]) -> None:
     overrides = config_flags.get_override_values(FLAGS["config"])
     programs = [p for p in FLAGS.programs.split(",") if p]
 
-    def run(topology: Topology, log: Callable[[str], None] = print) -> tuple[ml_collections.ConfigDict, list[ProgramReport]]:
+    def run(topology: Topology,
+            log: Callable[[str], None] = print) -> tuple[ml_collections.ConfigDict, list[ProgramReport]]:
         hlo_dir = os.path.join(FLAGS.hlo_dir, topology.slice_name) if FLAGS.hlo_dir else ""
         return run_topology(FLAGS.config, plans, overrides, topology, programs, FLAGS.plan, FLAGS.sampler_prompts,
                             hlo_dir, log)
@@ -807,7 +826,8 @@ def _define_flags() -> None:
     flags.DEFINE_bool("plan", True, "apply the config's SHARDING plan for the slice, when it has one "
                       "(--config.* overrides still win)")
     flags.DEFINE_string("table", "", "comma-separated slices/topologies: print markdown table rows (docs/aot.md)")
-    flags.DEFINE_string("smallest", "", "a generation (v5p, v4, v5e, v6e): compile on ever larger slices until one fits")
+    flags.DEFINE_string("smallest", "", "a generation (v5p, v4, v5e, v6e): compile on ever larger slices "
+                        "until one fits")
     flags.DEFINE_integer("max_chips", 256, "largest slice --smallest tries")
     flags.DEFINE_string("hlo_dir", "", "write each compiled program's HLO to <hlo_dir>/<slice>/<program>.hlo.txt")
     flags.DEFINE_integer("sampler_prompts", 0, "prompts per sampler call (0: train.batch_size, as the trainer samples)")
