@@ -148,6 +148,17 @@ def test_oom_message_is_read():
     assert aot._oom_temp_bytes("RESOURCE_EXHAUSTED: something else") == 0
 
 
+def test_plans_and_program_names_are_checked():
+    base, plans = aot.load_config_file(QWEN7B)
+    assert {"v5p-16", "v5p-32", "v4-64"} <= set(plans)
+    c = aot.config_for(base, plans["v5p-32"], {"actor.micro_batch_size": 32})
+    assert (c.mesh.data, c.mesh.fsdp, c.prm.micro_batch_size, c.actor.micro_batch_size) == (2, 8, 16, 32)  # flags win
+    with pytest.raises(ValueError, match="'mesh.nope'"):
+        aot.config_for(base, {"mesh.nope": 2}, {})
+    with pytest.raises(ValueError, match="--programs: unknown"):
+        aot.compile_run(base, aot.parse_topology("v5p-8"), ["sampler"])
+
+
 # --- the shrunk qwen7b programs on a v5p-8 -----------------------------------------------------------
 
 def _shrunk_qwen7b() -> ml_collections.ConfigDict:
@@ -172,6 +183,17 @@ def test_shrunk_qwen7b_compiles_and_fits(compiled_shrunk):
     assert m and m.group(1) == "v5p:2x2x1" and m.group(2) == "yes"
     assert int(m.group(3)) == max(r.peak_bytes for r in reports.values())
     assert int(m.group(4)) == 95 * 2**30
+
+
+def test_markdown_rows_fill_the_table_header(compiled_shrunk):
+    c, topology, reports = compiled_shrunk
+    rows = aot.markdown_rows(c, topology, list(reports.values()))
+    columns = [h.strip() for h in aot.TABLE_HEADER.splitlines()[0].strip("|").split("|")]
+    assert len(rows) == 4
+    for row, r in zip(rows, reports.values()):
+        cells = dict(zip(columns, (x.strip() for x in row.strip("|").split("|")), strict=True))
+        assert (cells["slice"], cells["program"], cells["fits"], cells["HBM GiB"]) == ("v5p-8", r.name, "yes", "95")
+        assert float(cells["peak GiB/chip"]) == pytest.approx(r.peak_bytes / 2**30, abs=0.01)
 
 
 def test_compiler_bytes_match_hand_computed_sizes(compiled_shrunk):
