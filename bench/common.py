@@ -18,3 +18,11 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: Callable[[], 
         fn()
         times.append(time.perf_counter() - t0)
     return float(np.median(times))
+
+
+def bench_model_config():
+    """The model the throughput benches share: Qwen2 architecture, d=256, 4 layers, 8/2 heads, vocab 4096."""
+    from tests.fixtures import tiny_config
+
+    return tiny_config(vocab_size=4096, hidden_size=256, intermediate_size=704, num_layers=4, num_heads=8,
+                       num_kv_heads=2, head_dim=32, logits_chunk=1024)

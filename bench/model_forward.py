@@ -20,8 +20,8 @@ import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from prime_jax.models import load_pretrained  # noqa: E402
-from bench.common import median_seconds  # noqa: E402
-from tests.fixtures import tiny_config, write_hf_checkpoint  # noqa: E402
+from bench.common import bench_model_config, median_seconds  # noqa: E402
+from tests.fixtures import write_hf_checkpoint  # noqa: E402
 
 
 
@@ -32,8 +32,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
-    cfg = tiny_config(vocab_size=4096, hidden_size=256, intermediate_size=704, num_layers=4, num_heads=8,
-                      num_kv_heads=2, head_dim=32, logits_chunk=1024)
+    cfg = bench_model_config()
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (args.batch, args.seq)).astype(np.int32)
     mask = np.ones_like(tokens)
     with tempfile.TemporaryDirectory() as d:

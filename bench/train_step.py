@@ -32,7 +32,8 @@ from prime_jax.rewards.implicit_prm import PrmStepConfig, make_prm_step  # noqa:
 from prime_jax.rl.optim import (OptimConfig, init_train_state, make_lr_schedule, make_optimizer,  # noqa: E402
                                 shard_train_state)
 from prime_jax.rl.ppo import PpoStepConfig, make_ppo_step  # noqa: E402
-from tests.fixtures import tiny_config, write_hf_checkpoint  # noqa: E402
+from bench.common import bench_model_config  # noqa: E402
+from tests.fixtures import write_hf_checkpoint  # noqa: E402
 
 POLICY_OPTIM = OptimConfig(lr=5e-7, weight_decay=0.01, grad_clip=1.0)
 PRM_OPTIM = OptimConfig(lr=1e-6, weight_decay=0.0, grad_clip=10.0)
@@ -184,8 +185,7 @@ def main() -> None:
     ap.add_argument("--response", type=int, default=192)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    cfg = tiny_config(vocab_size=4096, hidden_size=256, intermediate_size=704, num_layers=4, num_heads=8,
-                      num_kv_heads=2, head_dim=32, logits_chunk=1024)
+    cfg = bench_model_config()
     batch = make_batch(args.rows, args.prompt, args.response, cfg.vocab_size)
     tokens = args.rows * (args.prompt + args.response)
     with tempfile.TemporaryDirectory() as d:
