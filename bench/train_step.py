@@ -196,7 +196,7 @@ def main() -> None:
           f"({args.prompt} prompt + {args.response} response) tokens, mini {args.mini}, micro {args.micro}; "
           f"{jax.devices()[0].platform} x{len(jax.devices())}, torch threads {torch.get_num_threads()}")
     for name in ("ppo", "prm"):
-        (j_first, j), (t_first, t) = ours[name], theirs[name]
+        (j_first, j), (_, t) = ours[name], theirs[name]
         print(f"{name}_step: prime_jax {tokens / j:,.0f} tok/s (first call {j_first:.1f} s, incl. compile) | "
               f"torch {tokens / t:,.0f} tok/s | ratio {t / j:.2f}x")
 

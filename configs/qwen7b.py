@@ -2,7 +2,8 @@
 
 256 prompts x 4 samples per step, prompt 1024 / response 3072 tokens, beta 0.05, policy lr 5e-7,
 PRM lr 1e-6, RLOO on process + outcome rewards, online filter 0.2-0.8, 592 steps.
-Sized for a TPU v5p-16 (8 chips, 95 GiB HBM each) or larger; see README "Run on a TPU pod"
+Sized for a TPU v5p-16 (8 chips, 95 GiB HBM each) or larger, or a v5p-8 sampling 64 prompts per call
+(SHARDING below); see README "Run on a TPU pod"
 and the AOT table (`python -m prime_jax.aot --config=configs/qwen7b.py`).
     python -m prime_jax.main --config=configs/qwen7b.py --config.model.path=/path/to/Eurus-2-7B-SFT \
         --config.data.train_files=/path/to/Eurus-2-RL-Data/train.parquet --config.data.val_files=...
@@ -28,7 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.train_files = "data/eurus2_rl/train.parquet"
     c.data.val_files = "data/eurus2_rl/validation.parquet"
     c.verifier.num_workers = 64
-    # v5p-16 (8 chips): FSDP over all chips. v5p-32 / v4-64: see SHARDING below.
+    # v5p-16 (8 chips): FSDP over all chips. v5p-8 / v5p-32 / v4-64: see SHARDING below.
     c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
     return c
 
@@ -37,6 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
 # applies the plan of the slice it compiles for. To train with one, pass the same keys to main, e.g.
 # --config.mesh.data=2 --config.mesh.fsdp=8 --config.actor.micro_batch_size=16 --config.prm.micro_batch_size=16.
 SHARDING = {
+    "v5p-8": {"mesh.data": 1, "mesh.fsdp": 4, "mesh.tensor": 1, "rollout.prompts_per_call": 64},
     "v5p-16": {"mesh.data": 1, "mesh.fsdp": 8, "mesh.tensor": 1},
     "v5p-32": {"mesh.data": 2, "mesh.fsdp": 8, "mesh.tensor": 1, "actor.micro_batch_size": 16, "prm.micro_batch_size": 16},
     "v4-64": {"mesh.data": 1, "mesh.fsdp": 32, "mesh.tensor": 1, "actor.micro_batch_size": 32, "prm.micro_batch_size": 32},

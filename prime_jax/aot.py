@@ -8,7 +8,7 @@
 No weights and no TPU: the policy, PRM and reference are ShapeDtypeStructs sharded over a mesh of the
 topology's compile-only devices (`jax.experimental.topologies`), and the four programs of a PRIME step,
 built exactly as the trainer builds them, are lowered and compiled by libtpu with the config's real
-shapes: sampler prefill and decode (train.batch_size prompts x rollout.n_samples, prompt
+shapes: sampler prefill and decode (rollout.prompts_per_call prompts x rollout.n_samples, prompt
 data.max_prompt_length, response rollout.max_response_length), PRM step and PPO step (B = batch_size * n
 rows). Everything else runs on the CPU backend (JAX_PLATFORMS=cpu is fine; the topology API ignores it).
 
@@ -17,8 +17,8 @@ plus the bytes of the other states that stay resident on the device while it run
 Adam moments during sampling). peak = arguments + outputs - aliased + temporaries + code + resident;
 it fits when peak <= the chip's HBM.
 
-Prompts per sampler call default to train.batch_size, as the trainer samples a round in one call;
---sampler_prompts models sampling in chunks (fewer) or a first round that includes the prompt buffer (more).
+The sampler programs are compiled for one call of `rollout.prompts_per_call` prompts (at most and by
+default train.batch_size), the shape of every sampler call the trainer makes.
 
 Cost: XLA's `cost_analysis()` visits the body of every while loop once (layer scan, micro-batch scan,
 decode loop...), so its FLOPs and seconds describe one pass through each loop. `program_cost` walks the
@@ -53,7 +53,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from prime_jax.memory_plan import architecture
 from prime_jax.mesh import batch_sharding, data_parallel_size, make_mesh, state_shardings
 from prime_jax.models import ModelConfig, abstract_model
-from prime_jax.programs import make_programs, optimizers, rows_per_step, validate_programs
+from prime_jax.programs import make_programs, optimizers, rows_per_step, sampler_prompts, validate_programs
 from prime_jax.rl.optim import TrainState, init_train_state, train_state_shardings
 from prime_jax.sampling import SamplingParams, decode, prefill
 
@@ -607,12 +607,8 @@ def sampling_params(c: ml_collections.ConfigDict, cfg: ModelConfig) -> SamplingP
 
 
 def compile_run(c: ml_collections.ConfigDict, topology: Topology, programs: Sequence[str] = PROGRAMS,
-                sampler_prompts: int = 0, hlo_dir: str = "",
-                log: Callable[[str], None] = lambda s: None) -> list[ProgramReport]:
-    """Compiles the run's programs for `topology`; one report per program (in PROGRAMS order).
-
-    sampler_prompts: prompts per sampler call (default 0: train.batch_size, one call per round as the
-    trainer samples; more models the first round's prompt buffer, fewer a trainer sampling in chunks)."""
+                hlo_dir: str = "", log: Callable[[str], None] = lambda s: None) -> list[ProgramReport]:
+    """Compiles the run's programs for `topology`; one report per program (in PROGRAMS order)."""
     unknown = [p for p in programs if p not in PROGRAMS]
     if unknown:
         raise ValueError(f"--programs: unknown {unknown} (known: {list(PROGRAMS)})")
@@ -626,7 +622,7 @@ def compile_run(c: ml_collections.ConfigDict, topology: Topology, programs: Sequ
                                       "old_logp": ((r_len,), jnp.float32), "acc": ((), jnp.float32)})
     ppo_batch = {**train_batch, **_batch(mesh, rows, {"advantages": ((r_len,), jnp.float32)})}
     dp = data_parallel_size(mesh)
-    prompts = -(-(sampler_prompts or c.train.batch_size) // dp) * dp  # generate pads prompts to the dp size
+    prompts = -(-sampler_prompts(c) // dp) * dp  # generate pads each call's prompts to the dp size
     prompt_batch = _batch(mesh, prompts, {"tokens": ((p_len,), jnp.int32), "mask": ((p_len,), jnp.int32)})
     cfg = model_config(c, c.model.param_dtype)
     sampler = dict(n=c.rollout.n_samples, max_new_tokens=r_len, sampling=sampling_params(c, cfg), pad_id=0)
@@ -708,7 +704,7 @@ def markdown_rows(c: ml_collections.ConfigDict, topology: Topology, reports: Seq
     micro = f"{c.prm.micro_batch_size}/{c.actor.micro_batch_size}"
     rows = []
     for r in reports:
-        cells = [topology.slice_name, f"`{topology.name}`", mesh, micro, r.name, _gib(r.argument_bytes),
+        cells = [topology.slice_name, f"`{topology.name}`", mesh, micro, str(sampler_prompts(c)), r.name, _gib(r.argument_bytes),
                  _gib(r.temp_bytes), _gib(r.resident_bytes)]
         if r.error:
             why = "compiler: out of HBM" if "RESOURCE_EXHAUSTED" in r.error else r.error
@@ -720,9 +716,9 @@ def markdown_rows(c: ml_collections.ConfigDict, topology: Topology, reports: Seq
     return rows
 
 
-TABLE_HEADER = ("| slice | topology | mesh | micro-batch PRM/actor | program | args GiB | temp GiB | resident GiB | "
-                "peak GiB/chip | HBM GiB | fits | TFLOP/chip | est. s | est. MFU | compile s |\n"
-                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+TABLE_HEADER = ("| slice | topology | mesh | micro-batch PRM/actor | prompts/call | program | args GiB | temp GiB | "
+                "resident GiB | peak GiB/chip | HBM GiB | fits | TFLOP/chip | est. s | est. MFU | compile s |\n"
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def load_config_file(path: str) -> tuple[ml_collections.ConfigDict, dict[str, dict[str, Any]]]:
@@ -759,8 +755,7 @@ def config_for(base: ml_collections.ConfigDict, plan: dict[str, Any],
 
 
 def run_topology(base: ml_collections.ConfigDict, plans: dict[str, dict[str, Any]], overrides: dict[str, Any],
-                 topology: Topology, programs: Sequence[str], use_plan: bool = True, sampler_prompts: int = 0,
-                 hlo_dir: str = "",
+                 topology: Topology, programs: Sequence[str], use_plan: bool = True, hlo_dir: str = "",
                  log: Callable[[str], None] = print) -> tuple[ml_collections.ConfigDict, list[ProgramReport]]:
     """Compiles the programs for one slice (with its SHARDING plan when there is one) and logs them."""
     plan = plans.get(topology.slice_name, {}) if use_plan else {}
@@ -768,10 +763,10 @@ def run_topology(base: ml_collections.ConfigDict, plans: dict[str, dict[str, Any
     chip = topology.chip
     log(f"AOT {topology.slice_name} ({topology.name}: {topology.num_chips} chips, {chip.hbm_bytes / GIB:.0f} GiB HBM, "
         f"{chip.peak_flops / 1e12:.0f} TFLOP/s bf16 each); mesh {dict(c.mesh)}; plan {plan or 'none'}")
-    log(f"  {sampler_prompts or c.train.batch_size} prompts x {c.rollout.n_samples} samples per sampler call, "
+    log(f"  {sampler_prompts(c)} prompts x {c.rollout.n_samples} samples per sampler call, "
         f"prompt {c.data.max_prompt_length} + response {c.rollout.max_response_length}; "
         f"micro-batch PRM {c.prm.micro_batch_size} / actor {c.actor.micro_batch_size}")
-    reports = compile_run(c, topology, programs, sampler_prompts, hlo_dir, log=lambda s: log("  " + s))
+    reports = compile_run(c, topology, programs, hlo_dir, log=lambda s: log("  " + s))
     return c, reports
 
 
@@ -790,8 +785,7 @@ def main(argv: Sequence[str]) -> None:
     def run(topology: Topology,
             log: Callable[[str], None] = print) -> tuple[ml_collections.ConfigDict, list[ProgramReport]]:
         hlo_dir = os.path.join(FLAGS.hlo_dir, topology.slice_name) if FLAGS.hlo_dir else ""
-        return run_topology(FLAGS.config, plans, overrides, topology, programs, FLAGS.plan, FLAGS.sampler_prompts,
-                            hlo_dir, log)
+        return run_topology(FLAGS.config, plans, overrides, topology, programs, FLAGS.plan, hlo_dir, log)
 
     if FLAGS.table:  # markdown on stdout, progress on stderr
         print(TABLE_HEADER, flush=True)
@@ -830,7 +824,6 @@ def _define_flags() -> None:
                         "until one fits")
     flags.DEFINE_integer("max_chips", 256, "largest slice --smallest tries")
     flags.DEFINE_string("hlo_dir", "", "write each compiled program's HLO to <hlo_dir>/<slice>/<program>.hlo.txt")
-    flags.DEFINE_integer("sampler_prompts", 0, "prompts per sampler call (0: train.batch_size, as the trainer samples)")
 
 
 if __name__ == "__main__":

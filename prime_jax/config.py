@@ -54,6 +54,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.rollout.top_p = 1.0
     c.rollout.top_k = 0
     c.rollout.max_response_length = 3072
+    c.rollout.prompts_per_call = 0      # prompts per sampler call, <= train.batch_size (0: all); fewer bound the KV cache
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 256            # prompts per step; the learner sees batch_size * n_samples rows
@@ -167,6 +168,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
         _fail("rollout.n_samples", f"{c.algorithm.adv_estimator} needs at least 2 samples per prompt, got {n}")
     if c.algorithm.process_formula not in ("reference", "paper"):
         _fail("algorithm.process_formula", f"{c.algorithm.process_formula!r} is not one of reference, paper")
+    if c.rollout.prompts_per_call < 0:
+        _fail("rollout.prompts_per_call", f"must be >= 0 (0: train.batch_size), got {c.rollout.prompts_per_call}")
     if c.rollout.temperature < 0:
         _fail("rollout.temperature", f"must be >= 0, got {c.rollout.temperature}")
     if not 0 < c.rollout.top_p <= 1:

@@ -26,18 +26,17 @@ from prime_jax.sampling import generate, length_buckets
 def score_examples(model: Decoder, tokenizer: Tokenizer, examples: Sequence[Example], pool: VerifierPool, *,
                    max_new_tokens: int, k: int = 1, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
                    batch_size: int = 64, mesh: Mesh | None = None) -> np.ndarray:
-    """Outcome score of k responses per example. -> [len(examples), k] float32."""
-    out = []
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start:start + batch_size]
-        prompts = [Prompt(ex, tuple(tokenizer.encode(tokenizer.apply_chat_template(ex.prompt)))) for ex in chunk]
-        longest = max(len(p.ids) for p in prompts)
-        rollout = generate(model, [list(p.ids) for p in prompts], n=k, max_new_tokens=max_new_tokens,
-                           temperature=temperature, top_p=top_p, stop_ids=tokenizer.eos_ids, seed=seed + start,
-                           pad_id=tokenizer.pad_id, mesh=mesh, buckets=length_buckets(max(1024, longest)))
-        acc, _ = verify(rollout, prompts, k, tokenizer.decode, pool)
-        out.append(acc.reshape(len(chunk), k))
-    return np.concatenate(out) if out else np.zeros((0, k), np.float32)
+    """Outcome score of k responses per example, sampled `batch_size` prompts per call. -> [len(examples), k] float32."""
+    if not examples:
+        return np.zeros((0, k), np.float32)
+    prompts = [Prompt(ex, tuple(tokenizer.encode(tokenizer.apply_chat_template(ex.prompt)))) for ex in examples]
+    longest = max(len(p.ids) for p in prompts)
+    rollout = generate(model, [list(p.ids) for p in prompts], n=k, max_new_tokens=max_new_tokens,
+                       temperature=temperature, top_p=top_p, stop_ids=tokenizer.eos_ids, seed=seed,
+                       pad_id=tokenizer.pad_id, mesh=mesh, buckets=length_buckets(max(1024, longest)),
+                       prompts_per_call=batch_size)
+    acc, _ = verify(rollout, prompts, k, tokenizer.decode, pool)
+    return acc.reshape(len(examples), k)
 
 
 def summarize(examples: Sequence[Example], scores: np.ndarray, prefix: str = "val/test_score") -> dict[str, float]:

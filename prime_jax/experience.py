@@ -18,7 +18,7 @@ from prime_jax.data.example import Example
 from prime_jax.mesh import allgather_rows, process_rows
 from prime_jax.rewards.pool import VerifierPool, VerifyItem
 from prime_jax.rl.filter import accuracy_filter
-from prime_jax.sampling import Rollout
+from prime_jax.sampling import Rollout, left_pad
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,15 +61,11 @@ class Experience:
     def concat(parts: Sequence[Experience], pad_id: int) -> Experience:
         """Joins batches, re-left-padding prompts to the longest prompt width among them."""
         width = max(p.prompt_tokens.shape[1] for p in parts)
-
-        def left_pad(x: np.ndarray, value: int) -> np.ndarray:
-            return np.pad(x, ((0, 0), (width - x.shape[1], 0)), constant_values=value)
-
         cat = lambda f: np.concatenate([f(p) for p in parts])  # noqa: E731
         return Experience(
             prompts=[q for p in parts for q in p.prompts],
-            prompt_tokens=cat(lambda p: left_pad(p.prompt_tokens, pad_id)),
-            prompt_mask=cat(lambda p: left_pad(p.prompt_mask, 0)),
+            prompt_tokens=cat(lambda p: left_pad(p.prompt_tokens, width, pad_id)),
+            prompt_mask=cat(lambda p: left_pad(p.prompt_mask, width, 0)),
             tokens=cat(lambda p: p.tokens), mask=cat(lambda p: p.mask), old_logp=cat(lambda p: p.old_logp),
             acc=cat(lambda p: p.acc), trained=cat(lambda p: p.trained), n=parts[0].n)
 

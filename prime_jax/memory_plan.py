@@ -1,7 +1,7 @@
 """Analytic memory plan of a run, per device, from the architecture alone (no weights loaded).
 
 Counts what must live on the mesh: policy and PRM params + fp32 Adam moments, the frozen reference,
-and the sampler's KV cache for a full batch of rollouts. The exact per-program figures come from
+and the sampler's KV cache for one sampler call (`rollout.prompts_per_call`, default the whole batch). The exact per-program figures come from
 the compiler (`prime_jax/aot.py`); this is the quick check `--config.dry_run=True` prints.
 """
 
@@ -13,6 +13,7 @@ import os
 import ml_collections
 
 from prime_jax.models import ModelConfig, read_hf_config
+from prime_jax.programs import sampler_prompts
 
 GIB = 2**30
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -32,7 +33,7 @@ def plan(c: ml_collections.ConfigDict, num_devices: int) -> dict[str, float]:
     cfg = architecture(c)
     params = cfg.num_params
     trainable = params * (_BYTES[c.model.param_dtype] + 8) / GIB  # params + Adam mu, nu in fp32
-    rows = c.train.batch_size * c.rollout.n_samples
+    rows = sampler_prompts(c) * c.rollout.n_samples
     seq = c.data.max_prompt_length + c.rollout.max_response_length
     kv = 2 * cfg.num_layers * rows * seq * cfg.num_kv_heads * cfg.head_dim * _BYTES[c.model.compute_dtype] / GIB
     out = {"policy (params + adam)": trainable, "prm (params + adam)": trainable,
@@ -47,7 +48,8 @@ def print_plan(c: ml_collections.ConfigDict) -> None:
     n = math.prod(v for v in c.mesh.values() if v > 0) if -1 not in c.mesh.values() else jax.device_count()
     items = plan(c, n)
     print(f"memory plan: {cfg.model_type} {cfg.num_params / 1e9:.2f}B params, {n} devices, "
-          f"{c.train.batch_size}x{c.rollout.n_samples} rollouts of {c.data.max_prompt_length}+{c.rollout.max_response_length} tokens")
+          f"{c.train.batch_size}x{c.rollout.n_samples} rollouts of {c.data.max_prompt_length}+{c.rollout.max_response_length} tokens, "
+          f"{sampler_prompts(c)} prompts per sampler call")
     for k, v in items.items():
         print(f"  {k:<24}{v:8.2f} GiB/device")
     print(f"  {'total resident':<24}{sum(items.values()):8.2f} GiB/device (+ activations; exact figures: prime_jax.aot)")

@@ -29,6 +29,13 @@ def rows_per_step(c: ml_collections.ConfigDict) -> int:
     return c.train.batch_size * c.rollout.n_samples
 
 
+def sampler_prompts(c: ml_collections.ConfigDict) -> int:
+    """Prompts per sampler call: `rollout.prompts_per_call`, at most (and by default) `train.batch_size`.
+    Every call the trainer makes has this many prompts (padded), also a first round that holds the prompt
+    buffer too, so the sampler compiles once per prompt bucket."""
+    return min(c.rollout.prompts_per_call or c.train.batch_size, c.train.batch_size)
+
+
 def prm_step_config(c: ml_collections.ConfigDict, mesh: Mesh) -> PrmStepConfig:
     return PrmStepConfig(n=c.rollout.n_samples, mini_batch_size=c.prm.mini_batch_size,
                          micro_batch_size=c.prm.micro_batch_size, beta=c.prm.beta, update=c.prm.update_mode,

@@ -1,8 +1,8 @@
 """Rollout sampler: one jitted prefill per prompt, then one `lax.while_loop` KV-cache decode in one jit.
 
 Two pure functions of explicit state, so the trainer and the AOT compiler can lower them:
-- `prefill(graphdef, params, prompt_tokens, prompt_mask, rng, n=, max_new_tokens=, sampling=)`: runs the
-  B left-padded prompts once, broadcasts their KV cache to the B*n samples and samples the first token.
+- `prefill(graphdef, params, prompt_tokens, prompt_mask, rng, first_row, n=, max_new_tokens=, sampling=)`: runs
+  the B left-padded prompts once, broadcasts their KV cache to the B*n samples and samples the first token.
 - `decode(graphdef, params, state)`: the decode loop; `state` (cache included) is donated and updated in
   place; it stops as soon as every row has emitted a stop token or `max_new_tokens` tokens.
 Under `jax.set_mesh(mesh)` every sampler-state array is constrained to the batch split over the data axes
@@ -10,7 +10,8 @@ Under `jax.set_mesh(mesh)` every sampler-state array is constrained to the batch
 model params are read with their own sharding, in place. `generate` is the host wrapper around both.
 
 Randomness: row r (= prompt i * n + sample j) draws step t from `fold_in(fold_in(rng, r), t)`, so the
-tokens do not depend on batch padding, prompt-length bucket or sharding.
+tokens do not depend on batch padding, prompt-length bucket, sharding, or how many calls the prompts are
+split into (`generate(..., prompts_per_call=)`).
 """
 
 from __future__ import annotations
@@ -213,12 +214,15 @@ def _advance(state: SamplerState, tokens: Array, logprobs: Array) -> SamplerStat
 
 
 @functools.partial(jax.jit, static_argnums=(0,), static_argnames=("n", "max_new_tokens", "sampling", "pad_id"))
-def prefill(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens: Array, prompt_mask: Array, rng: Array, *,
-            n: int, max_new_tokens: int, sampling: SamplingParams, pad_id: int = 0) -> SamplerState:
+def prefill(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens: Array, prompt_mask: Array, rng: Array,
+            first_row: Array | int = 0, *, n: int, max_new_tokens: int, sampling: SamplingParams,
+            pad_id: int = 0) -> SamplerState:
     """Runs the prompts once and samples each row's first token.
 
     prompt_tokens, prompt_mask: [B, P] left-padded (a row with no real token is a dummy: done at once);
-    rng: a PRNG key. -> SamplerState with N = B*n rows (prompt i -> rows i*n ... i*n+n-1), step 1.
+    rng: a PRNG key; first_row: uint32 scalar, the index of this call's first row among all rows sampled
+    with `rng` (a traced value: calls differing only in it share one compile).
+    -> SamplerState with N = B*n rows (prompt i -> rows i*n ... i*n+n-1), step 1.
     """
     model: Decoder = nnx.merge(graphdef, params)
     b, p = prompt_tokens.shape
@@ -230,7 +234,8 @@ def prefill(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens: Array, pro
     rep = lambda x: jnp.repeat(x, n, axis=0)  # noqa: E731
     cache = KVCache(k=jnp.repeat(cache.k, n, axis=1), v=jnp.repeat(cache.v, n, axis=1), index=cache.index)
     rows = b * n
-    keys = jax.vmap(jax.random.fold_in, (None, 0))(rng, jnp.arange(rows, dtype=jnp.uint32))
+    row_ids = jnp.asarray(first_row, jnp.uint32) + jnp.arange(rows, dtype=jnp.uint32)
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(rng, row_ids)
     state = SamplerState(cache=cache, kv_mask=rep(kv_mask), prompt_len=rep(jnp.sum(prompt_mask, axis=1, dtype=jnp.int32)),
                          keys=keys, tokens=jnp.full((rows, r), pad_id, jnp.int32), logprobs=jnp.zeros((rows, r), jnp.float32),
                          lengths=jnp.zeros((rows,), jnp.int32), done=rep(~jnp.any(prompt_mask, axis=1)),
@@ -264,19 +269,20 @@ def decode(graphdef: nnx.GraphDef, params: nnx.State, state: SamplerState) -> Sa
 # --- host wrapper ------------------------------------------------------------------------------------
 
 def _check_inputs(prompts: Sequence[Sequence[int]], vocab: int, n: int, max_new_tokens: int, pad_id: int,
-                  buckets: Sequence[int]) -> int:
-    """Validates the host inputs; returns the prompt bucket length P."""
+                  buckets: Sequence[int], prompts_per_call: int) -> None:
+    """Validates the host inputs before anything compiles."""
     if n < 1:
         raise ValueError(f"generate: n (samples per prompt) must be >= 1, got {n}")
     if max_new_tokens < 1:
         raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+    if prompts_per_call < 0:
+        raise ValueError(f"generate: prompts_per_call must be >= 0 (0: all prompts in one call), got {prompts_per_call}")
     if not 0 <= pad_id < vocab:
         raise ValueError(f"generate: pad_id {pad_id} is outside the vocabulary [0, {vocab})")
     if not buckets or any(b < 1 for b in buckets):
         raise ValueError(f"generate: buckets must be a non-empty list of positive lengths, got {tuple(buckets)}")
     if len(prompts) == 0:
         raise ValueError("generate: no prompts given")
-    longest = 0
     for i, p in enumerate(prompts):
         ids = np.asarray(p)
         if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
@@ -286,57 +292,85 @@ def _check_inputs(prompts: Sequence[Sequence[int]], vocab: int, n: int, max_new_
         bad = ids[(ids < 0) | (ids >= vocab)]
         if bad.size:
             raise ValueError(f"generate: prompt {i} has token ids outside the vocabulary [0, {vocab}): {bad[:5].tolist()}")
-        longest = max(longest, ids.size)
-    fitting = [b for b in sorted(buckets) if b >= longest]
-    if not fitting:
+    longest = max(len(p) for p in prompts)
+    if longest > max(buckets):
         raise ValueError(f"generate: a prompt has {longest} tokens, more than the largest bucket {max(buckets)}")
-    return fitting[0]
 
 
-def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, n: int = 1, max_new_tokens: int,
-             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, stop_ids: Sequence[int], seed: int,
-             pad_id: int = 0, mesh: Mesh | None = None, buckets: Sequence[int] = DEFAULT_BUCKETS) -> Rollout:
-    """Samples n responses of at most `max_new_tokens` tokens for each prompt (token-id lists).
+def left_pad(x: np.ndarray, width: int, value: int) -> np.ndarray:
+    """[B, W] -> [B, width] with `value` prepended to each row (width >= W)."""
+    return np.pad(x, ((0, 0), (width - x.shape[1], 0)), constant_values=value)
 
-    Prompts are left-padded to the smallest bucket that fits; the batch is padded with dummy prompts to a
-    multiple of the mesh's data-parallel size (dropped from the result). With `mesh`, the model must live on
-    it (e.g. `load_pretrained(path, mesh=mesh)`); its params are read in place.
-    """
-    sampling = SamplingParams(temperature=float(temperature), top_p=float(top_p), top_k=int(top_k),
-                              stop_ids=tuple(stop_ids))
-    vocab = model.cfg.vocab_size
-    p_len = _check_inputs(prompts, vocab, n, max_new_tokens, pad_id, buckets)
-    bad_stops = [t for t in sampling.stop_ids if not 0 <= t < vocab]
-    if bad_stops:
-        raise ValueError(f"generate: stop ids {bad_stops} are outside the vocabulary [0, {vocab})")
-    b = len(prompts)
-    dp = 1 if mesh is None else data_parallel_size(mesh)
-    b_pad = -(-b // dp) * dp
-    tokens = np.full((b_pad, p_len), pad_id, np.int32)
-    mask = np.zeros((b_pad, p_len), np.int32)
+
+def concat_rollouts(parts: Sequence[Rollout], pad_id: int) -> Rollout:
+    """Joins rollouts row-wise, re-left-padding the prompts to the widest prompt bucket among them."""
+    width = max(r.prompt_tokens.shape[1] for r in parts)
+    cat = lambda f: np.concatenate([f(r) for r in parts])  # noqa: E731
+    return Rollout(prompt_tokens=cat(lambda r: left_pad(r.prompt_tokens, width, pad_id)),
+                   prompt_mask=cat(lambda r: left_pad(r.prompt_mask, width, 0)), tokens=cat(lambda r: r.tokens),
+                   logprobs=cat(lambda r: r.logprobs), mask=cat(lambda r: r.mask), lengths=cat(lambda r: r.lengths))
+
+
+def _sample_call(graphdef: nnx.GraphDef, params: nnx.State, prompts: Sequence[Sequence[int]], batch: int,
+                 buckets: Sequence[int], rng: Array, first_row: int, *, n: int, max_new_tokens: int,
+                 sampling: SamplingParams, pad_id: int, mesh: Mesh | None) -> Rollout:
+    """One prefill + decode over `prompts`, left-padded to their smallest bucket and padded with dummy
+    prompts to `batch` rows (the dummies are dropped from the result)."""
+    p_len = min(b for b in buckets if b >= max(len(p) for p in prompts))
+    tokens = np.full((batch, p_len), pad_id, np.int32)
+    mask = np.zeros((batch, p_len), np.int32)
     for i, p in enumerate(prompts):
         tokens[i, p_len - len(p):] = np.asarray(p, np.int32)
         mask[i, p_len - len(p):] = 1
-    graphdef, params = nnx.split(model)
-    if mesh is not None:
-        devices = set(mesh.devices.flat)
-        if any(x.sharding.device_set != devices for x in jax.tree.leaves(params)):
-            raise ValueError("generate: the model's params are not on `mesh`; load it with load_pretrained(path, mesh=mesh)")
-    rng = jax.random.key(seed)
     if mesh is not None:
         tokens_in, mask_in = (host_to_global(x, batch_sharding(mesh, 2)) for x in (tokens, mask))
     else:
         tokens_in, mask_in = tokens, mask
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-        state = prefill(graphdef, params, tokens_in, mask_in, rng, n=n, max_new_tokens=max_new_tokens,
-                        sampling=sampling, pad_id=pad_id)
+        state = prefill(graphdef, params, tokens_in, mask_in, rng, np.uint32(first_row), n=n,
+                        max_new_tokens=max_new_tokens, sampling=sampling, pad_id=pad_id)
         state = decode(graphdef, params, state)
-    rows = b * n
+    b, rows = len(prompts), len(prompts) * n
     out_tokens, out_logprobs, lengths = (global_to_host(x)[:rows] for x in (state.tokens, state.logprobs, state.lengths))
     return Rollout(prompt_tokens=np.repeat(tokens[:b], n, axis=0), prompt_mask=np.repeat(mask[:b], n, axis=0),
                    tokens=out_tokens, logprobs=out_logprobs,
                    mask=(np.arange(max_new_tokens)[None, :] < lengths[:, None]).astype(np.int32), lengths=lengths)
 
 
-__all__ = ["DEFAULT_BUCKETS", "Rollout", "SamplerState", "SamplingParams", "decode", "filter_logits",
-           "generate", "length_buckets", "prefill", "select_tokens"]
+def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, n: int = 1, max_new_tokens: int,
+             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, stop_ids: Sequence[int], seed: int,
+             pad_id: int = 0, mesh: Mesh | None = None, buckets: Sequence[int] = DEFAULT_BUCKETS,
+             prompts_per_call: int = 0) -> Rollout:
+    """Samples n responses of at most `max_new_tokens` tokens for each prompt (token-id lists).
+
+    Prompts are left-padded to the smallest bucket that fits; the batch is padded with dummy prompts to a
+    multiple of the mesh's data-parallel size (dropped from the result). `prompts_per_call` > 0 samples
+    the prompts in calls of that many, each padded to the same batch: one compile per bucket whatever the
+    number of prompts, and the sampler's memory bounded by the call; the tokens are those of one call.
+    With `mesh`, the model must live on it (e.g. `load_pretrained(path, mesh=mesh)`); its params are read
+    in place.
+    """
+    sampling = SamplingParams(temperature=float(temperature), top_p=float(top_p), top_k=int(top_k),
+                              stop_ids=tuple(stop_ids))
+    vocab = model.cfg.vocab_size
+    _check_inputs(prompts, vocab, n, max_new_tokens, pad_id, buckets, prompts_per_call)
+    bad_stops = [t for t in sampling.stop_ids if not 0 <= t < vocab]
+    if bad_stops:
+        raise ValueError(f"generate: stop ids {bad_stops} are outside the vocabulary [0, {vocab})")
+    graphdef, params = nnx.split(model)
+    if mesh is not None:
+        devices = set(mesh.devices.flat)
+        if any(x.sharding.device_set != devices for x in jax.tree.leaves(params)):
+            raise ValueError("generate: the model's params are not on `mesh`; load it with load_pretrained(path, mesh=mesh)")
+    per_call = prompts_per_call or len(prompts)
+    dp = 1 if mesh is None else data_parallel_size(mesh)
+    batch = -(-min(per_call, len(prompts)) // dp) * dp
+    rng = jax.random.key(seed)
+    parts = [_sample_call(graphdef, params, prompts[i:i + per_call], batch, buckets, rng, i * n, n=n,
+                          max_new_tokens=max_new_tokens, sampling=sampling, pad_id=pad_id, mesh=mesh)
+             for i in range(0, len(prompts), per_call)]
+    return parts[0] if len(parts) == 1 else concat_rollouts(parts, pad_id)
+
+
+__all__ = ["DEFAULT_BUCKETS", "Rollout", "SamplerState", "SamplingParams", "concat_rollouts", "decode",
+           "filter_logits", "generate", "left_pad", "length_buckets", "prefill", "select_tokens"]

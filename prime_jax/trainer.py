@@ -25,6 +25,7 @@ from prime_jax.experience import CollectConfig, Experience, Prompt, collect
 from prime_jax.mesh import batch_sharding, host_to_global
 from prime_jax.metrics import MetricWriter, plot_curves
 from prime_jax.models import save_pretrained
+from prime_jax.programs import sampler_prompts
 from prime_jax.sampling import Rollout, generate, length_buckets
 
 
@@ -113,7 +114,8 @@ class Trainer:
         return generate(nnx.merge(self.p.graphdef, self.policy.params), [list(p.ids) for p in prompts],
                         n=r.n_samples, max_new_tokens=r.max_response_length, temperature=r.temperature, top_p=r.top_p,
                         top_k=r.top_k, stop_ids=self.p.tokenizer.eos_ids, seed=seed, pad_id=self.p.tokenizer.pad_id,
-                        mesh=self.p.mesh, buckets=length_buckets(self.c.data.max_prompt_length))
+                        mesh=self.p.mesh, buckets=length_buckets(self.c.data.max_prompt_length),
+                        prompts_per_call=sampler_prompts(self.c))
 
     def next_prompts(self, k: int) -> list[Prompt]:
         return [Prompt(ex, tuple(ids)) for ex, ids in self.p.train_data.next_prompts(k)]

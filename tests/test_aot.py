@@ -16,6 +16,7 @@ import pytest
 
 from prime_jax import aot
 from prime_jax.memory_plan import architecture
+from prime_jax.programs import sampler_prompts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QWEN7B = os.path.join(ROOT, "configs", "qwen7b.py")
@@ -159,6 +160,13 @@ def test_plans_and_program_names_are_checked():
         aot.compile_run(base, aot.parse_topology("v5p-8"), ["sampler"])
 
 
+def test_prompts_per_sampler_call_follow_the_plan_and_never_exceed_the_batch():
+    base, plans = aot.load_config_file(QWEN7B)
+    assert sampler_prompts(base) == base.train.batch_size == 256
+    assert sampler_prompts(aot.config_for(base, plans["v5p-8"], {})) == 64
+    assert sampler_prompts(aot.config_for(base, {}, {"rollout.prompts_per_call": 1024})) == 256
+
+
 # --- the shrunk qwen7b programs on a v5p-8 -----------------------------------------------------------
 
 def _shrunk_qwen7b() -> ml_collections.ConfigDict:
@@ -257,8 +265,8 @@ def test_costs_agree_with_the_compiler_once_per_loop(compiled_shrunk):
 def test_out_of_hbm_is_reported_not_raised():
     """4096 prompts of 1024 tokens on a v5e 2x2 (16 GiB a chip): the prefill's attention scores alone need far
     more than HBM; the compiler's message is kept, the inputs' shards are counted, and nothing fits."""
-    c = aot.config_for(_shrunk_qwen7b(), {}, {"train.batch_size": 4096, "data.max_prompt_length": 1024,
-                                               "rollout.max_response_length": 1024})
+    c = aot.config_for(_shrunk_qwen7b(), {}, {"train.batch_size": 4096, "rollout.prompts_per_call": 4096,
+                                               "data.max_prompt_length": 1024, "rollout.max_response_length": 1024})
     topology = aot.parse_topology("v5e:2x2")
     prefill, decode = aot.compile_run(c, topology, ["sampler_prefill", "sampler_decode"])
     assert "RESOURCE_EXHAUSTED" in prefill.error and prefill.temp_bytes > topology.chip.hbm_bytes

@@ -1,5 +1,5 @@
 """Rollout sampler: greedy parity with transformers, sampling distribution, top-k/top-p sets, log-probs,
-stop handling, sharded determinism and input errors."""
+stop handling, sharded determinism, sampling in several calls and input errors."""
 
 import functools
 
@@ -12,6 +12,7 @@ import torch
 import transformers
 from flax import nnx
 
+from prime_jax import sampling
 from prime_jax.mesh import batch_sharding, make_mesh
 from prime_jax.models import Decoder, abstract_model, load_pretrained, response_logprobs
 from prime_jax.sampling import SamplingParams, decode, filter_logits, generate, prefill
@@ -241,6 +242,24 @@ def test_sharded_mesh_gives_the_same_tokens(qwen2_dir, sampled):
     np.testing.assert_array_equal(np.asarray(state.tokens)[: out.tokens.shape[0]], out.tokens)
 
 
+def test_prompts_per_call_gives_the_tokens_of_one_call_with_one_batch_shape(qwen_model, sampled, monkeypatch):
+    """3 prompts in calls of 2: the second call is padded with a dummy prompt to the same batch (one compile per
+    bucket, whatever the number of prompts), each call takes its own bucket, and the rows are those of one call."""
+    shapes = []
+    real = sampling.prefill
+
+    def recording(graphdef, params, tokens, *args, **kw):
+        shapes.append(tokens.shape)
+        return real(graphdef, params, tokens, *args, **kw)
+
+    monkeypatch.setattr(sampling, "prefill", recording)
+    out = generate(qwen_model, PROMPTS, prompts_per_call=2, **{**SAMPLED, "buckets": (8, 16)})
+    assert [len(p) for p in PROMPTS] == [7, 3, 12] and shapes == [(2, 8), (2, 16)]
+    for name in ("prompt_tokens", "prompt_mask", "tokens", "mask", "lengths"):
+        np.testing.assert_array_equal(getattr(out, name), getattr(sampled, name), err_msg=name)
+    np.testing.assert_allclose(out.logprobs, sampled.logprobs, atol=1e-5, rtol=0)
+
+
 def test_programs_lower_from_abstract_inputs_and_decode_donates_its_state():
     """What the AOT compiler does: lower both programs from shapes only; decode's outputs alias every state input."""
     graphdef, params = nnx.split(abstract_model(tiny_config()))
@@ -266,6 +285,7 @@ def test_programs_lower_from_abstract_inputs_and_decode_donates_its_state():
     ([[1.5, 2.0]], {}, "not a flat list of token ids"),
     ([[1, 2]], {"stop_ids": (500,)}, "stop ids"),
     ([[1, 2]], {"max_new_tokens": 0}, "max_new_tokens must be >= 1"),
+    ([[1, 2]], {"prompts_per_call": -1}, "prompts_per_call must be >= 0"),
 ])
 def test_bad_input_raises_before_compiling(peaked_model, prompts, kw, match):
     args = dict(max_new_tokens=4, stop_ids=(), seed=0, buckets=(8, 16)) | kw

@@ -50,6 +50,7 @@ def qwen7b_run(tmp_path_factory):
     overrides = {  # the model, data and sizes shrink; every code path stays qwen7b's
         "model.path": model_dir, "data.train_files": str(tmp / "train.parquet"), "data.val_files": str(tmp / "val.parquet"),
         "workdir": str(tmp / "run"), "total_steps": 2, "train.batch_size": 4, "rollout.max_response_length": 12,
+        "rollout.prompts_per_call": 2,  # each round in two sampler calls, as the v5p-8 plan samples
         "actor.mini_batch_size": 8, "actor.micro_batch_size": 8, "prm.mini_batch_size": 16, "prm.micro_batch_size": 8,
         "verifier.num_workers": 2, "eval.batch_size": 16, "checkpoint.freq": 1,
     }
@@ -107,7 +108,7 @@ def test_dry_run_validates_and_prints_the_memory_plan(capsys):
     assert run(c) == {}
     out = capsys.readouterr().out
     assert "memory plan: qwen2 7.62B params" in out
-    assert "rollouts of 1024+3072 tokens" in out
+    assert "rollouts of 1024+3072 tokens, 256 prompts per sampler call" in out
 
 
 @pytest.mark.parametrize("key, value, message", [

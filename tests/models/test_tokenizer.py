@@ -5,9 +5,6 @@ import json
 import pytest
 
 from prime_jax.models.tokenizer import (
-    CHATML_TEMPLATE,
-    ENDOFTEXT,
-    IM_END,
     IM_START,
     HFTokenizer,
     SentencePieceTokenizer,
