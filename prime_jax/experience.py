@@ -12,11 +12,12 @@ import dataclasses
 import time
 from collections.abc import Callable, Sequence
 
+import jax
 import numpy as np
 
 from prime_jax.data.example import Example
 from prime_jax.mesh import allgather_rows, process_rows
-from prime_jax.rewards.pool import VerifierPool, VerifyItem
+from prime_jax.rewards.pool import COUNT_KEYS, VerifierPool, VerifyItem
 from prime_jax.rl.filter import accuracy_filter
 from prime_jax.sampling import Rollout, left_pad
 
@@ -102,14 +103,16 @@ def verify(rollout: Rollout, prompts: Sequence[Prompt], n: int, decode: Decoder,
     """Outcome reward of every row: decode its valid tokens, score with the pool. -> acc [B*n] float32, pool counts.
 
     Multi-host: each process verifies its own share of the rows; the scores are then gathered so that
-    every host takes the same filtering decisions."""
+    every host takes the same filtering decisions, and the failure counts summed over processes."""
     rows = len(prompts) * n
     items = []
     for row in range(rows)[process_rows(rows)]:
         ex = prompts[row // n].example
         items.append(VerifyItem(decode(rollout.tokens[row, : int(rollout.lengths[row])]), ex.ability, ex.ground_truth))
     result = pool.score_batch(items)
-    return allgather_rows(np.asarray(result.scores, np.float32), rows), dict(result.counts)
+    local_counts = np.asarray([[result.counts[k] for k in COUNT_KEYS]], np.int64)  # one row per process
+    counts = allgather_rows(local_counts, jax.process_count()).sum(axis=0)
+    return allgather_rows(np.asarray(result.scores, np.float32), rows), dict(zip(COUNT_KEYS, counts.tolist()))
 
 
 def collect(sample: Sampler, next_prompts: Callable[[int], list[Prompt]], buffer: list[Prompt], decode: Decoder,

@@ -1,6 +1,8 @@
 """Multi-host: 2 CPU processes x 4 fake devices form one 8-device mesh (gloo collectives) and run two PRIME
-iterations of the tiny config with exactly the numbers of one process with 8 devices."""
+iterations of the tiny config with exactly the numbers of one process with 8 devices; verification split
+over 2 processes gathers every score and sums every host's failure counts."""
 
+import json
 import os
 import shutil
 import socket
@@ -49,3 +51,45 @@ def test_two_processes_equal_one_process(tmp_path):
         assert p.returncode == 0, o[-3000:]
     assert [r["step"] for r in read_metrics(two)] == [0, 1, 2]
     assert stable(read_metrics(two)) == stable(read_metrics(one))
+
+
+VERIFY_SCRIPT = r"""
+import json, os
+import jax
+import numpy as np
+from prime_jax.data.example import Example
+from prime_jax.experience import Prompt, verify
+from prime_jax.rewards.pool import VerifierPool
+from prime_jax.sampling import Rollout
+
+if __name__ == "__main__":
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"], num_processes=2,
+                               process_id=int(os.environ["JAX_PROCESS_ID"]))
+    abilities = ["math", "poetry", "math", "poetry", "poetry", "math"]  # rows 0-2 on process 0, 3-5 on process 1
+    prompts = [Prompt(Example([], a, "7", "test", str(i)), (1,)) for i, a in enumerate(abilities)]
+    tokens = np.array([[7], [7], [3], [7], [7], [7]], np.int32)  # response text: \\boxed{<token>}
+    rollout = Rollout(prompt_tokens=tokens, prompt_mask=np.ones_like(tokens), tokens=tokens,
+                      logprobs=np.zeros((6, 1), np.float32), mask=np.ones_like(tokens), lengths=np.ones(6, np.int32))
+    with VerifierPool(1, item_timeout_s=30.0, batch_timeout_s=120.0) as pool:
+        acc, counts = verify(rollout, prompts, 1, lambda ids: "\\boxed{%d}" % ids[0], pool)
+    print(json.dumps({"acc": acc.tolist(), "counts": counts}))
+"""
+
+
+def test_verify_gathers_scores_and_sums_failure_counts_over_processes(tmp_path):
+    script = tmp_path / "verify_two_hosts.py"
+    script.write_text(VERIFY_SCRIPT)
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, str(script)], cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE,
+                              env=env(1, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_PROCESS_ID=str(i),
+                                      PYTHONPATH=ROOT))
+             for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    for r in results:  # process 0 met 1 unknown ability, process 1 met 2: both hosts log 3
+        assert r["acc"] == [1.0, 0.0, 0.0, 0.0, 0.0, 1.0]
+        assert r["counts"]["unknown_ability"] == 3 and r["counts"]["errors"] == 0
