@@ -704,8 +704,8 @@ def markdown_rows(c: ml_collections.ConfigDict, topology: Topology, reports: Seq
     micro = f"{c.prm.micro_batch_size}/{c.actor.micro_batch_size}"
     rows = []
     for r in reports:
-        cells = [topology.slice_name, f"`{topology.name}`", mesh, micro, str(sampler_prompts(c)), r.name, _gib(r.argument_bytes),
-                 _gib(r.temp_bytes), _gib(r.resident_bytes)]
+        cells = [topology.slice_name, f"`{topology.name}`", mesh, micro, str(sampler_prompts(c)), r.name,
+                 _gib(r.argument_bytes), _gib(r.temp_bytes), _gib(r.resident_bytes)]
         if r.error:
             why = "compiler: out of HBM" if "RESOURCE_EXHAUSTED" in r.error else r.error
             cells += [f">= {_gib(r.peak_bytes)}", f"{chip.hbm_bytes // GIB}", f"**no** ({why})", "-", "-", "-"]

@@ -54,7 +54,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.rollout.top_p = 1.0
     c.rollout.top_k = 0
     c.rollout.max_response_length = 3072
-    c.rollout.prompts_per_call = 0      # prompts per sampler call, <= train.batch_size (0: all); fewer bound the KV cache
+    c.rollout.prompts_per_call = 0      # prompts per sampler call, <= train.batch_size (0: all); bounds the KV cache
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 256            # prompts per step; the learner sees batch_size * n_samples rows

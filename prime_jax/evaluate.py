@@ -26,7 +26,7 @@ from prime_jax.sampling import generate, length_buckets
 def score_examples(model: Decoder, tokenizer: Tokenizer, examples: Sequence[Example], pool: VerifierPool, *,
                    max_new_tokens: int, k: int = 1, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
                    batch_size: int = 64, mesh: Mesh | None = None) -> np.ndarray:
-    """Outcome score of k responses per example, sampled `batch_size` prompts per call. -> [len(examples), k] float32."""
+    """Outcome score of k responses per example, `batch_size` prompts per sampler call. -> [len(examples), k]"""
     if not examples:
         return np.zeros((0, k), np.float32)
     prompts = [Prompt(ex, tuple(tokenizer.encode(tokenizer.apply_chat_template(ex.prompt)))) for ex in examples]

@@ -1,8 +1,9 @@
 """Analytic memory plan of a run, per device, from the architecture alone (no weights loaded).
 
 Counts what must live on the mesh: policy and PRM params + fp32 Adam moments, the frozen reference,
-and the sampler's KV cache for one sampler call (`rollout.prompts_per_call`, default the whole batch). The exact per-program figures come from
-the compiler (`prime_jax/aot.py`); this is the quick check `--config.dry_run=True` prints.
+and the sampler's KV cache for one sampler call (`rollout.prompts_per_call`, default the whole batch).
+The exact per-program figures come from the compiler (`prime_jax/aot.py`); this is the quick check
+`--config.dry_run=True` prints.
 """
 
 from __future__ import annotations
