@@ -369,7 +369,7 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, n: int = 1, ma
     parts = [_sample_call(graphdef, params, prompts[i:i + per_call], batch, buckets, rng, i * n, n=n,
                           max_new_tokens=max_new_tokens, sampling=sampling, pad_id=pad_id, mesh=mesh)
              for i in range(0, len(prompts), per_call)]
-    return parts[0] if len(parts) == 1 else concat_rollouts(parts, pad_id)
+    return concat_rollouts(parts, pad_id)
 
 
 __all__ = ["DEFAULT_BUCKETS", "Rollout", "SamplerState", "SamplingParams", "concat_rollouts", "decode",

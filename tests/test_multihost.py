@@ -68,7 +68,7 @@ if __name__ == "__main__":
                                process_id=int(os.environ["JAX_PROCESS_ID"]))
     abilities = ["math", "poetry", "math", "poetry", "poetry", "math"]  # rows 0-2 on process 0, 3-5 on process 1
     prompts = [Prompt(Example([], a, "7", "test", str(i)), (1,)) for i, a in enumerate(abilities)]
-    tokens = np.array([[7], [7], [3], [7], [7], [7]], np.int32)  # response text: \\boxed{<token>}
+    tokens = np.array([[7], [7], [3], [7], [7], [7]], np.int32)  # response text: \boxed{<token>}
     rollout = Rollout(prompt_tokens=tokens, prompt_mask=np.ones_like(tokens), tokens=tokens,
                       logprobs=np.zeros((6, 1), np.float32), mask=np.ones_like(tokens), lengths=np.ones(6, np.int32))
     with VerifierPool(1, item_timeout_s=30.0, batch_timeout_s=120.0) as pool:
