@@ -164,14 +164,38 @@ unpack_script() {
   printf '%s' "tar -xzf \"\$HOME\"/$TARBALL_NAME -C src; rm -f \"\$HOME\"/$TARBALL_NAME"
 }
 
+# Install bubblewrap, the code verifier's sandbox (without it code items score 0), from the OS
+# packages: as root directly, else with sudo (non-interactive). Nothing happens where it is present.
+bwrap_install_script() {
+  printf '%s' "if ! command -v bwrap >/dev/null 2>&1; then if [ \"\$(id -u)\" = 0 ]; then s=; else s='sudo -n'; fi; "
+  printf '%s' "\$s apt-get update -qq && \$s apt-get install -y -qq bubblewrap; fi"
+}
+
 # Create $REMOTE_DIR/.venv once (uv fetches the Python version; TPU images ship 3.10) and
-# install the pinned requirements plus the accelerator extra of pyproject.toml.
+# install bubblewrap, the pinned requirements and the accelerator extra of pyproject.toml.
 install_script() {  # extra (tpu|cuda)
-  printf '%s' "set -eu; cd $(quote "$REMOTE_DIR"); export PATH=\"\$HOME/.local/bin:\$PATH\"; "
+  printf '%s' "set -eu; $(bwrap_install_script); cd $(quote "$REMOTE_DIR"); export PATH=\"\$HOME/.local/bin:\$PATH\"; "
   printf '%s' "if [ ! -x .venv/bin/python ]; then "
   printf '%s' "command -v uv >/dev/null || python3 -m pip install --user --quiet uv; "
   printf '%s' "uv venv --seed --python $(quote "$PYTHON_VERSION") .venv; fi; "
   printf '%s' "cd src; ../.venv/bin/python -m pip install -r requirements.txt $(quote ".[$1]")"
+}
+
+# Run python -m prime_jax.preflight with main's arguments; its lines go to <log-dir>/preflight.log
+# and to stdout prefixed by the host name; the exit code is preflight's (non-zero: a check failed).
+preflight_script() {  # code-dir python log-dir quoted-main-args [NAME=VALUE...]
+  local code=$1 python=$2 logs=$3 main=$4
+  shift 4
+  local envs=(PYTHONUNBUFFERED=1 "${EXTRA_ENV[@]}" "$@") log
+  log=$(quote "$logs/preflight.log")
+  printf '%s' "cd $(quote "$code") && mkdir -p $(quote "$logs") || exit 1; "
+  printf '%s' "env -u JAX_PLATFORMS $(quote "${envs[@]}") $(quote "$python") -m prime_jax.preflight $main > $log 2>&1 < /dev/null; "
+  printf '%s' "rc=\$?; sed \"s/^/\$(hostname): /\" $log; exit \$rc"
+}
+
+# The FAIL lines of the last preflight on a host, prefixed by the host name.
+preflight_failures_script() {  # log-dir
+  printf '%s' "grep ' FAIL ' $(quote "$1/preflight.log") | sed \"s/^/\$(hostname): /\"; true"
 }
 
 # Start main in the background (survives the ssh session), unless one is already running.

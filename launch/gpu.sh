@@ -16,16 +16,19 @@ PYTHON_BIN=${PRIME_GPU_PYTHON:-python3}
 LOG_DIR=${PRIME_GPU_LOG_DIR:-$ROOT/runs/launch}
 SSH=(ssh -o BatchMode=yes)
 HOSTS=()
+FAILED_HOSTS=()
 
 usage() {
   cat <<EOF
 Usage: launch/gpu.sh [options] COMMAND... [-- main overrides...]
 
 Commands (run in the order given):
-  up        this machine: install, run; with --hosts: deploy, install, run
+  up        this machine: install, preflight, run; with --hosts: deploy, install, preflight, run
   deploy    (--hosts) pack git HEAD, copy it to every host, unpack into <remote-dir>/src
-  install   this machine: pip install -r requirements.txt '.[cuda]' into --python's environment;
-            with --hosts: on every host (in parallel), venv (uv) + the same pip install
+  install   this machine: bubblewrap (apt), pip install -r requirements.txt '.[cuda]' into --python's
+            environment; with --hosts: on every host (in parallel), bubblewrap, venv (uv) + the same pip install
+  preflight python -m prime_jax.preflight (devices, workdir, model, data, verifiers, sandbox, memory);
+            with --hosts on every host at once; a FAIL stops here and prints every host's FAIL lines
   run       start python -m prime_jax.main in the background (nohup); with --hosts, one
             process per host with its JAX_PROCESS_ID and --config.distributed=True
   logs      tail the newest log (with --hosts: of host --worker N)
@@ -78,14 +81,12 @@ cmd_deploy() {
   done
 }
 
-cmd_install() {
-  if [ ${#HOSTS[@]} = 0 ]; then
-    run "$PYTHON_BIN" -m pip install -r requirements.txt '.[cuda]'
-    return
-  fi
-  local script i pids=() failed=()
-  script=$(install_script cuda)
+# Runs a script on every host at once (ssh in the background); fails naming the hosts where it failed.
+on_hosts_in_parallel() {  # what script-function [args...]: the function prints host i's script, i first
+  local what=$1 fn=$2 i pids=() failed=() script
+  shift 2
   for i in "${!HOSTS[@]}"; do
+    script=$("$fn" "$i" "$@")
     show "${SSH[@]}" "${HOSTS[$i]}" "$script"
     if [ "$DRY_RUN" != 1 ]; then
       "${SSH[@]}" "${HOSTS[$i]}" "$script" &
@@ -95,7 +96,46 @@ cmd_install() {
   for i in "${!pids[@]}"; do
     wait "${pids[$i]}" || failed+=("${HOSTS[$i]}")
   done
-  [ ${#failed[@]} = 0 ] || die "install failed on: ${failed[*]}"
+  FAILED_HOSTS=("${failed[@]}")
+  [ ${#failed[@]} = 0 ] || note "$what failed on: ${failed[*]}"
+  [ ${#failed[@]} = 0 ]
+}
+
+# The environment that makes host i process i of the run.
+process_env() {  # index
+  printf '%s\n' "JAX_COORDINATOR_ADDRESS=${COORDINATOR:-${HOSTS[0]#*@}}:$PORT" "JAX_NUM_PROCESSES=${#HOSTS[@]}" "JAX_PROCESS_ID=$1"
+}
+
+host_install_script() { install_script cuda; }
+
+host_preflight_script() {  # index
+  local envs
+  mapfile -t envs < <(process_env "$1")
+  preflight_script "$REMOTE_DIR/src" ../.venv/bin/python ../logs "$(main_args 1)" "${envs[@]}"
+}
+
+cmd_install() {
+  if [ ${#HOSTS[@]} = 0 ]; then
+    run sh -c "$(bwrap_install_script)"
+    run "$PYTHON_BIN" -m pip install -r requirements.txt '.[cuda]'
+    return
+  fi
+  on_hosts_in_parallel install host_install_script || die "install failed on: ${FAILED_HOSTS[*]}"
+}
+
+cmd_preflight() {
+  if [ ${#HOSTS[@]} = 0 ]; then
+    run sh -c "$(preflight_script "$ROOT" "$PYTHON_BIN" "$LOG_DIR" "$(main_args 0)")" ||
+      die "preflight failed (FAIL lines above): training was not started"
+    return
+  fi
+  if on_hosts_in_parallel preflight host_preflight_script; then return 0; fi
+  note "the failing checks of every host:"
+  local i
+  for i in "${!HOSTS[@]}"; do
+    on_host "$i" "$(preflight_failures_script "$REMOTE_DIR/logs")" >&2 || true
+  done
+  die "preflight failed on: ${FAILED_HOSTS[*]}; training was not started (fix the FAIL lines above, then: $PROG --hosts ... preflight run)"
 }
 
 cmd_run() {
@@ -104,11 +144,11 @@ cmd_run() {
   if [ ${#HOSTS[@]} = 0 ]; then
     run sh -c "$(start_script "$ROOT" "$PYTHON_BIN" "$LOG_DIR" "$log" "$(main_args 0)")"
   else
-    local address="${COORDINATOR:-${HOSTS[0]#*@}}:$PORT" args i
+    local args i envs
     args=$(main_args 1)
     for i in "${!HOSTS[@]}"; do
-      on_host "$i" "$(start_script "$REMOTE_DIR/src" ../.venv/bin/python ../logs "$log" "$args" \
-        "JAX_COORDINATOR_ADDRESS=$address" "JAX_NUM_PROCESSES=${#HOSTS[@]}" "JAX_PROCESS_ID=$i")"
+      mapfile -t envs < <(process_env "$i")
+      on_host "$i" "$(start_script "$REMOTE_DIR/src" ../.venv/bin/python ../logs "$log" "$args" "${envs[@]}")"
     done
   fi
   if [ "$FOLLOW" = 1 ]; then cmd_logs; fi
@@ -159,8 +199,8 @@ for command in "${COMMANDS[@]}"; do
   case $command in
     up)
       if [ ${#HOSTS[@]} -gt 0 ]; then STEPS+=(deploy); fi
-      STEPS+=(install run) ;;
-    deploy|install|run|logs|stop) STEPS+=("$command") ;;
+      STEPS+=(install preflight run) ;;
+    deploy|install|preflight|run|logs|stop) STEPS+=("$command") ;;
     *) die "unknown command '$command' (see $PROG --help)" ;;
   esac
 done

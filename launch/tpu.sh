@@ -26,11 +26,13 @@ usage() {
 Usage: launch/tpu.sh [options] COMMAND... [-- main overrides...]
 
 Commands (run in the order given):
-  up        create, wait, deploy, install, run
+  up        create, wait, deploy, install, preflight, run
   create    request the queued resource (gcloud compute tpus queued-resources create)
   wait      poll its state until ACTIVE; fail on FAILED/SUSPENDING/SUSPENDED or timeout
   deploy    pack git HEAD, copy it to all workers, unpack into <remote-dir>/src
-  install   on all workers: venv (uv), pip install -r requirements.txt '.[tpu]'
+  install   on all workers: bubblewrap (apt), venv (uv), pip install -r requirements.txt '.[tpu]'
+  preflight on all workers: python -m prime_jax.preflight (devices, workdir, model, data, verifiers,
+            sandbox, memory); a FAIL on any worker stops here and prints every worker's FAIL lines
   run       on all workers: nohup python -m prime_jax.main --config=... --config.distributed=True
   logs      tail the newest log on one worker (--worker N)
   stop      SIGTERM main on all workers (it checkpoints and exits)
@@ -129,6 +131,15 @@ cmd_install() {
   on_all_workers "$(install_script tpu)"
 }
 
+cmd_preflight() {
+  if on_all_workers "$(preflight_script "$REMOTE_DIR/src" ../.venv/bin/python ../logs "$(main_args 1)")"; then
+    return 0
+  fi
+  note "preflight failed; the failing checks of every worker:"
+  on_all_workers "$(preflight_failures_script "$REMOTE_DIR/logs")" >&2 || true
+  die "preflight failed: training was not started (fix the FAIL lines above, then: $PROG preflight run)"
+}
+
 cmd_run() {
   on_all_workers "$(start_script "$REMOTE_DIR/src" ../.venv/bin/python ../logs "$(log_name)" "$(main_args 1)")"
   if [ "$FOLLOW" = 1 ]; then cmd_logs; fi
@@ -198,8 +209,8 @@ location_flags
 STEPS=()
 for command in "${COMMANDS[@]}"; do
   case $command in
-    up) STEPS+=(create wait deploy install run) ;;
-    create|wait|deploy|install|run|logs|stop|status|delete) STEPS+=("$command") ;;
+    up) STEPS+=(create wait deploy install preflight run) ;;
+    create|wait|deploy|install|preflight|run|logs|stop|status|delete) STEPS+=("$command") ;;
     *) die "unknown command '$command' (see $PROG --help)" ;;
   esac
 done

@@ -16,26 +16,10 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "path to a configs/*.py file", lock_config=True)
 
 
-def init_distributed(c) -> None:
-    """Joins the multi-host runtime: TPU pods auto-detect; GPU hosts read JAX_COORDINATOR_ADDRESS,
-    JAX_NUM_PROCESSES and JAX_PROCESS_ID (set by launch/gpu.sh)."""
-    import jax
-
-    if not c.distributed:
-        return
-    if os.environ.get("JAX_PLATFORMS", "") == "cpu":  # CPU processes (tests) talk over gloo
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    addr = os.environ.get("JAX_COORDINATOR_ADDRESS")
-    if addr:
-        jax.distributed.initialize(coordinator_address=addr, num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-                                   process_id=int(os.environ["JAX_PROCESS_ID"]))
-    else:
-        jax.distributed.initialize()
-
-
 def run(c) -> dict[str, float]:
     """Validates, builds and trains; returns the last step's metrics."""
     from prime_jax.config import validate
+    from prime_jax.distributed import init_distributed
     from prime_jax.memory_plan import print_plan
 
     validate(c)

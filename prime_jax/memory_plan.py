@@ -21,9 +21,13 @@ _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def architecture(c: ml_collections.ConfigDict) -> ModelConfig:
-    """The policy architecture: `model.path`/config.json when present, else the config's inline `model.arch`."""
+    """The policy architecture: `model.path`/config.json when present, else the config's inline `model.arch`,
+    else (the built-in synthetic run, before its warm start) `warm_start.arch` at the synthetic vocabulary."""
     if c.model.path and os.path.isfile(os.path.join(c.model.path, "config.json")):
         return read_hf_config(c.model.path)
+    if not c.model.path and c.data.source == "synthetic" and c.warm_start.arch:
+        return ModelConfig(model_type="qwen2", vocab_size=c.synthetic.vocab_size, attention_bias=True,
+                           **c.warm_start.arch.to_dict())
     if "arch" not in c.model or not c.model.arch:
         raise ValueError(f"config.model.path: no config.json at {c.model.path!r} and no model.arch given")
     return ModelConfig.from_hf(c.model.arch.to_dict())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import glob
+import itertools
 import json
 import os
 import sys
@@ -169,16 +170,17 @@ def _iter_file(path: str) -> Iterator[Any]:
     raise ValueError(f"unsupported data file {path!r}: expected .parquet or .jsonl")
 
 
-def read_eurus(paths: str | Sequence[str]) -> ReadResult:
+def read_eurus(paths: str | Sequence[str], *, max_rows_per_file: int | None = None) -> ReadResult:
     """Read Eurus-2-RL-Data schema rows from JSONL / Parquet files or glob patterns.
 
-    uid of a row = "<file name>:<row number in file>" (stable for the same files).
+    uid of a row = "<file name>:<row number in file>" (stable for the same files). `max_rows_per_file`
+    reads only the first rows of each file (preflight's quick look).
     """
 
     def rows() -> Iterator[tuple[str, Any]]:
         for path in expand_paths(paths):
             name = os.path.basename(path)
-            for i, row in enumerate(_iter_file(path)):
+            for i, row in enumerate(itertools.islice(_iter_file(path), max_rows_per_file)):
                 yield f"{name}:{i}", row
 
     return convert_rows(rows())

@@ -11,7 +11,8 @@ python are fakes (uv makes a fake venv; python records and, for main, prints and
 
 Environment: FAKE_STATE (state dir), FAKE_TPU_WORKERS (workers in the slice, default 2),
 FAKE_QR_STATES (comma list answered by successive `describe --format` calls, the last one
-repeating), FAKE_MAIN_SECONDS (how long fake main sleeps, default 0).
+repeating), FAKE_MAIN_SECONDS (how long fake main sleeps, default 0), FAKE_PREFLIGHT_FAIL (comma
+list of hosts whose fake `python -m prime_jax.preflight` reports a FAIL and exits 1).
 """
 import json
 import os
@@ -147,6 +148,14 @@ def python(argv: list[str]) -> int:
     if argv[:2] == ["-m", "prime_jax.main"]:
         print("fake prime_jax.main", *argv[2:], flush=True)
         time.sleep(float(os.environ.get("FAKE_MAIN_SECONDS", "0")))
+    if argv[:2] == ["-m", "prime_jax.preflight"]:
+        host = Path(os.environ["HOME"]).name
+        failing = host in os.environ.get("FAKE_PREFLIGHT_FAIL", "").split(",")
+        print(f"preflight [{host}] PASS devices: fake")
+        if failing:
+            print(f"preflight [{host}] FAIL sandbox: no working bubblewrap -- fix: sudo apt-get install -y bubblewrap")
+        print(f"preflight [{host}] {'FAILED' if failing else 'PASSED'}")
+        return 1 if failing else 0
     return 0
 
 

@@ -97,7 +97,7 @@ def test_tpu_up_then_delete_runs_the_whole_sequence_on_every_worker(fake: Fake):
     assert [gcloud_verb(c) for c in gcloud] == [
         "queued-resources create",
         "queued-resources describe", "queued-resources describe", "queued-resources describe",
-        "tpu-vm scp", "tpu-vm ssh", "tpu-vm ssh", "tpu-vm ssh",
+        "tpu-vm scp", "tpu-vm ssh", "tpu-vm ssh", "tpu-vm ssh", "tpu-vm ssh",
         "queued-resources delete",
     ]
     create = gcloud[0]["argv"]
@@ -108,7 +108,8 @@ def test_tpu_up_then_delete_runs_the_whole_sequence_on_every_worker(fake: Fake):
     assert "--reserved" not in create
     for call in gcloud[1:]:
         assert "--zone=us-east5-a" in call["argv"] and "--project=test-proj" in call["argv"]
-    assert all("--worker=all" in c["argv"] for c in gcloud[4:8])
+    assert all("--worker=all" in c["argv"] for c in gcloud[4:9])
+    assert "apt-get install -y -qq bubblewrap" in gcloud[6]["argv"][-1]  # install: the sandbox first
     delete = gcloud[-1]["argv"]
     assert delete[4] == "prime-test" and {"--force", "--async", "--quiet"} <= set(delete)
 
@@ -119,6 +120,10 @@ def test_tpu_up_then_delete_runs_the_whole_sequence_on_every_worker(fake: Fake):
 
     mains = fake.mains(2)
     assert sorted(c["cwd"] for c in mains) == [str(w / "prime_jax" / "src") for w in workers]
+    calls = fake_tools.read_calls(fake.state)
+    preflights = [i for i, c in enumerate(calls) if c["argv"][:2] == ["-m", "prime_jax.preflight"]]
+    assert len(preflights) == 2 and max(preflights) < min(calls.index(m) for m in mains)  # every worker, before main
+    assert all(calls[i]["argv"][2:] == mains[0]["argv"][2:] for i in preflights)  # with main's arguments
     for main in mains:
         assert main["argv"] == ["-m", "prime_jax.main", "--config=configs/tiny.py",
                                 "--config.workdir=gs://bucket/run 1", "--config.distributed=True",
@@ -164,7 +169,7 @@ def test_tpu_dry_run_prints_every_command_and_calls_nothing(fake: Fake):
     gcloud = [c for c in commands if c[0] == "gcloud"]
     assert [" ".join(c[3:5]) for c in gcloud] == [
         "queued-resources create", "queued-resources describe", "tpu-vm scp",
-        "tpu-vm ssh", "tpu-vm ssh", "tpu-vm ssh", "tpu-vm ssh", "tpu-vm ssh",
+        "tpu-vm ssh", "tpu-vm ssh", "tpu-vm ssh", "tpu-vm ssh", "tpu-vm ssh", "tpu-vm ssh",
         "queued-resources describe", "queued-resources delete",
     ]
     assert [c[:3] for c in commands if c[0] != "gcloud"] == [["git", "-C", str(ROOT)]]
@@ -172,10 +177,13 @@ def test_tpu_dry_run_prints_every_command_and_calls_nothing(fake: Fake):
     assert {"--accelerator-type=v6e-8", "--runtime-version=v2-alpha-tpuv6e", "--reserved",
             "--zone=europe-west4-a"} <= set(create)
     assert "--spot" not in create
-    words = shlex.split(gcloud[5][gcloud[5].index("--command") + 1])  # the run step's script
-    assert words[words.index("prime_jax.main") + 1:words.index(">")] == [
-        "--config=configs/qwen7b.py", "--config.distributed=True", TRICKY]
-    assert "--worker=0" in gcloud[6]  # logs
+    script = lambda call: shlex.split(call[call.index("--command") + 1])  # noqa: E731
+    assert "apt-get install -y -qq bubblewrap;" in " ".join(script(gcloud[4]))  # install
+    for step, module in ((5, "prime_jax.preflight"), (6, "prime_jax.main")):
+        words = script(gcloud[step])
+        assert words[words.index(module) + 1:words.index(">")] == [
+            "--config=configs/qwen7b.py", "--config.distributed=True", TRICKY]
+    assert "--worker=0" in gcloud[7]  # logs
     assert "--async" not in gcloud[-1]  # delete --wait
 
 
@@ -188,7 +196,7 @@ def test_gpu_hosts_get_one_launch_each_with_distinct_process_ids(fake: Fake):
     hosts = ["alice@10.0.0.1", "10.0.0.2", "gpu-c"]
     assert [c["argv"][-1].split(":")[0] for c in fake.calls("scp")] == hosts
     ssh_hosts = [fake_tools.ssh_positional(c["argv"])[0] for c in fake.calls("ssh")]
-    assert sorted(ssh_hosts) == sorted(hosts * 3)  # unpack, install, run
+    assert sorted(ssh_hosts) == sorted(hosts * 4)  # unpack, install, preflight, run
     assert ssh_hosts[-3:] == hosts  # the launches, in hostfile order
 
     installs = [c for c in fake.calls("python") if c["argv"][:2] == ["-m", "pip"]]
@@ -207,6 +215,27 @@ def test_gpu_hosts_get_one_launch_each_with_distinct_process_ids(fake: Fake):
         assert main["env"]["JAX_PLATFORMS"] is None and main["env"]["WANDB_MODE"] == "offline"
         src = fake.host(host) / "prime_jax" / "src"
         assert (src / "requirements.txt").read_text() == git_head_file("requirements.txt")
+
+
+def test_tpu_failing_preflight_stops_before_main_and_prints_every_workers_failures(fake: Fake):
+    result = fake.run(TPU, "--name", "prime-test", "--poll-interval", "0", "up",
+                      FAKE_QR_STATES="ACTIVE", FAKE_TPU_WORKERS="3", FAKE_PREFLIGHT_FAIL="worker0,worker2")
+    assert result.returncode != 0
+    assert fake.mains(0) == []  # nothing started
+    failures = [line for line in result.stderr.splitlines() if "] FAIL " in line]
+    assert [line.split("[")[1].split("]")[0] for line in failures] == ["worker0", "worker2"]
+    assert "preflight failed: training was not started" in result.stderr
+
+
+def test_gpu_failing_preflight_stops_before_main(fake: Fake):
+    (fake.tmp / "hosts.txt").write_text("h0\nh1\n")
+    result = fake.run(GPU, "--hosts", "hosts.txt", "up", FAKE_PREFLIGHT_FAIL="h1")
+    assert result.returncode != 0
+    assert fake.mains(0) == []
+    assert "preflight failed on: h1" in result.stderr
+    assert "preflight [h1] FAIL sandbox" in result.stderr and "[h0] FAIL" not in result.stderr
+    preflights = [c for c in fake.calls("python") if c["argv"][:2] == ["-m", "prime_jax.preflight"]]
+    assert sorted(c["env"]["JAX_PROCESS_ID"] for c in preflights) == ["0", "1"]
 
 
 def test_gpu_dry_run_prints_launches_and_calls_nothing(fake: Fake):

@@ -1,0 +1,287 @@
+"""Preflight: every worker proves it can run PRIME before the expensive run starts.
+
+    python -m prime_jax.preflight --config=configs/qwen7b.py [--config.* overrides]
+
+Run by `launch/tpu.sh up` and `launch/gpu.sh up` on every worker before `main`. Each check prints one
+line, `PASS`/`FAIL`, prefixed by the process index; a FAIL line ends with the fix. The exit code is 1
+if any check failed on this process, so the launchers stop before training starts.
+
+Checks (in order; a check that needs what an earlier one found missing is skipped with its FAIL):
+- config:    the config validates (the same one-line errors as `main`);
+- devices:   the config's mesh fits the devices JAX sees, on every process;
+- workdir:   write, list, read back and delete a file under the workdir (local or gs://);
+- model:     the policy / PRM / reference directories hold a readable config.json, the tokenizer loads;
+- data:      the train/validation globs match files and their first rows parse;
+- verifiers: a math item and a code item score right and wrong as they should; the code sandbox is the
+             real one (bubblewrap works) and hostile programs (kill-parent, write outside /tmp) are contained;
+- memory:    the resident state of the config (analytic plan) fits the device memory JAX reports.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import multiprocessing
+import os
+import sys
+import tempfile
+import uuid
+from collections.abc import Iterator
+
+import ml_collections
+from absl import app, flags, logging
+from etils import epath
+from ml_collections import config_flags
+
+GIB = 2**30
+BWRAP_FIX = "install bubblewrap on this host: sudo apt-get install -y bubblewrap (launch/*.sh install does it)"
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+    """One preflight result: `name` PASS/FAIL with what was found, and for a FAIL the fix."""
+
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+
+    def line(self, process: int, processes: int) -> str:
+        head = f"preflight [process {process}/{processes}] {'PASS' if self.ok else 'FAIL'} {self.name}: {self.detail}"
+        return head if self.ok else f"{head} -- fix: {self.fix}"
+
+
+def _fail(name: str, e: BaseException, fix: str) -> Check:
+    return Check(name, False, f"{type(e).__name__}: {e}".splitlines()[0], fix)
+
+
+# --- the checks --------------------------------------------------------------------------------------
+
+def check_devices(c: ml_collections.ConfigDict) -> Check:
+    """The config's mesh can be built over every device of the run."""
+    import jax
+
+    from prime_jax.mesh import make_mesh
+
+    seen = (f"{jax.device_count()} {jax.default_backend()} devices ({jax.local_device_count()} local), "
+            f"{jax.process_count()} processes")
+    try:
+        mesh = make_mesh(dict(c.mesh))
+    except ValueError as e:
+        return Check("devices", False, f"{seen}; {e}",
+                     "set --config.mesh.* so that data * fsdp * tensor equals the device count (fsdp=-1 takes the rest), "
+                     "or run on the slice the config was written for")
+    return Check("devices", True, f"{seen}; mesh {dict(mesh.shape)}")
+
+
+def check_workdir(c: ml_collections.ConfigDict) -> Check:
+    """The workdir can be written, listed, read back and cleaned (each process its own file)."""
+    import jax
+
+    fix = f"make {c.workdir} writable by this host (for gs://: the VM's service account needs storage.objects.create/get/list/delete on the bucket)"
+    try:
+        probe = epath.Path(c.workdir) / "preflight" / f"process{jax.process_index()}-{uuid.uuid4().hex}.txt"
+        probe.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_text("prime_jax preflight")
+        listed = probe.name in {p.name for p in probe.parent.iterdir()}
+        back = probe.read_text()
+        probe.unlink()
+    except Exception as e:  # noqa: BLE001 - any storage error is a FAIL line, not a traceback
+        return _fail("workdir", e, fix)
+    if not listed or back != "prime_jax preflight":
+        return Check("workdir", False, f"{probe} did not list or read back what was written", fix)
+    return Check("workdir", True, f"{c.workdir} writable, listable, readable")
+
+
+def check_models(c: ml_collections.ConfigDict) -> list[Check]:
+    """config.json of policy / PRM / reference and the tokenizer load (the built-in run makes its own)."""
+    from prime_jax.models import read_hf_config
+    from prime_jax.models.tokenizer import load_tokenizer
+
+    m = c.model
+    if not m.path:
+        if c.data.source == "synthetic":
+            return [Check("model", True, "built-in synthetic run: main trains the warm-start model itself")]
+        return [Check("model", False, "config.model.path is empty", "pass --config.model.path=<HF directory of the SFT policy>")]
+    checks = []
+    for name, path in (("model.path", m.path), ("model.prm_path", m.prm_path or m.path), ("model.ref_path", m.ref_path or m.path)):
+        try:
+            cfg = read_hf_config(path)
+            checks.append(Check(name, True, f"{path}: {cfg.model_type}, {cfg.num_params / 1e9:.2f}B params"))
+        except Exception as e:  # noqa: BLE001
+            checks.append(_fail(name, e, f"point --config.{name} at an HF model directory (config.json + *.safetensors) this host can read"))
+    try:
+        tok = load_tokenizer(m.tokenizer or m.path)
+        checks.append(Check("model.tokenizer", True, f"{m.tokenizer or m.path}: vocabulary {tok.vocab_size}"))
+    except Exception as e:  # noqa: BLE001
+        checks.append(_fail("model.tokenizer", e, "point --config.model.tokenizer (or model.path) at a tokenizer this host can read"))
+    return checks
+
+
+def check_data(c: ml_collections.ConfigDict, rows: int = 8) -> list[Check]:
+    """Each configured split's files exist and their first `rows` rows parse into examples."""
+    from prime_jax.data.eurus import read_eurus
+    from prime_jax.data.tfds_reader import iter_tfds_rows
+
+    d = c.data
+    if d.source == "synthetic":
+        return [Check("data", True, "synthetic tasks (generated in process)")]
+    if d.source == "tfds":
+        try:
+            n = sum(1 for _ in itertools.islice(iter_tfds_rows(d.tfds_dir, "train"), rows))
+        except Exception as e:  # noqa: BLE001
+            return [_fail("data.tfds_dir", e, "prepare the TFDS dataset (third_party/eurus2_rl_data) and pass --config.data.tfds_dir")]
+        return [Check("data.tfds_dir", True, f"{d.tfds_dir}: first {n} train rows read")]
+    checks = []
+    for key, paths in (("data.train_files", d.train_files), ("data.val_files", d.val_files)):
+        if not paths:
+            if key == "data.train_files":
+                checks.append(Check(key, False, "no training data configured", f"pass --config.{key}=<JSONL/Parquet glob>"))
+            continue
+        try:
+            result = read_eurus(paths.split(","), max_rows_per_file=rows)
+        except Exception as e:  # noqa: BLE001
+            checks.append(_fail(key, e, f"fix --config.{key}: every glob must match readable .jsonl/.parquet files"))
+            continue
+        if not result.examples:
+            checks.append(Check(key, False, f"none of the first {rows} rows per file parse (skipped: {dict(result.skipped)})",
+                                "the files must follow the Eurus-2-RL-Data schema (README: data)"))
+        else:
+            checks.append(Check(key, True, f"{paths}: {len(result.examples)} of the first rows parse"
+                                f"{f', skipped {dict(result.skipped)}' if result.skipped else ''}"))
+    return checks
+
+
+# Each verifier probe: (name, response, ground truth, ability, expected score).
+_PROBES = (
+    ("math right", "So the answer is \\boxed{\\frac{1}{2}}.", "0.5", "math", 1.0),
+    ("math wrong", "So the answer is \\boxed{3}.", "0.5", "math", 0.0),
+    ("code right", "```python\ndef add(a, b):\n    return a + b\n```", '{"prelude": "", "asserts": ["assert add(2, 3) == 5"]}', "code", 1.0),
+    ("code wrong", "```python\ndef add(a, b):\n    return a - b\n```", '{"prelude": "", "asserts": ["assert add(2, 3) == 5"]}', "code", 0.0),
+)
+
+
+def _score(ability: str, response: str, truth: str) -> float:
+    from prime_jax.rewards import code, math
+
+    return math.score(response, truth) if ability == "math" else code.score(response, truth)
+
+
+def _hostile(kind: str, target: str) -> None:
+    """Child process: runs a hostile program through the code verifier (its parent is this child)."""
+    program = {"kill-parent": "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)",
+               "write-outside-tmp": f"open({target!r}, 'w').write('escaped')"}[kind]
+    _score("code", f"```python\n{program}\n```", '{"prelude": "", "asserts": ["assert True"]}')
+
+
+def check_verifiers() -> list[Check]:
+    """Known answers score right; the sandbox is bubblewrap; hostile programs cannot reach this host."""
+    from prime_jax.rewards.sandbox import bwrap_available
+
+    checks = []
+    for name, response, truth, ability, want in _PROBES:
+        try:
+            got = _score(ability, response, truth)
+        except Exception as e:  # noqa: BLE001
+            checks.append(_fail(f"verifier {name}", e, "reinstall the requirements (math-verify) on this host"))
+            continue
+        checks.append(Check(f"verifier {name}", got == want, f"scored {got} (expected {want})",
+                            BWRAP_FIX if ability == "code" else "reinstall the requirements (math-verify) on this host"))
+    real = bwrap_available()
+    checks.append(Check("sandbox", real, "bubblewrap works" if real else "no working bubblewrap: code would not be sandboxed", BWRAP_FIX))
+    if not real:
+        return checks
+    ctx = multiprocessing.get_context("spawn")
+    with tempfile.TemporaryDirectory(dir=os.path.expanduser("~")) as outside:
+        target = os.path.join(outside, "escaped.txt")
+        for kind in ("kill-parent", "write-outside-tmp"):
+            child = ctx.Process(target=_hostile, args=(kind, target))
+            child.start()
+            child.join(120)
+            ok = child.exitcode == 0 and not os.path.exists(target)
+            checks.append(Check(f"sandbox {kind}", ok, "contained" if ok else f"NOT contained (verifier process exit code {child.exitcode}, "
+                                f"file written outside /tmp: {os.path.exists(target)})", BWRAP_FIX))
+    return checks
+
+
+def check_memory(c: ml_collections.ConfigDict) -> Check:
+    """The analytic resident state per device (params, Adam, reference, one sampler call's KV cache) fits the
+    memory JAX reports for device 0 (`bytes_limit`; on CPU the host memory over the local devices). Exact
+    per-program figures (activations included) come from the compiler: `python -m prime_jax.aot`."""
+    import jax
+
+    from prime_jax.memory_plan import plan
+
+    try:
+        need = sum(plan(c, jax.device_count()).values()) * GIB
+    except Exception as e:  # noqa: BLE001
+        return _fail("memory", e, "give --config.model.path (config.json) or model.arch so the plan knows the architecture")
+    if jax.default_backend() == "cpu":  # CPU devices share the host's memory
+        limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / jax.local_device_count()
+    else:
+        limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
+    if not limit:
+        return Check("memory", True, f"resident plan {need / GIB:.2f} GiB/device; {jax.default_backend()} reports no device limit")
+    ok = need < limit
+    return Check("memory", ok, f"resident plan {need / GIB:.2f} GiB of {limit / GIB:.2f} GiB/device",
+                 "use more devices (mesh.fsdp), fewer prompts per sampler call (rollout.prompts_per_call), or check "
+                 "the exact per-program figures with python -m prime_jax.aot")
+
+
+# --- driver ------------------------------------------------------------------------------------------
+
+def run_checks(c: ml_collections.ConfigDict) -> Iterator[Check]:
+    """All checks in order; stops after a failed config or devices check (the rest would not mean much)."""
+    from prime_jax.config import validate
+
+    try:
+        validate(c)
+    except ValueError as e:
+        yield Check("config", False, str(e), "fix the named config value")
+        return
+    yield Check("config", True, f"valid ({c.workdir})")
+    devices = check_devices(c)
+    yield devices
+    if not devices.ok:
+        return
+    yield check_workdir(c)
+    models = check_models(c)
+    yield from models
+    yield from check_data(c)
+    yield from check_verifiers()
+    if all(m.ok for m in models):
+        yield check_memory(c)
+    else:
+        yield Check("memory", False, "not checked: the plan needs the model's config.json", "fix the model lines above")
+
+
+def preflight(c: ml_collections.ConfigDict) -> bool:
+    """Prints one line per check (stdout, flushed as it goes); True when every check passed."""
+    import jax
+
+    ok = True
+    for check in run_checks(c):
+        print(check.line(jax.process_index(), jax.process_count()), flush=True)
+        ok &= check.ok
+    print(f"preflight [process {jax.process_index()}/{jax.process_count()}] {'PASSED' if ok else 'FAILED'}", flush=True)
+    return ok
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "path to a configs/*.py file", lock_config=True)
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if flags.FLAGS.verbosity <= 0:
+        logging.set_verbosity(logging.ERROR)
+    from prime_jax.distributed import init_distributed
+
+    c = _CONFIG.value
+    init_distributed(c)
+    sys.exit(0 if preflight(c) else 1)
+
+
+if __name__ == "__main__":
+    flags.mark_flag_as_required("config")
+    app.run(main)
