@@ -14,7 +14,8 @@ Checks (in order; a check that needs what an earlier one found missing is skippe
 - data:      the train/validation globs match files and their first rows parse;
 - verifiers: a math item and a code item score right and wrong as they should; the code sandbox is the
              real one (bubblewrap works) and hostile programs (kill-parent, write outside /tmp) are contained;
-- memory:    the resident state of the config (analytic plan) fits the device memory JAX reports.
+- memory:    on a TPU slice, every program compiled ahead of time for it (prime_jax.aot) fits HBM; elsewhere
+             the resident state of the config (analytic plan) fits the device memory JAX reports.
 """
 
 from __future__ import annotations
@@ -28,10 +29,23 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 
+import jax
 import ml_collections
 from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
+
+from prime_jax import aot
+from prime_jax.config import validate
+from prime_jax.data.eurus import read_eurus
+from prime_jax.data.tfds_reader import iter_tfds_rows
+from prime_jax.distributed import init_distributed
+from prime_jax.memory_plan import plan
+from prime_jax.mesh import make_mesh
+from prime_jax.models import read_hf_config
+from prime_jax.models.tokenizer import load_tokenizer
+from prime_jax.rewards import code, math
+from prime_jax.rewards.sandbox import bwrap_available
 
 GIB = 2**30
 BWRAP_FIX = "install bubblewrap on this host: sudo apt-get install -y bubblewrap (launch/*.sh install does it)"
@@ -59,10 +73,6 @@ def _fail(name: str, e: BaseException, fix: str) -> Check:
 
 def check_devices(c: ml_collections.ConfigDict) -> Check:
     """The config's mesh can be built over every device of the run."""
-    import jax
-
-    from prime_jax.mesh import make_mesh
-
     seen = (f"{jax.device_count()} {jax.default_backend()} devices ({jax.local_device_count()} local), "
             f"{jax.process_count()} processes")
     try:
@@ -76,8 +86,6 @@ def check_devices(c: ml_collections.ConfigDict) -> Check:
 
 def check_workdir(c: ml_collections.ConfigDict) -> Check:
     """The workdir can be written, listed, read back and cleaned (each process its own file)."""
-    import jax
-
     fix = f"make {c.workdir} writable by this host (for gs://: the VM's service account needs storage.objects.create/get/list/delete on the bucket)"
     try:
         probe = epath.Path(c.workdir) / "preflight" / f"process{jax.process_index()}-{uuid.uuid4().hex}.txt"
@@ -95,9 +103,6 @@ def check_workdir(c: ml_collections.ConfigDict) -> Check:
 
 def check_models(c: ml_collections.ConfigDict) -> list[Check]:
     """config.json of policy / PRM / reference and the tokenizer load (the built-in run makes its own)."""
-    from prime_jax.models import read_hf_config
-    from prime_jax.models.tokenizer import load_tokenizer
-
     m = c.model
     if not m.path:
         if c.data.source == "synthetic":
@@ -120,9 +125,6 @@ def check_models(c: ml_collections.ConfigDict) -> list[Check]:
 
 def check_data(c: ml_collections.ConfigDict, rows: int = 8) -> list[Check]:
     """Each configured split's files exist and their first `rows` rows parse into examples."""
-    from prime_jax.data.eurus import read_eurus
-    from prime_jax.data.tfds_reader import iter_tfds_rows
-
     d = c.data
     if d.source == "synthetic":
         return [Check("data", True, "synthetic tasks (generated in process)")]
@@ -162,8 +164,6 @@ _PROBES = (
 
 
 def _score(ability: str, response: str, truth: str) -> float:
-    from prime_jax.rewards import code, math
-
     return math.score(response, truth) if ability == "math" else code.score(response, truth)
 
 
@@ -176,8 +176,6 @@ def _hostile(kind: str, target: str) -> None:
 
 def check_verifiers() -> list[Check]:
     """Known answers score right; the sandbox is bubblewrap; hostile programs cannot reach this host."""
-    from prime_jax.rewards.sandbox import bwrap_available
-
     checks = []
     for name, response, truth, ability, want in _PROBES:
         try:
@@ -204,14 +202,42 @@ def check_verifiers() -> list[Check]:
     return checks
 
 
-def check_memory(c: ml_collections.ConfigDict) -> Check:
-    """The analytic resident state per device (params, Adam, reference, one sampler call's KV cache) fits the
-    memory JAX reports for device 0 (`bytes_limit`; on CPU the host memory over the local devices). Exact
-    per-program figures (activations included) come from the compiler: `python -m prime_jax.aot`."""
-    import jax
+# JAX's device_kind of each TPU generation -> prime_jax.aot's generation name.
+_TPU_KINDS = {"TPU v4": "v4", "TPU v5": "v5p", "TPU v5p": "v5p", "TPU v5 lite": "v5e", "TPU v5e": "v5e",
+              "TPU v6 lite": "v6e", "TPU v6e": "v6e"}
 
-    from prime_jax.memory_plan import plan
 
+def tpu_topology(devices: list) -> aot.Topology | None:
+    """The slice these TPU devices form, as `prime_jax.aot` names it; None off TPU or for a shape aot does not know."""
+    gen = _TPU_KINDS.get(devices[0].device_kind) if devices and devices[0].platform == "tpu" else None
+    try:
+        return aot.Topology(gen, aot.slice_dims(gen, len(devices))) if gen else None
+    except ValueError:
+        return None
+
+
+MEMORY_FIX = ("use more devices (mesh.fsdp), fewer prompts per sampler call (rollout.prompts_per_call) or smaller "
+              "micro batches; per-program figures: python -m prime_jax.aot --config=... --topology=...")
+
+
+def aot_memory_check(topology: aot.Topology, reports: list[aot.ProgramReport]) -> Check:
+    """The memory line from the run's programs compiled for `topology`: the worst peak against HBM."""
+    worst = max(reports, key=lambda r: r.peak_bytes)
+    return Check("memory", all(r.fits(topology.chip) for r in reports),
+                 f"AOT {topology.name}: peak {worst.peak_bytes / GIB:.2f} GiB/device ({worst.name}) of "
+                 f"{topology.chip.hbm_bytes / GIB:.0f} GiB HBM", MEMORY_FIX)
+
+
+def check_memory(c: ml_collections.ConfigDict, topology: aot.Topology | None = None) -> Check:
+    """On a TPU slice (`topology`): every program of the run compiled ahead of time for it (`prime_jax.aot`, the
+    compiler's own peak per device) fits HBM. Elsewhere: the analytic resident state per device (params, Adam,
+    reference, one sampler call's KV cache) fits the memory JAX reports for device 0 (`bytes_limit`; on CPU the
+    host memory over the local devices)."""
+    if topology is not None:
+        try:
+            return aot_memory_check(topology, aot.compile_run(c, topology))
+        except Exception as e:  # noqa: BLE001
+            return _fail("memory", e, MEMORY_FIX)
     try:
         need = sum(plan(c, jax.device_count()).values()) * GIB
     except Exception as e:  # noqa: BLE001
@@ -222,18 +248,13 @@ def check_memory(c: ml_collections.ConfigDict) -> Check:
         limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
     if not limit:
         return Check("memory", True, f"resident plan {need / GIB:.2f} GiB/device; {jax.default_backend()} reports no device limit")
-    ok = need < limit
-    return Check("memory", ok, f"resident plan {need / GIB:.2f} GiB of {limit / GIB:.2f} GiB/device",
-                 "use more devices (mesh.fsdp), fewer prompts per sampler call (rollout.prompts_per_call), or check "
-                 "the exact per-program figures with python -m prime_jax.aot")
+    return Check("memory", need < limit, f"resident plan {need / GIB:.2f} GiB of {limit / GIB:.2f} GiB/device", MEMORY_FIX)
 
 
 # --- driver ------------------------------------------------------------------------------------------
 
 def run_checks(c: ml_collections.ConfigDict) -> Iterator[Check]:
     """All checks in order; stops after a failed config or devices check (the rest would not mean much)."""
-    from prime_jax.config import validate
-
     try:
         validate(c)
     except ValueError as e:
@@ -250,15 +271,13 @@ def run_checks(c: ml_collections.ConfigDict) -> Iterator[Check]:
     yield from check_data(c)
     yield from check_verifiers()
     if all(m.ok for m in models):
-        yield check_memory(c)
+        yield check_memory(c, tpu_topology(jax.devices()))
     else:
         yield Check("memory", False, "not checked: the plan needs the model's config.json", "fix the model lines above")
 
 
 def preflight(c: ml_collections.ConfigDict) -> bool:
     """Prints one line per check (stdout, flushed as it goes); True when every check passed."""
-    import jax
-
     ok = True
     for check in run_checks(c):
         print(check.line(jax.process_index(), jax.process_count()), flush=True)
@@ -275,8 +294,6 @@ def main(argv) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if flags.FLAGS.verbosity <= 0:
         logging.set_verbosity(logging.ERROR)
-    from prime_jax.distributed import init_distributed
-
     c = _CONFIG.value
     init_distributed(c)
     sys.exit(0 if preflight(c) else 1)

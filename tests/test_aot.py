@@ -2,6 +2,7 @@
 and the qwen7b config's four programs, shrunk, compiled for a v5p-8 (2x2x1) with the compiler's figures
 checked against hand-computed sizes."""
 
+import dataclasses
 import math
 import os
 import re
@@ -16,6 +17,7 @@ import pytest
 
 from prime_jax import aot
 from prime_jax.memory_plan import architecture
+from prime_jax.preflight import aot_memory_check
 from prime_jax.programs import sampler_prompts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -191,6 +193,15 @@ def test_shrunk_qwen7b_compiles_and_fits(compiled_shrunk):
     assert m and m.group(1) == "v5p:2x2x1" and m.group(2) == "yes"
     assert int(m.group(3)) == max(r.peak_bytes for r in reports.values())
     assert int(m.group(4)) == 95 * 2**30
+
+
+def test_preflight_memory_line_is_the_worst_program_against_hbm(compiled_shrunk):
+    c, topology, reports = compiled_shrunk
+    check = aot_memory_check(topology, list(reports.values()))
+    worst = max(reports.values(), key=lambda r: r.peak_bytes)
+    assert check.ok and check.detail == f"AOT v5p:2x2x1: peak {worst.peak_bytes / 2**30:.2f} GiB/device ({worst.name}) of 95 GiB HBM"
+    over = dataclasses.replace(worst, resident_bytes=worst.resident_bytes + topology.chip.hbm_bytes)
+    assert not aot_memory_check(topology, [*reports.values(), over]).ok
 
 
 def test_markdown_rows_fill_the_table_header(compiled_shrunk):

@@ -6,7 +6,11 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import pytest
+
+from prime_jax import aot
+from prime_jax.preflight import tpu_topology
 
 from tests.test_multihost import env, free_port
 
@@ -85,3 +89,10 @@ def test_two_processes_each_report(tmp_path):
         assert p.returncode == 0, out + err[-3000:]
         assert f"preflight [process {i}/2] PASS devices: 4 cpu devices (2 local), 2 processes" in out
         assert out.rstrip().endswith(f"preflight [process {i}/2] PASSED")
+
+
+
+def test_tpu_slice_is_recognised_from_its_devices():
+    assert tpu_topology(aot.parse_topology("v5p:2x2x1").devices()) == aot.parse_topology("v5p-8")
+    assert tpu_topology(aot.parse_topology("v5e:2x4").devices()) == aot.parse_topology("v5litepod-8")
+    assert tpu_topology(jax.devices()) is None  # CPU: the analytic plan
