@@ -31,6 +31,14 @@ def get_config() -> ml_collections.ConfigDict:
     c.verifier.num_workers = 64
     # v5p-16 (8 chips): FSDP over all chips. v5p-8 / v5p-32 / v4-64: see SHARDING below.
     c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
+    # The lengths of a real step, for the AOT whole-step roofline (docs/aot.md, step_s):
+    # - response 1435 tokens: response_length/mean of the reference run's log (PRIME issue #57, step 3;
+    #   PRIME_SPEC.md §metrics); the SFT data it starts from averages 1,390 (PAPER App. D).
+    # - prompt 256 tokens: the PRIME system prompt + question + suffix in the chat template measure 718
+    #   characters on MATH-500 and 2216 on LeetCode (shared/data/benchmarks); weighted 94.4% math / 5.6% code
+    #   as Eurus-2-RL-Data (455,261 / 26,758 rows) and at ~3.5 characters per Qwen2.5 token: ~229, rounded up.
+    # - 5% of responses at the 3072 limit: assumed (no clip ratio is published for the run).
+    c.length_mix = ml_collections.ConfigDict({"prompt_tokens": 256, "response_tokens": 1435, "clipped_fraction": 0.05})
     return c
 
 

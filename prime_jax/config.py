@@ -134,6 +134,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.warm_start.arch = ml_collections.ConfigDict()  # ModelConfig fields of the model to initialise
 
     c.model.arch = ml_collections.ConfigDict()  # HF config.json fields, for dry runs / AOT without weights
+
+    # The token lengths a step really has, for `python -m prime_jax.aot`'s whole-step roofline (step_s):
+    # mean prompt and response tokens and the fraction of responses that reach rollout.max_response_length.
+    # 0 means "at the limit" (every prompt data.max_prompt_length, every response the full length); a mean above
+    # its limit counts as the limit.
+    c.length_mix = ml_collections.ConfigDict()
+    c.length_mix.prompt_tokens = 0
+    c.length_mix.response_tokens = 0
+    c.length_mix.clipped_fraction = 0.0
     return c
 
 
@@ -195,6 +204,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
     for key, value in c.mesh.items():
         if not isinstance(value, int) or (value < 1 and value != -1):
             _fail(f"mesh.{key}", f"must be a positive integer or -1, got {value!r}")
+    mix = c.length_mix
+    for key in ("prompt_tokens", "response_tokens"):
+        if not mix[key] >= 0:
+            _fail(f"length_mix.{key}", f"must be >= 0 (0: at the limit), got {mix[key]!r}")
+    if not 0 <= mix.clipped_fraction <= 1:
+        _fail("length_mix.clipped_fraction", f"must be in [0, 1], got {mix.clipped_fraction!r}")
     for key in ("param_dtype", "ref_dtype", "compute_dtype"):
         if c.model[key] not in ("float32", "bfloat16", "float16"):
             _fail(f"model.{key}", f"{c.model[key]!r} is not one of float32, bfloat16, float16")

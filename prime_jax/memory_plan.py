@@ -2,7 +2,7 @@
 
 Counts what must live on the mesh: policy and PRM params + fp32 Adam moments, the frozen reference,
 and the sampler's KV cache for one sampler call (`rollout.prompts_per_call`, default the whole batch).
-The exact per-program figures come from the compiler (`prime_jax/aot.py`); this is the quick check
+The exact per-program figures come from the compiler (`python -m prime_jax.aot`); this is the quick check
 `--config.dry_run=True` prints.
 """
 

@@ -178,13 +178,13 @@ def check_verifiers() -> list[Check]:
     """Known answers score right; the sandbox is bubblewrap; hostile programs cannot reach this host."""
     checks = []
     for name, response, truth, ability, want in _PROBES:
+        fix = BWRAP_FIX if ability == "code" else "reinstall the requirements (math-verify) on this host"
         try:
             got = _score(ability, response, truth)
         except Exception as e:  # noqa: BLE001
-            checks.append(_fail(f"verifier {name}", e, "reinstall the requirements (math-verify) on this host"))
+            checks.append(_fail(f"verifier {name}", e, fix))
             continue
-        checks.append(Check(f"verifier {name}", got == want, f"scored {got} (expected {want})",
-                            BWRAP_FIX if ability == "code" else "reinstall the requirements (math-verify) on this host"))
+        checks.append(Check(f"verifier {name}", got == want, f"scored {got} (expected {want})", fix))
     real = bwrap_available()
     checks.append(Check("sandbox", real, "bubblewrap works" if real else "no working bubblewrap: code would not be sandboxed", BWRAP_FIX))
     if not real:
@@ -286,19 +286,17 @@ def preflight(c: ml_collections.ConfigDict) -> bool:
     return ok
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "path to a configs/*.py file", lock_config=True)
-
-
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if flags.FLAGS.verbosity <= 0:
         logging.set_verbosity(logging.ERROR)
-    c = _CONFIG.value
+    c = flags.FLAGS.config
     init_distributed(c)
     sys.exit(0 if preflight(c) else 1)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # the flag is defined here only, so this module imports beside prime_jax.main
+    config_flags.DEFINE_config_file("config", None, "path to a configs/*.py file", lock_config=True)
     flags.mark_flag_as_required("config")
     app.run(main)

@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 
 from prime_jax import aot
+from prime_jax.aot.compile import _oom_temp_bytes
 from prime_jax.memory_plan import architecture
+from prime_jax.aot.step import LengthMix, decode_fraction, step_seconds
 from prime_jax.preflight import aot_memory_check
 from prime_jax.programs import sampler_prompts
 
@@ -30,7 +32,7 @@ SHRINK = {"model.arch.vocab_size": 1024, "model.arch.hidden_size": 512, "model.a
           "model.arch.num_hidden_layers": 2, "model.arch.num_attention_heads": 16, "model.arch.num_key_value_heads": 16,
           "model.arch.head_dim": 128, "train.batch_size": 8, "rollout.max_response_length": 32,
           "data.max_prompt_length": 32, "actor.mini_batch_size": 16, "prm.mini_batch_size": 16}
-SUMMARY = re.compile(r"^AOT (\S+): fits=(yes|no) peak_bytes_per_device=(\d+) hbm_bytes=(\d+)$")
+SUMMARY = re.compile(r"^AOT (\S+): fits=(yes|no) peak_bytes_per_device=(\d+) hbm_bytes=(\d+)( step_s=[\d.]+)?$")
 
 
 # --- topologies ------------------------------------------------------------------------------------
@@ -146,9 +148,9 @@ def test_program_cost_in_place_update_moves_only_the_slice():
 def test_oom_message_is_read():
     msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries (130.08G) "
            "exceeds available HBM (95.74G).")
-    assert aot._oom_temp_bytes(msg) == int(130.08 * 2**30)
-    assert aot._oom_temp_bytes("RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. Used 120.5G of 95.74G hbm.") == int(120.5 * 2**30)
-    assert aot._oom_temp_bytes("RESOURCE_EXHAUSTED: something else") == 0
+    assert _oom_temp_bytes(msg) == int(130.08 * 2**30)
+    assert _oom_temp_bytes("RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. Used 120.5G of 95.74G hbm.") == int(120.5 * 2**30)
+    assert _oom_temp_bytes("RESOURCE_EXHAUSTED: something else") == 0
 
 
 def test_plans_and_program_names_are_checked():
@@ -193,6 +195,28 @@ def test_shrunk_qwen7b_compiles_and_fits(compiled_shrunk):
     assert m and m.group(1) == "v5p:2x2x1" and m.group(2) == "yes"
     assert int(m.group(3)) == max(r.peak_bytes for r in reports.values())
     assert int(m.group(4)) == 95 * 2**30
+
+
+def test_step_seconds_add_the_programs_at_the_length_mix(compiled_shrunk):
+    c, topology, reports = compiled_shrunk
+    step = step_seconds(c, list(reports.values()))
+    r = {name: report.seconds for name, report in reports.items()}
+    # 8 prompts in one sampler call; qwen7b's mix capped at the shrunk limits: every response at its limit.
+    assert step == pytest.approx({**r, "step": sum(r.values())})
+    line = aot.summary_line(topology, list(reports.values()), step["step"])
+    assert SUMMARY.match(line) and line.endswith(f" step_s={step['step']:.1f}")
+    assert step_seconds(c, [reports["prm_step"]]) is None  # not a whole step
+
+
+@pytest.mark.parametrize("mix, fraction", [
+    ({"response_tokens": 8, "clipped_fraction": 0.0}, 0.25),            # no row clipped: the mean length (a bound)
+    ({"response_tokens": 8, "clipped_fraction": 1.0}, 1.0),             # every call runs to its limit
+    ({"response_tokens": 8, "clipped_fraction": 0.05}, 1 - 0.95**32 + 0.95**32 * 0.25),  # 8 prompts x 4 rows
+])
+def test_decode_fraction_of_the_fixed_batch_sampler(mix, fraction):
+    c = _shrunk_qwen7b()
+    c.length_mix.update(mix)
+    assert decode_fraction(c, LengthMix.from_config(c)) == pytest.approx(fraction)
 
 
 def test_preflight_memory_line_is_the_worst_program_against_hbm(compiled_shrunk):

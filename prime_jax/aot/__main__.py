@@ -1,0 +1,103 @@
+"""`python -m prime_jax.aot`: compile a config's programs for TPU slices and report per-device memory and cost.
+
+    python -m prime_jax.aot --config=configs/qwen7b.py --topology=v5p:2x2x2 [--config.a.b=v ...]
+    python -m prime_jax.aot --config=configs/qwen7b.py --topology=v5p-32      # slice name: its SHARDING plan
+    python -m prime_jax.aot --config=configs/qwen7b.py --smallest=v5p          # smallest v5p slice that fits
+    python -m prime_jax.aot --config=configs/qwen7b.py --table=v5p-8,v5p-16    # markdown rows (docs/aot.md)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+from absl import app, flags
+from ml_collections import config_flags
+
+from prime_jax.aot.compile import PROGRAMS, compile_run
+from prime_jax.aot.plans import config_for, load_config_file
+from prime_jax.aot.report import TABLE_HEADER, ProgramReport, markdown_rows, summary_line
+from prime_jax.aot.step import LengthMix, step_seconds
+from prime_jax.aot.topology import CHIPS, GIB, Topology, parse_topology, slice_dims
+from prime_jax.programs import sampler_prompts
+
+def run_topology(base: ml_collections.ConfigDict, plans: dict[str, dict[str, Any]], overrides: dict[str, Any],
+                 topology: Topology, programs: Sequence[str], use_plan: bool = True, hlo_dir: str = "",
+                 log: Callable[[str], None] = print) -> tuple[ml_collections.ConfigDict, list[ProgramReport], float | None]:
+    """Compiles the programs for one slice (with its SHARDING plan when there is one) and logs them; returns the
+    config used, the reports and the whole step's roofline seconds at the length mix (None without every program)."""
+    plan = plans.get(topology.slice_name, {}) if use_plan else {}
+    c = config_for(base, plan, overrides)
+    chip = topology.chip
+    log(f"AOT {topology.slice_name} ({topology.name}: {topology.num_chips} chips, {chip.hbm_bytes / GIB:.0f} GiB HBM, "
+        f"{chip.peak_flops / 1e12:.0f} TFLOP/s bf16 each); mesh {dict(c.mesh)}; plan {plan or 'none'}")
+    log(f"  {sampler_prompts(c)} prompts x {c.rollout.n_samples} samples per sampler call, "
+        f"prompt {c.data.max_prompt_length} + response {c.rollout.max_response_length}; "
+        f"micro-batch PRM {c.prm.micro_batch_size} / actor {c.actor.micro_batch_size}")
+    reports = compile_run(c, topology, programs, hlo_dir, log=lambda s: log("  " + s))
+    step = step_seconds(c, reports)
+    if step is not None:
+        parts = " + ".join(f"{name} {seconds:.1f}" for name, seconds in step.items() if name != "step")
+        log(f"  one step at the length mix ({LengthMix.from_config(c).describe()}): {parts} = {step['step']:.1f} s")
+    return c, reports, None if step is None else step["step"]
+
+
+def main(argv: Sequence[str]) -> None:
+    del argv
+    FLAGS = flags.FLAGS
+    if not os.environ.get("JAX_PLATFORMS"):
+        jax.config.update("jax_platforms", "cpu")  # the topology API needs no TPU, and nothing else runs on one
+    _, plans = load_config_file(config_flags.get_config_filename(FLAGS["config"]))
+    overrides = config_flags.get_override_values(FLAGS["config"])
+    programs = [p for p in FLAGS.programs.split(",") if p]
+
+    def run(topology: Topology, log: Callable[[str], None] = print
+            ) -> tuple[ml_collections.ConfigDict, list[ProgramReport], float | None]:
+        hlo_dir = os.path.join(FLAGS.hlo_dir, topology.slice_name) if FLAGS.hlo_dir else ""
+        return run_topology(FLAGS.config, plans, overrides, topology, programs, FLAGS.plan, hlo_dir, log)
+
+    if FLAGS.table:  # markdown on stdout, progress on stderr
+        print(TABLE_HEADER, flush=True)
+        for name in FLAGS.table.split(","):
+            topology = parse_topology(name)
+            c, reports, _ = run(topology, log=lambda s: print(s, file=sys.stderr, flush=True))
+            print("\n".join(markdown_rows(c, topology, reports)), flush=True)
+        return
+    if FLAGS.smallest:
+        if FLAGS.smallest not in CHIPS:
+            raise ValueError(f"--smallest: unknown generation {FLAGS.smallest!r} (known: {sorted(CHIPS)})")
+        chips = 4
+        while True:
+            topology = Topology(FLAGS.smallest, slice_dims(FLAGS.smallest, chips))
+            _, reports, step_s = run(topology)
+            line = summary_line(topology, reports, step_s)
+            if "fits=yes" in line or chips * 2 > FLAGS.max_chips:
+                print(line)
+                return
+            print(f"{topology.slice_name} does not fit: {line}", flush=True)
+            chips *= 2
+    topology = parse_topology(FLAGS.topology)
+    _, reports, step_s = run(topology)
+    print(summary_line(topology, reports, step_s))
+
+
+def _define_flags() -> None:
+    config_flags.DEFINE_config_file("config", None, "path to a configs/*.py file", lock_config=True)
+    flags.DEFINE_string("topology", "v5p:2x2x2", "libtpu topology ('v5p:2x2x2', 'v4:2x4x4') or slice name ('v5p-16')")
+    flags.DEFINE_string("programs", ",".join(PROGRAMS), f"comma-separated subset of {','.join(PROGRAMS)}")
+    flags.DEFINE_bool("plan", True, "apply the config's SHARDING plan for the slice, when it has one "
+                      "(--config.* overrides still win)")
+    flags.DEFINE_string("table", "", "comma-separated slices/topologies: print markdown table rows (docs/aot.md)")
+    flags.DEFINE_string("smallest", "", "a generation (v5p, v4, v5e, v6e): compile on ever larger slices "
+                        "until one fits")
+    flags.DEFINE_integer("max_chips", 256, "largest slice --smallest tries")
+    flags.DEFINE_string("hlo_dir", "", "write each compiled program's HLO to <hlo_dir>/<slice>/<program>.hlo.txt")
+
+
+if __name__ == "__main__":
+    _define_flags()
+    app.run(main)

@@ -1,0 +1,217 @@
+"""Compiling a run's device programs for a TPU slice with abstract (weightless, sharded) states, and the
+compiler's per-device memory figures plus the loop-aware cost of each program."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from prime_jax.aot.hlo_cost import program_cost
+from prime_jax.aot.report import ProgramReport, format_report
+from prime_jax.aot.topology import Chip, Topology
+from prime_jax.memory_plan import architecture
+from prime_jax.mesh import batch_sharding, data_parallel_size, make_mesh, state_shardings
+from prime_jax.models import ModelConfig, abstract_model
+from prime_jax.programs import make_programs, optimizers, rows_per_step, sampler_prompts, validate_programs
+from prime_jax.rl.optim import TrainState, init_train_state, train_state_shardings
+from prime_jax.sampling import SamplingParams, decode, prefill
+
+PROGRAMS = ("sampler_prefill", "sampler_decode", "prm_step", "ppo_step")
+
+
+
+def model_config(c: ml_collections.ConfigDict, param_dtype: str) -> ModelConfig:
+    """The architecture with the run's dtypes and memory knobs, as `components.build` loads it."""
+    m = c.model
+    return architecture(c).replace(param_dtype=param_dtype, dtype=m.compute_dtype, remat=m.remat,
+                                   logits_chunk=m.logits_chunk)
+
+
+def _with_shardings(tree: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs (inside nnx Variables or bare) given their shardings."""
+    def one(x: Any, s: NamedSharding) -> Any:
+        if isinstance(x, nnx.Variable):
+            v = x.get_value()
+            return x.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s))
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+
+    return jax.tree.map(one, tree, shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+@dataclasses.dataclass
+class AbstractRun:
+    """Everything a PRIME step holds on the mesh, as sharded ShapeDtypeStructs."""
+
+    graphdef: nnx.GraphDef
+    policy: TrainState
+    prm: TrainState
+    ref_params: nnx.State
+
+
+def abstract_run(c: ml_collections.ConfigDict, mesh: Mesh) -> AbstractRun:
+    """Policy and PRM train states (params + Adam) and the frozen reference, sharded as `components.build`
+    shards them."""
+    graphdef, params = nnx.split(abstract_model(model_config(c, c.model.param_dtype)))
+    _, ref = nnx.split(abstract_model(model_config(c, c.model.ref_dtype)))
+    params = _with_shardings(params, state_shardings(params, mesh))
+    policy_tx, prm_tx, _ = optimizers(c, mesh)
+
+    def train_state(tx):
+        state = jax.eval_shape(lambda p: init_train_state(p, tx), params)
+        return _with_shardings(state, train_state_shardings(state, mesh))
+
+    ref = _with_shardings(ref, state_shardings(ref, mesh))
+    return AbstractRun(graphdef, train_state(policy_tx), train_state(prm_tx), ref)
+
+
+def bytes_per_device(tree: Any) -> int:
+    """Bytes of one device's shards of every sharded ShapeDtypeStruct in `tree`."""
+    total = 0
+    for x in jax.tree.leaves(tree):
+        shape = x.sharding.shard_shape(x.shape)
+        total += math.prod(shape) * x.dtype.itemsize
+    return total
+
+
+def _key(mesh: Mesh) -> jax.ShapeDtypeStruct:
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    return jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=NamedSharding(mesh, P()))
+
+
+def _batch(mesh: Mesh, rows: int, shapes: dict[str, tuple[tuple[int, ...], Any]]) -> dict[str, jax.ShapeDtypeStruct]:
+    """{name: (row shape, dtype)} -> [rows, *row shape] arrays split over the data axes."""
+    return {k: jax.ShapeDtypeStruct((rows, *s), d, sharding=batch_sharding(mesh, 1 + len(s)))
+            for k, (s, d) in shapes.items()}
+
+
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def _oom_temp_bytes(message: str) -> int:
+    """Bytes an out-of-HBM compiler message says the program needed ('the total memory required for HLO
+    temporaries (130.08G) exceeds ...' or 'Used 120.5G of 95.74G hbm'); 0 when it gives no figure."""
+    m = re.search(r"required for HLO temporaries \(([\d.]+)([KMGT]?)\)", message) or \
+        re.search(r"Used ([\d.]+)([KMGT]?) of [\d.]+[KMGT]? hbm", message)
+    return int(float(m.group(1)) * _UNITS[m.group(2)]) if m else 0
+
+
+def compile_program(name: str, fn: Any, args: tuple, kwargs: dict[str, Any], chip: Chip, resident: int,
+                    unknown_trip_count: int = 1, hlo_dir: str = "") -> tuple[ProgramReport, Any, Any]:
+    """Lowers `fn(*args, **kwargs)` and compiles it -> (report, lowered, compiled); compiled is None when the
+    compiler ran out of device memory (the report then carries its message). Loops that stop on data run
+    `unknown_trip_count` times in the cost estimate. With `hlo_dir`, the compiled HLO is written to
+    <hlo_dir>/<name>.hlo.txt."""
+    report = ProgramReport(name, resident_bytes=resident)
+    t0 = time.perf_counter()
+    lowered = fn.lower(*args, **kwargs)
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+        message = str(e)
+        if "RESOURCE_EXHAUSTED" not in message:
+            raise
+        report.compile_seconds = time.perf_counter() - t0
+        report.error = " ".join(message.split())[:300]
+        arrays = [x for x in jax.tree.leaves(args) if isinstance(x, jax.ShapeDtypeStruct)]  # not the graphdef
+        report.argument_bytes = bytes_per_device(arrays)
+        report.temp_bytes = _oom_temp_bytes(message)
+        return report, lowered, None
+    report.compile_seconds = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    report.argument_bytes = int(mem.argument_size_in_bytes)
+    report.output_bytes = int(mem.output_size_in_bytes)
+    report.temp_bytes = int(mem.temp_size_in_bytes)
+    report.code_bytes = int(mem.generated_code_size_in_bytes)
+    report.alias_bytes = int(mem.alias_size_in_bytes)
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    report.compiler_flops = float(cost.get("flops", 0.0))
+    report.compiler_seconds = float(cost.get("optimal_seconds", 0.0))
+    text = compiled.as_text()
+    if hlo_dir:
+        os.makedirs(hlo_dir, exist_ok=True)
+        with open(os.path.join(hlo_dir, f"{name}.hlo.txt"), "w") as f:
+            f.write(text)
+    report.cost = program_cost(text, chip.peak_flops, chip.hbm_bandwidth, unknown_trip_count)
+    return report, lowered, compiled
+
+
+def sampling_params(c: ml_collections.ConfigDict, cfg: ModelConfig) -> SamplingParams:
+    """The rollout's sampling settings. Stop ids come from the tokenizer at run time; their values do not
+    change the program, so the architecture's eos id stands in (or the last vocab id)."""
+    eos = cfg.eos_token_id if cfg.eos_token_id is not None else cfg.vocab_size - 1
+    r = c.rollout
+    return SamplingParams(temperature=float(r.temperature), top_p=float(r.top_p), top_k=int(r.top_k),
+                          stop_ids=tuple(eos) if isinstance(eos, tuple) else (int(eos),))
+
+
+def compile_run(c: ml_collections.ConfigDict, topology: Topology, programs: Sequence[str] = PROGRAMS,
+                hlo_dir: str = "", log: Callable[[str], None] = lambda s: None) -> list[ProgramReport]:
+    """Compiles the run's programs for `topology`; one report per program (in PROGRAMS order)."""
+    unknown = [p for p in programs if p not in PROGRAMS]
+    if unknown:
+        raise ValueError(f"--programs: unknown {unknown} (known: {list(PROGRAMS)})")
+    mesh = make_mesh(dict(c.mesh), devices=topology.devices())
+    validate_programs(c, mesh)
+    run = abstract_run(c, mesh)
+    progs = make_programs(c, mesh, run.graphdef, run.policy, run.prm, run.ref_params)
+    rows, p_len, r_len = rows_per_step(c), c.data.max_prompt_length, c.rollout.max_response_length
+    train_batch = _batch(mesh, rows, {"prompt_tokens": ((p_len,), jnp.int32), "prompt_mask": ((p_len,), jnp.int32),
+                                      "tokens": ((r_len,), jnp.int32), "mask": ((r_len,), jnp.float32),
+                                      "old_logp": ((r_len,), jnp.float32), "acc": ((), jnp.float32)})
+    ppo_batch = {**train_batch, **_batch(mesh, rows, {"advantages": ((r_len,), jnp.float32)})}
+    dp = data_parallel_size(mesh)
+    prompts = -(-sampler_prompts(c) // dp) * dp  # generate pads each call's prompts to the dp size
+    prompt_batch = _batch(mesh, prompts, {"tokens": ((p_len,), jnp.int32), "mask": ((p_len,), jnp.int32)})
+    cfg = model_config(c, c.model.param_dtype)
+    sampler = dict(n=c.rollout.n_samples, max_new_tokens=r_len, sampling=sampling_params(c, cfg), pad_id=0)
+    policy_rest = bytes_per_device((run.policy.opt_state, run.policy.step))
+    prm_all, ref_all = bytes_per_device(run.prm), bytes_per_device(run.ref_params)
+    policy_all = bytes_per_device(run.policy)
+    key = _key(mesh)
+    sampler_resident = prm_all + ref_all + policy_rest  # the policy params are the sampler's argument
+    reports: dict[str, ProgramReport] = {}
+
+    def done(report: ProgramReport) -> None:
+        reports[report.name] = report
+        log(format_report(report, topology.chip))
+
+    chip = topology.chip
+    if "sampler_prefill" in programs or "sampler_decode" in programs:
+        log("compiling sampler_prefill ...")
+        with jax.set_mesh(mesh):  # as `generate` calls them: sampler state constrained to the batch axes
+            report, lowered, compiled = compile_program(
+                "sampler_prefill", prefill,
+                (run.graphdef, run.policy.params, prompt_batch["tokens"], prompt_batch["mask"], key), sampler, chip,
+                sampler_resident, hlo_dir=hlo_dir)
+            if "sampler_prefill" in programs:
+                done(report)
+            if "sampler_decode" in programs and compiled is None:
+                done(ProgramReport("sampler_decode", resident_bytes=sampler_resident, error="prefill did not compile"))
+            elif "sampler_decode" in programs:
+                log("compiling sampler_decode ...")
+                state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                     lowered.out_info, compiled.output_shardings)
+                # The decode loop stops when every row is done: at most max_new_tokens - 1 steps.
+                done(compile_program("sampler_decode", decode, (run.graphdef, run.policy.params, state), {}, chip,
+                                     sampler_resident, r_len - 1, hlo_dir)[0])
+    if "prm_step" in programs:
+        log("compiling prm_step ...")
+        done(compile_program("prm_step", progs.prm_step, (run.prm, run.ref_params, train_batch), {}, chip, policy_all,
+                             hlo_dir=hlo_dir)[0])
+    if "ppo_step" in programs:
+        log("compiling ppo_step ...")
+        done(compile_program("ppo_step", progs.ppo_step, (run.policy, ppo_batch, key), {}, chip, prm_all + ref_all,
+                             hlo_dir=hlo_dir)[0])
+    return [reports[p] for p in PROGRAMS if p in reports]

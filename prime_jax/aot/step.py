@@ -1,0 +1,60 @@
+"""Roofline seconds of one whole PRIME step at the config's length mix (`length_mix`), from the compiled
+programs' loop-aware costs: one generation round (train.batch_size prompts x n samples in sampler calls of
+rollout.prompts_per_call prompts), then one PRM step (reference + PRM passes, PRM update) and one PPO step.
+Host work (verification, filtering, logging) and further generation rounds are not counted."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import ml_collections
+
+from prime_jax.aot.report import ProgramReport
+from prime_jax.programs import sampler_prompts
+
+STEP_PROGRAMS = ("sampler_prefill", "sampler_decode", "prm_step", "ppo_step")
+
+
+@dataclasses.dataclass(frozen=True)
+class LengthMix:
+    """Mean prompt and response tokens of a step and the fraction of responses cut at the response limit."""
+
+    prompt_tokens: float
+    response_tokens: float
+    clipped_fraction: float
+
+    @classmethod
+    def from_config(cls, c: ml_collections.ConfigDict) -> LengthMix:
+        """`length_mix` with 0 read as the limit and each mean capped at its limit."""
+        m, p, r = c.length_mix, c.data.max_prompt_length, c.rollout.max_response_length
+        return cls(min(m.prompt_tokens or p, p), min(m.response_tokens or r, r), m.clipped_fraction)
+
+    def describe(self) -> str:
+        return (f"prompt {self.prompt_tokens:g} + response {self.response_tokens:g} tokens on average, "
+                f"{100 * self.clipped_fraction:g}% of responses at the limit")
+
+
+def decode_fraction(c: ml_collections.ConfigDict, mix: LengthMix) -> float:
+    """The share of its compiled limit (max_response_length - 1 steps) that one decode call runs at this mix.
+    The call decodes until its longest row stops: to the limit when any of its rows is clipped (probability
+    1 - (1 - f)^rows), else at least to the mean length (a lower bound)."""
+    rows = sampler_prompts(c) * c.rollout.n_samples
+    none_clipped = (1.0 - mix.clipped_fraction) ** rows
+    return (1.0 - none_clipped) + none_clipped * mix.response_tokens / c.rollout.max_response_length
+
+
+def step_seconds(c: ml_collections.ConfigDict, reports: Sequence[ProgramReport]) -> dict[str, float] | None:
+    """{program: roofline seconds it takes in one step, "step": their sum}; None unless every program of a step
+    was compiled (and fitted)."""
+    by_name = {r.name: r for r in reports}
+    if any(p not in by_name or by_name[p].error for p in STEP_PROGRAMS):
+        return None
+    mix = LengthMix.from_config(c)
+    calls = math.ceil(c.train.batch_size / sampler_prompts(c))
+    out = {"sampler_prefill": calls * by_name["sampler_prefill"].seconds,
+           "sampler_decode": calls * by_name["sampler_decode"].seconds * decode_fraction(c, mix),
+           "prm_step": by_name["prm_step"].seconds, "ppo_step": by_name["ppo_step"].seconds}
+    out["step"] = sum(out.values())
+    return out
