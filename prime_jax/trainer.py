@@ -125,15 +125,17 @@ class Trainer:
 
     def validate(self) -> dict[str, float]:
         """Validation score per data source (`val/test_score/<source>`, `.../all`): greedy pass@1 by default,
-        avg@k at `eval.temperature` when configured."""
+        avg@k at `eval.temperature` when configured; prompts too long for the model's context are skipped
+        (`val/skipped_too_long`)."""
         if not self.p.val_examples:
             return {}
         e = self.c.eval
-        scores = score_examples(nnx.merge(self.p.graphdef, self.policy.params), self.p.tokenizer, self.p.val_examples,
+        scored = score_examples(nnx.merge(self.p.graphdef, self.policy.params), self.p.tokenizer, self.p.val_examples,
                                 self.p.pool, max_new_tokens=e.max_response_length or self.c.rollout.max_response_length,
                                 k=e.k, temperature=e.temperature, seed=self.c.seed, batch_size=e.batch_size,
                                 mesh=self.p.mesh)
-        return summarize(self.p.val_examples, scores)
+        skipped = {"val/skipped_too_long": float(scored.skipped)} if scored.skipped else {}
+        return {**summarize(scored.examples, scored.scores), **skipped}
 
     def save(self) -> None:
         host = {"step": self.step, "data": self.p.train_data.state(), "buffer": [prompt_to_json(p) for p in self.buffer]}

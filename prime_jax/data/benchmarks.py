@@ -1,11 +1,13 @@
-"""Evaluation benchmarks of PRIME as `Example`s: MATH-500, AIME, AMC, Minerva, OlympiadBench, HumanEval, MBPP, LeetCode.
+"""Evaluation benchmarks of PRIME as `Example`s: MATH-500, AIME, AMC, Minerva, OlympiadBench, HumanEval, MBPP,
+LeetCode and LiveCodeBench (prime_jax/data/livecodebench.py).
 
 Reads the public files in their original formats (see ../shared/data/benchmarks/README.md for the
 fields). Math ground truth is the answer string; code ground truth is the assert-style JSON
 `{"prelude": str, "asserts": [str, ...]}` the code verifier runs after the candidate's code, one
 entry per test. Prompts are the PRIME system prompt + question + the math / code suffix, with
 the question worded as PRIME's `eval/` scripts word it (HumanEval and MBPP: an instruction naming
-the function signature; LeetCode: `prompt_sft`; math: the problem text).
+the function signature; LeetCode: `prompt_sft`; math: the problem text). `aime24` is the 30 problems of
+AIME 2024 that PRIME's Table 1 reports (its eval script scores the whole file and reports the 2024 rows).
 A row that cannot give a ground truth is an error naming file and row: these files are curated.
 """
 
@@ -19,11 +21,13 @@ import re
 from collections.abc import Callable, Iterator
 
 from prime_jax.data.example import Example
+from prime_jax.data.livecodebench import WINDOWS, read_livecodebench
 from prime_jax.data.prompts import build_messages
 
-# name -> (file name, ability)
+# name -> (file name, ability); lcb_v2 reads a folder with the LiveCodeBench release's test*.jsonl files.
 BENCHMARK_FILES = {
     "math500": ("math500.json", "math"),
+    "aime24": ("aime_2022_2024.jsonl", "math"),
     "aime": ("aime_2022_2024.jsonl", "math"),
     "amc": ("amc_2022_2023.jsonl", "math"),
     "minerva": ("minerva_math.jsonl", "math"),
@@ -31,7 +35,17 @@ BENCHMARK_FILES = {
     "humaneval": ("humaneval.jsonl.gz", "code"),
     "mbpp": ("mbpp.json", "code"),
     "leetcode": ("leetcode.jsonl", "code"),
+    "lcb_v2": ("livecodebench", "code"),
 }
+
+# Response token limit of PRIME's evaluation (PRIME_SPEC §6.1): Minerva and OlympiadBench through the
+# Qwen2.5-Math harness (4096); LiveCodeBench through lcb_runner, whose default PRIME's eval/run.sh keeps.
+MAX_NEW_TOKENS = {"math500": 8192, "leetcode": 8192, "aime24": 4096, "aime": 4096, "amc": 4096, "minerva": 4096,
+                  "olympiadbench": 4096, "humaneval": 4096, "mbpp": 4096, "lcb_v2": 2000}
+
+# The columns of the paper's Table 1 (PRIME_SPEC §6.2): (heading, benchmark name).
+TABLE1 = (("AIME24", "aime24"), ("AMC", "amc"), ("MATH-500", "math500"), ("Minerva", "minerva"),
+          ("OlympiadBench", "olympiadbench"), ("LeetCode", "leetcode"), ("LCB v2", "lcb_v2"))
 
 
 def last_boxed(text: str) -> str | None:
@@ -143,6 +157,13 @@ def _aime(path: str) -> Rows:
         yield str(i), row["question"], format_number(row["answer"])
 
 
+def _aime24(path: str) -> Rows:
+    """AIME rows of 2024 (url .../2024_AIME_I_Problems/...), ids = row numbers in the whole file."""
+    for (row_id, question, answer), row in zip(_aime(path), _read_jsonl(path)):
+        if "/2024_AIME_" in row["url"]:
+            yield row_id, question, answer
+
+
 def _minerva(path: str) -> Rows:
     for row in _read_jsonl(path):
         yield str(row["idx"]), row["problem"], last_boxed(row["solution"]) or ""
@@ -206,6 +227,7 @@ def _leetcode(path: str) -> Rows:
 
 _READERS: dict[str, Callable[[str], Rows]] = {
     "math500": _math500,
+    "aime24": _aime24,
     "aime": _aime,
     "amc": _aime,  # same fields; AMC answers are floats, format_number handles both
     "minerva": _minerva,
@@ -213,17 +235,24 @@ _READERS: dict[str, Callable[[str], Rows]] = {
     "humaneval": _humaneval,
     "mbpp": _mbpp,
     "leetcode": _leetcode,
+    "lcb_v2": lambda path: read_livecodebench(path, WINDOWS["lcb_v2"]),
 }
+
+
+def benchmark_path(name: str, root: str | os.PathLike) -> str:
+    """The file (or folder) benchmark `name` reads under `root`; a one-line error if the name or file is unknown."""
+    if name not in BENCHMARK_FILES:
+        raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(sorted(BENCHMARK_FILES))}")
+    path = os.path.join(os.fspath(root), BENCHMARK_FILES[name][0])
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"benchmark file for {name!r} not found: {path}")
+    return path
 
 
 def load_benchmark(name: str, root: str | os.PathLike) -> list[Example]:
     """All rows of benchmark `name` from the directory `root`; data_source = name, uid = "name/<row id>"."""
-    if name not in BENCHMARK_FILES:
-        raise ValueError(f"unknown benchmark {name!r}; known: {sorted(BENCHMARK_FILES)}")
-    file_name, ability = BENCHMARK_FILES[name]
-    path = os.path.join(os.fspath(root), file_name)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"benchmark file for {name!r} not found: {path}")
+    path = benchmark_path(name, root)
+    ability = BENCHMARK_FILES[name][1]
     examples = []
     for row_id, question, truth in _READERS[name](path):
         if not truth:
