@@ -4,9 +4,13 @@
         [--k=16 --temperature=0.3 --top_p=0.95] [--max_new_tokens=0 --limit=0 --memory_gb=4]
 
 `--k=16 --temperature=0.3 --top_p=0.95` is the avg@16 mode PRIME's authors recommend next to greedy pass@1.
-A response counts as solved when its verifier score is 1.0 (math: the answer is right; code: every test
-run passes). Each benchmark answers with its paper token limit (`MAX_NEW_TOKENS`) unless
-`--max_new_tokens` is given. Writes `<output_dir>/<UTC time>/results.json` and `table.md`.
+`--benchmarks=validation --config=configs/tiny.py` is the validation set of that run (for the built-in run,
+its synthetic held-out prompts) with the run's verifier settings.
+A response counts as solved when its verifier score is 1.0 (math: the answer is right; code: every test the
+code verifier runs passes; like the reference's training reward it runs a problem's first 10 tests, so
+LiveCodeBench problems with more tests are judged on their first 10, public ones first). Each benchmark
+answers with its paper token limit (`MAX_NEW_TOKENS`) unless `--max_new_tokens` is given.
+Writes `<output_dir>/<UTC time>/results.json` and `table.md`.
 
 Memory: a prompt longer than the model's context (`--context`, default `max_position_embeddings`) minus
 `--min_response_tokens` is skipped and counted, as the reference filters prompts by length; each response
@@ -41,7 +45,7 @@ from prime_jax.sampling import generate, length_buckets
 GIB = 2**30
 # Sampler call c draws with seed + c * SEED_STRIDE: one call draws exactly what `generate(seed=seed)` draws.
 SEED_STRIDE = 1_000_003
-SYNTHETIC = "synthetic"  # the built-in run's held-out set (needs --config)
+VALIDATION = "validation"  # the validation set of the run given by --config (the built-in run: synthetic held-out)
 
 
 @dataclasses.dataclass
@@ -158,9 +162,9 @@ def check_request(benchmarks: Sequence[str], data_root: str, *, k: int, temperat
         if not ok:
             raise ValueError(f"--{name} must be {rule}, got {value}")
     for name in benchmarks:
-        if name == SYNTHETIC:
+        if name == VALIDATION:
             if not has_config:
-                raise ValueError("--benchmarks=synthetic needs --config (the run whose held-out set to use)")
+                raise ValueError("--benchmarks=validation needs --config (the run whose validation set to use)")
         else:
             benchmark_path(name, data_root)
 
@@ -229,7 +233,7 @@ def main(argv: Sequence[str]) -> None:
     with VerifierPool(f.workers, item_timeout_s=30.0, batch_timeout_s=3600.0, literal_numbers=settings["literal_numbers"]) as pool:
         for name in names:
             t0 = time.perf_counter()
-            if name == SYNTHETIC:
+            if name == VALIDATION:
                 from prime_jax.components import read_examples
 
                 examples, limit = read_examples(c, "validation").examples, c.eval.max_response_length or c.rollout.max_response_length
@@ -269,10 +273,10 @@ if __name__ == "__main__":
     flags.DEFINE_string("model", None, "HF model directory (e.g. an exported policy)", required=True)
     flags.DEFINE_string("tokenizer", "", "tokenizer directory or .model file (default: --model)")
     flags.DEFINE_string("benchmarks", ",".join(name for _, name in TABLE1),
-                        "comma-separated: " + ", ".join(sorted(MAX_NEW_TOKENS)) + ", synthetic (with --config)")
+                        "comma-separated: " + ", ".join(sorted(MAX_NEW_TOKENS)) + ", validation (with --config)")
     flags.DEFINE_string("data_root", "../shared/data/benchmarks", "folder with the benchmark files")
-    config_flags.DEFINE_config_file("config", None, "a run's configs/*.py: its held-out set is --benchmarks=synthetic, "
-                                    "and its verifier settings apply")
+    config_flags.DEFINE_config_file("config", None, "a run's configs/*.py: its validation set is "
+                                    "--benchmarks=validation, and its verifier settings apply")
     flags.DEFINE_integer("k", 1, "samples per problem (avg@k); pass@1 is the first sample")
     flags.DEFINE_float("temperature", 0.0, "0 = greedy")
     flags.DEFINE_float("top_p", 1.0, "nucleus sampling")

@@ -145,6 +145,7 @@ def test_table1_average_and_layout_by_hand():
 
 @pytest.mark.parametrize("flag,value,message", [
     ("benchmarks", "gsm8k", "unknown benchmark 'gsm8k'"),
+    ("benchmarks", "validation", "--benchmarks=validation needs --config"),
     ("k", 0, "--k must be >= 1, got 0"),
     ("temperature", -0.5, "--temperature must be >= 0 (0 = greedy), got -0.5"),
     ("data_root", "/nonexistent", "benchmark file for 'math500' not found: /nonexistent/math500.json"),
