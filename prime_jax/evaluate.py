@@ -122,7 +122,8 @@ def score_examples(model: Decoder, tokenizer: Tokenizer, examples: Sequence[Exam
                            stop_ids=tokenizer.eos_ids, seed=seed + c * SEED_STRIDE, pad_id=tokenizer.pad_id, mesh=mesh,
                            buckets=buckets, prompts_per_call=per_call)
         rows = len(chunk) * k  # verify reads rows 0 ... rows-1 (the padding copies are dropped)
-        rollout = dataclasses.replace(rollout, lengths=np.minimum(rollout.lengths[:rows], allowed[start * k:start * k + rows]))
+        cut = np.minimum(rollout.lengths[:rows], allowed[start * k:start * k + rows])
+        rollout = dataclasses.replace(rollout, lengths=cut)
         chunk_acc, counts = verify(rollout, chunk, k, tokenizer.decode, pool)
         acc.append(chunk_acc)
         lengths.append(rollout.lengths)
@@ -153,12 +154,13 @@ def check_request(benchmarks: Sequence[str], data_root: str, *, k: int, temperat
     """One-line ValueError / FileNotFoundError naming the flag or file that is wrong, before any model is loaded."""
     if not benchmarks:
         raise ValueError("--benchmarks is empty")
-    for name, value, ok, rule in (("k", k, k >= 1, ">= 1"), ("temperature", temperature, temperature >= 0, ">= 0 (0 = greedy)"),
-                                  ("top_p", top_p, 0 < top_p <= 1, "in (0, 1]"),
-                                  ("max_new_tokens", max_new_tokens, max_new_tokens >= 0, ">= 0 (0 = per-benchmark default)"),
-                                  ("limit", limit, limit >= 0, ">= 0 (0 = all)"), ("batch_size", batch_size, batch_size >= 1, ">= 1"),
-                                  ("memory_gb", memory_gb, memory_gb >= 0, ">= 0 (0 = no budget)"),
-                                  ("min_response_tokens", min_response_tokens, min_response_tokens >= 1, ">= 1")):
+    rules = (("k", k, k >= 1, ">= 1"), ("temperature", temperature, temperature >= 0, ">= 0 (0 = greedy)"),
+             ("top_p", top_p, 0 < top_p <= 1, "in (0, 1]"),
+             ("max_new_tokens", max_new_tokens, max_new_tokens >= 0, ">= 0 (0 = per-benchmark default)"),
+             ("limit", limit, limit >= 0, ">= 0 (0 = all)"), ("batch_size", batch_size, batch_size >= 1, ">= 1"),
+             ("memory_gb", memory_gb, memory_gb >= 0, ">= 0 (0 = no budget)"),
+             ("min_response_tokens", min_response_tokens, min_response_tokens >= 1, ">= 1"))
+    for name, value, ok, rule in rules:
         if not ok:
             raise ValueError(f"--{name} must be {rule}, got {value}")
     for name in benchmarks:
@@ -172,10 +174,11 @@ def check_request(benchmarks: Sequence[str], data_root: str, *, k: int, temperat
 def benchmark_result(scored: Scored, k: int, seconds: float) -> dict:
     """The results-JSON entry of one benchmark; scores in percent, `score` is pass@1 (k = 1) or avg@k of solved."""
     solved = scored.scores >= 1.0
-    pct = lambda x: 100.0 * float(np.mean(x)) if len(scored.examples) else None  # noqa: E731
+    pct = lambda x: 100.0 * float(np.mean(x, dtype=np.float64)) if len(scored.examples) else None  # noqa: E731
     return {"metric": "pass@1" if k == 1 else f"avg@{k}", "score": pct(solved), "pass@1": pct(solved[:, 0]),
             "mean_verifier_score": pct(scored.scores),
-            "mean_response_tokens": float(np.mean(scored.lengths)) if len(scored.examples) else None, "scored": len(scored.examples), "skipped_too_long": scored.skipped,
+            "mean_response_tokens": float(np.mean(scored.lengths)) if len(scored.examples) else None,
+            "scored": len(scored.examples), "skipped_too_long": scored.skipped,
             "max_new_tokens": scored.max_new_tokens, "prompts_per_call": scored.prompts_per_call,
             "verifier_faults": scored.faults, "seconds": round(seconds, 1)}
 
@@ -230,13 +233,15 @@ def main(argv: Sequence[str]) -> None:
                 "literal_numbers": bool(c and c.verifier.literal_numbers)}
     print(f"model: {os.path.abspath(f.model)}  context {context} tokens; {settings}", flush=True)
     results: dict[str, dict] = {}
-    with VerifierPool(f.workers, item_timeout_s=30.0, batch_timeout_s=3600.0, literal_numbers=settings["literal_numbers"]) as pool:
+    with VerifierPool(f.workers, item_timeout_s=30.0, batch_timeout_s=3600.0,
+                      literal_numbers=settings["literal_numbers"]) as pool:
         for name in names:
             t0 = time.perf_counter()
             if name == VALIDATION:
                 from prime_jax.components import read_examples
 
-                examples, limit = read_examples(c, "validation").examples, c.eval.max_response_length or c.rollout.max_response_length
+                examples = read_examples(c, "validation").examples
+                limit = c.eval.max_response_length or c.rollout.max_response_length
             else:
                 examples, limit = load_benchmark(name, f.data_root), MAX_NEW_TOKENS[name]
             examples = examples[: f.limit or None]
@@ -247,8 +252,8 @@ def main(argv: Sequence[str]) -> None:
                                     progress=lambda line, name=name: print(f"{name}: {line}", file=sys.stderr, flush=True))
             if scored.skipped:
                 print(f"{name}: skipped {scored.skipped} of {len(examples)} prompts longer than "
-                      f"{context - f.min_response_tokens} tokens (context {context} - {f.min_response_tokens} response tokens)",
-                      flush=True)
+                      f"{context - f.min_response_tokens} tokens (context {context} - {f.min_response_tokens} "
+                      "response tokens)", flush=True)
             results[name] = benchmark_result(scored, f.k, time.perf_counter() - t0)
             r = results[name]
             score = "–" if r["score"] is None else f"{r['score']:.1f}"
