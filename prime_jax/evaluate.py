@@ -198,6 +198,9 @@ def render_tables(label: str, results: dict[str, dict]) -> str:
     metric = next(iter(results.values()))["metric"] if results else "pass@1"
     lines = [f"| model ({metric}) | " + " | ".join(row) + " |", "|---" * (len(row) + 1) + "|",
              f"| {label} | " + " | ".join(cell(v) for v in row.values()) + " |"]
+    averaged = sum(v is not None for v in row.values()) - (row["Avg"] is not None)
+    if 0 < averaged < len(TABLE1):
+        lines.append(f"\nAvg over the {averaged} of {len(TABLE1)} Table 1 benchmarks run.")
     others = [name for name in results if name not in dict(TABLE1).values()]
     if others:
         lines += ["", f"| model ({metric}) | " + " | ".join(others) + " |", "|---" * (len(others) + 1) + "|",

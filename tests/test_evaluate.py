@@ -140,7 +140,9 @@ def test_table1_average_and_layout_by_hand():
                "lcb_v2": {"metric": "pass@1", "score": 27.5}, "mbpp": {"metric": "pass@1", "score": 50.0}}
     row = table1_row(results)
     assert row["Avg"] == pytest.approx((20.0 + 78.2 + 27.5) / 3) and row["AMC"] is None
-    assert render_tables("m", results).splitlines()[2] == "| m | 20.0 | – | 78.2 | – | – | – | 27.5 | 41.9 |"
+    lines = render_tables("m", results).splitlines()
+    assert lines[2] == "| m | 20.0 | – | 78.2 | – | – | – | 27.5 | 41.9 |"
+    assert lines[4] == "Avg over the 3 of 7 Table 1 benchmarks run." and lines[6] == "| model (pass@1) | mbpp |"
 
 
 @pytest.mark.parametrize("flag,value,message", [

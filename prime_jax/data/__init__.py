@@ -7,6 +7,8 @@ pyarrow, TFDS or the code verifier):
   eurus        Eurus-2-RL-Data schema rows from/to JSONL / Parquet, skip counts (`read_eurus`, `write_eurus`)
   tfds_reader  the prepared TFDS (array_record) dataset, read without TensorFlow (`read_tfds`)
   dataset      `PromptDataset`: templated, length-filtered, sharded, reshuffled, resumable prompt stream
-  benchmarks   `load_benchmark` for MATH-500, AIME, AMC, Minerva, OlympiadBench, HumanEval, MBPP, LeetCode
+  benchmarks   `load_benchmark` for MATH-500, AIME (24), AMC, Minerva, OlympiadBench, HumanEval, MBPP, LeetCode,
+               LiveCodeBench v2; per-benchmark token limits, the paper's Table 1 columns
+  livecodebench  LiveCodeBench release files (compressed private tests, contest-date windows)
   synthetic    `make_tasks` / `reference_solution` for the built-in CPU run
 """
