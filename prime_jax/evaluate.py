@@ -97,7 +97,7 @@ def score_examples(model: Decoder, tokenizer: Tokenizer, examples: Sequence[Exam
     Prompts longer than `context` (0: the model's max_position_embeddings) minus `min_response_tokens` are
     skipped; a response is cut where the context ends (prompt + response <= context). Prompts go to the
     sampler in calls of at most `batch_size` (fewer if `memory_bytes` > 0 says so), each padded to the same
-    shape; call c samples with seed + c * SEED_STRIDE. `progress` gets one line per call.
+    shape; call c samples with seed + c * SEED_STRIDE. `progress` gets a line first, then one per call.
     """
     context = context or model.cfg.max_position_embeddings
     prompts = [Prompt(ex, tuple(tokenizer.encode(tokenizer.apply_chat_template(ex.prompt)))) for ex in examples]
@@ -114,6 +114,9 @@ def score_examples(model: Decoder, tokenizer: Tokenizer, examples: Sequence[Exam
     allowed = np.repeat([context - len(p.ids) for p in kept], k)
     acc, lengths, faults = [], [], collections.Counter()
     t0 = time.perf_counter()
+    if progress is not None:
+        progress(f"{len(kept)} prompts x {k} in {-(-len(kept) // per_call)} sampler calls of {per_call}, "
+                 f"up to {max_new} new tokens")
     for c, start in enumerate(range(0, len(kept), per_call)):
         chunk = kept[start:start + per_call]
         ids = [list(p.ids) for p in chunk]

@@ -73,7 +73,8 @@ def test_prompts_longer_than_the_context_are_skipped_and_short_ones_scored(tiny_
     ref = generate(model, [encode(e) for e in short[:2]], max_new_tokens=scored.max_new_tokens, temperature=0.0,
                    stop_ids=tokenizer.eos_ids, seed=0, pad_id=tokenizer.pad_id)
     np.testing.assert_array_equal(scored.lengths[:2, 0], np.minimum(ref.lengths, [256 - len(encode(e)) for e in short[:2]]))
-    assert lines[-1].startswith("generated and verified 5/5 prompts x 1") and len(lines) == 3  # 3 calls of 2
+    assert lines[0] == f"5 prompts x 1 in 3 sampler calls of 2, up to {scored.max_new_tokens} new tokens"
+    assert lines[-1].startswith("generated and verified 5/5 prompts x 1") and len(lines) == 4
 
 
 @pytest.mark.parametrize("b,p,r,n", [(8, 256, 64, 1), (4, 512, 512, 4)])
