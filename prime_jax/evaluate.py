@@ -153,7 +153,7 @@ def summarize(examples: Sequence[Example], scores: np.ndarray, prefix: str = "va
 
 def check_request(benchmarks: Sequence[str], data_root: str, *, k: int, temperature: float, top_p: float,
                   max_new_tokens: int, limit: int, batch_size: int, memory_gb: float, min_response_tokens: int,
-                  has_config: bool) -> None:
+                  context: int = 0, has_config: bool) -> None:
     """One-line ValueError / FileNotFoundError naming the flag or file that is wrong, before any model is loaded."""
     if not benchmarks:
         raise ValueError("--benchmarks is empty")
@@ -162,7 +162,8 @@ def check_request(benchmarks: Sequence[str], data_root: str, *, k: int, temperat
              ("max_new_tokens", max_new_tokens, max_new_tokens >= 0, ">= 0 (0 = per-benchmark default)"),
              ("limit", limit, limit >= 0, ">= 0 (0 = all)"), ("batch_size", batch_size, batch_size >= 1, ">= 1"),
              ("memory_gb", memory_gb, memory_gb >= 0, ">= 0 (0 = no budget)"),
-             ("min_response_tokens", min_response_tokens, min_response_tokens >= 1, ">= 1"))
+             ("min_response_tokens", min_response_tokens, min_response_tokens >= 1, ">= 1"),
+             ("context", context, context >= 0, ">= 0 (0 = the model's max_position_embeddings)"))
     for name, value, ok, rule in rules:
         if not ok:
             raise ValueError(f"--{name} must be {rule}, got {value}")
@@ -219,7 +220,7 @@ def main(argv: Sequence[str]) -> None:
     try:
         check_request(names, f.data_root, k=f.k, temperature=f.temperature, top_p=f.top_p, max_new_tokens=f.max_new_tokens,
                       limit=f.limit, batch_size=f.batch_size, memory_gb=f.memory_gb,
-                      min_response_tokens=f.min_response_tokens, has_config=f.config is not None)
+                      min_response_tokens=f.min_response_tokens, context=f.context, has_config=f.config is not None)
     except (ValueError, FileNotFoundError) as exc:
         sys.exit(f"evaluate: {exc}")
 
