@@ -13,8 +13,9 @@ r rows of L slots per micro-batch.
   right-padded response), `<pass>.micro_batch_size` rows per micro-batch (comparison and debugging).
 
 `index` maps each slot that predicts a response token to that token's flat position b * R + j in the
-[B, R] layout the losses use (B * R: the slot predicts nothing); `to_slots` / `from_slots` move per-token
-arrays between the two layouts on device, so RLOO, whitening and the losses keep their maths.
+[B, R] layout the losses use (B * R: the slot predicts nothing), `Layout.unpack` the other way; `to_slots` /
+`from_slots` move per-token arrays between the two layouts on device with gathers (no scatters: slow on
+TPU, and opaque to XLA's cost analysis), so RLOO, whitening and the losses keep their maths.
 
 Static shapes (packed): while a mini-batch fits one micro-batch, k = 1 and r is the smallest of dp, 2 dp,
 4 dp, ... that holds its rows (at most the budget's rows r_max); beyond that, r = r_max and k is the
@@ -85,10 +86,12 @@ class PackSpec:
 
 
 class Layout(NamedTuple):
-    """arrays: LAYOUT_KEYS -> [M, k, r, L] int32; real_tokens: prompt + response tokens of the trained
-    sequences (each counted once per mini-batch it is in)."""
+    """arrays: LAYOUT_KEYS -> [M, k, r, L] int32; unpack: [B, R] int32, the flat slot predicting each response
+    token (M * k * r * L: none; the last one when a row is in several mini-batches); real_tokens: prompt +
+    response tokens of the trained sequences (each counted once per mini-batch it is in)."""
 
     arrays: dict[str, np.ndarray]
+    unpack: np.ndarray
     real_tokens: int
 
     @property
@@ -115,9 +118,13 @@ def lay_out(batch: dict[str, np.ndarray], minibatches: np.ndarray, spec: PackSpe
     minibatches = np.asarray(minibatches)
     trained = r_len[minibatches.reshape(-1)] > 0
     real = int((p_len + r_len)[minibatches.reshape(-1)][trained].sum())
-    if spec.packed:
-        return Layout(_packed(batch, prompt_mask, p_len, r_len, minibatches, spec), real)
-    return Layout(_padded(batch, prompt_mask, mask, minibatches, spec), real)
+    arrays = (_packed(batch, prompt_mask, p_len, r_len, minibatches, spec) if spec.packed
+              else _padded(batch, prompt_mask, mask, minibatches, spec))
+    index = arrays["index"].reshape(-1)
+    slot = np.flatnonzero(index < mask.size)
+    unpack = np.full(mask.size, index.size, np.int32)
+    unpack[index[slot]] = slot
+    return Layout(arrays, unpack.reshape(mask.shape), real)
 
 
 def _padded(batch: dict[str, np.ndarray], prompt_mask: np.ndarray, mask: np.ndarray, minibatches: np.ndarray,
@@ -189,12 +196,23 @@ def _packed(batch: dict[str, np.ndarray], prompt_mask: np.ndarray, p_len: np.nda
 # --- device side -----------------------------------------------------------------------------------------
 
 def to_slots(x: jax.Array, index: jax.Array) -> jax.Array:
-    """Per-token values x [B, R] at the slots `index` [...] points to (0 where it points nowhere). -> [...]"""
+    """Per-token values x [B, R] (or per-row [B] with index // R) at the slots `index` [...] points to (0 where
+    it points nowhere). -> [...]"""
     return x.reshape(-1).at[index].get(mode="fill", fill_value=0)
 
 
-def from_slots(values: jax.Array, index: jax.Array, shape: tuple[int, int]) -> jax.Array:
-    """Slot values [...] back in the [B, R] layout `shape` (0 where no slot maps). Each (b, j) must have at most
-    one slot (true of every layout of one pass over the batch). -> [B, R]"""
-    flat = jnp.zeros(math.prod(shape), values.dtype).at[index.reshape(-1)].set(values.reshape(-1), mode="drop")
-    return flat.reshape(shape)
+def from_slots(values: jax.Array, unpack: jax.Array) -> jax.Array:
+    """Slot values [...] back in the [B, R] layout of `unpack` (`Layout.unpack`; 0 where no slot maps). -> [B, R]"""
+    return values.reshape(-1).at[unpack].get(mode="fill", fill_value=0)
+
+
+def segment_cumsum(x: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    """Running sums of x along the last axis, restarting where the segment id changes: x, segment_ids [..., L]
+    -> [..., L]. An associative scan (slices and adds only), so its gradient has no scatter either."""
+    start = jnp.concatenate([jnp.ones_like(segment_ids[..., :1], jnp.bool_),
+                             segment_ids[..., 1:] != segment_ids[..., :-1]], axis=-1)
+
+    def combine(a, b):
+        return a[0] | b[0], jnp.where(b[0], b[1], a[1] + b[1])
+
+    return jax.lax.associative_scan(combine, (start, x), axis=x.ndim - 1)[1]

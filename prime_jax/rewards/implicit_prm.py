@@ -21,7 +21,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from prime_jax.models import packed_logprobs
-from prime_jax.packing import from_slots, to_slots
+from prime_jax.packing import from_slots, segment_cumsum, to_slots
 from prime_jax.rl.advantages import last_token_mask
 from prime_jax.rl.optim import (TrainState, accumulate_gradients, apply_gradients, batch_prefix_sharding,
                                 check_batch, check_layout, layout_sharding, train_state_shardings, validate_batching)
@@ -113,7 +113,7 @@ def dpo_acc(seq_scores: jax.Array, acc: jax.Array, n: int) -> jax.Array:
 
 UPDATE_MODES = ("after", "before", "none")
 NORM_SCOPES = ("global", "shard")
-PRM_BATCH_KEYS = ("mask", "acc")
+PRM_BATCH_KEYS = ("mask", "acc", "unpack")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,8 +187,9 @@ def make_prm_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg:
                   mesh: Mesh, state: TrainState, ref_params: Any) -> Callable[..., tuple[TrainState, PrmStepOutput]]:
     """The jitted PRM program: (state, ref_params, batch, layout) -> (new state, PrmStepOutput).
 
-    batch: mask [B, R] float32, acc [B] float32; layout: the sequences' slots [M, k, r, L] from
-    `prime_jax.packing.lay_out` with the rows of `prm_minibatches` (M mini-batches of k micro-batches).
+    batch: mask [B, R] float32, acc [B] float32, unpack [B, R] int32; layout: the sequences' slots
+    [M, k, r, L] from `prime_jax.packing.lay_out` (and its `unpack`) with the rows of `prm_minibatches`
+    (M mini-batches of k micro-batches).
     `state` / `ref_params` (real or abstract) fix the shardings: params and Adam moments by their logical
     axes, the batch over the data axes, the layout's rows (r) too; the state is donated. PRM log-probs use
     temperature 1 (ORIG). Metrics: reward_model/prm_loss (mean of the mini-batch losses; ORIG logs the last
@@ -217,18 +218,19 @@ def make_prm_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg:
             if b % cfg.n:
                 raise ValueError(f"prm batch of {b} rows is not a multiple of prm.n={cfg.n}")
             check_layout("prm", layout, b // cfg.mini_batch_size)
-            shape = batch["mask"].shape
             acc = batch["acc"].astype(jnp.float32)
-            # Which response row each slot's token belongs to (b for none), for the per-sequence sums.
-            layout = {**layout, "row": layout["index"] // shape[1], "valid": to_slots(batch["mask"], layout["index"])}
+            valid = to_slots(batch["mask"], layout["index"]) > 0
+            # The slot predicting a sequence's last response token: the next slot (that token's own) predicts nothing.
+            last = valid & ~jnp.concatenate([valid[..., 1:], jnp.zeros_like(valid[..., :1])], axis=-1)
+            layout = {**layout, "valid": valid, "last": last,
+                      "acc": to_slots(acc, layout["index"] // batch["mask"].shape[1])}
 
             def micro_loss(params, mb):
                 logp_ref = jax.lax.stop_gradient(logps(ref_params, mb))
                 logp_prm = logps(params, mb)
-                q = (logp_prm - logp_ref) * mb["valid"]
-                z = cfg.beta * jax.ops.segment_sum(q.reshape(-1), mb["row"].reshape(-1), num_segments=b + 1)[:b]
-                present = jax.ops.segment_sum(mb["valid"].reshape(-1), mb["row"].reshape(-1), num_segments=b + 1)[:b] > 0
-                terms = jnp.where(present, jax.nn.softplus(z) - acc * z, 0.0)   # prm_loss_terms of the rows in mb
+                # z = beta * sum_t q_t of each sequence, read at its last predicting slot
+                z = cfg.beta * segment_cumsum(jnp.where(mb["valid"], logp_prm - logp_ref, 0.0), mb["segment_ids"])
+                terms = jnp.where(mb["last"], jax.nn.softplus(z) - mb["acc"] * z, 0.0)   # prm_loss_terms per sequence
                 return jnp.sum(terms) / cfg.mini_batch_size, (jax.lax.stop_gradient(logp_prm), logp_ref)
 
             def minibatch(state, mb):
@@ -239,8 +241,8 @@ def make_prm_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg:
                 return apply_gradients(state, grads, tx), (optax.tree.norm(grads), slots)
 
             new_state, (grad_norms, (prm_slots, ref_slots)) = jax.lax.scan(minibatch, state, layout)
-            logp_prm = from_slots(prm_slots, layout["index"], shape)
-            logp_ref = from_slots(ref_slots, layout["index"], shape)
+            logp_prm = from_slots(prm_slots, batch["unpack"])
+            logp_ref = from_slots(ref_slots, batch["unpack"])
             before = raw = rewards_of(logp_prm, logp_ref, batch["mask"])
             # The mean of the mini-batch losses (each a sum over its rows / mini_batch_size) is the batch mean.
             metrics = {"reward_model/prm_loss": prm_loss(logp_prm, logp_ref, batch["mask"], acc, beta=cfg.beta),
@@ -249,7 +251,7 @@ def make_prm_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg:
                 metrics["reward_model/grad_norm"] = jnp.mean(grad_norms)
             if cfg.update == "before":
                 flat = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), layout)
-                after = from_slots(jax.lax.map(lambda m: logps(new_state.params, m), flat), layout["index"], shape)
+                after = from_slots(jax.lax.map(lambda m: logps(new_state.params, m), flat), batch["unpack"])
                 raw = rewards_of(after, logp_ref, batch["mask"])
                 metrics["reward_model/dpo_acc_after"] = dpo_acc(jnp.sum(raw, axis=-1), acc, cfg.n)
             scope = cfg.num_shards if cfg.norm_scope == "shard" else 1

@@ -48,7 +48,7 @@ def fresh(cfg, params, mesh_axes=(), packed=True):
     def run(state, ref_params, batch):
         slots = layout(batch, prm_minibatches(len(batch["acc"]), cfg), cfg.micro_batch_size, packed,
                        dp=len(mesh.devices.flat))
-        return step(state, ref_params, batch, slots)
+        return step(state, ref_params, {**batch, "unpack": slots.unpack}, slots.arrays)
 
     return run, tx, state, shard_train_state(copy_tree(params), mesh)
 
@@ -206,9 +206,10 @@ def test_bad_batch_raises_at_trace_time(model):
     step = compiled(cfg)[0]
     _, _, state, ref_params = fresh(cfg, params)
     batch = make_batch(1, B)
-    slots = layout(batch, prm_minibatches(B, cfg), 8, packed=True)
+    lay = layout(batch, prm_minibatches(B, cfg), 8, packed=True)
+    batch["unpack"], slots = lay.unpack, lay.arrays
     with pytest.raises(ValueError, match="not a whole number of prm.mini_batch_size=8"):
-        step(state, ref_params, make_batch(1, 12), slots)
+        step(state, ref_params, {**make_batch(1, 12), "unpack": lay.unpack[:12]}, slots)
     with pytest.raises(ValueError, match="layout has 1 mini-batches, the batch 2"):
         step(state, ref_params, batch, {k: v[:1] for k, v in slots.items()})
     del batch["acc"]

@@ -56,7 +56,7 @@ def run_step(cfg, params, batch, seed, mesh_axes=(), packed=True):
     step, tx, mesh = compiled(cfg, mesh_axes)
     state = shard_train_state(init_train_state(copy_tree(params), tx), mesh)
     slots = layout(batch, ppo_minibatches(B, cfg, seed), cfg.micro_batch_size, packed, dp=len(mesh.devices.flat))
-    state, metrics = step(state, batch, slots)
+    state, metrics = step(state, batch, slots.arrays)
     return state, metrics, tx
 
 
@@ -141,7 +141,7 @@ def test_steps_raise_positive_and_lower_negative_advantage_responses(model):
     start = seq_logp(params)
     for i in range(3):
         batch["old_logp"] = batch["ref_logp"] = np.asarray(logps(state.params, batch)[0])   # on-policy rollout
-        state, metrics = step(state, batch, layout(batch, ppo_minibatches(B, cfg, i), 8, packed=True))
+        state, metrics = step(state, batch, layout(batch, ppo_minibatches(B, cfg, i), 8, packed=True).arrays)
         assert float(metrics["actor/pg_clipfrac"]) == 0.0     # ratio 1 on the first mini-batch, within 1 +- 0.2 after it
     delta = seq_logp(state.params) - start
     assert np.all(delta[sign > 0] > 0) and np.all(delta[sign < 0] < 0), delta
