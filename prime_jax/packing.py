@@ -17,11 +17,12 @@ r rows of L slots per micro-batch.
 `from_slots` move per-token arrays between the two layouts on device with gathers (no scatters: slow on
 TPU, and opaque to XLA's cost analysis), so RLOO, whitening and the losses keep their maths.
 
-Static shapes (packed): while a mini-batch fits one micro-batch, k = 1 and r is the smallest of dp, 2 dp,
-4 dp, ... that holds its rows (at most the budget's rows r_max); beyond that, r = r_max and k is the
-smallest power of two that holds them (at most ceil(mini_batch_size / r_max), as a row holds at least one
-sequence). `PackSpec.shapes()` lists them: a program compiles at most
-ceil(log2(r_max / dp)) + 1 + ceil(log2(k_max)) times (tiny config: 4 for the actor, 5 for the PRM).
+Static shapes (packed): while a mini-batch fits one micro-batch, k = 1 and r is the smallest of r_max / 8,
+r_max / 4, r_max / 2, r_max (rounded up to whole dp) that holds its rows, r_max = the budget's rows; beyond
+that, r = r_max and k the smallest of 2, 3, 4, 6, 8, 12, ... (powers of two and 1.5 times them, at least
+2/3 full) that holds them, at most k_max = ceil(mini_batch_size / r_max), as a row holds at least one
+sequence. `PackSpec.shapes()` lists them: a program compiles at most 4 + 2 ceil(log2 k_max) times per
+prompt/response limits (the tiny config: 4 shapes for each pass; qwen7b: 10).
 """
 
 from __future__ import annotations
@@ -75,10 +76,10 @@ class PackSpec:
     def shapes(self) -> list[tuple[int, int]]:
         """Every (k, r) a packed step may take, smallest first."""
         dp, r_max = self.data_parallel, self.max_rows
-        rows = sorted({min(dp * 2 ** i, r_max) for i in range(max(1, math.ceil(math.log2(r_max / dp)) + 1))})
+        rows = sorted({min(r_max, -(-r_max // (2 ** i * dp)) * dp) for i in range(4)})
         k_max = -(-self.mini_batch_size // r_max)
-        ks = sorted({min(2 ** i, k_max) for i in range(1, max(1, math.ceil(math.log2(k_max)) + 1))} - {1})
-        return [(1, r) for r in rows] + [(k, r_max) for k in ks]
+        ks = sorted({min(k, k_max) for i in range(1, max(1, k_max).bit_length() + 1) for k in (2 ** i, 3 * 2 ** (i - 1))})
+        return [(1, r) for r in rows] + [(k, r_max) for k in ks if k > 1]
 
     def shape_for(self, rows: int) -> tuple[int, int]:
         """The smallest (k, r) of `shapes()` holding `rows` rows per mini-batch."""
