@@ -147,6 +147,18 @@ def test_update_before_is_double_forward(model):
     assert_trees_close(state.params, want_params)
 
 
+def test_packed_and_padded_agree_on_one_device(model):
+    _, params, _ = model
+    batch = make_batch(5, B)
+    cfg = PrmStepConfig(n=N, mini_batch_size=MINI, micro_batch_size=4, num_shards=SHARDS, norm_scope="shard")
+    packed_state, packed, _ = run_step(cfg, params, batch, packed=True)     # both layouts compiled above
+    padded_state, padded, _ = run_step(cfg, params, batch, packed=False)
+    np.testing.assert_allclose(np.asarray(packed.raw), np.asarray(padded.raw), rtol=0, atol=1e-5)
+    for k in padded.metrics:
+        np.testing.assert_allclose(float(packed.metrics[k]), float(padded.metrics[k]), rtol=1e-5, err_msg=k)
+    assert_trees_close(packed_state.params, padded_state.params)
+
+
 def test_sharded_two_axis_mesh_packed_matches_one_device_padded_and_params_stay_sharded(model):
     _, params, _ = model
     batch = make_batch(1, B)

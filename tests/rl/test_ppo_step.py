@@ -114,6 +114,17 @@ def test_step_matches_loop_reference_for_1_2_4_micro_batches(model, micro, packe
     assert_trees_close(state.params, want_params)
 
 
+def test_packed_and_padded_agree_on_one_device(model):
+    _, params, logps = model
+    batch = ppo_batch(4, logps, params)
+    cfg = PpoStepConfig(mini_batch_size=MINI, micro_batch_size=4, **FULL)   # both layouts compiled above
+    packed_state, packed, _ = run_step(cfg, params, batch, 5, packed=True)
+    padded_state, padded, _ = run_step(cfg, params, batch, 5, packed=False)
+    for k in padded:
+        np.testing.assert_allclose(float(packed[k]), float(padded[k]), rtol=1e-5, atol=1e-6, err_msg=k)
+    assert_trees_close(packed_state.params, padded_state.params)
+
+
 def test_sharded_two_axis_mesh_packed_matches_one_device_padded_and_params_stay_sharded(model):
     _, params, logps = model
     batch = ppo_batch(1, logps, params)
