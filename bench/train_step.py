@@ -1,12 +1,17 @@
-"""Training-step throughput: the jitted PPO and PRM steps vs the same loss and update in plain PyTorch.
+"""Training-step throughput: the jitted PPO and PRM steps, packed and padded, vs the same loss and update in
+plain PyTorch.
 
-Both sides train the same weights (a transformers Qwen2ForCausalLM written from the config, loaded into
+All sides train the same weights (a transformers Qwen2ForCausalLM written from the config, loaded into
 prime_jax) on the same batch with the same batching: PPO = shuffled mini-batches x micro-batches with
 gradient accumulation, seq-mean-token-mean PPO-clip loss, clip 1.0, AdamW; PRM = in-order mini-batches,
 frozen-reference forward + PRM forward, CE on beta * sum_t q, clip 10, AdamW, batch_norm'd rewards.
-Prints tokens/s (prompt + response tokens of the batch per second) for both and the ratio prime_jax / torch.
+The batch has long-tailed lengths (prompts uniform, responses log-normal with 5% at the limit) and is cut
+to its longest prompt and response, as TRL pads a batch. PyTorch runs micro-batches of `--micro` padded
+rows; prime_jax padded the same (one sequence per row); prime_jax packed a token budget of `--micro` full
+rows per micro-batch, several sequences per row (`prime_jax.packing`).
+Prints tokens/s (real prompt + response tokens of the batch per second) for each and the ratios.
 Compile time is excluded (one warm-up iteration each) and reported; figures are medians of `--repeats`.
-Run: `python bench/train_step.py [--rows 16 --prompt 64 --response 192]`.
+Run: `python bench/train_step.py [--rows 32 --prompt 64 --response 192]`.
 """
 
 from __future__ import annotations
@@ -28,10 +33,11 @@ from flax import nnx  # noqa: E402
 
 from prime_jax.mesh import make_mesh  # noqa: E402
 from prime_jax.models import load_pretrained  # noqa: E402
-from prime_jax.rewards.implicit_prm import PrmStepConfig, make_prm_step  # noqa: E402
+from prime_jax.packing import PackSpec, lay_out  # noqa: E402
+from prime_jax.rewards.implicit_prm import PrmStepConfig, make_prm_step, prm_minibatches  # noqa: E402
 from prime_jax.rl.optim import (OptimConfig, init_train_state, make_lr_schedule, make_optimizer,  # noqa: E402
                                 shard_train_state)
-from prime_jax.rl.ppo import PpoStepConfig, make_ppo_step  # noqa: E402
+from prime_jax.rl.ppo import PpoStepConfig, make_ppo_step, ppo_minibatches  # noqa: E402
 from bench.common import bench_model_config  # noqa: E402
 from tests.fixtures import write_hf_checkpoint  # noqa: E402
 
@@ -41,11 +47,15 @@ CLIP, BETA = 0.2, 0.05
 
 
 def make_batch(rows: int, prompt: int, response: int, vocab: int) -> dict[str, np.ndarray]:
-    """Left-padded prompts, right-padded responses of random lengths, acc, old log-probs, advantages."""
+    """Left-padded prompts, right-padded responses, acc, old log-probs, advantages. Long-tailed lengths: prompts
+    uniform in [prompt / 4, prompt], responses log-normal (median response / 6) with 5% at the limit; the
+    arrays are cut to the longest of each, as TRL pads a batch."""
     rng = np.random.default_rng(0)
-    plen = rng.integers(prompt // 2, prompt + 1, rows)
+    plen = rng.integers(prompt // 4, prompt + 1, rows)
+    rlen = np.clip(rng.lognormal(np.log(response / 6), 0.7, rows).astype(int), 1, response)
+    rlen[rng.permutation(rows)[:max(1, rows // 20)]] = response
+    prompt, response = int(plen.max()), int(rlen.max())
     prompt_mask = (np.arange(prompt)[None] >= prompt - plen[:, None]).astype(np.int32)
-    rlen = rng.integers(response // 2, response + 1, rows)
     mask = (np.arange(response)[None] < rlen[:, None]).astype(np.float32)
     return dict(
         prompt_tokens=(rng.integers(1, vocab, (rows, prompt)) * prompt_mask).astype(np.int32),
@@ -74,8 +84,14 @@ def median_seconds(fn, repeats: int) -> tuple[float, float]:
 # ----------------------------------------------------------------------------------------- prime_jax
 
 
-def jax_steps(path: str, batch: dict[str, np.ndarray], args) -> dict[str, tuple[float, float]]:
+def jax_steps(path: str, batch: dict[str, np.ndarray], args,
+              packed: bool) -> tuple[dict[str, tuple[float, float]], dict[str, float]]:
+    """(first call s, median s) of the PPO and PRM steps, the host layout included; and their token efficiency.
+    Every PPO call uses the same mini-batch order, so the timed calls reuse the first call's compile."""
     rows = len(batch["acc"])
+    length = batch["prompt_tokens"].shape[1] + batch["tokens"].shape[1]
+    spec = PackSpec("bench", mini_batch_size=args.mini, micro_batch_size=args.micro, data_parallel=1, packed=packed,
+                    row_length=length, micro_batch_tokens=args.micro * length)
     mesh = make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
     graphdef, params = nnx.split(load_pretrained(path))
     ppo_cfg = PpoStepConfig(mini_batch_size=args.mini, micro_batch_size=args.micro)
@@ -88,18 +104,24 @@ def jax_steps(path: str, batch: dict[str, np.ndarray], args) -> dict[str, tuple[
     ppo_step = make_ppo_step(graphdef, ppo_tx, ppo_cfg, mesh=mesh, state=policy,
                              lr_schedule=make_lr_schedule(POLICY_OPTIM, ppo_cfg.updates_per_iteration(rows)))
     prm_step = make_prm_step(graphdef, prm_tx, prm_cfg, mesh=mesh, state=prm, ref_params=ref)
-    holder = {"policy": policy, "prm": prm, "key": jax.random.key(0)}
+    holder = {"policy": policy, "prm": prm, "efficiency": {}}
+    ppo_batch = {k: batch[k] for k in ("mask", "old_logp", "advantages")}
 
     def run_ppo():
-        holder["key"], key = jax.random.split(holder["key"])
-        holder["policy"], metrics = ppo_step(holder["policy"], batch, key)
+        layout = lay_out(batch, ppo_minibatches(rows, ppo_cfg, 0), spec)
+        holder["policy"], metrics = ppo_step(holder["policy"], ppo_batch, layout.arrays)
         jax.block_until_ready(metrics)
+        holder["efficiency"]["ppo"] = layout.efficiency
 
     def run_prm():
-        holder["prm"], out = prm_step(holder["prm"], ref, batch)
+        layout = lay_out(batch, prm_minibatches(rows, prm_cfg), spec)
+        holder["prm"], out = prm_step(holder["prm"], ref, {"mask": batch["mask"], "acc": batch["acc"],
+                                                           "unpack": layout.unpack}, layout.arrays)
         jax.block_until_ready(out)
+        holder["efficiency"]["prm"] = layout.efficiency
 
-    return {"ppo": median_seconds(run_ppo, args.repeats), "prm": median_seconds(run_prm, args.repeats)}
+    times = {"ppo": median_seconds(run_ppo, args.repeats), "prm": median_seconds(run_prm, args.repeats)}
+    return times, holder["efficiency"]
 
 
 # ----------------------------------------------------------------------------------------- PyTorch
@@ -178,27 +200,33 @@ def torch_steps(path: str, batch: dict[str, np.ndarray], args) -> dict[str, tupl
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rows", type=int, default=16, help="responses per step (B)")
-    ap.add_argument("--mini", type=int, default=8, help="rows per optimiser step")
-    ap.add_argument("--micro", type=int, default=4, help="rows per forward/backward")
+    ap.add_argument("--rows", type=int, default=32, help="responses per step (B)")
+    ap.add_argument("--mini", type=int, default=16, help="rows per optimiser step")
+    ap.add_argument("--micro", type=int, default=4, help="rows per forward/backward (packed: a budget of this many full rows)")
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--response", type=int, default=192)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     cfg = bench_model_config()
     batch = make_batch(args.rows, args.prompt, args.response, cfg.vocab_size)
-    tokens = args.rows * (args.prompt + args.response)
+    tokens = int(batch["prompt_mask"].sum() + batch["mask"].sum())
+    width = batch["prompt_tokens"].shape[1] + batch["tokens"].shape[1]
     with tempfile.TemporaryDirectory() as d:
         write_hf_checkpoint(cfg, d)
-        ours = jax_steps(d, batch, args)
+        packed, packed_eff = jax_steps(d, batch, args, packed=True)
+        padded, padded_eff = jax_steps(d, batch, args, packed=False)
         theirs = torch_steps(d, batch, args)
-    print(f"model: qwen2 d={cfg.hidden_size} L={cfg.num_layers} V={cfg.vocab_size}, fp32; batch {args.rows} rows x "
-          f"({args.prompt} prompt + {args.response} response) tokens, mini {args.mini}, micro {args.micro}; "
-          f"{jax.devices()[0].platform} x{len(jax.devices())}, torch threads {torch.get_num_threads()}")
+    lengths = batch["prompt_mask"].sum(1) + batch["mask"].sum(1)
+    print(f"model: qwen2 d={cfg.hidden_size} L={cfg.num_layers} V={cfg.vocab_size}, fp32; batch {args.rows} rows, "
+          f"{tokens} real tokens in {args.rows} x {width} padded slots (sequence length median {np.median(lengths):.0f}, "
+          f"max {lengths.max()}), mini {args.mini}, micro {args.micro}; {jax.devices()[0].platform} "
+          f"x{len(jax.devices())}, torch threads {torch.get_num_threads()}")
     for name in ("ppo", "prm"):
-        (j_first, j), (_, t) = ours[name], theirs[name]
-        print(f"{name}_step: prime_jax {tokens / j:,.0f} tok/s (first call {j_first:.1f} s, incl. compile) | "
-              f"torch {tokens / t:,.0f} tok/s | ratio {t / j:.2f}x")
+        (k_first, k), (d_first, d), (_, t) = packed[name], padded[name], theirs[name]
+        print(f"{name}_step: prime_jax packed {tokens / k:,.0f} tok/s (token efficiency {packed_eff[name]:.2f}, first "
+              f"call {k_first:.1f} s) | prime_jax padded {tokens / d:,.0f} tok/s (efficiency {padded_eff[name]:.2f}, "
+              f"first call {d_first:.1f} s) | torch {tokens / t:,.0f} tok/s | packed/torch {t / k:.2f}x, "
+              f"padded/torch {t / d:.2f}x, packed/padded {d / k:.2f}x")
 
 
 if __name__ == "__main__":

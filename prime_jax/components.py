@@ -18,7 +18,7 @@ from prime_jax.data.tfds_reader import read_tfds
 from prime_jax.mesh import make_mesh
 from prime_jax.models import load_pretrained
 from prime_jax.models.tokenizer import Tokenizer, load_tokenizer
-from prime_jax.programs import Programs, init_states, make_programs
+from prime_jax.programs import Programs, attention_implementation, init_states, make_programs
 from prime_jax.rewards.pool import VerifierPool
 from prime_jax.rl.optim import TrainState
 
@@ -70,7 +70,8 @@ def build(c: ml_collections.ConfigDict) -> Components:
     skipped.update({f"data/skipped_{k}": v for k, v in train_data.skipped.items()})
     val_examples = val.examples[: c.data.max_val_prompts or None]
 
-    arch = dict(compute_dtype=m.compute_dtype, remat=m.remat, logits_chunk=m.logits_chunk)
+    arch = dict(compute_dtype=m.compute_dtype, remat=m.remat, logits_chunk=m.logits_chunk,
+                attention=attention_implementation(c, mesh.devices.flat[0].platform))
     policy = load_pretrained(m.path, mesh=mesh, dtype=m.param_dtype, **arch)
     prm = load_pretrained(m.prm_path or m.path, mesh=mesh, dtype=m.param_dtype, **arch)
     ref = load_pretrained(m.ref_path or m.path, mesh=mesh, dtype=m.ref_dtype, **arch)

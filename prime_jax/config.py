@@ -30,6 +30,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.compute_dtype = "bfloat16"
     c.model.remat = True
     c.model.logits_chunk = 1024
+    c.model.attention = "auto"  # training attention kernel: auto (cuDNN on GPU at 16 bits, else XLA) | xla | cudnn
 
     c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
 
@@ -63,6 +64,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.accuracy_upper_bound = 0.8
     c.train.filter_truncated = False
     c.train.max_rounds = 8              # generation rounds per step before training on what was collected
+    c.train.packing = True              # PRM / reference / PPO passes on packed rows; False: one padded row per sequence
+    c.train.pack_length = 0             # slots per packed row (0: data.max_prompt_length + rollout.max_response_length)
 
     c.algorithm = ml_collections.ConfigDict()
     c.algorithm.adv_estimator = "rloo"
@@ -81,6 +84,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.actor.clip_ratio_high = 0.0       # 0: symmetric
     c.actor.mini_batch_size = 256       # responses per optimiser step
     c.actor.micro_batch_size = 8
+    c.actor.micro_batch_tokens = 0      # packed token budget per forward-backward (0: micro_batch_size full rows)
     c.actor.ppo_epochs = 1
     c.actor.entropy_coeff = 0.0
     c.actor.loss_agg = "seq-mean-token-mean"
@@ -94,6 +98,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.prm.beta = 0.05
     c.prm.mini_batch_size = 256
     c.prm.micro_batch_size = 8
+    c.prm.micro_batch_tokens = 0        # packed token budget per forward-backward (0: micro_batch_size full rows)
     c.prm.update_mode = "after"        # after (single forward) | before (double forward) | none
     c.prm.granularity = "token"        # token | whole
     c.prm.include_eos = True
@@ -210,6 +215,21 @@ def validate(c: ml_collections.ConfigDict) -> None:
             _fail(f"length_mix.{key}", f"must be >= 0 (0: at the limit), got {mix[key]!r}")
     if not 0 <= mix.clipped_fraction <= 1:
         _fail("length_mix.clipped_fraction", f"must be in [0, 1], got {mix.clipped_fraction!r}")
+    longest = c.data.max_prompt_length + c.rollout.max_response_length
+    if not isinstance(c.train.pack_length, int) or c.train.pack_length < 0:
+        _fail("train.pack_length", f"must be an integer >= 0, got {c.train.pack_length!r}")
+    if c.train.packing and 0 < c.train.pack_length < longest:
+        _fail("train.pack_length", f"{c.train.pack_length} is shorter than the longest sequence, data.max_prompt_length "
+                                   f"+ rollout.max_response_length = {longest}")
+    for section in ("actor", "prm"):
+        tokens = c[section].micro_batch_tokens
+        if not isinstance(tokens, int) or tokens < 0:
+            _fail(f"{section}.micro_batch_tokens", f"must be an integer >= 0, got {tokens!r}")
+        if c.train.packing and 0 < tokens < (c.train.pack_length or longest):
+            _fail(f"{section}.micro_batch_tokens", f"{tokens} is smaller than the longest sequence "
+                                                   f"(train.pack_length={c.train.pack_length or longest})")
+    if c.model.attention not in ("auto", "xla", "cudnn"):
+        _fail("model.attention", f"{c.model.attention!r} is not one of auto, xla, cudnn")
     for key in ("param_dtype", "ref_dtype", "compute_dtype"):
         if c.model[key] not in ("float32", "bfloat16", "float16"):
             _fail(f"model.{key}", f"{c.model[key]!r} is not one of float32, bfloat16, float16")

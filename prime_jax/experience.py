@@ -71,8 +71,9 @@ class Experience:
             acc=cat(lambda p: p.acc), trained=cat(lambda p: p.trained), n=parts[0].n)
 
     def device_batch(self) -> dict[str, np.ndarray]:
-        """The arrays the jitted PRM and PPO programs read. Padding rows get an all-zero response mask, so
-        they enter no loss, no advantage statistics and no whitening."""
+        """The arrays the PRM and PPO programs and their layouts (`Programs.prm_layout` / `ppo_layout`) read.
+        Padding rows get an all-zero response mask, so they enter no loss, no advantage statistics and no
+        whitening, and packing leaves them out."""
         mask = self.mask * self.trained[:, None]
         return {"prompt_tokens": self.prompt_tokens.astype(np.int32), "prompt_mask": self.prompt_mask.astype(np.int32),
                 "tokens": self.tokens.astype(np.int32), "mask": mask.astype(np.float32),

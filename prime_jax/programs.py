@@ -1,4 +1,5 @@
-"""The device programs of a PRIME run, built from its config: sampler, PRM kernel, advantages, PPO step.
+"""The device programs of a PRIME run, built from its config: sampler, PRM kernel, advantages, PPO step,
+and the host-side layouts (`prime_jax.packing`) the PRM and PPO steps read.
 
 This is the one place where the ml_collections config is mapped onto the typed settings of the
 jitted programs, so the trainer and the AOT compiler build exactly the same programs.
@@ -13,16 +14,19 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh
 
 from prime_jax.mesh import data_parallel_size
-from prime_jax.rewards.implicit_prm import PrmStepConfig, make_prm_step
+from prime_jax.models import resolve_attention
+from prime_jax.packing import Layout, PackSpec, lay_out
+from prime_jax.rewards.implicit_prm import PrmStepConfig, make_prm_step, prm_minibatches
 from prime_jax.rl.advantages import compute_advantages, validate_advantage_args
 from prime_jax.rl.optim import (OptimConfig, TrainState, init_train_state, make_lr_schedule, make_optimizer,
                                 train_state_shardings)
-from prime_jax.rl.ppo import PpoStepConfig, make_ppo_step
+from prime_jax.rl.ppo import PpoStepConfig, make_ppo_step, ppo_minibatches
 
 
 def rows_per_step(c: ml_collections.ConfigDict) -> int:
@@ -51,6 +55,25 @@ def ppo_step_config(c: ml_collections.ConfigDict) -> PpoStepConfig:
                          temperature=c.rollout.temperature or 1.0)
 
 
+def pack_length(c: ml_collections.ConfigDict) -> int:
+    """Slots per packed row: `train.pack_length`, by default the longest possible sequence."""
+    return c.train.pack_length or c.data.max_prompt_length + c.rollout.max_response_length
+
+
+def pack_spec(c: ml_collections.ConfigDict, mesh: Mesh, section: str) -> PackSpec:
+    """How the `section` ("prm" or "actor") pass lays out its sequences; the micro-batch token budget defaults to
+    `micro_batch_size` full rows."""
+    s, length = c[section], pack_length(c)
+    return PackSpec(section, mini_batch_size=s.mini_batch_size, micro_batch_size=s.micro_batch_size,
+                    data_parallel=data_parallel_size(mesh), packed=c.train.packing, row_length=length,
+                    micro_batch_tokens=s.micro_batch_tokens or s.micro_batch_size * length)
+
+
+def attention_implementation(c: ml_collections.ConfigDict, platform: str) -> str:
+    """`model.attention` resolved for the devices' platform ("gpu", "tpu", "cpu")."""
+    return resolve_attention(c.model.attention, platform, c.model.compute_dtype)
+
+
 def optimizers(c: ml_collections.ConfigDict, mesh: Mesh) -> tuple[optax.GradientTransformation, optax.GradientTransformation, optax.Schedule]:
     """(policy tx, PRM tx, policy lr schedule), each stepped once per PRIME iteration."""
     rows = rows_per_step(c)
@@ -67,6 +90,9 @@ def validate_programs(c: ml_collections.ConfigDict, mesh: Mesh) -> None:
     """The programs' own checks (batching vs mesh, estimator), before anything is loaded or traced."""
     prm_step_config(c, mesh).validate(mesh)
     ppo_step_config(c).validate(mesh)
+    pack_spec(c, mesh, "prm").validate()
+    pack_spec(c, mesh, "actor").validate()
+    attention_implementation(c, mesh.devices.flat[0].platform)
     validate_advantage_args(n=c.rollout.n_samples, estimator=c.algorithm.adv_estimator,
                             rloo_formula=c.algorithm.process_formula)
     rows = rows_per_step(c)
@@ -76,12 +102,15 @@ def validate_programs(c: ml_collections.ConfigDict, mesh: Mesh) -> None:
 
 @dataclasses.dataclass
 class Programs:
-    """prm_step(state, ref_params, batch) -> (state, PrmStepOutput); advantages(rm, acc, mask) -> (adv, metrics);
-    ppo_step(state, batch, key) -> (state, metrics)."""
+    """prm_step(state, ref_params, batch, slots) -> (state, PrmStepOutput); advantages(rm, acc, mask) -> (adv, metrics);
+    ppo_step(state, batch, slots) -> (state, metrics). On the host: prm_layout(batch) and ppo_layout(batch, seed)
+    -> the steps' `Layout` (slots) from the host batch (prompt_tokens, prompt_mask, tokens, mask)."""
 
     prm_step: Callable[..., Any]
     advantages: Callable[..., Any]
     ppo_step: Callable[..., Any]
+    prm_layout: Callable[[dict[str, np.ndarray]], Layout]
+    ppo_layout: Callable[[dict[str, np.ndarray], Any], Layout]
 
 
 def init_states(c: ml_collections.ConfigDict, mesh: Mesh, policy_params: nnx.State, prm_params: nnx.State) -> tuple[TrainState, TrainState]:
@@ -120,8 +149,12 @@ def make_programs(c: ml_collections.ConfigDict, mesh: Mesh, graphdef: nnx.GraphD
         stats["train_reward/reward_all"] = jnp.mean(a.rm_coef * process + a.verifier_coef * acc)
         return adv, stats
 
+    prm_cfg, ppo_cfg = prm_step_config(c, mesh), ppo_step_config(c)
+    prm_spec, ppo_spec = pack_spec(c, mesh, "prm"), pack_spec(c, mesh, "actor")
     return Programs(
-        prm_step=make_prm_step(graphdef, prm_tx, prm_step_config(c, mesh), mesh=mesh, state=prm, ref_params=ref_params),
+        prm_step=make_prm_step(graphdef, prm_tx, prm_cfg, mesh=mesh, state=prm, ref_params=ref_params),
         advantages=advantages,
-        ppo_step=make_ppo_step(graphdef, policy_tx, ppo_step_config(c), mesh=mesh, state=policy, lr_schedule=lr_schedule),
+        ppo_step=make_ppo_step(graphdef, policy_tx, ppo_cfg, mesh=mesh, state=policy, lr_schedule=lr_schedule),
+        prm_layout=lambda batch: lay_out(batch, prm_minibatches(len(batch["mask"]), prm_cfg), prm_spec),
+        ppo_layout=lambda batch, seed: lay_out(batch, ppo_minibatches(len(batch["mask"]), ppo_cfg, seed), ppo_spec),
     )

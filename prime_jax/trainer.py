@@ -26,6 +26,7 @@ from prime_jax.mesh import batch_sharding, host_to_global
 from prime_jax.metrics import MetricWriter, plot_curves
 from prime_jax.models import save_pretrained
 from prime_jax.programs import sampler_prompts
+from prime_jax.rl.optim import layout_sharding
 from prime_jax.sampling import Rollout, generate, length_buckets
 
 
@@ -50,7 +51,6 @@ class Trainer:
         self.policy, self.prm = parts.policy, parts.prm
         self.buffer: list[Prompt] = []
         self.step = 0
-        self.key = jax.random.key(c.seed)
         self.collect_cfg = CollectConfig(
             batch_size=c.train.batch_size, n=c.rollout.n_samples, filter_accuracy=c.train.filter_accuracy,
             lower=c.train.accuracy_lower_bound, upper=c.train.accuracy_upper_bound,
@@ -67,15 +67,24 @@ class Trainer:
         with t("collect"):
             exp, self.buffer, metrics = collect(self.sample, self.next_prompts, self.buffer, self.p.tokenizer.decode,
                                                 self.p.pool, self.collect_cfg, seed=self.c.seed + self.step)
-        batch = self.to_device(exp.device_batch())
+        host = exp.device_batch()
+        with t("pack"):
+            prm_slots = self.p.programs.prm_layout(host)
+            ppo_slots = self.p.programs.ppo_layout(host, (self.c.seed, self.step))
+        batch = self.to_device({k: host[k] for k in ("mask", "old_logp", "acc")})
         with t("reward_model"):
-            self.prm, prm_out = jax.block_until_ready(self.p.programs.prm_step(self.prm, self.p.ref_params, batch))
+            self.prm, prm_out = jax.block_until_ready(
+                self.p.programs.prm_step(self.prm, self.p.ref_params, {**batch, **self.to_device({"unpack": prm_slots.unpack})},
+                                         self.slots_to_device(prm_slots.arrays)))
         with t("adv"):
             advantages, adv_metrics = jax.block_until_ready(self.p.programs.advantages(prm_out.rm_scores, batch["acc"], batch["mask"]))
         with t("update_actor"):
-            key = jax.random.fold_in(self.key, self.step)
-            self.policy, actor = jax.block_until_ready(self.p.programs.ppo_step(self.policy, {**batch, "advantages": advantages}, key))
+            self.policy, actor = jax.block_until_ready(self.p.programs.ppo_step(
+                self.policy, {**batch, "advantages": advantages}, self.slots_to_device(ppo_slots.arrays)))
         metrics.update({k: float(v) for k, v in jax.device_get({**prm_out.metrics, **adv_metrics, **actor}).items()})
+        # Real tokens / token slots computed; the reference forward runs on the PRM's slots.
+        metrics["throughput/token_efficiency/ref"] = metrics["throughput/token_efficiency/prm"] = prm_slots.efficiency
+        metrics["throughput/token_efficiency/actor"] = ppo_slots.efficiency
         metrics.update(response_length_metrics(exp))
         metrics.update(t.seconds)
         metrics["timing/step"] = sum(t.seconds.values())
@@ -122,6 +131,9 @@ class Trainer:
 
     def to_device(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         return {k: host_to_global(v, batch_sharding(self.p.mesh, v.ndim)) for k, v in batch.items()}
+
+    def slots_to_device(self, slots: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        return {k: host_to_global(v, layout_sharding(self.p.mesh)) for k, v in slots.items()}
 
     def validate(self) -> dict[str, float]:
         """Validation score per data source (`val/test_score/<source>`, `.../all`): greedy pass@1 by default,

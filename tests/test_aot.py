@@ -250,14 +250,16 @@ def test_compiler_bytes_match_hand_computed_sizes(compiled_shrunk):
     fp32_params = 4 * n_params / devices
     train_state = 3 * fp32_params  # params + Adam mu, nu
     ref = 2 * n_params / devices
-    batch = rows * (2 * p_len * 4 + 3 * r_len * 4 + 4) / devices  # prompt tokens/mask, tokens/mask/old_logp, acc
+    # Slots: 5 int32 arrays [M, k, r, L] at the largest packed shape, every sequence in a row of its own
+    # (M * k * r = rows, as the mini-batches split into whole micro-batches), L = prompt + response.
+    slots = 5 * 4 * rows * (p_len + r_len) / devices
     small = 64 * 1024  # norms and other vectors too small to split, counters, keys
 
     def near(measured, expected):
         return expected <= measured <= expected * 1.05 + small
 
-    assert near(r["prm_step"].argument_bytes, train_state + ref + batch)
-    assert near(r["ppo_step"].argument_bytes, train_state + batch + rows * r_len * 4 / devices)
+    assert near(r["prm_step"].argument_bytes, train_state + ref + rows * (2 * r_len * 4 + 4) / devices + slots)  # mask, unpack, acc
+    assert near(r["ppo_step"].argument_bytes, train_state + 3 * rows * r_len * 4 / devices + slots)  # mask, old_logp, adv
     # Donated train states come back in place.
     assert near(r["prm_step"].alias_bytes, train_state) and near(r["ppo_step"].alias_bytes, train_state)
     # Sampler: the KV cache of every layer for all B*n rows over prompt + response - 1 slots, bf16.

@@ -23,8 +23,10 @@ from prime_jax.aot.topology import Chip, Topology
 from prime_jax.memory_plan import architecture
 from prime_jax.mesh import batch_sharding, data_parallel_size, make_mesh, state_shardings
 from prime_jax.models import ModelConfig, abstract_model
-from prime_jax.programs import make_programs, optimizers, rows_per_step, sampler_prompts, validate_programs
-from prime_jax.rl.optim import TrainState, init_train_state, train_state_shardings
+from prime_jax.packing import LAYOUT_KEYS, PackSpec
+from prime_jax.programs import (attention_implementation, make_programs, optimizers, pack_spec, ppo_step_config,
+                                rows_per_step, sampler_prompts, validate_programs)
+from prime_jax.rl.optim import TrainState, init_train_state, layout_sharding, train_state_shardings
 from prime_jax.sampling import SamplingParams, decode, prefill
 
 PROGRAMS = ("sampler_prefill", "sampler_decode", "prm_step", "ppo_step")
@@ -35,7 +37,7 @@ def model_config(c: ml_collections.ConfigDict, param_dtype: str) -> ModelConfig:
     """The architecture with the run's dtypes and memory knobs, as `components.build` loads it."""
     m = c.model
     return architecture(c).replace(param_dtype=param_dtype, dtype=m.compute_dtype, remat=m.remat,
-                                   logits_chunk=m.logits_chunk)
+                                   logits_chunk=m.logits_chunk, attention=attention_implementation(c, "tpu"))
 
 
 def _with_shardings(tree: Any, shardings: Any) -> Any:
@@ -87,6 +89,13 @@ def bytes_per_device(tree: Any) -> int:
 def _key(mesh: Mesh) -> jax.ShapeDtypeStruct:
     key = jax.eval_shape(lambda: jax.random.key(0))
     return jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=NamedSharding(mesh, P()))
+
+
+def _slots(mesh: Mesh, spec: PackSpec, num_minibatches: int, padded_width: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """A step's slots [M, k, r, L] at the largest shape `spec` allows."""
+    k, r = spec.shapes()[-1] if spec.packed else (spec.mini_batch_size // spec.micro_batch_size, spec.micro_batch_size)
+    shape = (num_minibatches, k, r, spec.row_length if spec.packed else padded_width)
+    return {key: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=layout_sharding(mesh)) for key in LAYOUT_KEYS}
 
 
 def _batch(mesh: Mesh, rows: int, shapes: dict[str, tuple[tuple[int, ...], Any]]) -> dict[str, jax.ShapeDtypeStruct]:
@@ -167,10 +176,13 @@ def compile_run(c: ml_collections.ConfigDict, topology: Topology, programs: Sequ
     run = abstract_run(c, mesh)
     progs = make_programs(c, mesh, run.graphdef, run.policy, run.prm, run.ref_params)
     rows, p_len, r_len = rows_per_step(c), c.data.max_prompt_length, c.rollout.max_response_length
-    train_batch = _batch(mesh, rows, {"prompt_tokens": ((p_len,), jnp.int32), "prompt_mask": ((p_len,), jnp.int32),
-                                      "tokens": ((r_len,), jnp.int32), "mask": ((r_len,), jnp.float32),
-                                      "old_logp": ((r_len,), jnp.float32), "acc": ((), jnp.float32)})
-    ppo_batch = {**train_batch, **_batch(mesh, rows, {"advantages": ((r_len,), jnp.float32)})}
+    train_batch = _batch(mesh, rows, {"mask": ((r_len,), jnp.float32), "acc": ((), jnp.float32),
+                                      "unpack": ((r_len,), jnp.int32)})
+    ppo_batch = _batch(mesh, rows, {k: ((r_len,), jnp.float32) for k in ("mask", "old_logp", "advantages")})
+    # The steps' slots at their largest shape (packed: every sequence in a row of its own; padded: full width).
+    prm_slots, ppo_slots = (_slots(mesh, pack_spec(c, mesh, s), m, p_len + r_len)
+                            for s, m in (("prm", rows // c.prm.mini_batch_size),
+                                         ("actor", ppo_step_config(c).updates_per_iteration(rows))))
     dp = data_parallel_size(mesh)
     prompts = -(-sampler_prompts(c) // dp) * dp  # generate pads each call's prompts to the dp size
     prompt_batch = _batch(mesh, prompts, {"tokens": ((p_len,), jnp.int32), "mask": ((p_len,), jnp.int32)})
@@ -208,10 +220,12 @@ def compile_run(c: ml_collections.ConfigDict, topology: Topology, programs: Sequ
                                      sampler_resident, r_len - 1, hlo_dir)[0])
     if "prm_step" in programs:
         log("compiling prm_step ...")
-        done(compile_program("prm_step", progs.prm_step, (run.prm, run.ref_params, train_batch), {}, chip, policy_all,
+        done(compile_program("prm_step", progs.prm_step, (run.prm, run.ref_params, train_batch, prm_slots), {}, chip,
+                             policy_all,
                              hlo_dir=hlo_dir)[0])
     if "ppo_step" in programs:
         log("compiling ppo_step ...")
-        done(compile_program("ppo_step", progs.ppo_step, (run.policy, ppo_batch, key), {}, chip, prm_all + ref_all,
+        done(compile_program("ppo_step", progs.ppo_step, (run.policy, ppo_batch, ppo_slots), {}, chip,
+                             prm_all + ref_all,
                              hlo_dir=hlo_dir)[0])
     return [reports[p] for p in PROGRAMS if p in reports]

@@ -8,6 +8,7 @@ import os
 from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")  # implementations of jax.nn.dot_product_attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +49,7 @@ class ModelConfig:
     dtype: str = "float32"
     remat: bool = False
     logits_chunk: int = 1024
+    attention: str = "xla"     # full-sequence attention kernel: "xla" | "cudnn" (see decoder.resolve_attention)
 
     def __post_init__(self) -> None:
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -55,6 +57,8 @@ class ModelConfig:
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "logits_chunk"):
             if getattr(self, key) < 1:
                 raise ValueError(f"model config: {key} must be >= 1, got {getattr(self, key)}")
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"model config: attention {self.attention!r} is not one of {ATTENTION_IMPLEMENTATIONS}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"model config: num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
 

@@ -5,7 +5,9 @@ Every weight is an `nnx.Param` carrying `axes`, a tuple of logical axis names th
 axis and the blocks run in one `lax.scan`, so compile time does not grow with depth.
 
 Two entry points share one block function:
-- `model(tokens, attention_mask=..., positions=...)`: full-sequence forward (training, scoring).
+- `model(tokens, attention_mask=..., positions=...)` / `model.hidden_states(..., segment_ids=...)`: full-sequence
+  forward (training, scoring), attention through `jax.nn.dot_product_attention` with the implementation
+  `cfg.attention` (cuDNN on GPU, XLA elsewhere); with `segment_ids` several sequences share a row (packing).
 - `model.forward_cached(tokens, positions, cache, kv_mask)`: writes the new keys/values into a
   preallocated `KVCache` at `cache.index` and attends over the cache (sampler prefill + decode).
   The cache is carried through the layer scan and updated in place, never copied per step.
@@ -21,7 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from prime_jax.mesh import constrain_batch
-from prime_jax.models.config import ModelConfig
+from prime_jax.models.config import ATTENTION_IMPLEMENTATIONS, ModelConfig
 
 Array = jax.Array
 
@@ -98,6 +100,32 @@ def attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
     return out.reshape(b, t, h, dh)
 
 
+def resolve_attention(name: str, platform: str, compute_dtype: str) -> str:
+    """The `jax.nn.dot_product_attention` implementation for config value `model.attention` on `platform`.
+
+    "auto": cuDNN flash attention on GPU at 16-bit compute, XLA otherwise (CPU, TPU, fp32). An implementation the
+    backend lacks is a ValueError naming the key, raised before anything compiles. TPU runs XLA's fused attention:
+    the Pallas splash kernel is not wired in (it needs shard_map around the kernel for the sharded batch).
+    """
+    if name == "auto":
+        return "cudnn" if platform == "gpu" and compute_dtype in ("bfloat16", "float16") else "xla"
+    if name not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"config.model.attention={name!r}: expected auto or one of {ATTENTION_IMPLEMENTATIONS}")
+    if name == "cudnn" and (platform != "gpu" or compute_dtype not in ("bfloat16", "float16")):
+        raise ValueError(f"config.model.attention='cudnn': needs a GPU backend and 16-bit model.compute_dtype "
+                         f"(this run: {platform}, {compute_dtype}); use auto or xla")
+    return name
+
+
+def fused_attention(q: Array, k: Array, v: Array, mask: Array, implementation: str) -> Array:
+    """`jax.nn.dot_product_attention` (grouped-query) over head-major k, v.
+
+    q: [B, T, H, Dh]; k, v: [B, K, S, Dh]; mask: [B, T, S] bool (True = may attend). -> [B, T, H, Dh]
+    """
+    return jax.nn.dot_product_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask=mask[:, None],
+                                        implementation=implementation)
+
+
 def _qkv(cfg: ModelConfig, p: dict[str, Array], x: Array, positions: Array, inv_freq: Array) -> tuple[Array, Array, Array]:
     """Attention inputs of one layer: q [B, T, H, Dh]; k, v head-major [B, K, T, Dh], RoPE applied."""
     h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
@@ -112,10 +140,13 @@ def _qkv(cfg: ModelConfig, p: dict[str, Array], x: Array, positions: Array, inv_
     return q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
 
 
-def _attend_and_mlp(cfg: ModelConfig, p: dict[str, Array], x: Array, q: Array, k: Array, v: Array, mask: Array) -> Array:
-    """The rest of one layer: attention over k, v [B, K, S, Dh], output projection, SwiGLU MLP. -> [B, T, D]"""
+def _attend_and_mlp(cfg: ModelConfig, p: dict[str, Array], x: Array, q: Array, k: Array, v: Array, mask: Array,
+                    fused: bool) -> Array:
+    """The rest of one layer: attention over k, v [B, K, S, Dh] (`fused_attention` with `cfg.attention` when
+    `fused`, else the einsum `attention`), output projection, SwiGLU MLP. -> [B, T, D]"""
     w = lambda name: p[name].astype(x.dtype)  # noqa: E731
-    attn = attention(q, k.astype(x.dtype), v.astype(x.dtype), mask)
+    k, v = k.astype(x.dtype), v.astype(x.dtype)
+    attn = fused_attention(q, k, v, mask, cfg.attention) if fused else attention(q, k, v, mask)
     x = x + jnp.einsum("bthk,hkd->btd", attn, w("o"))
     h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
     gate = jnp.einsum("btd,df->btf", h, w("gate"))
@@ -180,7 +211,7 @@ class Decoder(nnx.Module):
                 v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), at)
                 k = jax.lax.dynamic_index_in_dim(k_cache, i, keepdims=False)
                 v = jax.lax.dynamic_index_in_dim(v_cache, i, keepdims=False)
-            return (_attend_and_mlp(cfg, p, x, q, k, v, mask), k_cache, v_cache, i + 1), None
+            return (_attend_and_mlp(cfg, p, x, q, k, v, mask, cache is None), k_cache, v_cache, i + 1), None
 
         if cfg.remat:
             layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.nothing_saveable)
@@ -190,15 +221,26 @@ class Decoder(nnx.Module):
         new_cache = None if cache is None else KVCache(k=k, v=v, index=cache.index + tokens.shape[1])
         return x, new_cache
 
-    def hidden_states(self, tokens: Array, *, attention_mask: Array | None = None, positions: Array | None = None) -> Array:
-        """Final-norm hidden states [B, T, D] (compute dtype); causal attention restricted to `attention_mask`."""
+    def hidden_states(self, tokens: Array, *, attention_mask: Array | None = None, positions: Array | None = None,
+                      segment_ids: Array | None = None) -> Array:
+        """Final-norm hidden states [B, T, D] (compute dtype); causal attention restricted to `attention_mask`.
+
+        segment_ids: [B, T] int (packed rows): a token attends, causally, only to tokens of its own segment;
+        `positions` must then be given (restarting at 0 in each segment) and `attention_mask` is not used.
+        """
+        t = tokens.shape[1]
+        causal = jnp.tril(jnp.ones((t, t), jnp.bool_))
+        if segment_ids is not None:
+            if positions is None:
+                raise ValueError("hidden_states: segment_ids need positions (restarting at 0 in each segment)")
+            x, _ = self._run_layers(tokens, positions, causal[None] & (segment_ids[:, :, None] == segment_ids[:, None, :]),
+                                    None)
+            return x
         if attention_mask is None:
             attention_mask = jnp.ones(tokens.shape, jnp.bool_)
         attention_mask = attention_mask.astype(jnp.bool_)
         if positions is None:
             positions = positions_from_mask(attention_mask)
-        t = tokens.shape[1]
-        causal = jnp.tril(jnp.ones((t, t), jnp.bool_))
         # Each query may always see itself, so fully padded rows stay finite.
         mask = (causal[None] & attention_mask[:, None, :]) | jnp.eye(t, dtype=jnp.bool_)[None]
         x, _ = self._run_layers(tokens, positions, mask, None)

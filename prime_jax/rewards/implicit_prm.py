@@ -6,6 +6,8 @@ All arrays are [B, R] over response tokens, rows of one prompt contiguous (n per
 
 `make_prm_step` builds the one jitted program of §1.4: reference log-probs, the PRM's
 mini-batch updates in order with micro-batch gradient accumulation, and the token rewards.
+The model passes run on the slots of `prime_jax.packing` (packed rows); their log-probs come
+back in the [B, R] layout, where the loss, rewards and metrics are computed.
 """
 import dataclasses
 from collections.abc import Callable
@@ -18,10 +20,11 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from prime_jax.models import response_logprobs
+from prime_jax.models import packed_logprobs
+from prime_jax.packing import from_slots, segment_cumsum, to_slots
 from prime_jax.rl.advantages import last_token_mask
 from prime_jax.rl.optim import (TrainState, accumulate_gradients, apply_gradients, batch_prefix_sharding,
-                                check_batch, split_micro_batches, train_state_shardings, validate_batching)
+                                check_batch, check_layout, layout_sharding, train_state_shardings, validate_batching)
 
 Granularity = Literal["token", "whole"]
 GRANULARITIES = ("token", "whole")
@@ -110,7 +113,7 @@ def dpo_acc(seq_scores: jax.Array, acc: jax.Array, n: int) -> jax.Array:
 
 UPDATE_MODES = ("after", "before", "none")
 NORM_SCOPES = ("global", "shard")
-PRM_BATCH_KEYS = ("prompt_tokens", "prompt_mask", "tokens", "mask", "acc")
+PRM_BATCH_KEYS = ("mask", "acc", "unpack")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,79 +178,86 @@ def minibatch_order(batch_size: int, mini_batch_size: int, num_shards: int) -> n
     return rows.transpose(1, 0, 2).reshape(-1)
 
 
+def prm_minibatches(batch_size: int, cfg: PrmStepConfig) -> np.ndarray:
+    """Row ids of each PRM mini-batch, in update order: [B / mini_batch_size, mini_batch_size] (the layout's order)."""
+    return minibatch_order(batch_size, cfg.mini_batch_size, cfg.num_shards).reshape(-1, cfg.mini_batch_size)
+
+
 def make_prm_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: PrmStepConfig, *,
                   mesh: Mesh, state: TrainState, ref_params: Any) -> Callable[..., tuple[TrainState, PrmStepOutput]]:
-    """The jitted PRM program: (state, ref_params, batch) -> (new state, PrmStepOutput).
+    """The jitted PRM program: (state, ref_params, batch, layout) -> (new state, PrmStepOutput).
 
-    batch: prompt_tokens [B, P] int32 (left-padded), prompt_mask [B, P], tokens [B, R] int32,
-    mask [B, R], acc [B] float32. `state` / `ref_params` (real or abstract) fix the shardings:
-    params and Adam moments by their logical axes, the batch over the data axes; the state is
-    donated. PRM log-probs use temperature 1 (ORIG). Metrics: reward_model/prm_loss (mean of
-    the mini-batch losses; ORIG logs the last micro-batch's), reward_model/grad_norm (pre-clip,
-    mean over mini-batches), reward_model/dpo_acc_before, and reward_model/dpo_acc_after for
-    update="before".
+    batch: mask [B, R] float32, acc [B] float32, unpack [B, R] int32; layout: the sequences' slots
+    [M, k, r, L] from `prime_jax.packing.lay_out` (and its `unpack`) with the rows of `prm_minibatches`
+    (M mini-batches of k micro-batches).
+    `state` / `ref_params` (real or abstract) fix the shardings: params and Adam moments by their logical
+    axes, the batch over the data axes, the layout's rows (r) too; the state is donated. PRM log-probs use
+    temperature 1 (ORIG). Metrics: reward_model/prm_loss (mean of the mini-batch losses; ORIG logs the last
+    micro-batch's), reward_model/grad_norm (pre-clip, mean over mini-batches), reward_model/dpo_acc_before,
+    and reward_model/dpo_acc_after for update="before".
     """
     cfg.validate(mesh)
     state_sh = train_state_shardings(state, mesh)
     ref_sh = train_state_shardings(ref_params, mesh)
     batch_sh = batch_prefix_sharding(mesh)
+    slots_sh = layout_sharding(mesh)
     replicated = NamedSharding(mesh, P())
-    micro_per_mini = cfg.mini_batch_size // cfg.micro_batch_size
 
     def logps(params: Any, micro: dict[str, jax.Array]) -> jax.Array:
+        """Log-probs at the slots of one micro-batch: [r, L] float32."""
         model = nnx.merge(graphdef, params)
-        return response_logprobs(model, micro["prompt_tokens"], micro["prompt_mask"], micro["tokens"], micro["mask"])
+        return packed_logprobs(model, micro["tokens"], micro["segment_ids"], micro["positions"], micro["targets"])
 
     def rewards_of(logp_prm: jax.Array, logp_ref: jax.Array, mask: jax.Array) -> jax.Array:
         return token_rewards(jax.lax.stop_gradient(logp_prm), logp_ref, mask,
                              include_eos=cfg.include_eos, granularity=cfg.granularity)
 
-    def step(state: TrainState, ref_params: Any, batch: dict[str, jax.Array]):
+    def step(state: TrainState, ref_params: Any, batch: dict[str, jax.Array], layout: dict[str, jax.Array]):
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
             b = check_batch("prm", batch, PRM_BATCH_KEYS, cfg.mini_batch_size)
             if b % cfg.n:
                 raise ValueError(f"prm batch of {b} rows is not a multiple of prm.n={cfg.n}")
-            batch = {k: batch[k] for k in PRM_BATCH_KEYS}
-            permute = cfg.num_shards > 1
-            order = minibatch_order(b, cfg.mini_batch_size, cfg.num_shards)
-            inverse = np.argsort(order)
-            ordered = {k: v[order] for k, v in batch.items()} if permute else batch
-            micro = split_micro_batches(ordered, micro_batch_size=cfg.micro_batch_size,
-                                        micro_per_mini=micro_per_mini, mesh=mesh)
-
-            def restore(x: jax.Array) -> jax.Array:
-                """[M, k, mu, R] in mini-batch order -> [B, R] in batch order."""
-                x = x.reshape(b, -1)
-                return x[inverse] if permute else x
+            check_layout("prm", layout, b // cfg.mini_batch_size)
+            acc = batch["acc"].astype(jnp.float32)
+            valid = to_slots(batch["mask"], layout["index"]) > 0
+            # The slot predicting a sequence's last response token: the next slot (that token's own) predicts nothing.
+            last = valid & ~jnp.concatenate([valid[..., 1:], jnp.zeros_like(valid[..., :1])], axis=-1)
+            layout = {**layout, "valid": valid, "last": last,
+                      "acc": to_slots(acc, layout["index"] // batch["mask"].shape[1])}
 
             def micro_loss(params, mb):
                 logp_ref = jax.lax.stop_gradient(logps(ref_params, mb))
                 logp_prm = logps(params, mb)
-                terms = prm_loss_terms(logp_prm, logp_ref, mb["mask"], mb["acc"], beta=cfg.beta)
-                return jnp.sum(terms) / cfg.mini_batch_size, (rewards_of(logp_prm, logp_ref, mb["mask"]), logp_ref)
+                # z = beta * sum_t q_t of each sequence, read at its last predicting slot
+                z = cfg.beta * segment_cumsum(jnp.where(mb["valid"], logp_prm - logp_ref, 0.0), mb["segment_ids"])
+                terms = jnp.where(mb["last"], jax.nn.softplus(z) - mb["acc"] * z, 0.0)   # prm_loss_terms per sequence
+                return jnp.sum(terms) / cfg.mini_batch_size, (jax.lax.stop_gradient(logp_prm), logp_ref)
 
             def minibatch(state, mb):
                 if cfg.update == "none":
-                    losses, rewards = jax.lax.map(lambda m: micro_loss(state.params, m), mb)
-                    return state, (jnp.sum(losses), jnp.zeros(()), rewards)
-                loss, grads, rewards = accumulate_gradients(micro_loss, state.params, mb)
-                return apply_gradients(state, grads, tx), (loss, optax.tree.norm(grads), rewards)
+                    _, slots = jax.lax.map(lambda m: micro_loss(state.params, m), mb)
+                    return state, (jnp.zeros(()), slots)
+                _, grads, slots = accumulate_gradients(micro_loss, state.params, mb)
+                return apply_gradients(state, grads, tx), (optax.tree.norm(grads), slots)
 
-            new_state, (losses, grad_norms, (first, logp_ref)) = jax.lax.scan(minibatch, state, micro)
-            before = raw = restore(first)
-            metrics = {"reward_model/prm_loss": jnp.mean(losses),
-                       "reward_model/dpo_acc_before": dpo_acc(jnp.sum(before, axis=-1), batch["acc"], cfg.n)}
+            new_state, (grad_norms, (prm_slots, ref_slots)) = jax.lax.scan(minibatch, state, layout)
+            logp_prm = from_slots(prm_slots, batch["unpack"])
+            logp_ref = from_slots(ref_slots, batch["unpack"])
+            before = raw = rewards_of(logp_prm, logp_ref, batch["mask"])
+            # The mean of the mini-batch losses (each a sum over its rows / mini_batch_size) is the batch mean.
+            metrics = {"reward_model/prm_loss": prm_loss(logp_prm, logp_ref, batch["mask"], acc, beta=cfg.beta),
+                       "reward_model/dpo_acc_before": dpo_acc(jnp.sum(before, axis=-1), acc, cfg.n)}
             if cfg.update != "none":
                 metrics["reward_model/grad_norm"] = jnp.mean(grad_norms)
             if cfg.update == "before":
-                flat = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), (micro, logp_ref))
-                raw = restore(jax.lax.map(
-                    lambda m: rewards_of(logps(new_state.params, m[0]), m[1], m[0]["mask"]), flat))
-                metrics["reward_model/dpo_acc_after"] = dpo_acc(jnp.sum(raw, axis=-1), batch["acc"], cfg.n)
+                flat = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), layout)
+                after = from_slots(jax.lax.map(lambda m: logps(new_state.params, m), flat), batch["unpack"])
+                raw = rewards_of(after, logp_ref, batch["mask"])
+                metrics["reward_model/dpo_acc_after"] = dpo_acc(jnp.sum(raw, axis=-1), acc, cfg.n)
             scope = cfg.num_shards if cfg.norm_scope == "shard" else 1
             rm_scores = batch_norm(raw.reshape(scope, b // scope, -1),
                                    batch["mask"].reshape(scope, b // scope, -1)).reshape(b, -1)
             return new_state, PrmStepOutput(rm_scores, raw, metrics)
 
-    return jax.jit(step, in_shardings=(state_sh, ref_sh, batch_sh),
+    return jax.jit(step, in_shardings=(state_sh, ref_sh, batch_sh, slots_sh),
                    out_shardings=(state_sh, PrmStepOutput(batch_sh, batch_sh, replicated)), donate_argnums=0)

@@ -19,6 +19,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from prime_jax.mesh import BATCH_AXES, data_parallel_size, state_shardings
+from prime_jax.packing import LAYOUT_KEYS
 
 SCHEDULES = ("constant", "cosine")
 
@@ -162,16 +163,23 @@ def check_batch(prefix: str, batch: dict[str, jax.Array], keys: tuple[str, ...],
     return b
 
 
-def split_micro_batches(batch: dict[str, jax.Array], *, micro_batch_size: int, micro_per_mini: int,
-                        mesh: Mesh) -> dict[str, jax.Array]:
-    """[M * k * mu, ...] rows (already in mini-batch order) -> [M, k, mu, ...], mu split over the data axes."""
-    axes = tuple(a for a in BATCH_AXES if a in mesh.shape) or None
+def layout_sharding(mesh: Mesh) -> NamedSharding:
+    """Sharding of a pass's slots [M, k, r, L] (`prime_jax.packing`): the rows r of each micro-batch over the
+    data axes, so every device runs its share of every micro-batch."""
+    return NamedSharding(mesh, P(None, None, tuple(a for a in BATCH_AXES if a in mesh.shape) or None, None))
 
-    def one(x: jax.Array) -> jax.Array:
-        y = x.reshape(-1, micro_per_mini, micro_batch_size, *x.shape[1:])
-        return jax.lax.with_sharding_constraint(y, NamedSharding(mesh, P(None, None, axes)))
 
-    return {k: one(v) for k, v in batch.items()}
+def check_layout(prefix: str, layout: dict[str, jax.Array], num_minibatches: int) -> None:
+    """Trace-time check of a step's slots: every `prime_jax.packing.LAYOUT_KEYS` array, one [M, k, r, L] shape
+    with M = the step's mini-batch count."""
+    missing = [k for k in LAYOUT_KEYS if k not in layout]
+    if missing:
+        raise ValueError(f"{prefix} layout is missing {missing} (needs {list(LAYOUT_KEYS)})")
+    shapes = {k: tuple(layout[k].shape) for k in LAYOUT_KEYS}
+    if len(set(shapes.values())) != 1 or len(shapes["tokens"]) != 4:
+        raise ValueError(f"{prefix} layout arrays must share one [M, k, r, L] shape: {shapes}")
+    if shapes["tokens"][0] != num_minibatches:
+        raise ValueError(f"{prefix} layout has {shapes['tokens'][0]} mini-batches, the batch {num_minibatches}")
 
 
 def accumulate_gradients(loss_fn: Callable[[Any, dict[str, jax.Array]], tuple[jax.Array, Any]], params: Any,

@@ -1,6 +1,7 @@
 """PPO-clip policy loss and the jitted policy step (PRIME_SPEC §1.7).
 
-All arrays are [B, R] over response tokens.
+All arrays are [B, R] over response tokens; the policy's forward-backward runs on the slots of
+`prime_jax.packing` (packed rows), the loss terms are gathered there from the [B, R] layout.
 """
 import dataclasses
 import math
@@ -9,13 +10,15 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from prime_jax.models import response_logprobs
+from prime_jax.models import packed_logprobs
+from prime_jax.packing import to_slots
 from prime_jax.rl.optim import (TrainState, accumulate_gradients, apply_gradients, batch_prefix_sharding,
-                                check_batch, split_micro_batches, train_state_shardings, validate_batching)
+                                check_batch, check_layout, layout_sharding, train_state_shardings, validate_batching)
 
 Aggregation = Literal["token", "seq-mean-token-mean"]
 AGGREGATIONS = ("token", "seq-mean-token-mean")
@@ -76,7 +79,7 @@ def policy_loss(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, mas
     return aggregate(loss, mask, agg), aggregate(clipped, mask, agg)
 
 
-PPO_BATCH_KEYS = ("prompt_tokens", "prompt_mask", "tokens", "mask", "old_logp", "advantages")
+PPO_BATCH_KEYS = ("mask", "old_logp", "advantages")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,8 +88,8 @@ class PpoStepConfig:
 
     mini_batch_size / micro_batch_size: responses per optimiser step / per forward-backward
     (ORIG 256 / 8); epochs: passes over the batch (ORIG 1), each in a fresh random order when
-    `shuffle` (ORIG shuffles within each GPU's shard; here globally, so results do not depend on
-    the device count). agg: loss aggregation, default ORIG's effective "seq-mean-token-mean".
+    `shuffle` (ORIG shuffles within each GPU's shard; here globally, on the host, so results do not
+    depend on the device count; see `ppo_minibatches`). agg: loss aggregation, default ORIG's effective "seq-mean-token-mean".
     entropy_coef: bonus -coef * entropy (ORIG script 0). kl_coef: k3 ("low_var_kl") penalty to a
     reference policy whose log-probs come in batch["ref_logp"] (ORIG 0). temperature: divides
     the logits as in the sampler (ORIG 1.0).
@@ -130,34 +133,41 @@ def low_var_kl(logp: jax.Array, ref_logp: jax.Array) -> jax.Array:
     return jnp.exp(d) - d - 1.0
 
 
+def ppo_minibatches(batch_size: int, cfg: PpoStepConfig, seed: int | tuple[int, ...]) -> np.ndarray:
+    """Row ids of each policy mini-batch in update order: [epochs * B / mini_batch_size, mini_batch_size].
+    Each epoch is a fresh permutation from numpy's generator seeded with `seed` (in order without `shuffle`)."""
+    rng = np.random.default_rng(seed)
+    order = [rng.permutation(batch_size) if cfg.shuffle else np.arange(batch_size) for _ in range(cfg.epochs)]
+    return np.concatenate(order).reshape(-1, cfg.mini_batch_size)
+
+
 def make_ppo_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: PpoStepConfig, *,
                   mesh: Mesh, state: TrainState,
                   lr_schedule: optax.Schedule) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
-    """The jitted policy program: (state, batch, key) -> (new state, metrics).
+    """The jitted policy program: (state, batch, layout) -> (new state, metrics).
 
-    batch: prompt_tokens [B, P] int32 (left-padded), prompt_mask [B, P], tokens [B, R] int32,
-    mask [B, R], old_logp [B, R] f32, advantages [B, R] f32 (+ ref_logp [B, R] if kl_coef > 0);
-    key: PRNG key for the mini-batch shuffle. Per epoch the rows are permuted and cut into
-    mini-batches; each mini-batch's gradient is accumulated exactly over micro-batches, then
-    clipped and applied by `tx`. `state` (real or abstract) fixes the shardings (params and
-    Adam moments by logical axes); it is donated. `lr_schedule` (the one inside `tx`) gives
-    actor/lr. Metrics, means over mini-batches: actor/pg_loss, actor/pg_clipfrac, actor/ppo_kl
-    (old_logp - logp), actor/entropy, actor/grad_norm (pre-clip), actor/lr, and actor/kl_loss
-    when kl_coef > 0.
+    batch: mask [B, R], old_logp [B, R] f32, advantages [B, R] f32 (+ ref_logp [B, R] if kl_coef > 0);
+    layout: the sequences' slots [M, k, r, L] from `prime_jax.packing.lay_out` with the rows of
+    `ppo_minibatches` (M = epochs * B / mini_batch_size mini-batches of k micro-batches). Each
+    mini-batch's gradient is accumulated exactly over its micro-batches, then clipped and applied by
+    `tx`. `state` (real or abstract) fixes the shardings (params and Adam moments by logical axes); it
+    is donated. `lr_schedule` (the one inside `tx`) gives actor/lr. Metrics, means over mini-batches:
+    actor/pg_loss, actor/pg_clipfrac, actor/ppo_kl (old_logp - logp), actor/entropy, actor/grad_norm
+    (pre-clip), actor/lr, and actor/kl_loss when kl_coef > 0.
     """
     cfg.validate(mesh)
     state_sh = train_state_shardings(state, mesh)
     batch_sh = batch_prefix_sharding(mesh)
     replicated = NamedSharding(mesh, P())
     keys = PPO_BATCH_KEYS + (("ref_logp",) if cfg.kl_coef > 0 else ())
-    micro_per_mini = cfg.mini_batch_size // cfg.micro_batch_size
 
     def micro_loss(params: Any, mb: dict[str, jax.Array], count: jax.Array):
         model = nnx.merge(graphdef, params)
-        logp, entropy = response_logprobs(model, mb["prompt_tokens"], mb["prompt_mask"], mb["tokens"], mb["mask"],
-                                          temperature=cfg.temperature, with_entropy=True)
-        mask = mb["mask"]
-        mean = lambda x: aggregate_sum(x, mask, cfg.agg) / count  # noqa: E731  (share of the mini-batch mean)
+        logp, entropy = packed_logprobs(model, mb["tokens"], mb["segment_ids"], mb["positions"], mb["targets"],
+                                        temperature=cfg.temperature, with_entropy=True)
+        weight = mb["weight"]
+        logp = jnp.where(weight > 0, logp, mb["old_logp"])   # slots that predict nothing stay finite in exp()
+        mean = lambda x: jnp.sum(x * weight) / count  # noqa: E731  (share of the mini-batch mean)
         pg, clipped = policy_loss_terms(logp, mb["old_logp"], mb["advantages"], clip=cfg.clip, clip_high=cfg.clip_high)
         parts = {"actor/pg_loss": mean(pg), "actor/pg_clipfrac": mean(clipped),
                  "actor/ppo_kl": mean(mb["old_logp"] - logp), "actor/entropy": mean(entropy)}
@@ -167,29 +177,27 @@ def make_ppo_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg:
             loss = loss + cfg.kl_coef * parts["actor/kl_loss"]
         return loss, jax.tree.map(jax.lax.stop_gradient, parts)
 
-    def step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array):
+    def step(state: TrainState, batch: dict[str, jax.Array], layout: dict[str, jax.Array]):
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
             b = check_batch("actor", batch, keys, cfg.mini_batch_size)
-            batch = {k: batch[k] for k in keys}
-            if cfg.shuffle:
-                order = jnp.concatenate([jax.random.permutation(jax.random.fold_in(key, e), b)
-                                         for e in range(cfg.epochs)])
-            else:
-                order = jnp.tile(jnp.arange(b), cfg.epochs)
-            rows = {k: v[order] for k, v in batch.items()} if cfg.shuffle or cfg.epochs > 1 else batch
-            micro = split_micro_batches(rows, micro_batch_size=cfg.micro_batch_size,
-                                        micro_per_mini=micro_per_mini, mesh=mesh)
+            check_layout("actor", layout, cfg.updates_per_iteration(b))
+            mask = batch["mask"].astype(jnp.float32)
+            # "token": each valid token weighs 1; "seq-mean-token-mean": 1 / its row's length (aggregate_sum).
+            weight = mask if cfg.agg == "token" else mask / jnp.maximum(jnp.sum(mask, axis=-1, keepdims=True), 1.0)
+            slots = {**layout, "weight": to_slots(weight, layout["index"]), "valid": to_slots(mask, layout["index"])}
+            slots.update({k: to_slots(batch[k].astype(jnp.float32), layout["index"]) for k in keys if k != "mask"})
 
             def minibatch(state, mb):
-                count = aggregate_count(mb["mask"].reshape(-1, mb["mask"].shape[-1]), cfg.agg)
+                count = jnp.maximum(jnp.sum(mb["valid"]), 1.0) if cfg.agg == "token" else jnp.float32(cfg.mini_batch_size)
                 lr = lr_schedule(state.step)
-                _, grads, parts = accumulate_gradients(lambda p, m: micro_loss(p, m, count), state.params, mb)
+                micro = {k: v for k, v in mb.items() if k != "valid"}
+                _, grads, parts = accumulate_gradients(lambda p, m: micro_loss(p, m, count), state.params, micro)
                 metrics = {k: jnp.sum(v) for k, v in parts.items()}
                 metrics.update({"actor/grad_norm": optax.tree.norm(grads), "actor/lr": jnp.asarray(lr, jnp.float32)})
                 return apply_gradients(state, grads, tx), metrics
 
-            new_state, metrics = jax.lax.scan(minibatch, state, micro)
+            new_state, metrics = jax.lax.scan(minibatch, state, slots)
             return new_state, {k: jnp.mean(v) for k, v in metrics.items()}
 
-    return jax.jit(step, in_shardings=(state_sh, batch_sh, replicated),
+    return jax.jit(step, in_shardings=(state_sh, batch_sh, layout_sharding(mesh)),
                    out_shardings=(state_sh, replicated), donate_argnums=0)

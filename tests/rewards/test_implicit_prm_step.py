@@ -1,4 +1,5 @@
-"""The jitted PRM step vs a plain mini-batch loop; micro-batching, update modes, sharding, learning."""
+"""The jitted PRM step vs a plain mini-batch loop; packed vs padded slots, micro-batching, update modes, sharding,
+learning."""
 import functools
 import math
 
@@ -10,10 +11,11 @@ from flax import nnx
 
 from prime_jax.mesh import make_mesh
 from prime_jax.models import response_logprobs
-from prime_jax.rewards.implicit_prm import PrmStepConfig, make_prm_step, prm_loss
+from prime_jax.rewards.implicit_prm import PrmStepConfig, make_prm_step, prm_loss, prm_minibatches
 from prime_jax.rl.optim import OptimConfig, init_train_state, make_optimizer, shard_train_state
 from tests.rl import numpy_reference as ref
-from tests.rl.step_data import assert_trees_close, copy_tree, logp_fn, make_batch, one_device_mesh, tiny_model
+from tests.rl.step_data import (assert_trees_close, copy_tree, layout, logp_fn, make_batch, one_device_mesh,
+                                tiny_model)
 
 B, MINI, N, SHARDS = 16, 8, 4, 2
 # Adam eps 1e-6 instead of 1e-8: with 1e-8 a gradient entry at rounding-noise level (~1e-9) gets a
@@ -37,15 +39,22 @@ def compiled(cfg: PrmStepConfig, mesh_axes: tuple = ()):
     return make_prm_step(graphdef, tx, cfg, mesh=mesh, state=state, ref_params=params), tx, mesh
 
 
-def fresh(cfg, params, mesh_axes=()):
-    """(step, tx, placed PRM state, placed reference params) for one run; steps donate their state."""
+def fresh(cfg, params, mesh_axes=(), packed=True):
+    """(step with its slots bound, tx, placed PRM state, placed reference params) for one run; steps donate
+    their state."""
     step, tx, mesh = compiled(cfg, mesh_axes)
     state = shard_train_state(init_train_state(copy_tree(params), tx), mesh)
-    return step, tx, state, shard_train_state(copy_tree(params), mesh)
+
+    def run(state, ref_params, batch):
+        slots = layout(batch, prm_minibatches(len(batch["acc"]), cfg), cfg.micro_batch_size, packed,
+                       dp=len(mesh.devices.flat))
+        return step(state, ref_params, {**batch, "unpack": slots.unpack}, slots.arrays)
+
+    return run, tx, state, shard_train_state(copy_tree(params), mesh)
 
 
-def run_step(cfg, params, batch, mesh_axes=()):
-    step, tx, state, ref_params = fresh(cfg, params, mesh_axes)
+def run_step(cfg, params, batch, mesh_axes=(), packed=True):
+    step, tx, state, ref_params = fresh(cfg, params, mesh_axes, packed)
     state, out = step(state, ref_params, batch)
     return state, out, tx
 
@@ -89,12 +98,12 @@ def reference_iteration(graphdef, logps, tx, params, batch, *, mini, shards, upd
     return params, before, raw, np.mean(losses), norms
 
 
-@pytest.mark.parametrize("micro", [8, 4, 2])
-def test_step_matches_loop_reference_for_1_2_4_micro_batches(model, micro):
+@pytest.mark.parametrize("micro, packed", [(8, True), (4, True), (2, True), (4, False)])
+def test_step_matches_loop_reference_for_1_2_4_micro_batches(model, micro, packed):
     graphdef, params, logps = model
     batch = make_batch(1, B)
     cfg = PrmStepConfig(n=N, mini_batch_size=MINI, micro_batch_size=micro, num_shards=SHARDS, norm_scope="shard")
-    state, out, tx = run_step(cfg, params, batch)
+    state, out, tx = run_step(cfg, params, batch, packed=packed)
     want_params, before, raw, loss, norms = reference_iteration(graphdef, logps, tx, params, batch, mini=MINI,
                                                                 shards=SHARDS, update="after")
     assert int(state.step) == B // MINI
@@ -138,11 +147,23 @@ def test_update_before_is_double_forward(model):
     assert_trees_close(state.params, want_params)
 
 
-def test_sharded_two_axis_mesh_matches_one_device_and_params_stay_sharded(model):
+def test_packed_and_padded_agree_on_one_device(model):
+    _, params, _ = model
+    batch = make_batch(5, B)
+    cfg = PrmStepConfig(n=N, mini_batch_size=MINI, micro_batch_size=4, num_shards=SHARDS, norm_scope="shard")
+    packed_state, packed, _ = run_step(cfg, params, batch, packed=True)     # both layouts compiled above
+    padded_state, padded, _ = run_step(cfg, params, batch, packed=False)
+    np.testing.assert_allclose(np.asarray(packed.raw), np.asarray(padded.raw), rtol=0, atol=1e-5)
+    for k in padded.metrics:
+        np.testing.assert_allclose(float(packed.metrics[k]), float(padded.metrics[k]), rtol=1e-5, err_msg=k)
+    assert_trees_close(packed_state.params, padded_state.params)
+
+
+def test_sharded_two_axis_mesh_packed_matches_one_device_padded_and_params_stay_sharded(model):
     _, params, _ = model
     batch = make_batch(1, B)
     cfg = PrmStepConfig(n=N, mini_batch_size=MINI, micro_batch_size=8, num_shards=SHARDS, norm_scope="shard")
-    one_state, one_out, _ = run_step(cfg, params, batch)
+    one_state, one_out, _ = run_step(cfg, params, batch, packed=False)
     state, out, _ = run_step(cfg, params, batch, mesh_axes=(("data", 2), ("fsdp", 4)))
     np.testing.assert_allclose(np.asarray(out.raw), np.asarray(one_out.raw), rtol=0, atol=1e-5)
     np.testing.assert_allclose(np.asarray(out.rm_scores), ref.batch_norm(np.asarray(out.raw), batch["mask"], SHARDS),
@@ -194,10 +215,15 @@ def test_bad_config_raises_before_compiling(model, changes, key):
 def test_bad_batch_raises_at_trace_time(model):
     _, params, _ = model
     cfg = PrmStepConfig(n=N, mini_batch_size=MINI, micro_batch_size=8, num_shards=SHARDS, norm_scope="shard")
-    step, _, state, ref_params = fresh(cfg, params)
-    with pytest.raises(ValueError, match="not a whole number of prm.mini_batch_size=8"):
-        step(state, ref_params, make_batch(1, 12))
+    step = compiled(cfg)[0]
+    _, _, state, ref_params = fresh(cfg, params)
     batch = make_batch(1, B)
+    lay = layout(batch, prm_minibatches(B, cfg), 8, packed=True)
+    batch["unpack"], slots = lay.unpack, lay.arrays
+    with pytest.raises(ValueError, match="not a whole number of prm.mini_batch_size=8"):
+        step(state, ref_params, {**make_batch(1, 12), "unpack": lay.unpack[:12]}, slots)
+    with pytest.raises(ValueError, match="layout has 1 mini-batches, the batch 2"):
+        step(state, ref_params, batch, {k: v[:1] for k, v in slots.items()})
     del batch["acc"]
     with pytest.raises(ValueError, match="missing \\['acc'\\]"):
-        step(state, ref_params, batch)
+        step(state, ref_params, batch, slots)

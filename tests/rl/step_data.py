@@ -8,9 +8,11 @@ from flax import nnx
 
 from prime_jax.mesh import make_mesh
 from prime_jax.models import Decoder, response_logprobs
+from prime_jax.packing import Layout, PackSpec, lay_out
 from tests.fixtures import tiny_config
 
 PROMPT_LEN, RESPONSE_LEN = 5, 6
+ROW = PROMPT_LEN + RESPONSE_LEN    # packed row length: the longest sequence
 
 
 @functools.cache
@@ -60,3 +62,10 @@ def copy_tree(tree):
 def assert_trees_close(a, b, rtol=1e-5, atol=1e-5):
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+
+
+def layout(batch: dict[str, np.ndarray], minibatches: np.ndarray, micro: int, packed: bool, dp: int = 1) -> Layout:
+    """The step's slots: `micro` rows per micro-batch padded, a budget of `micro` full rows packed."""
+    spec = PackSpec("test", mini_batch_size=minibatches.shape[1], micro_batch_size=micro, data_parallel=dp,
+                    packed=packed, row_length=ROW, micro_batch_tokens=max(micro, dp) * ROW)
+    return lay_out(batch, minibatches, spec)

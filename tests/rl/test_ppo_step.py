@@ -1,4 +1,5 @@
-"""The jitted PPO step vs a plain mini-batch loop; micro-batching, sharding, learning direction, errors."""
+"""The jitted PPO step vs a plain mini-batch loop; packed vs padded slots, micro-batching, sharding, learning
+direction, errors."""
 import functools
 
 import jax
@@ -11,8 +12,9 @@ from flax import nnx
 from prime_jax.mesh import make_mesh
 from prime_jax.models import response_logprobs
 from prime_jax.rl.optim import OptimConfig, init_train_state, make_lr_schedule, make_optimizer, shard_train_state
-from prime_jax.rl.ppo import PpoStepConfig, aggregate, make_ppo_step, policy_loss
-from tests.rl.step_data import assert_trees_close, copy_tree, logp_fn, make_batch, one_device_mesh, tiny_model
+from prime_jax.rl.ppo import PpoStepConfig, aggregate, make_ppo_step, policy_loss, ppo_minibatches
+from tests.rl.step_data import (assert_trees_close, copy_tree, layout, logp_fn, make_batch, one_device_mesh,
+                                tiny_model)
 
 B, MINI = 16, 8
 # Adam eps 1e-6 instead of 1e-8: with 1e-8 a gradient entry at rounding-noise level (~1e-9) gets a
@@ -50,10 +52,11 @@ def ppo_batch(seed, logps, params):
     return batch
 
 
-def run_step(cfg, params, batch, key, mesh_axes=()):
+def run_step(cfg, params, batch, seed, mesh_axes=(), packed=True):
     step, tx, mesh = compiled(cfg, mesh_axes)
     state = shard_train_state(init_train_state(copy_tree(params), tx), mesh)
-    state, metrics = step(state, batch, key)
+    slots = layout(batch, ppo_minibatches(B, cfg, seed), cfg.micro_batch_size, packed, dp=len(mesh.devices.flat))
+    state, metrics = step(state, batch, slots.arrays)
     return state, metrics, tx
 
 
@@ -81,31 +84,28 @@ def _reference_grad(graphdef, clip, agg, entropy_coef, kl_coef):
     return fn
 
 
-def reference_iteration(graphdef, cfg, tx, params, batch, key):
-    """PRIME_SPEC §1.7 as a plain loop over whole mini-batches of permutation(fold_in(key, epoch))."""
+def reference_iteration(graphdef, cfg, tx, params, batch, seed):
+    """PRIME_SPEC §1.7 as a plain loop over whole mini-batches, in the order `ppo_minibatches` gives."""
     grad = reference_grad(graphdef, cfg)
     opt_state = tx.init(params)
     history = []
-    for epoch in range(cfg.epochs):
-        perm = np.asarray(jax.random.permutation(jax.random.fold_in(key, epoch), B))
-        for start in range(0, B, cfg.mini_batch_size):
-            mb = {k: v[perm[start:start + cfg.mini_batch_size]] for k, v in batch.items()}
-            (_, metrics), grads = grad(params, mb)
-            metrics["actor/grad_norm"] = optax.tree.norm(grads)
-            history.append({k: float(v) for k, v in metrics.items()})
-            updates, opt_state = tx.update(grads, opt_state, params)
-            params = optax.apply_updates(params, updates)
+    for rows in ppo_minibatches(B, cfg, seed):
+        mb = {k: v[rows] for k, v in batch.items()}
+        (_, metrics), grads = grad(params, mb)
+        metrics["actor/grad_norm"] = optax.tree.norm(grads)
+        history.append({k: float(v) for k, v in metrics.items()})
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
     return params, {k: np.mean([h[k] for h in history]) for k in history[0]}
 
 
-@pytest.mark.parametrize("micro", [8, 4, 2])
-def test_step_matches_loop_reference_for_1_2_4_micro_batches(model, micro):
+@pytest.mark.parametrize("micro, packed", [(8, True), (4, True), (2, True), (4, False)])
+def test_step_matches_loop_reference_for_1_2_4_micro_batches(model, micro, packed):
     graphdef, params, logps = model
     batch = ppo_batch(0, logps, params)
     cfg = PpoStepConfig(mini_batch_size=MINI, micro_batch_size=micro, **FULL)
-    key = jax.random.key(7)
-    state, metrics, tx = run_step(cfg, params, batch, key)
-    want_params, want = reference_iteration(graphdef, cfg, tx, params, batch, key)
+    state, metrics, tx = run_step(cfg, params, batch, 7, packed=packed)
+    want_params, want = reference_iteration(graphdef, cfg, tx, params, batch, 7)
     assert int(state.step) == B // MINI
     for k, v in want.items():
         np.testing.assert_allclose(float(metrics[k]), v, rtol=1e-5, atol=1e-6, err_msg=k)
@@ -114,13 +114,23 @@ def test_step_matches_loop_reference_for_1_2_4_micro_batches(model, micro):
     assert_trees_close(state.params, want_params)
 
 
-def test_sharded_two_axis_mesh_matches_one_device_and_params_stay_sharded(model):
+def test_packed_and_padded_agree_on_one_device(model):
+    _, params, logps = model
+    batch = ppo_batch(4, logps, params)
+    cfg = PpoStepConfig(mini_batch_size=MINI, micro_batch_size=4, **FULL)   # both layouts compiled above
+    packed_state, packed, _ = run_step(cfg, params, batch, 5, packed=True)
+    padded_state, padded, _ = run_step(cfg, params, batch, 5, packed=False)
+    for k in padded:
+        np.testing.assert_allclose(float(packed[k]), float(padded[k]), rtol=1e-5, atol=1e-6, err_msg=k)
+    assert_trees_close(packed_state.params, padded_state.params)
+
+
+def test_sharded_two_axis_mesh_packed_matches_one_device_padded_and_params_stay_sharded(model):
     _, params, logps = model
     batch = ppo_batch(1, logps, params)
     cfg = PpoStepConfig(mini_batch_size=MINI, micro_batch_size=8, **FULL)
-    key = jax.random.key(3)
-    one_state, one_metrics, _ = run_step(cfg, params, batch, key)
-    state, metrics, _ = run_step(cfg, params, batch, key, mesh_axes=(("data", 2), ("fsdp", 4)))
+    one_state, one_metrics, _ = run_step(cfg, params, batch, 3, packed=False)
+    state, metrics, _ = run_step(cfg, params, batch, 3, mesh_axes=(("data", 2), ("fsdp", 4)))
     for k in one_metrics:
         np.testing.assert_allclose(float(metrics[k]), float(one_metrics[k]), rtol=1e-5, atol=1e-6, err_msg=k)
     assert_trees_close(state.params, one_state.params)
@@ -142,7 +152,7 @@ def test_steps_raise_positive_and_lower_negative_advantage_responses(model):
     start = seq_logp(params)
     for i in range(3):
         batch["old_logp"] = batch["ref_logp"] = np.asarray(logps(state.params, batch)[0])   # on-policy rollout
-        state, metrics = step(state, batch, jax.random.key(i))
+        state, metrics = step(state, batch, layout(batch, ppo_minibatches(B, cfg, i), 8, packed=True).arrays)
         assert float(metrics["actor/pg_clipfrac"]) == 0.0     # ratio 1 on the first mini-batch, within 1 +- 0.2 after it
     delta = seq_logp(state.params) - start
     assert np.all(delta[sign > 0] > 0) and np.all(delta[sign < 0] < 0), delta
@@ -170,4 +180,4 @@ def test_kl_needs_reference_log_probs(model):
     del batch["ref_logp"]
     cfg = PpoStepConfig(mini_batch_size=MINI, micro_batch_size=8, **FULL)
     with pytest.raises(ValueError, match="missing \\['ref_logp'\\]"):
-        run_step(cfg, params, batch, jax.random.key(0))
+        run_step(cfg, params, batch, 0)
