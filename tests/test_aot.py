@@ -18,7 +18,9 @@ import pytest
 from prime_jax import aot
 from prime_jax.aot.compile import _oom_temp_bytes
 from prime_jax.memory_plan import architecture
+from prime_jax.aot.compile import mix_shape
 from prime_jax.aot.step import LengthMix, decode_fraction, step_seconds
+from prime_jax.packing import PackSpec
 from prime_jax.preflight import aot_memory_check
 from prime_jax.programs import sampler_prompts
 
@@ -217,6 +219,15 @@ def test_decode_fraction_of_the_fixed_batch_sampler(mix, fraction):
     c = _shrunk_qwen7b()
     c.length_mix.update(mix)
     assert decode_fraction(c, LengthMix.from_config(c)) == pytest.approx(fraction)
+
+
+def test_training_steps_at_the_length_mix_take_the_packed_shape_of_its_tokens():
+    # qwen7b's mini-batch of 256 sequences of 256 + 1435 tokens fills 105.7 rows of 4096 slots: 106 rows, in
+    # micro-batches of 8 rows -> 14, and the next static count is 16 (of 2, 3, 4, 6, 8, 12, 16, 24, 32).
+    spec = PackSpec("prm", mini_batch_size=256, micro_batch_size=8, data_parallel=1, row_length=4096,
+                    micro_batch_tokens=8 * 4096)
+    assert mix_shape(spec, LengthMix(256, 1435, 0.05)) == (16, 8)
+    assert mix_shape(spec, LengthMix(1024, 3072, 1.0)) == spec.shapes()[-1] == (32, 8)  # at the limits: the largest
 
 
 def test_preflight_memory_line_is_the_worst_program_against_hbm(compiled_shrunk):

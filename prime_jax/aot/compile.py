@@ -19,6 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from prime_jax.aot.hlo_cost import program_cost
 from prime_jax.aot.report import ProgramReport, format_report
+from prime_jax.aot.step import LengthMix
 from prime_jax.aot.topology import Chip, Topology
 from prime_jax.memory_plan import architecture
 from prime_jax.mesh import batch_sharding, data_parallel_size, make_mesh, state_shardings
@@ -91,11 +92,20 @@ def _key(mesh: Mesh) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=NamedSharding(mesh, P()))
 
 
-def _slots(mesh: Mesh, spec: PackSpec, num_minibatches: int, padded_width: int) -> dict[str, jax.ShapeDtypeStruct]:
-    """A step's slots [M, k, r, L] at the largest shape `spec` allows."""
-    k, r = spec.shapes()[-1] if spec.packed else (spec.mini_batch_size // spec.micro_batch_size, spec.micro_batch_size)
+def _slots(mesh: Mesh, spec: PackSpec, num_minibatches: int, padded_width: int,
+           shape: tuple[int, int] | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+    """A step's slots [M, k, r, L] at the packed (k, r) `shape`, by default the largest `spec` allows."""
+    k, r = shape or (spec.shapes()[-1] if spec.packed else
+                     (spec.mini_batch_size // spec.micro_batch_size, spec.micro_batch_size))
     shape = (num_minibatches, k, r, spec.row_length if spec.packed else padded_width)
     return {key: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=layout_sharding(mesh)) for key in LAYOUT_KEYS}
+
+
+def mix_shape(spec: PackSpec, mix: LengthMix) -> tuple[int, int]:
+    """The packed (k, r) of a mini-batch whose sequences have the mix's mean lengths, packed without gaps (a
+    lower bound on the rows first-fit-decreasing needs)."""
+    rows = math.ceil(spec.mini_batch_size * (mix.prompt_tokens + mix.response_tokens) / spec.row_length)
+    return spec.shape_for(rows)
 
 
 def _batch(mesh: Mesh, rows: int, shapes: dict[str, tuple[tuple[int, ...], Any]]) -> dict[str, jax.ShapeDtypeStruct]:
@@ -179,10 +189,6 @@ def compile_run(c: ml_collections.ConfigDict, topology: Topology, programs: Sequ
     train_batch = _batch(mesh, rows, {"mask": ((r_len,), jnp.float32), "acc": ((), jnp.float32),
                                       "unpack": ((r_len,), jnp.int32)})
     ppo_batch = _batch(mesh, rows, {k: ((r_len,), jnp.float32) for k in ("mask", "old_logp", "advantages")})
-    # The steps' slots at their largest shape (packed: every sequence in a row of its own; padded: full width).
-    prm_slots, ppo_slots = (_slots(mesh, pack_spec(c, mesh, s), m, p_len + r_len)
-                            for s, m in (("prm", rows // c.prm.mini_batch_size),
-                                         ("actor", ppo_step_config(c).updates_per_iteration(rows))))
     dp = data_parallel_size(mesh)
     prompts = -(-sampler_prompts(c) // dp) * dp  # generate pads each call's prompts to the dp size
     prompt_batch = _batch(mesh, prompts, {"tokens": ((p_len,), jnp.int32), "mask": ((p_len,), jnp.int32)})
@@ -218,14 +224,22 @@ def compile_run(c: ml_collections.ConfigDict, topology: Topology, programs: Sequ
                 # The decode loop stops when every row is done: at most max_new_tokens - 1 steps.
                 done(compile_program("sampler_decode", decode, (run.graphdef, run.policy.params, state), {}, chip,
                                      sampler_resident, r_len - 1, hlo_dir)[0])
-    if "prm_step" in programs:
-        log("compiling prm_step ...")
-        done(compile_program("prm_step", progs.prm_step, (run.prm, run.ref_params, train_batch, prm_slots), {}, chip,
-                             policy_all,
-                             hlo_dir=hlo_dir)[0])
-    if "ppo_step" in programs:
-        log("compiling ppo_step ...")
-        done(compile_program("ppo_step", progs.ppo_step, (run.policy, ppo_batch, ppo_slots), {}, chip,
-                             prm_all + ref_all,
-                             hlo_dir=hlo_dir)[0])
-    return [reports[p] for p in PROGRAMS if p in reports]
+    # The training steps at their largest packed shape (memory), and, packed, again at the length mix's shape
+    # (what a typical step computes: `<name>@mix`, for the whole-step seconds).
+    mix = LengthMix.from_config(c)
+    steps = (("prm_step", "prm", rows // c.prm.mini_batch_size, lambda slots: (run.prm, run.ref_params, train_batch, slots),
+              policy_all),
+             ("ppo_step", "actor", ppo_step_config(c).updates_per_iteration(rows),
+              lambda slots: (run.policy, ppo_batch, slots), prm_all + ref_all))
+    for name, section, minibatches, args, resident in steps:
+        if name not in programs:
+            continue
+        spec = pack_spec(c, mesh, section)
+        largest = spec.shapes()[-1] if spec.packed else None
+        for label, shape in ((name, largest), (f"{name}@mix", mix_shape(spec, mix) if spec.packed else largest)):
+            if label != name and shape == largest:
+                continue
+            log(f"compiling {label} ...")
+            slots = _slots(mesh, spec, minibatches, p_len + r_len, shape)
+            done(compile_program(label, getattr(progs, name), args(slots), {}, chip, resident, hlo_dir=hlo_dir)[0])
+    return [reports[p] for p in (*PROGRAMS, "prm_step@mix", "ppo_step@mix") if p in reports]

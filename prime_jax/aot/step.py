@@ -47,14 +47,14 @@ def decode_fraction(c: ml_collections.ConfigDict, mix: LengthMix) -> float:
 
 def step_seconds(c: ml_collections.ConfigDict, reports: Sequence[ProgramReport]) -> dict[str, float] | None:
     """{program: roofline seconds it takes in one step, "step": their sum}; None unless every program of a step
-    was compiled (and fitted)."""
+    was compiled (and fitted). Packed training steps count at the mix's shape (`<name>@mix`) when compiled."""
     by_name = {r.name: r for r in reports}
     if any(p not in by_name or by_name[p].error for p in STEP_PROGRAMS):
         return None
     mix = LengthMix.from_config(c)
     calls = math.ceil(c.train.batch_size / sampler_prompts(c))
+    train = {name: by_name.get(f"{name}@mix", by_name[name]).seconds for name in ("prm_step", "ppo_step")}
     out = {"sampler_prefill": calls * by_name["sampler_prefill"].seconds,
-           "sampler_decode": calls * by_name["sampler_decode"].seconds * decode_fraction(c, mix),
-           "prm_step": by_name["prm_step"].seconds, "ppo_step": by_name["ppo_step"].seconds}
+           "sampler_decode": calls * by_name["sampler_decode"].seconds * decode_fraction(c, mix), **train}
     out["step"] = sum(out.values())
     return out
