@@ -106,6 +106,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.verifier.item_timeout_s = 300.0
     c.verifier.batch_timeout_s = 1800.0
     c.verifier.literal_numbers = False  # True: a number ground truth needs a number answer, not an expression
+    # UNSAFE. True: without a working bubblewrap, run model-written code anyway (rlimits, and a uid of its
+    # own when root, only). False: code items then score 0, counted as verifier/unsandboxed.
+    c.verifier.allow_unsandboxed = False
 
     c.eval = ml_collections.ConfigDict()
     c.eval.freq = 16
