@@ -176,24 +176,18 @@ def _run_assert(payload: dict, report, pristine: dict) -> None:
         report("test", index, status, "", detail)
 
 
-def _harness_main() -> None:
-    """Entry point inside the sandbox: payload on stdin, reports on the channel fd."""
-    import _sitebuiltins  # `exit` and `quit`, which `site` (not imported: `python -S`) would add
-
-    builtins.exit, builtins.quit = (_sitebuiltins.Quitter(name, "Ctrl-D (i.e. EOF)") for name in ("exit", "quit"))
+def _harness_main(payload: dict) -> None:
+    """One run inside the sandbox: reports on the channel fd, then exits the process."""
     pristine = dict(builtins.__dict__)
-    payload = json.loads(sys.stdin.buffer.read())
     devnull = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
+    for fd in (0, 1, 2):  # also closes a zygote's control and status pipes to the program
         os.dup2(devnull, fd)
     report = _make_reporter(payload.pop("channel_fd"), payload.pop("nonce"))  # only the closure keeps them
     runner = {"stdio": _run_stdio, "call": _run_call, "assert": _run_assert}[payload["mode"]]
     if payload["mode"] == "stdio":  # written before RLIMIT_FSIZE applies
         tests = payload["tests"]
         payload["input_fds"] = [(i, _memfd_with(tests[i].encode())) for i in range(payload["start"], len(tests))]
-    # The header's imports, done while still privileged: without bwrap the sandbox uid may not be able
-    # to read the interpreter's files (e.g. a Python under /root), and the program relies on them.
-    exec(compile(payload["header"], "<header>", "exec"), {"__builtins__": dict(pristine)})
+    _import_header(payload["header"])
     _confine(payload["limits"], payload["uid"], payload["in_bwrap"])
     sys.setrecursionlimit(payload["recursion_limit"])
     try:
@@ -203,5 +197,67 @@ def _harness_main() -> None:
     os._exit(0)
 
 
+def _import_header(header: str) -> None:
+    """The header's imports, done while still privileged (without bwrap the sandbox uid may not be
+    able to read the interpreter's files, e.g. a Python under /root) or, in a zygote, once for all."""
+    exec(compile(header, "<header>", "exec"), {"__builtins__": dict(builtins.__dict__)})
+
+
+def _zygote_main() -> None:
+    """Sandbox entry of a reusable sandbox (bubblewrap only): for each payload frame on stdin
+    (`<length>\\n<json>`), fork a child that runs it (`_harness_main`); once it has exited, kill
+    every process it left and empty the temp dirs, then write `done\\n` on stdout. Children close
+    stdin and stdout first, so no program sees the next payload or can fake `done`."""
+    import ctypes
+    import shutil
+
+    # Not dumpable: a child of the same uid (bwrap without root) can then neither ptrace this
+    # process nor open its /proc fds and memory; it can at most kill it, which ends the sandbox.
+    pr_set_dumpable = 4
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_dumpable, 0, 0, 0, 0)
+    read_line, read, write = sys.stdin.buffer.readline, sys.stdin.buffer.read, os.write
+    while True:
+        size = read_line()
+        if not size:
+            os._exit(0)
+        payload = json.loads(read(int(size)))
+        _import_header(payload["header"])
+        child = os.fork()
+        if child == 0:
+            _harness_main(payload)
+        os.waitpid(child, 0)
+        uid = payload["uid"]
+        reaper = os.fork() if uid is not None else 0  # root: a helper of the children's uid may signal them
+        if reaper == 0:
+            if uid is not None:
+                os.setgroups([])
+                os.setresgid(uid, uid, uid)
+                os.setresuid(uid, uid, uid)
+            try:  # every process this uid may signal but the caller (and the PID namespace's init, bwrap)
+                os.kill(-1, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            for directory in ("/tmp", "/dev/shm"):
+                for entry in os.scandir(directory) if os.path.isdir(directory) else ():
+                    if entry.is_dir(follow_symlinks=False):
+                        shutil.rmtree(entry.path, ignore_errors=True)
+                    else:
+                        try:
+                            os.unlink(entry.path)
+                        except OSError:
+                            pass
+            if uid is not None:
+                os._exit(0)
+        else:
+            os.waitpid(reaper, 0)
+        write(1, b"done\n")
+
+
 if __name__ == "__main__":
-    _harness_main()
+    import _sitebuiltins  # `exit` and `quit`, which `site` (not imported: `python -S`) would add
+
+    builtins.exit, builtins.quit = (_sitebuiltins.Quitter(name, "Ctrl-D (i.e. EOF)") for name in ("exit", "quit"))
+    if sys.argv[2:] == ["zygote"]:
+        _zygote_main()
+    else:
+        _harness_main(json.loads(sys.stdin.buffer.read()))

@@ -50,6 +50,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 
@@ -147,10 +148,17 @@ class _Launch:
     loaded: bool = False
     load_detail: str = ""
     timed_out: bool = False
+    abandoned: bool = False  # stopped waiting while the harness may still run (deadline, too much output)
+    child_ended: bool = False  # a zygote said its child has exited and been cleaned up after
 
 
-def run_tests(program: Program, limits: Limits = Limits(), *, allow_unsandboxed: bool = False) -> list[TestResult]:
+def run_tests(program: Program, limits: Limits = Limits(), *, allow_unsandboxed: bool = False,
+              reuse_sandbox: bool = True) -> list[TestResult]:
     """Run every test of `program` in order; one TestResult per test.
+
+    With bubblewrap, runs fork from this process's waiting sandbox (a zygote), which kills what a
+    run left behind and empties its temp dirs before the next; `reuse_sandbox=False` starts a fresh
+    sandbox and interpreter instead (slower; bench/verifiers.py compares the two).
 
     Without a working bubblewrap this raises `SandboxUnavailable` (nothing runs) unless
     `allow_unsandboxed` (rlimits, and a uid of its own when root, only: unsafe).
@@ -168,7 +176,7 @@ def run_tests(program: Program, limits: Limits = Limits(), *, allow_unsandboxed:
     results: list[TestResult | None] = [None] * n
     start = 0
     while start < n:
-        launch = _launch(program, start, limits, use_bwrap)
+        launch = _launch(program, start, limits, use_bwrap, reuse_sandbox)
         for index, result in launch.results.items():
             results[index] = result
         if not launch.loaded:
@@ -189,7 +197,7 @@ def sandbox_problem() -> str | None:
     if not shutil.which("bwrap"):
         return "bwrap (bubblewrap) is not installed"
     probe = Program("assert", "x = 1", ["assert x == 1"])
-    launch = _launch(probe, 0, Limits(timeout_s=30.0), use_bwrap=True)
+    launch = _launch(probe, 0, Limits(timeout_s=30.0), use_bwrap=True, reuse=False)
     if launch.results.get(0) == TestResult("pass"):
         return None
     return "bwrap is installed but cannot create a sandbox here (are user namespaces disabled?)"
@@ -200,15 +208,11 @@ def bwrap_available() -> bool:
     return sandbox_problem() is None
 
 
-def _launch(program: Program, start: int, limits: Limits, use_bwrap: bool) -> _Launch:
-    """One sandboxed harness run over tests[start:]."""
-    uid = _sandbox_uid()
-    nonce = secrets.token_hex(16)
+def _payload(program: Program, start: int, limits: Limits, use_bwrap: bool, uid: int | None) -> dict:
+    """What the harness needs for one run over tests[start:] (its `channel_fd` is set by the caller)."""
     remaining = len(program.tests) - start
-    read_fd, write_fd = os.pipe()
-    payload = {
-        "nonce": nonce,
-        "channel_fd": write_fd,
+    return {
+        "nonce": secrets.token_hex(16),
         "mode": program.mode,
         "source": program.source,
         "header": program.header,
@@ -228,13 +232,35 @@ def _launch(program: Program, start: int, limits: Limits, use_bwrap: bool) -> _L
             "max_output_bytes": limits.max_output_bytes,
         },
     }
+
+
+def _launch(program: Program, start: int, limits: Limits, use_bwrap: bool, reuse: bool) -> _Launch:
+    """One sandboxed harness run over tests[start:]: in this process's reusable sandbox when
+    `reuse` (and bubblewrap, and no other thread of this process is using it), else in a fresh one."""
+    uid = _sandbox_uid()
+    payload = _payload(program, start, limits, use_bwrap, uid)
+    if use_bwrap and reuse and _ZYGOTE_LOCK.acquire(blocking=False):
+        try:
+            return _launch_in_zygote(payload, len(program.tests), limits, uid)
+        finally:
+            _ZYGOTE_LOCK.release()
+    return _launch_fresh(payload, len(program.tests), limits, use_bwrap, uid)
+
+
+def _harness_argv(code: bytes, *extra: str) -> list[str]:
+    return [sys.executable, "-I", "-S", "-c", _BOOTSTRAP.format(path=_interpreter_path()), str(len(code)), *extra]
+
+
+def _launch_fresh(payload: dict, n: int, limits: Limits, use_bwrap: bool, uid: int | None) -> _Launch:
+    """A new sandbox (interpreter start-up included) for this run alone, killed at its end."""
+    read_fd, write_fd = os.pipe()
+    payload["channel_fd"] = write_fd
     code = _harness_code()
-    harness = [sys.executable, "-I", "-S", "-c", _BOOTSTRAP.format(path=_interpreter_path()), str(len(code))]
     with contextlib.ExitStack() as cleanup:
         if use_bwrap:
-            argv, cwd = _bwrap_argv(limits.tmp_bytes, uid is not None) + harness, "/"
+            argv, cwd = _bwrap_argv(limits.tmp_bytes, uid is not None) + _harness_argv(code), "/"
         else:  # a private working directory at least
-            argv, cwd = harness, cleanup.enter_context(tempfile.TemporaryDirectory(prefix="prime_jax_sandbox_"))
+            argv, cwd = _harness_argv(code), cleanup.enter_context(tempfile.TemporaryDirectory(prefix="prime_jax_sandbox_"))
             if uid is not None:
                 os.chown(cwd, uid, uid)
         try:
@@ -252,32 +278,152 @@ def _launch(program: Program, start: int, limits: Limits, use_bwrap: bool) -> _L
             os.close(write_fd)
         try:
             stdin = code + json.dumps(payload).encode()
-            return _collect(proc, read_fd, stdin, nonce, start, len(program.tests), limits)
+            return _collect(read_fd, proc.stdin, stdin, payload, n, limits, status_fd=None)
         finally:
             _kill_group(proc)
             os.close(read_fd)
 
 
-def _collect(
-    proc: subprocess.Popen, read_fd: int, payload: bytes, nonce: str, start: int, n: int, limits: Limits
-) -> _Launch:
-    """Feed the payload, read nonce-tagged reports until EOF, a deadline, or too much output."""
+@dataclasses.dataclass
+class _Zygote:
+    """A bubblewrap sandbox whose harness waits for payloads and forks one child per run
+    (`harness._zygote_main`): no sandbox or interpreter start-up per run."""
+
+    proc: subprocess.Popen
+    channel: int  # read end of the report pipe its children share (nonce-tagged reports)
+    channel_fd: int  # the write end's number inside the sandbox
+    key: tuple  # (tmp_bytes, uid) it was started with
+    owner: int  # the pid of the process that started it (a forked copy of this module starts its own)
+    idle: bool = True  # no child running or being cleaned up after
+
+
+_zygote: _Zygote | None = None
+_ZYGOTE_LOCK = threading.Lock()
+
+
+def _launch_in_zygote(payload: dict, n: int, limits: Limits, uid: int | None) -> _Launch:
+    """The run in this process's zygote (started, or restarted, as needed). A timed-out or flooding
+    run takes its zygote down with it; the next run starts a fresh one."""
+    global _zygote
+    key = (limits.tmp_bytes, uid)
+    zygote = _zygote if _zygote is not None and _zygote.owner == os.getpid() else None
+    if zygote is not None and (zygote.key != key or not _await_idle(zygote, limits.timeout_s + _STARTUP_GRACE_S)):
+        _stop_zygote(zygote)
+        zygote = None
+    if zygote is None:
+        zygote = _zygote = _start_zygote(key)
+    payload["channel_fd"] = zygote.channel_fd
+    body = json.dumps(payload).encode()
+    zygote.idle = False
+    try:
+        launch = _collect(zygote.channel, zygote.proc.stdin, b"%d\n" % len(body) + body, payload, n, limits,
+                          status_fd=zygote.proc.stdout.fileno())
+    except BaseException:
+        _stop_zygote(zygote)
+        raise
+    if launch.child_ended:
+        zygote.idle = True
+    if launch.abandoned or zygote.proc.poll() is not None:
+        _stop_zygote(zygote)
+    return launch
+
+
+def _start_zygote(key: tuple) -> _Zygote:
+    tmp_bytes, uid = key
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(read_fd, False)
+    code = _harness_code()
+    try:
+        proc = subprocess.Popen(
+            _bwrap_argv(tmp_bytes, uid is not None) + _harness_argv(code, "zygote"),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            pass_fds=(write_fd,),
+            start_new_session=True,
+            cwd="/",
+            env=_sandbox_env("/tmp"),
+        )
+    finally:
+        os.close(write_fd)
+    proc.stdin.write(code)
+    proc.stdin.flush()
+    return _Zygote(proc, read_fd, write_fd, key, os.getpid())
+
+
+def _await_idle(zygote: _Zygote, timeout_s: float) -> bool:
+    """Whether the zygote has finished cleaning up after its last child (waits up to `timeout_s`)."""
+    if zygote.idle:
+        return True
+    status = zygote.proc.stdout.fileno()
+    with selectors.DefaultSelector() as selector:
+        selector.register(status, selectors.EVENT_READ)
+        if selector.select(timeout_s) and os.read(status, 64):
+            zygote.idle = True
+    return zygote.idle
+
+
+def _stop_zygote(zygote: _Zygote) -> None:
+    global _zygote
+    _kill_group(zygote.proc)
+    zygote.proc.stdout.close()
+    os.close(zygote.channel)
+    if _zygote is zygote:
+        _zygote = None
+
+
+def _collect(read_fd: int, stdin, data: bytes, payload: dict, n: int, limits: Limits, status_fd: int | None) -> _Launch:
+    """Send `data` on `stdin`, read nonce-tagged reports until every test reported, the harness
+    ended (channel EOF, or a line on `status_fd` from a zygote), a deadline, or too much output."""
     launch = _Launch(results={})
+    nonce, start = payload["nonce"], payload["start"]
     expected = start
     budget = (n - start + 1) * (2 * limits.max_output_bytes + 4096)  # JSON may double the output
     received = 0
     pending = b""
-    stdin_fd = proc.stdin.fileno()
+    stdin_fd = stdin.fileno()
     os.set_blocking(stdin_fd, False)
-    to_send = memoryview(payload)
+    os.set_blocking(read_fd, False)
+    to_send = memoryview(data)
     deadline = time.monotonic() + limits.timeout_s + _STARTUP_GRACE_S
+
+    def take(chunk: bytes) -> bool:
+        """Handle received report bytes; True once the run is over."""
+        nonlocal received, pending, expected, deadline
+        received += len(chunk)
+        if received > budget:
+            launch.abandoned = True
+            return True
+        *lines, pending = (pending + chunk).split(b"\n")
+        for line in lines:
+            message = _authentic(line, nonce)
+            if message is None:
+                continue
+            event, index = message["event"], message["index"]
+            if event == "load_failed" and not launch.loaded:
+                launch.load_detail = message["detail"]
+                return True
+            if event == "loaded":
+                launch.loaded = True
+            elif event == "test" and launch.loaded and index == expected:
+                launch.results[index] = TestResult(message["status"], message["output"], message["detail"])
+                expected += 1
+            else:
+                continue
+            if expected == n:
+                return True
+            deadline = time.monotonic() + limits.timeout_s
+        return False
+
     with selectors.DefaultSelector() as selector:
         selector.register(read_fd, selectors.EVENT_READ)
         selector.register(stdin_fd, selectors.EVENT_WRITE)
+        if status_fd is not None:
+            selector.register(status_fd, selectors.EVENT_READ)
         while True:
             wait = deadline - time.monotonic()
             if wait <= 0:
-                launch.timed_out = True
+                launch.timed_out = launch.abandoned = True
                 return launch
             for key, _ in selector.select(wait):
                 if key.fd == stdin_fd:
@@ -287,31 +433,29 @@ def _collect(
                         to_send = to_send[:0]
                     if not to_send:
                         selector.unregister(stdin_fd)
-                        proc.stdin.close()
+                        if status_fd is None:  # a fresh harness reads its payload to EOF
+                            stdin.close()
                     continue
-                chunk = os.read(read_fd, 1 << 16)
-                received += len(chunk)
-                if not chunk or received > budget:
+                if key.fd == status_fd:  # the zygote's child has exited (or the zygote has): take what it wrote
+                    launch.child_ended = True
+                    launch.abandoned = not os.read(status_fd, 64)  # EOF: the zygote is gone
+                    while chunk := _read_some(read_fd):
+                        if take(chunk):
+                            break
                     return launch
-                *lines, pending = (pending + chunk).split(b"\n")
-                for line in lines:
-                    message = _authentic(line, nonce)
-                    if message is None:
-                        continue
-                    event, index = message["event"], message["index"]
-                    if event == "load_failed" and not launch.loaded:
-                        launch.load_detail = message["detail"]
-                        return launch
-                    if event == "loaded":
-                        launch.loaded = True
-                    elif event == "test" and launch.loaded and index == expected:
-                        launch.results[index] = TestResult(message["status"], message["output"], message["detail"])
-                        expected += 1
-                    else:
-                        continue
-                    if expected == n:
-                        return launch
-                    deadline = time.monotonic() + limits.timeout_s
+                chunk = _read_some(read_fd)
+                if chunk is None:
+                    continue
+                if not chunk or take(chunk):
+                    return launch
+
+
+def _read_some(fd: int) -> bytes | None:
+    """Up to 64 KiB from a non-blocking fd; b"" at EOF, None if nothing is there yet."""
+    try:
+        return os.read(fd, 1 << 16)
+    except BlockingIOError:
+        return None
 
 
 def _authentic(line: bytes, nonce: str) -> dict | None:

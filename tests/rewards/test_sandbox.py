@@ -203,16 +203,16 @@ def test_network_connection_to_host_listener() -> None:
 
 
 @pytest.mark.parametrize(
-    "kill",
+    "kill, expected",
     [
-        "os.kill(os.getppid(), signal.SIGKILL)",
-        "os.kill(-1, signal.SIGKILL)",
-        "os.killpg(0, signal.SIGKILL)",
+        ("os.kill(os.getppid(), signal.SIGKILL)", 0.0),
+        ("os.kill(-1, signal.SIGKILL)", 1.0),  # reaches no process it may signal (it spares the caller): no error
+        ("os.killpg(0, signal.SIGKILL)", 0.0),
     ],
 )
-def test_killing_the_parent(kill: str) -> None:
+def test_killing_the_parent(kill: str, expected: float) -> None:
     program = f"import os, signal\ndef f():\n    {kill}\n    return True"
-    assert score(program, ["assert f()", "assert f()"]) == 0.0
+    assert score(program, ["assert f()", "assert f()"]) == expected
     # this process is alive and the next verification works normally
     assert score("def f():\n    return True", ["assert f()"]) == 1.0
 
@@ -364,11 +364,16 @@ def test_without_bwrap_nothing_runs(canaries: list[Path]) -> None:
     assert all(c.read_text() == "keep me" for c in canaries)
 
 
-@pytest.mark.usefixtures("no_bwrap")
-def test_without_bwrap_the_pool_scores_code_0_and_counts_it(caplog: pytest.LogCaptureFixture) -> None:
-    """One start-up error line naming the install command; code items 0 and counted; math still scored."""
+def test_without_bwrap_the_pool_scores_code_0_and_counts_it(caplog: pytest.LogCaptureFixture,
+                                                            request: pytest.FixtureRequest) -> None:
+    """One start-up error line naming the install command; code items 0 and counted; math still scored.
+    Control first: with bubblewrap the same items score 1 (this also starts the pool's forkserver with
+    the real PATH: the pool's own probe, not the workers', decides)."""
     correct = VerifyItem("```python\ndef f():\n    return True\n```", "code", json.dumps({"asserts": ["assert f()"]}))
     math_item = VerifyItem("So \\boxed{4}.", "math", "4")
+    with VerifierPool(1, item_timeout_s=60.0, batch_timeout_s=120.0) as pool:
+        assert pool.score_batch([correct, math_item]).scores.tolist() == [1.0, 1.0]
+    request.getfixturevalue("no_bwrap")
     with caplog.at_level("ERROR"), VerifierPool(1, item_timeout_s=60.0, batch_timeout_s=120.0) as pool:
         result = pool.score_batch([correct, math_item, correct])
     lines = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
