@@ -154,6 +154,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
         _fail("data.train_files", "empty; give JSONL/Parquet paths (or data.source=synthetic|tfds)")
     if c.data.source == "tfds" and not c.data.tfds_dir:
         _fail("data.tfds_dir", "empty while data.source=tfds")
+    if c.data.source == "tfds" and "://" in c.data.tfds_dir:
+        _fail("data.tfds_dir", f"{c.data.tfds_dir} is remote; its array_record files are read from local disk only: "
+              f"stage it first (gcloud storage cp -r {c.data.tfds_dir} /local/dir) and pass the local directory, "
+              "or read Parquet from the bucket (data.source=files)")
     if c.data.source != "synthetic" and not c.model.path:
         _fail("model.path", "empty; give a local Hugging Face model directory")
     for key in ("train.batch_size", "rollout.max_response_length", "data.max_prompt_length", "total_steps",
