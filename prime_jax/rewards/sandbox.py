@@ -1,12 +1,14 @@
 """Run untrusted Python code against tests in an isolated process, with results it cannot forge: the host side.
 
-`run_tests` starts the harness (harness.py, compiled once) in a new process group, under bubblewrap
-(no network, read-only root, private size-capped /tmp, own PID namespace, dies with its parent, new
-session); sends the program, the tests and a random per-run nonce on the harness's stdin; reads
-per-test reports from a pipe; gives every test a wall-clock deadline; kills the whole sandbox at
-the end; and after a crash or hang starts a fresh sandbox at the next test. The harness starts as
-`python -I -S` with the host's exact sys.path (no `site` import: a faster start, nothing from `.pth`
-files or the environment).
+`run_tests` runs the harness (harness.py, compiled once) under bubblewrap (no network, read-only root,
+private size-capped /tmp, own PID namespace, dies with its parent, new session); sends the program,
+the tests and a random per-run nonce to it; reads per-test reports from a pipe; gives every test a
+wall-clock deadline; and after a crash continues at the next test in a fresh process. The harness
+starts as `python -I -S` with the host's exact sys.path (no `site` import, nothing from `.pth` files
+or the environment). Each calling process keeps one such sandbox waiting (a zygote, with the
+program header's modules imported): a run is a fork of it, and once the run's process has exited
+the zygote kills every process it left and empties /tmp and /dev/shm before the next run; a run that
+times out or floods the channel takes the whole sandbox down, and the next run starts a new one.
 
 Fails closed: without a working bubblewrap `run_tests` raises `SandboxUnavailable` and runs nothing,
 unless the caller passes `allow_unsandboxed=True` (config `verifier.allow_unsandboxed`, unsafe). Then
@@ -29,7 +31,8 @@ Residual risks: assert-style tests necessarily run inside the candidate's interp
 candidate that digs the harness's reporter or nonce out of its memory (gc, frames) or returns
 objects whose `__eq__` always says True could still fake a pass there. Expected-output tests are
 not exposed to that, but the read-only root is readable: expected outputs stored in a dataset
-file that the sandbox uid may read could be looked up.
+file that the sandbox uid may read could be looked up. Runs in one zygote share its IPC namespace
+(System V objects a run creates outlive it) and its interpreter's state as of the fork.
 """
 
 from __future__ import annotations
