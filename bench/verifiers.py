@@ -6,12 +6,16 @@ solutions against their tests (each one sandboxed run). Prints, for each, verifi
 the pool (`--workers`, default 2) and through a plain loop calling `math.score` / `code.score`
 in this process, and their ratio. Pool start-up and one warm-up call per path are excluded; the
 two paths alternate over `--slices` slices of the rows so that both see the same background load.
+Code start-up: the same code rows, direct, in this process's reused sandbox (a waiting interpreter
+that forks per item, the default) against a fresh sandbox and interpreter per item (`reuse_sandbox=False`,
+how every item ran before), alternating slices likewise; prints ms per item for both and their ratio.
 Run: `python bench/verifiers.py [--workers 2 --math-rows 1000 --code-rows 563]`.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import gzip
 import json
 import os
@@ -56,9 +60,12 @@ def code_items() -> list[VerifyItem]:
     return items
 
 
-def direct(items: list[VerifyItem]) -> tuple[float, np.ndarray]:
+def direct(items: list[VerifyItem], **code_options: bool) -> tuple[float, np.ndarray]:
     """(seconds, scores) of calling the verifier in this process, one item after another."""
-    score = math_verifier.score if items[0].ability == "math" else code_verifier.score
+    if items[0].ability == "math":
+        score = math_verifier.score
+    else:
+        score = functools.partial(code_verifier.score, **code_options)
     start = time.perf_counter()
     scores = np.array([score(item.response, item.ground_truth) for item in items], np.float32)
     return time.perf_counter() - start, scores
@@ -102,6 +109,20 @@ def main() -> None:
                 f"({len(items)} rows, mean score {pool_scores.mean():.3f}, "
                 f"{int((pool_scores != direct_scores).sum())} scores differ between the two, {os.cpu_count()} CPUs)"
             )
+    code = sets["code"]
+    if code:
+        times, scores = {"reused": 0.0, "fresh": 0.0}, {"reused": [], "fresh": []}
+        direct(code[:1], reuse_sandbox=False)
+        for part in np.array_split(np.arange(len(code)), args.slices):
+            chunk = [code[i] for i in part]
+            for path in ("reused", "fresh"):
+                seconds, got = direct(chunk, reuse_sandbox=path == "reused")
+                times[path] += seconds
+                scores[path].append(got)
+        reused, fresh = (1000 * times[p] / len(code) for p in ("reused", "fresh"))
+        differ = int((np.concatenate(scores["reused"]) != np.concatenate(scores["fresh"])).sum())
+        print(f"code start-up: {reused:6.1f} ms/item in the reused sandbox | {fresh:6.1f} ms/item with a fresh sandbox "
+              f"per item | ratio {fresh / reused:.2f}x faster ({len(code)} rows, {differ} scores differ)")
 
 
 if __name__ == "__main__":

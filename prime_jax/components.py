@@ -80,6 +80,6 @@ def build(c: ml_collections.ConfigDict) -> Components:
     ref_params = nnx.state(ref)
     programs = make_programs(c, mesh, graphdef, policy_state, prm_state, ref_params)
     pool = VerifierPool(c.verifier.num_workers, c.verifier.item_timeout_s, c.verifier.batch_timeout_s,
-                        literal_numbers=c.verifier.literal_numbers)
+                        literal_numbers=c.verifier.literal_numbers, allow_unsandboxed=c.verifier.allow_unsandboxed)
     return Components(c, mesh, tokenizer, train_data, val_examples, skipped, graphdef, policy_state, prm_state,
                       ref_params, programs, pool)

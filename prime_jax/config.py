@@ -111,6 +111,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.verifier.item_timeout_s = 300.0
     c.verifier.batch_timeout_s = 1800.0
     c.verifier.literal_numbers = False  # True: a number ground truth needs a number answer, not an expression
+    # UNSAFE. True: without a working bubblewrap, run model-written code anyway (rlimits, and a uid of its
+    # own when root, only). False: code items then score 0, counted as verifier/unsandboxed.
+    c.verifier.allow_unsandboxed = False
 
     c.eval = ml_collections.ConfigDict()
     c.eval.freq = 16
@@ -165,6 +168,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
         _fail("data.train_files", "empty; give JSONL/Parquet paths (or data.source=synthetic|tfds)")
     if c.data.source == "tfds" and not c.data.tfds_dir:
         _fail("data.tfds_dir", "empty while data.source=tfds")
+    if c.data.source == "tfds" and "://" in c.data.tfds_dir:
+        _fail("data.tfds_dir", f"{c.data.tfds_dir} is remote; its array_record files are read from local disk only: "
+              f"stage it first (gcloud storage cp -r {c.data.tfds_dir} /local/dir) and pass the local directory, "
+              "or read Parquet from the bucket (data.source=files)")
     if c.data.source != "synthetic" and not c.model.path:
         _fail("model.path", "empty; give a local Hugging Face model directory")
     for key in ("train.batch_size", "rollout.max_response_length", "data.max_prompt_length", "total_steps",

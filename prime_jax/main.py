@@ -18,6 +18,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "path to a configs/*.p
 
 def run(c) -> dict[str, float]:
     """Validates, builds and trains; returns the last step's metrics."""
+    from prime_jax import paths
     from prime_jax.config import validate
     from prime_jax.distributed import init_distributed
     from prime_jax.memory_plan import print_plan
@@ -39,13 +40,13 @@ def run(c) -> dict[str, float]:
 
         from jax.experimental import multihost_utils
 
-        sft_dir = os.path.join(c.workdir, "sft")
+        sft_dir = paths.join(c.workdir, "sft")
         if jax.process_index() == 0:
             warm_start(c, sft_dir)
         multihost_utils.sync_global_devices("warm_start")
         with c.unlocked():
             c.model.path = sft_dir
-            c.model.tokenizer = c.model.tokenizer or os.path.join(c.model.path, "tokenizer.model")
+            c.model.tokenizer = c.model.tokenizer or paths.join(c.model.path, "tokenizer.model")
     from prime_jax.components import build
     from prime_jax.trainer import Trainer
 

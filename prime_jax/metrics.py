@@ -2,18 +2,23 @@
 
 Metric names follow the reference implementation (DESIGN.md "Metrics") so curves can be compared.
 `python -m prime_jax.metrics WORKDIR` renders a run's curves to `WORKDIR/curves.png`.
+WORKDIR may be local or `gs://` (prime_jax.paths): there, `metrics.jsonl` is rewritten whole at each
+record (objects cannot be appended to; each upload replaces it atomically) and TensorBoard writes to a
+local directory whose event files are uploaded after each record.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import sys
+import tempfile
 from collections.abc import Mapping
 from typing import Any, TextIO
 
 import numpy as np
+
+from prime_jax import paths
 
 # The figures shown on the progress line, in order, with short labels.
 PROGRESS = (("train_verify_score/all", "acc"), ("reward_model/prm_loss", "prm"), ("reward_model/dpo_acc_before", "dpo"),
@@ -34,29 +39,45 @@ class MetricWriter:
         self.stream = stream
         self._tb = self._wandb = None
         self._jsonl = None
+        self._remote_lines: list[str] | None = None  # gs://: the whole file, rewritten at each record
+        self._tb_local = ""  # gs://: where TensorBoard writes before each upload
         if not enabled:
             return
-        os.makedirs(workdir, exist_ok=True)
-        self.path = os.path.join(workdir, "metrics.jsonl")
-        self._jsonl = open(self.path, "a")
+        self.path = paths.path(workdir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if paths.is_remote(workdir):
+            self._remote_lines = self.path.read_text().splitlines(keepends=True) if self.path.exists() else []
+        else:
+            self._jsonl = self.path.open("a")
+        self._tb_dir = paths.join(workdir, "tensorboard")
         if tensorboard:
             from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            if paths.is_remote(workdir):
+                self._tb_local = tempfile.mkdtemp(prefix="prime_jax_tensorboard_")
+            self._tb = SummaryWriter(self._tb_local or self._tb_dir)
         if wandb_project:
             import wandb
-            self._wandb = wandb.init(project=wandb_project, dir=workdir, config=dict(config or {}), resume="allow")
+            local_dir = tempfile.mkdtemp(prefix="prime_jax_wandb_") if paths.is_remote(workdir) else workdir
+            self._wandb = wandb.init(project=wandb_project, dir=local_dir, config=dict(config or {}), resume="allow")
 
     def write(self, step: int, metrics: Mapping[str, float]) -> None:
         if not self.enabled:
             return
         record = {"step": int(step), **{k: _plain(v) for k, v in sorted(metrics.items())}}
-        self._jsonl.write(json.dumps(record) + "\n")
-        self._jsonl.flush()
+        line = json.dumps(record) + "\n"
+        if self._remote_lines is not None:
+            self._remote_lines.append(line)
+            self.path.write_text("".join(self._remote_lines))
+        else:
+            self._jsonl.write(line)
+            self._jsonl.flush()
         if self._tb is not None:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
                     self._tb.add_scalar(k, v, step)
             self._tb.flush()
+            if self._tb_local:
+                paths.upload(self._tb_local, self._tb_dir)
         if self._wandb is not None:
             self._wandb.log(record, step=step)
         shown = " ".join(f"{label} {record[k]:.3g}" for k, label in PROGRESS if k in record)
@@ -70,6 +91,8 @@ class MetricWriter:
             self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+            if self._tb_local:
+                paths.upload(self._tb_local, self._tb_dir)
         if self._wandb is not None:
             self._wandb.finish()
 
@@ -83,11 +106,10 @@ def _plain(v: Any) -> Any:
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
     """The records of `metrics.jsonl`; for a step logged twice (a resumed run), the last record wins."""
     by_step: dict[int, dict[str, Any]] = {}
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        for line in f:
-            if line.strip():
-                rec = json.loads(line)
-                by_step.setdefault(rec["step"], {}).update(rec)
+    for line in (paths.path(workdir) / "metrics.jsonl").read_text().splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            by_step.setdefault(rec["step"], {}).update(rec)
     return [by_step[s] for s in sorted(by_step)]
 
 
@@ -111,8 +133,9 @@ def plot_curves(workdir: str, out: str | None = None) -> str:
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
     fig.tight_layout()
-    out = out or os.path.join(workdir, "curves.png")
-    fig.savefig(out, dpi=80)
+    out = out or paths.join(workdir, "curves.png")
+    with paths.path(out).open("wb") as f:
+        fig.savefig(f, dpi=80, format="png")
     plt.close(fig)
     return out
 

@@ -32,10 +32,9 @@ from collections.abc import Iterator
 import jax
 import ml_collections
 from absl import app, flags, logging
-from etils import epath
 from ml_collections import config_flags
 
-from prime_jax import aot
+from prime_jax import aot, paths
 from prime_jax.config import validate
 from prime_jax.data.eurus import read_eurus
 from prime_jax.data.tfds_reader import iter_tfds_rows
@@ -88,7 +87,7 @@ def check_workdir(c: ml_collections.ConfigDict) -> Check:
     """The workdir can be written, listed, read back and cleaned (each process its own file)."""
     fix = f"make {c.workdir} writable by this host (for gs://: the VM's service account needs storage.objects.create/get/list/delete on the bucket)"
     try:
-        probe = epath.Path(c.workdir) / "preflight" / f"process{jax.process_index()}-{uuid.uuid4().hex}.txt"
+        probe = paths.path(c.workdir) / "preflight" / f"process{jax.process_index()}-{uuid.uuid4().hex}.txt"
         probe.parent.mkdir(parents=True, exist_ok=True)
         probe.write_text("prime_jax preflight")
         listed = probe.name in {p.name for p in probe.parent.iterdir()}
@@ -135,13 +134,13 @@ def check_data(c: ml_collections.ConfigDict, rows: int = 8) -> list[Check]:
             return [_fail("data.tfds_dir", e, "prepare the TFDS dataset (third_party/eurus2_rl_data) and pass --config.data.tfds_dir")]
         return [Check("data.tfds_dir", True, f"{d.tfds_dir}: first {n} train rows read")]
     checks = []
-    for key, paths in (("data.train_files", d.train_files), ("data.val_files", d.val_files)):
-        if not paths:
+    for key, globs in (("data.train_files", d.train_files), ("data.val_files", d.val_files)):
+        if not globs:
             if key == "data.train_files":
                 checks.append(Check(key, False, "no training data configured", f"pass --config.{key}=<JSONL/Parquet glob>"))
             continue
         try:
-            result = read_eurus(paths.split(","), max_rows_per_file=rows)
+            result = read_eurus(globs.split(","), max_rows_per_file=rows)
         except Exception as e:  # noqa: BLE001
             checks.append(_fail(key, e, f"fix --config.{key}: every glob must match readable .jsonl/.parquet files"))
             continue
@@ -149,7 +148,7 @@ def check_data(c: ml_collections.ConfigDict, rows: int = 8) -> list[Check]:
             checks.append(Check(key, False, f"none of the first {rows} rows per file parse (skipped: {dict(result.skipped)})",
                                 "the files must follow the Eurus-2-RL-Data schema (README: data)"))
         else:
-            checks.append(Check(key, True, f"{paths}: {len(result.examples)} of the first rows parse"
+            checks.append(Check(key, True, f"{globs}: {len(result.examples)} of the first rows parse"
                                 f"{f', skipped {dict(result.skipped)}' if result.skipped else ''}"))
     return checks
 

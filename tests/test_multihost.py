@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 
 from prime_jax.metrics import read_metrics
 from tests.test_main import SMALL, stable
@@ -93,3 +94,47 @@ def test_verify_gathers_scores_and_sums_failure_counts_over_processes(tmp_path):
     for r in results:  # process 0 met 1 unknown ability, process 1 met 2: both hosts log 3
         assert r["acc"] == [1.0, 0.0, 0.0, 0.0, 0.0, 1.0]
         assert r["counts"]["unknown_ability"] == 3 and r["counts"]["errors"] == 0
+
+
+def test_two_processes_on_a_gs_workdir_killed_and_restarted_equal_an_uninterrupted_run(tmp_path, gcs_bucket):
+    """A pod run as README describes it, on the local GCS emulator: both processes SIGKILLed once step 1's
+    checkpoint is committed, started again with the same command: they resume from the bucket and end with
+    the metrics of an uninterrupted one-process run."""
+    import fsspec
+
+    from prime_jax import paths
+
+    three = [a for a in TWO_STEPS if not a.startswith("--config.total_steps")] + ["--config.total_steps=3"]
+    one, two = tmp_path / "one", f"{gcs_bucket}/multihost"
+    cmd = [sys.executable, "-m", "prime_jax.main", "--config=configs/tiny.py", *three]
+    out = subprocess.run([*cmd, f"--config.workdir={one}"], cwd=ROOT, env=env(8), capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    paths.upload(one / "sft", f"{two}/sft")  # the same warm-start model (process 0 would write the same)
+    fs, root = fsspec.core.url_to_fs(f"{two}/checkpoints")
+
+    def start_both():
+        port = free_port()
+        return [subprocess.Popen([*cmd, f"--config.workdir={two}", "--config.distributed=True"], cwd=ROOT, text=True,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 env=env(4, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                                         JAX_PROCESS_ID=str(i)))
+                for i in range(2)]
+
+    procs = start_both()
+    deadline = time.monotonic() + 600
+    while not fs.exists(f"{root}/1/commit_success.txt"):
+        assert all(p.poll() is None for p in procs) and time.monotonic() < deadline
+        time.sleep(0.2)
+        fs.invalidate_cache()
+    for p in procs:
+        p.kill()
+        p.wait()
+    procs = start_both()
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, o in zip(procs, outs):
+        assert p.returncode == 0, o[-3000:]
+    resumed = outs[0].split(f"resumed from {two}/checkpoints at step ", 1)[1].split()[0]
+    assert resumed in ("1", "2")  # killed mid-run, not after the last step
+    assert [r["step"] for r in read_metrics(two)] == [0, 1, 2, 3]
+    assert stable(read_metrics(two)) == stable(read_metrics(one))

@@ -53,11 +53,12 @@ def test_each_broken_prerequisite_fails_with_its_fix(tmp_path):
     assert out.returncode == 1
     failed = lines(out, "FAIL")
     assert set(failed) == {"workdir", "model.path", "model.prm_path", "model.ref_path", "model.tokenizer", "sandbox",
-                           "memory"}, out.stdout
+                           "verifier code right", "verifier code wrong", "memory"}, out.stdout
     assert "fix: make" in failed["workdir"] and str(tmp_path / "not_a_dir") in failed["workdir"]
     assert "fix: point --config.model.path" in failed["model.path"]
-    assert "sudo apt-get install -y bubblewrap" in failed["sandbox"]
-    assert "verifier code right" in lines(out, "PASS") or "verifier code right" in failed
+    for name in ("sandbox", "verifier code right", "verifier code wrong"):  # fails closed: code is not run
+        assert "sudo apt-get install -y bubblewrap" in failed[name]
+    assert "verifier math right" in lines(out, "PASS")
     assert out.stdout.rstrip().endswith("FAILED")
 
 

@@ -1,4 +1,4 @@
-"""Eurus-2-RL-Data schema rows <-> `Example`s, read from / written to local JSONL or Parquet files.
+"""Eurus-2-RL-Data schema rows <-> `Example`s, read from / written to JSONL or Parquet files (local or gs://).
 
 Schema (one row): `data_source: str`, `prompt: [{role, content}, ...]`, `ability: "math" | "code"`,
 `reward_model: {style: "rule", ground_truth: str}`, `extra_info: {split: str, index: int}`.
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import glob
 import itertools
 import json
 import os
@@ -21,6 +20,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from prime_jax import paths
 from prime_jax.data.example import ABILITIES, Example
 from prime_jax.data.prompts import SUFFIXES
 from prime_jax.rewards.code import parse_tests
@@ -133,13 +133,13 @@ def convert_rows(rows: Iterable[tuple[str, Any]]) -> ReadResult:
     return result
 
 
-def expand_paths(paths: str | Sequence[str]) -> list[str]:
-    """Glob patterns -> sorted file list; a pattern that matches nothing is an error."""
-    if isinstance(paths, str):
-        paths = [paths]
+def expand_paths(patterns: str | Sequence[str]) -> list[str]:
+    """Glob patterns (local or gs://) -> sorted file list; a pattern that matches nothing is an error."""
+    if isinstance(patterns, str):
+        patterns = [patterns]
     files: list[str] = []
-    for pattern in paths:
-        matched = sorted(glob.glob(os.path.expanduser(pattern)))
+    for pattern in patterns:
+        matched = paths.glob(pattern)
         if not matched:
             raise FileNotFoundError(f"no data file matches {pattern!r}")
         files.extend(matched)
@@ -147,7 +147,7 @@ def expand_paths(paths: str | Sequence[str]) -> list[str]:
 
 
 def _iter_jsonl(path: str) -> Iterator[Any]:
-    with open(path, encoding="utf-8") as f:
+    with paths.path(path).open("r", encoding="utf-8") as f:
         for line in f:
             if not line.strip():
                 continue
@@ -158,8 +158,9 @@ def _iter_jsonl(path: str) -> Iterator[Any]:
 
 
 def _iter_parquet(path: str) -> Iterator[Any]:
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=_PARQUET_BATCH_ROWS):
-        yield from batch.to_pylist()
+    with paths.path(path).open("rb") as f:
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=_PARQUET_BATCH_ROWS):
+            yield from batch.to_pylist()
 
 
 def _iter_file(path: str) -> Iterator[Any]:
@@ -170,15 +171,15 @@ def _iter_file(path: str) -> Iterator[Any]:
     raise ValueError(f"unsupported data file {path!r}: expected .parquet or .jsonl")
 
 
-def read_eurus(paths: str | Sequence[str], *, max_rows_per_file: int | None = None) -> ReadResult:
-    """Read Eurus-2-RL-Data schema rows from JSONL / Parquet files or glob patterns.
+def read_eurus(patterns: str | Sequence[str], *, max_rows_per_file: int | None = None) -> ReadResult:
+    """Read Eurus-2-RL-Data schema rows from JSONL / Parquet files or glob patterns (local or gs://).
 
     uid of a row = "<file name>:<row number in file>" (stable for the same files). `max_rows_per_file`
     reads only the first rows of each file (preflight's quick look).
     """
 
     def rows() -> Iterator[tuple[str, Any]]:
-        for path in expand_paths(paths):
+        for path in expand_paths(patterns):
             name = os.path.basename(path)
             for i, row in enumerate(itertools.islice(_iter_file(path), max_rows_per_file)):
                 yield f"{name}:{i}", row
@@ -189,12 +190,12 @@ def read_eurus(paths: str | Sequence[str], *, max_rows_per_file: int | None = No
 def write_eurus(examples: Sequence[Example], path: str, *, split: str = "train") -> None:
     """Write examples as Eurus-2-RL-Data schema rows; format from the suffix (.parquet / .jsonl)."""
     rows = [example_to_row(ex, split=split, index=i) for i, ex in enumerate(examples)]
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    if path.endswith(".parquet"):
-        pq.write_table(pa.Table.from_pylist(rows, schema=EURUS_ARROW_SCHEMA), path)
-    elif path.endswith(".jsonl"):
-        with open(path, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    else:
+    if not path.endswith((".parquet", ".jsonl")):
         raise ValueError(f"unsupported output file {path!r}: expected .parquet or .jsonl")
+    out = paths.path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if path.endswith(".parquet"):
+        with out.open("wb") as f:
+            pq.write_table(pa.Table.from_pylist(rows, schema=EURUS_ARROW_SCHEMA), f)
+    else:
+        out.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")

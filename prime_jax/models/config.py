@@ -161,15 +161,16 @@ class ModelConfig:
 
 
 def read_hf_config(path: str | os.PathLike, **overrides: Any) -> ModelConfig:
-    """Reads `<path>/config.json` into a ModelConfig; errors name the file."""
-    file = os.path.join(path, "config.json")
-    if not os.path.isfile(file):
+    """Reads `<path>/config.json` (a local path or gs://) into a ModelConfig; errors name the file."""
+    from prime_jax import paths
+
+    file = paths.path(path) / "config.json"
+    if not file.is_file():
         raise FileNotFoundError(f"no config.json in {path!s} (expected a Hugging Face model directory)")
-    with open(file) as f:
-        try:
-            hf = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{file}: not valid JSON ({e})") from None
+    try:
+        hf = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from None
     try:
         return ModelConfig.from_hf(hf, **overrides)
     except ValueError as e:

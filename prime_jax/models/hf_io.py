@@ -2,7 +2,9 @@
 
 `load_pretrained` builds the model abstractly (no weights), then creates every param with
 `jax.make_array_from_callback`, so each device reads only its own shard from the memory-mapped
-safetensors files: no replicated host or device copy of the model ever exists.
+safetensors files: no replicated host or device copy of the model ever exists. A gs:// model
+directory is first staged to a local copy on each host (prime_jax.paths.stage); `save_pretrained`
+writes local paths and gs:// alike.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from prime_jax import paths
 from prime_jax.mesh import state_shardings
 from prime_jax.models.config import ModelConfig, read_hf_config
 from prime_jax.models.decoder import Decoder
@@ -108,7 +111,7 @@ class SafetensorsDir:
         return arr.reshape(meta["shape"])
 
 
-def write_safetensors(file: str, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
+def write_safetensors(file: str | os.PathLike, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
     """Writes one safetensors file (supports bf16 via ml_dtypes)."""
     header: dict[str, Any] = {"__metadata__": metadata or {"format": "pt"}}
     offset = 0
@@ -117,7 +120,7 @@ def write_safetensors(file: str, tensors: dict[str, np.ndarray], metadata: dict[
         offset += t.nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    with open(file, "wb") as f:
+    with paths.path(file).open("wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for t in tensors.values():
@@ -128,7 +131,7 @@ def write_safetensors(file: str, tensors: dict[str, np.ndarray], metadata: dict[
 
 def load_pretrained(path: str | os.PathLike, *, mesh: Mesh | None = None, dtype: str | None = None,
                     **config_overrides: Any) -> Decoder:
-    """Loads a local HF Qwen2/Llama directory onto `mesh` (or the default device).
+    """Loads an HF Qwen2/Llama directory (local, or gs:// staged to a local copy) onto `mesh` (or the default device).
 
     dtype: param dtype (default float32); other ModelConfig fields (compute `dtype` is
     `compute_dtype` here, `remat`, ...) may be overridden by keyword.
@@ -138,6 +141,7 @@ def load_pretrained(path: str | os.PathLike, *, mesh: Mesh | None = None, dtype:
         overrides["dtype"] = overrides.pop("compute_dtype")
     if dtype is not None:
         overrides["param_dtype"] = dtype
+    path = paths.stage(path)
     cfg = read_hf_config(path, **overrides)
     st = SafetensorsDir(path)
     abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
@@ -213,10 +217,10 @@ def save_pretrained(model: Decoder, path: str | os.PathLike, *, dtype: str | Non
     tensors = hf_state_dict(model, dtype)
     if jax.process_index() != 0:
         return
-    os.makedirs(path, exist_ok=True)
+    out = paths.path(path)
+    out.mkdir(parents=True, exist_ok=True)
     torch_dtype = dtype or model.cfg.param_dtype
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(model.cfg.to_hf(torch_dtype=torch_dtype), f, indent=2)
+    (out / "config.json").write_text(json.dumps(model.cfg.to_hf(torch_dtype=torch_dtype), indent=2))
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
     for key, t in tensors.items():
@@ -226,16 +230,16 @@ def save_pretrained(model: Decoder, path: str | os.PathLike, *, dtype: str | Non
         shards[-1][key] = t
         size += t.nbytes
     if len(shards) == 1:
-        write_safetensors(os.path.join(path, "model.safetensors"), shards[0])
+        write_safetensors(out / "model.safetensors", shards[0])
         return
     weight_map = {}
     for i, shard in enumerate(shards):
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        write_safetensors(os.path.join(path, name), shard)
+        write_safetensors(out / name, shard)
         weight_map.update({k: name for k in shard})
     total = sum(t.nbytes for t in tensors.values())
-    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
 
 
 def abstract_model(cfg: ModelConfig) -> Decoder:

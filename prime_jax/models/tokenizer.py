@@ -177,8 +177,11 @@ class SentencePieceTokenizer:
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """A directory with HF tokenizer files -> `HFTokenizer`; a `.model` file -> `SentencePieceTokenizer`."""
-    path = os.fspath(path)
+    """A directory with HF tokenizer files -> `HFTokenizer`; a `.model` file -> `SentencePieceTokenizer`.
+    Either may be local or gs:// (staged to a local copy: prime_jax.paths.stage)."""
+    from prime_jax import paths
+
+    path = paths.stage(path)
     if os.path.isdir(path):
         return HFTokenizer(path)
     if path.endswith(".model") and os.path.isfile(path):

@@ -228,10 +228,12 @@ def _passed(tests: Tests, index: int, result: TestResult) -> bool:
     return return_value_matches(result.output, tests.outputs[index])
 
 
-def score(response: str, tests: str | dict | Tests, limits: Limits = Limits()) -> float:
+def score(response: str, tests: str | dict | Tests, limits: Limits = Limits(), *,
+          allow_unsandboxed: bool = False, reuse_sandbox: bool = True) -> float:
     """Fraction in [0, 1] of the first min(#tests, 10) tests the response's code passes (module doc).
 
-    Raises ValueError on malformed ground truth.
+    Raises ValueError on malformed ground truth, `SandboxUnavailable` without a working bubblewrap
+    unless `allow_unsandboxed` (this and `reuse_sandbox`: see `sandbox.run_tests`).
     """
     parsed = tests if isinstance(tests, Tests) else parse_tests(tests)
     code = extract_code(response)
@@ -246,5 +248,5 @@ def score(response: str, tests: str | dict | Tests, limits: Limits = Limits()) -
         prelude=parsed.prelude,
         fn_name=parsed.fn_name,
     )
-    results = run_tests(program, limits)
+    results = run_tests(program, limits, allow_unsandboxed=allow_unsandboxed, reuse_sandbox=reuse_sandbox)
     return sum(_passed(parsed, i, r) for i, r in enumerate(results)) / count

@@ -8,6 +8,10 @@ and replaced; a worker that dies is replaced; a worker is retired after `max_tas
 items to bound memory growth. Whatever goes wrong with an item scores it 0.0 and is counted;
 `score_batch` never raises because of an item.
 
+Code runs only in a bubblewrap sandbox unless `allow_unsandboxed`: without one, the pool logs one
+error line at start-up saying how to install it, and every code item scores 0, counted as
+`unsandboxed`.
+
 As with any spawn/forkserver pool, each worker imports the program's `__main__` module, which
 must therefore guard its entry point with `if __name__ == "__main__":` and stay cheap to import.
 """
@@ -15,6 +19,7 @@ must therefore guard its entry point with `if __name__ == "__main__":` and stay 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -25,10 +30,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from prime_jax.rewards.sandbox import Limits
+from prime_jax.rewards.sandbox import BWRAP_INSTALL, Limits, SandboxUnavailable, sandbox_problem
 
+log = logging.getLogger(__name__)
 ABILITIES = ("math", "code")
-COUNT_KEYS = ("timeouts", "batch_timeouts", "errors", "crashes", "unknown_ability")
+COUNT_KEYS = ("timeouts", "batch_timeouts", "errors", "crashes", "unknown_ability", "unsandboxed")
 _PRELOAD = ["prime_jax.rewards.math", "prime_jax.rewards.code"]
 _WORKER_START_TIMEOUT_S = 120.0
 _MAX_CHUNK = 64
@@ -51,7 +57,8 @@ class BatchResult:
     counts: dict[str, int]
 
 
-def _score_item(ability: str, response: str, ground_truth: str, code_limits: Limits, literal_numbers: bool) -> float:
+def _score_item(ability: str, response: str, ground_truth: str, code_limits: Limits, literal_numbers: bool,
+                code_mode: str) -> float:
     # Imported here, not at module level: the trainer process that owns the pool never needs
     # sympy; the workers get these modules preloaded by the forkserver.
     from prime_jax.rewards import code as code_verifier
@@ -59,13 +66,15 @@ def _score_item(ability: str, response: str, ground_truth: str, code_limits: Lim
 
     if ability == "math":
         return math_verifier.score(response, ground_truth, literal_numbers=literal_numbers)
-    return code_verifier.score(response, ground_truth, code_limits)
+    if code_mode == "refuse":
+        raise SandboxUnavailable("no working bubblewrap")
+    return code_verifier.score(response, ground_truth, code_limits, allow_unsandboxed=code_mode == "unsandboxed")
 
 
 def _worker_main(conn: multiprocessing.connection.Connection, memory_bytes: int | None, code_limits: Limits,
-                 literal_numbers: bool) -> None:
+                 literal_numbers: bool, code_mode: str) -> None:
     """Worker: set up, say "ready", then for each chunk of (index, ability, response, ground_truth)
-    received, send (index, score, error or None) per item as it finishes; stop on None or EOF."""
+    received, send (index, score, failure count key or None) per item as it finishes; stop on None or EOF."""
     # A session of its own: Ctrl-C aimed at the trainer does not kill a worker mid-item (close()
     # stops workers), and with Linux autogroup scheduling the workers are not squeezed into the
     # CPU share of the trainer's session.
@@ -82,10 +91,29 @@ def _worker_main(conn: multiprocessing.connection.Connection, memory_bytes: int 
             return
         for index, ability, response, ground_truth in chunk:
             try:
-                result = (index, float(_score_item(ability, response, ground_truth, code_limits, literal_numbers)), None)
-            except Exception as exc:  # a verifier failure scores 0 (counted by the parent)
-                result = (index, 0.0, f"{type(exc).__name__}: {exc}"[:300])
+                value = _score_item(ability, response, ground_truth, code_limits, literal_numbers, code_mode)
+                result = (index, float(value), None)
+            except SandboxUnavailable:  # not run (fails closed): scores 0, counted by the parent
+                result = (index, 0.0, "unsandboxed")
+            except Exception:  # a verifier failure scores 0 (counted by the parent)
+                result = (index, 0.0, "errors")
             conn.send(result)
+
+
+def _code_mode(allow_unsandboxed: bool) -> str:
+    """How workers treat code items: "bwrap" (sandboxed), "unsandboxed" (opted in) or "refuse".
+    Decided once, here, with the one start-up log line when there is no working bubblewrap."""
+    problem = sandbox_problem()
+    if problem is None:
+        return "bwrap"
+    if allow_unsandboxed:
+        log.warning("code verifier: %s; verifier.allow_unsandboxed=True, so model-written code runs with rlimits "
+                    "only (and its own uid when root): UNSAFE", problem)
+        return "unsandboxed"
+    log.error("code verifier: %s, so code items score 0 (counted as verifier/unsandboxed); install it with "
+              "`%s`, or set verifier.allow_unsandboxed=True to run model-written code without a sandbox (unsafe)",
+              problem, BWRAP_INSTALL)
+    return "refuse"
 
 
 @dataclasses.dataclass
@@ -106,6 +134,8 @@ class VerifierPool:
     worker_memory_bytes: address-space limit of each worker (None: unlimited); sandboxed code
       gets its own, lower limit.
     code_limits: sandbox limits for code items (per-test timeout, memory, ...).
+    allow_unsandboxed: run code without a working bubblewrap (rlimits, and a uid of its own when
+      root, only): unsafe. Otherwise code items then score 0, counted as `unsandboxed`.
 
     Items go to idle workers in small chunks (at most `_MAX_CHUNK`, fewer as the queue drains)
     and come back one result at a time, so a worker does not wait for the parent between items
@@ -121,6 +151,7 @@ class VerifierPool:
         worker_memory_bytes: int | None = 8 << 30,
         code_limits: Limits = Limits(),
         literal_numbers: bool = False,
+        allow_unsandboxed: bool = False,
     ) -> None:
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
@@ -134,6 +165,7 @@ class VerifierPool:
         self.worker_memory_bytes = worker_memory_bytes
         self.code_limits = code_limits
         self.literal_numbers = literal_numbers
+        self.code_mode = _code_mode(allow_unsandboxed)
         self._ctx = multiprocessing.get_context("forkserver")
         self._ctx.set_forkserver_preload(_PRELOAD)
         self._workers = [self._start_worker() for _ in range(num_workers)]
@@ -142,7 +174,8 @@ class VerifierPool:
         """A new worker, returned once it is ready; RuntimeError if it cannot start."""
         parent, child = self._ctx.Pipe()
         process = self._ctx.Process(
-            target=_worker_main, args=(child, self.worker_memory_bytes, self.code_limits, self.literal_numbers),
+            target=_worker_main,
+            args=(child, self.worker_memory_bytes, self.code_limits, self.literal_numbers, self.code_mode),
             daemon=True
         )
         process.start()
@@ -228,14 +261,15 @@ class VerifierPool:
                 if worker.conn in ready:
                     try:
                         while worker.pending and worker.conn.poll():
-                            index, value, error = worker.conn.recv()
+                            index, value, failure = worker.conn.recv()
                             if index != worker.pending[0]:
                                 raise RuntimeError(f"worker answered item {index}, expected {worker.pending[0]}")
                             worker.pending.popleft()
                             worker.started = time.monotonic()
                             worker.tasks += 1
                             scores[index] = value
-                            counts["errors"] += error is not None
+                            if failure is not None:
+                                counts[failure] += 1
                     except (EOFError, OSError, RuntimeError):
                         self._fail_head(worker, queue, counts, "crashes")
                         continue

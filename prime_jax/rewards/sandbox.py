@@ -1,17 +1,20 @@
-"""Run untrusted Python code against tests in an isolated process, with results it cannot forge.
+"""Run untrusted Python code against tests in an isolated process, with results it cannot forge: the host side.
 
-Both halves of one protocol live in this file:
+`run_tests` runs the harness (harness.py, compiled once) under bubblewrap (no network, read-only root,
+private size-capped /tmp, own PID namespace, dies with its parent, new session); sends the program,
+the tests and a random per-run nonce to it; reads per-test reports from a pipe; gives every test a
+wall-clock deadline; and after a crash continues at the next test in a fresh process. The harness
+starts as `python -I -S` with the host's exact sys.path (no `site` import, nothing from `.pth` files
+or the environment). Each calling process keeps one such sandbox waiting (a zygote, with the
+program header's modules imported): a run is a fork of it, and once the run's process has exited
+the zygote kills every process it left and empties /tmp and /dev/shm before the next run; a run that
+times out or floods the channel takes the whole sandbox down, and the next run starts a new one.
 
-* Host side, `run_tests`: runs this file (compiled once) as the *harness* in a new process group,
-  under bubblewrap when it works (no network, read-only root, private size-capped /tmp, own PID
-  namespace, dies with its parent, new session); sends the program, the tests and a random
-  per-run nonce on the harness's stdin; reads per-test reports from a pipe; gives every test a
-  wall-clock deadline; kills the whole sandbox at the end; and after a crash or hang starts a
-  fresh sandbox at the next test.
-* Harness side, `_harness_main`: reads the payload, confines itself (when started as root it
-  drops to an unprivileged uid of its own; rlimits on CPU, address space, processes, file size;
-  parent-death signal; no new privileges), then runs the candidate and the tests and reports
-  each outcome, tagged with the nonce, on the channel fd.
+Fails closed: without a working bubblewrap `run_tests` raises `SandboxUnavailable` and runs nothing,
+unless the caller passes `allow_unsandboxed=True` (config `verifier.allow_unsandboxed`, unsafe). Then
+the harness confines itself with rlimits only, and, when started as root, switches to a uid of its
+own, which cannot signal the caller's processes or write the caller's files; a non-root caller's
+uid is kept, so the program could signal the caller.
 
 Why the results can be trusted:
 - A test counts only if a channel line carrying this run's nonce reports it, in order. The nonce
@@ -28,21 +31,36 @@ Residual risks: assert-style tests necessarily run inside the candidate's interp
 candidate that digs the harness's reporter or nonce out of its memory (gc, frames) or returns
 objects whose `__eq__` always says True could still fake a pass there. Expected-output tests are
 not exposed to that, but the read-only root is readable: expected outputs stored in a dataset
-file that the sandbox uid may read could be looked up.
-
-Without a working bubblewrap the harness still confines itself with rlimits (and a uid of its
-own when root and the interpreter is reachable by it), and a warning is logged once.
+file that the sandbox uid may read could be looked up. Runs in one zygote share its IPC namespace
+(System V objects a run creates outlive it) and its interpreter's state as of the fork.
 """
 
 from __future__ import annotations
 
-import builtins
+import contextlib
+import dataclasses
+import functools
 import json
+import marshal
+import math
 import os
+import platform
+import secrets
+import selectors
+import shutil
 import signal
+import stat
+import subprocess
 import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+
+from prime_jax.rewards import harness as _harness_module
 
 MODES = ("stdio", "call", "assert")
+BWRAP_INSTALL = "sudo apt-get install -y bubblewrap"
 # Tasks a user may own count against RLIMIT_NPROC per user namespace from Linux 5.14 on.
 _PER_USERNS_NPROC_KERNEL = (5, 14)
 # Root drops each sandbox to uid/gid = base + caller pid, so concurrent sandboxes never share
@@ -52,215 +70,16 @@ _STARTUP_GRACE_S = 2.0  # interpreter start-up, on top of the load deadline
 _BWRAP_MASKED = ("/tmp", "/run")  # replaced by empty tmpfs inside the sandbox
 
 
-# ----------------------------------------------------------------------------- harness side
+class SandboxUnavailable(RuntimeError):
+    """No working bubblewrap here and running without it was not allowed: nothing was run."""
 
 
-def _confine(limits: dict, uid: int | None, in_bwrap: bool) -> None:
-    """Drop privileges and set resource limits on the harness process itself (still trusted)."""
-    import resource
-
-    if uid is not None and os.geteuid() == 0:
-        os.setgroups([])
-        os.setresgid(uid, uid, uid)
-        os.setresuid(uid, uid, uid)
-    if not in_bwrap:  # bwrap already gives both; set after the uid switch, which clears the first
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_pdeathsig, pr_set_no_new_privs = 1, 38
-        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
-        libc.prctl(pr_set_no_new_privs, 1, 0, 0, 0)
-    for name, soft, hard in (
-        ("RLIMIT_AS", limits["memory_bytes"], limits["memory_bytes"]),
-        ("RLIMIT_CPU", limits["cpu_s"], limits["cpu_s"] + 1),
-        ("RLIMIT_NPROC", limits["nproc"], limits["nproc"]),
-        ("RLIMIT_FSIZE", limits["file_size_bytes"], limits["file_size_bytes"]),
-        ("RLIMIT_NOFILE", limits["max_open_files"], limits["max_open_files"]),
-        ("RLIMIT_CORE", 0, 0),
-    ):
-        kind = getattr(resource, name)
-        current_hard = resource.getrlimit(kind)[1]
-        if current_hard != resource.RLIM_INFINITY:  # limits can only go down
-            soft, hard = min(soft, current_hard), min(hard, current_hard)
-        resource.setrlimit(kind, (soft, hard))
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # oversized writes fail with EFBIG instead
-
-
-def _make_reporter(fd: int, nonce: str):
-    """A function writing one nonce-tagged JSON line per event to `fd` (bound before the candidate runs)."""
-    write, dumps, view_of = os.write, json.dumps, memoryview
-
-    def report(event: str, index: int = -1, status: str = "", output: str = "", detail: str = "") -> None:
-        line = dumps(
-            {"nonce": nonce, "event": event, "index": index, "status": status, "output": output, "detail": detail}
-        )
-        view = view_of((line + "\n").encode())
-        while view:
-            view = view[write(fd, view) :]
-
-    return report
-
-
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"[:300]
-
-
-def _memfd_with(data: bytes) -> int:
-    fd = os.memfd_create("stdin", 0)
-    os.write(fd, data)
-    os.lseek(fd, 0, os.SEEK_SET)
-    return fd
-
-
-def _run_stdio(payload: dict, report, pristine: dict) -> None:
-    """Each test runs the whole program as `__main__` with the test input on fd 0; reports stdout."""
-    import io
-    import threading
-
-    inputs, max_output = payload["input_fds"], payload["limits"]["max_output_bytes"]
-    header = compile(payload["header"], "<header>", "exec")
-    code = compile(payload["source"], "<candidate>", "exec")  # a SyntaxError is a load failure
-    dup2, memfd, lseek, read, close = os.dup2, os.memfd_create, os.lseek, os.read, os.close
-    run, fresh, open_fd, sys_mod = exec, dict, io.open, sys
-    enumerate_threads, main_thread = threading.enumerate, threading.main_thread()
-    base_exc, exit_exc = BaseException, SystemExit
-    report("loaded")
-    for index, in_fd in inputs:
-        dup2(in_fd, 0)
-        out_fd = memfd("stdout", 0)
-        dup2(out_fd, 1)
-        stdout = open_fd(1, "w", encoding="utf-8", closefd=False)
-        sys_mod.stdin = open_fd(0, "r", encoding="utf-8", errors="replace", closefd=False)
-        sys_mod.stdout = stdout
-        namespace = {"__name__": "__main__", "__builtins__": fresh(pristine)}
-        status, detail = "output", ""
-        try:
-            run(header, namespace)
-            run(code, namespace)
-        except exit_exc:
-            pass
-        except base_exc as exc:
-            status, detail = "fail", _describe(exc)
-        for thread in enumerate_threads():
-            if thread is not main_thread:
-                thread.join()
-        try:
-            stdout.flush()
-        except base_exc as exc:
-            status, detail = "fail", _describe(exc)
-        lseek(out_fd, 0, 0)
-        data = read(out_fd, max_output + 1)
-        close(out_fd)
-        if len(data) > max_output:
-            status, detail, data = "fail", "output too large", b""
-        report("test", index, status, data.decode("utf-8", "replace"), detail)
-
-
-def _load_candidate(payload: dict, pristine: dict) -> dict:
-    """Run header + candidate in a namespace of their own; returns it (raises on failure)."""
-    namespace = {"__name__": "__candidate__", "__builtins__": dict(pristine)}
-    exec(compile(payload["header"], "<header>", "exec"), namespace)
-    exec(compile(payload["source"], "<candidate>", "exec"), namespace)
-    return namespace
-
-
-def _run_call(payload: dict, report, pristine: dict) -> None:
-    """Calls `fn_name` (a function, or a method of a fresh `Solution()`) per test; reports JSON of the result."""
-    name, max_output = payload["fn_name"], payload["limits"]["max_output_bytes"]
-    tests = [(i, payload["tests"][i]) for i in range(payload["start"], len(payload["tests"]))]
-    dumps, base_exc, as_text = json.dumps, BaseException, repr
-    namespace = _load_candidate(payload, pristine)
-    solution = namespace.get("Solution")
-    if isinstance(solution, type) and hasattr(solution, name):
-
-        def target(*args):  # a fresh instance per test, as LeetCode does
-            return getattr(solution(), name)(*args)
-
-    elif callable(namespace.get(name)):
-        target = namespace[name]
-    else:
-        raise NameError(f"the program defines no function or Solution method {name!r}")
-    report("loaded")
-    for index, args in tests:
-        try:
-            output, status, detail = dumps(target(*args), default=as_text), "output", ""
-        except base_exc as exc:
-            output, status, detail = "", "fail", _describe(exc)
-        if len(output) > max_output:
-            output, status, detail = "", "fail", "output too large"
-        report("test", index, status, output, detail)
-
-
-def _run_assert(payload: dict, report, pristine: dict) -> None:
-    """Runs the prelude after the candidate, then each test statement; a test passes if it raises nothing."""
-    indices = range(payload["start"], len(payload["tests"]))
-    tests = [(i, compile(payload["tests"][i], f"<test {i}>", "exec")) for i in indices]
-    prelude = compile(payload["prelude"], "<prelude>", "exec")
-    run, fresh, base_exc = exec, dict, BaseException
-    settrace, setprofile = sys.settrace, sys.setprofile
-    candidate = _load_candidate(payload, pristine)
-    namespace = fresh(candidate)
-    namespace["__builtins__"] = fresh(pristine)
-    run(prelude, namespace)
-    report("loaded")
-    for index, test in tests:
-        settrace(None)
-        setprofile(None)
-        try:
-            run(test, namespace)
-            status, detail = "pass", ""
-        except base_exc as exc:
-            status, detail = "fail", _describe(exc)
-        report("test", index, status, "", detail)
-
-
-def _harness_main() -> None:
-    """Entry point inside the sandbox: payload on stdin, reports on the channel fd."""
-    pristine = dict(builtins.__dict__)
-    payload = json.loads(sys.stdin.buffer.read())
-    devnull = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(devnull, fd)
-    report = _make_reporter(payload.pop("channel_fd"), payload.pop("nonce"))  # only the closure keeps them
-    runner = {"stdio": _run_stdio, "call": _run_call, "assert": _run_assert}[payload["mode"]]
-    if payload["mode"] == "stdio":  # written before RLIMIT_FSIZE applies
-        tests = payload["tests"]
-        payload["input_fds"] = [(i, _memfd_with(tests[i].encode())) for i in range(payload["start"], len(tests))]
-    _confine(payload["limits"], payload["uid"], payload["in_bwrap"])
-    sys.setrecursionlimit(payload["recursion_limit"])
-    try:
-        runner(payload, report, pristine)
-    except BaseException as exc:  # the program (or its prelude) failed to load
-        report("load_failed", detail=_describe(exc))
-    os._exit(0)
-
-
-if __name__ == "__main__":
-    _harness_main()
-
-
-# ----------------------------------------------------------------------------- host side
-
-import contextlib  # noqa: E402  (host-only imports: kept out of the harness's start-up)
-import dataclasses  # noqa: E402
-import functools  # noqa: E402
-import logging  # noqa: E402
-import marshal  # noqa: E402
-import math  # noqa: E402
-import platform  # noqa: E402
-import secrets  # noqa: E402
-import selectors  # noqa: E402
-import shutil  # noqa: E402
-import stat  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
-
-_log = logging.getLogger(__name__)
-# Runs the harness: this file's code object (marshal, trusted: sent by the host) is the first
+# Runs the harness: harness.py's code object (marshal, trusted: sent by the host) is the first
 # argv[1] bytes of stdin; the payload follows. Saves compiling the file in every sandbox.
-_BOOTSTRAP = "import marshal, sys; exec(marshal.loads(sys.stdin.buffer.read(int(sys.argv[1]))), {'__name__': '__main__'})"
+_BOOTSTRAP = (
+    "import marshal, sys; sys.path[:] = {path!r}; "
+    "exec(marshal.loads(sys.stdin.buffer.read(int(sys.argv[1]))), {{'__name__': '__main__'}})"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -332,22 +151,35 @@ class _Launch:
     loaded: bool = False
     load_detail: str = ""
     timed_out: bool = False
+    abandoned: bool = False  # stopped waiting while the harness may still run (deadline, too much output)
+    child_ended: bool = False  # a zygote said its child has exited and been cleaned up after
 
 
-def run_tests(program: Program, limits: Limits = Limits()) -> list[TestResult]:
+def run_tests(program: Program, limits: Limits = Limits(), *, allow_unsandboxed: bool = False,
+              reuse_sandbox: bool = True) -> list[TestResult]:
     """Run every test of `program` in order; one TestResult per test.
+
+    With bubblewrap, runs fork from this process's waiting sandbox (a zygote), which kills what a
+    run left behind and empties its temp dirs before the next; `reuse_sandbox=False` starts a fresh
+    sandbox and interpreter instead (slower; bench/verifiers.py compares the two).
+
+    Without a working bubblewrap this raises `SandboxUnavailable` (nothing runs) unless
+    `allow_unsandboxed` (rlimits, and a uid of its own when root, only: unsafe).
 
     Tests run one after another in a sandboxed process; a test that crashes the process or
     passes its deadline is recorded as "crash"/"timeout" and a fresh sandbox continues with the
     next test. If the program fails to load (syntax error, exception at top level, dies before
     its first test) every remaining test fails without retrying.
     """
-    use_bwrap = bwrap_available()
+    problem = sandbox_problem()
+    if problem is not None and not allow_unsandboxed:
+        raise SandboxUnavailable(f"{problem}; install it ({BWRAP_INSTALL}) or allow unsandboxed runs (unsafe)")
+    use_bwrap = problem is None
     n = len(program.tests)
     results: list[TestResult | None] = [None] * n
     start = 0
     while start < n:
-        launch = _launch(program, start, limits, use_bwrap)
+        launch = _launch(program, start, limits, use_bwrap, reuse_sandbox)
         for index, result in launch.results.items():
             results[index] = result
         if not launch.loaded:
@@ -362,28 +194,28 @@ def run_tests(program: Program, limits: Limits = Limits()) -> list[TestResult]:
 
 
 @functools.cache
-def bwrap_available() -> bool:
-    """Whether bubblewrap sandboxes work here: probed once per process by a real harness run."""
+def sandbox_problem() -> str | None:
+    """None if bubblewrap sandboxes work here, else why not: probed once per process by a real
+    harness run (`sandbox_problem.cache_clear()` probes again)."""
     if not shutil.which("bwrap"):
-        _log.warning("bwrap (bubblewrap) not found: sandboxed code runs with rlimits only, no namespaces")
-        return False
+        return "bwrap (bubblewrap) is not installed"
     probe = Program("assert", "x = 1", ["assert x == 1"])
-    launch = _launch(probe, 0, Limits(timeout_s=30.0), use_bwrap=True)
+    launch = _launch(probe, 0, Limits(timeout_s=30.0), use_bwrap=True, reuse=False)
     if launch.results.get(0) == TestResult("pass"):
-        return True
-    _log.warning("bwrap is installed but cannot run the sandbox here: sandboxed code runs with rlimits only")
-    return False
+        return None
+    return "bwrap is installed but cannot create a sandbox here (are user namespaces disabled?)"
 
 
-def _launch(program: Program, start: int, limits: Limits, use_bwrap: bool) -> _Launch:
-    """One sandboxed harness run over tests[start:]."""
-    uid = _sandbox_uid(use_bwrap)
-    nonce = secrets.token_hex(16)
+def bwrap_available() -> bool:
+    """Whether bubblewrap sandboxes work here."""
+    return sandbox_problem() is None
+
+
+def _payload(program: Program, start: int, limits: Limits, use_bwrap: bool, uid: int | None) -> dict:
+    """What the harness needs for one run over tests[start:] (its `channel_fd` is set by the caller)."""
     remaining = len(program.tests) - start
-    read_fd, write_fd = os.pipe()
-    payload = {
-        "nonce": nonce,
-        "channel_fd": write_fd,
+    return {
+        "nonce": secrets.token_hex(16),
         "mode": program.mode,
         "source": program.source,
         "header": program.header,
@@ -403,13 +235,35 @@ def _launch(program: Program, start: int, limits: Limits, use_bwrap: bool) -> _L
             "max_output_bytes": limits.max_output_bytes,
         },
     }
+
+
+def _launch(program: Program, start: int, limits: Limits, use_bwrap: bool, reuse: bool) -> _Launch:
+    """One sandboxed harness run over tests[start:]: in this process's reusable sandbox when
+    `reuse` (and bubblewrap, and no other thread of this process is using it), else in a fresh one."""
+    uid = _sandbox_uid()
+    payload = _payload(program, start, limits, use_bwrap, uid)
+    if use_bwrap and reuse and _ZYGOTE_LOCK.acquire(blocking=False):
+        try:
+            return _launch_in_zygote(payload, len(program.tests), limits, uid)
+        finally:
+            _ZYGOTE_LOCK.release()
+    return _launch_fresh(payload, len(program.tests), limits, use_bwrap, uid)
+
+
+def _harness_argv(code: bytes, *extra: str) -> list[str]:
+    return [sys.executable, "-I", "-S", "-c", _BOOTSTRAP.format(path=_interpreter_path()), str(len(code)), *extra]
+
+
+def _launch_fresh(payload: dict, n: int, limits: Limits, use_bwrap: bool, uid: int | None) -> _Launch:
+    """A new sandbox (interpreter start-up included) for this run alone, killed at its end."""
+    read_fd, write_fd = os.pipe()
+    payload["channel_fd"] = write_fd
     code = _harness_code()
-    harness = [sys.executable, "-I", "-c", _BOOTSTRAP, str(len(code))]
     with contextlib.ExitStack() as cleanup:
         if use_bwrap:
-            argv, cwd = _bwrap_argv(limits.tmp_bytes, uid is not None) + harness, "/"
+            argv, cwd = _bwrap_argv(limits.tmp_bytes, uid is not None) + _harness_argv(code), "/"
         else:  # a private working directory at least
-            argv, cwd = harness, cleanup.enter_context(tempfile.TemporaryDirectory(prefix="prime_jax_sandbox_"))
+            argv, cwd = _harness_argv(code), cleanup.enter_context(tempfile.TemporaryDirectory(prefix="prime_jax_sandbox_"))
             if uid is not None:
                 os.chown(cwd, uid, uid)
         try:
@@ -427,32 +281,152 @@ def _launch(program: Program, start: int, limits: Limits, use_bwrap: bool) -> _L
             os.close(write_fd)
         try:
             stdin = code + json.dumps(payload).encode()
-            return _collect(proc, read_fd, stdin, nonce, start, len(program.tests), limits)
+            return _collect(read_fd, proc.stdin, stdin, payload, n, limits, status_fd=None)
         finally:
             _kill_group(proc)
             os.close(read_fd)
 
 
-def _collect(
-    proc: subprocess.Popen, read_fd: int, payload: bytes, nonce: str, start: int, n: int, limits: Limits
-) -> _Launch:
-    """Feed the payload, read nonce-tagged reports until EOF, a deadline, or too much output."""
+@dataclasses.dataclass
+class _Zygote:
+    """A bubblewrap sandbox whose harness waits for payloads and forks one child per run
+    (`harness._zygote_main`): no sandbox or interpreter start-up per run."""
+
+    proc: subprocess.Popen
+    channel: int  # read end of the report pipe its children share (nonce-tagged reports)
+    channel_fd: int  # the write end's number inside the sandbox
+    key: tuple  # (tmp_bytes, uid) it was started with
+    owner: int  # the pid of the process that started it (a forked copy of this module starts its own)
+    idle: bool = True  # no child running or being cleaned up after
+
+
+_zygote: _Zygote | None = None
+_ZYGOTE_LOCK = threading.Lock()
+
+
+def _launch_in_zygote(payload: dict, n: int, limits: Limits, uid: int | None) -> _Launch:
+    """The run in this process's zygote (started, or restarted, as needed). A timed-out or flooding
+    run takes its zygote down with it; the next run starts a fresh one."""
+    global _zygote
+    key = (limits.tmp_bytes, uid)
+    zygote = _zygote if _zygote is not None and _zygote.owner == os.getpid() else None
+    if zygote is not None and (zygote.key != key or not _await_idle(zygote, limits.timeout_s + _STARTUP_GRACE_S)):
+        _stop_zygote(zygote)
+        zygote = None
+    if zygote is None:
+        zygote = _zygote = _start_zygote(key)
+    payload["channel_fd"] = zygote.channel_fd
+    body = json.dumps(payload).encode()
+    zygote.idle = False
+    try:
+        launch = _collect(zygote.channel, zygote.proc.stdin, b"%d\n" % len(body) + body, payload, n, limits,
+                          status_fd=zygote.proc.stdout.fileno())
+    except BaseException:
+        _stop_zygote(zygote)
+        raise
+    if launch.child_ended:
+        zygote.idle = True
+    if launch.abandoned or zygote.proc.poll() is not None:
+        _stop_zygote(zygote)
+    return launch
+
+
+def _start_zygote(key: tuple) -> _Zygote:
+    tmp_bytes, uid = key
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(read_fd, False)
+    code = _harness_code()
+    try:
+        proc = subprocess.Popen(
+            _bwrap_argv(tmp_bytes, uid is not None) + _harness_argv(code, "zygote"),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            pass_fds=(write_fd,),
+            start_new_session=True,
+            cwd="/",
+            env=_sandbox_env("/tmp"),
+        )
+    finally:
+        os.close(write_fd)
+    proc.stdin.write(code)
+    proc.stdin.flush()
+    return _Zygote(proc, read_fd, write_fd, key, os.getpid())
+
+
+def _await_idle(zygote: _Zygote, timeout_s: float) -> bool:
+    """Whether the zygote has finished cleaning up after its last child (waits up to `timeout_s`)."""
+    if zygote.idle:
+        return True
+    status = zygote.proc.stdout.fileno()
+    with selectors.DefaultSelector() as selector:
+        selector.register(status, selectors.EVENT_READ)
+        if selector.select(timeout_s) and os.read(status, 64):
+            zygote.idle = True
+    return zygote.idle
+
+
+def _stop_zygote(zygote: _Zygote) -> None:
+    global _zygote
+    _kill_group(zygote.proc)
+    zygote.proc.stdout.close()
+    os.close(zygote.channel)
+    if _zygote is zygote:
+        _zygote = None
+
+
+def _collect(read_fd: int, stdin, data: bytes, payload: dict, n: int, limits: Limits, status_fd: int | None) -> _Launch:
+    """Send `data` on `stdin`, read nonce-tagged reports until every test reported, the harness
+    ended (channel EOF, or a line on `status_fd` from a zygote), a deadline, or too much output."""
     launch = _Launch(results={})
+    nonce, start = payload["nonce"], payload["start"]
     expected = start
     budget = (n - start + 1) * (2 * limits.max_output_bytes + 4096)  # JSON may double the output
     received = 0
     pending = b""
-    stdin_fd = proc.stdin.fileno()
+    stdin_fd = stdin.fileno()
     os.set_blocking(stdin_fd, False)
-    to_send = memoryview(payload)
+    os.set_blocking(read_fd, False)
+    to_send = memoryview(data)
     deadline = time.monotonic() + limits.timeout_s + _STARTUP_GRACE_S
+
+    def take(chunk: bytes) -> bool:
+        """Handle received report bytes; True once the run is over."""
+        nonlocal received, pending, expected, deadline
+        received += len(chunk)
+        if received > budget:
+            launch.abandoned = True
+            return True
+        *lines, pending = (pending + chunk).split(b"\n")
+        for line in lines:
+            message = _authentic(line, nonce)
+            if message is None:
+                continue
+            event, index = message["event"], message["index"]
+            if event == "load_failed" and not launch.loaded:
+                launch.load_detail = message["detail"]
+                return True
+            if event == "loaded":
+                launch.loaded = True
+            elif event == "test" and launch.loaded and index == expected:
+                launch.results[index] = TestResult(message["status"], message["output"], message["detail"])
+                expected += 1
+            else:
+                continue
+            if expected == n:
+                return True
+            deadline = time.monotonic() + limits.timeout_s
+        return False
+
     with selectors.DefaultSelector() as selector:
         selector.register(read_fd, selectors.EVENT_READ)
         selector.register(stdin_fd, selectors.EVENT_WRITE)
+        if status_fd is not None:
+            selector.register(status_fd, selectors.EVENT_READ)
         while True:
             wait = deadline - time.monotonic()
             if wait <= 0:
-                launch.timed_out = True
+                launch.timed_out = launch.abandoned = True
                 return launch
             for key, _ in selector.select(wait):
                 if key.fd == stdin_fd:
@@ -462,31 +436,29 @@ def _collect(
                         to_send = to_send[:0]
                     if not to_send:
                         selector.unregister(stdin_fd)
-                        proc.stdin.close()
+                        if status_fd is None:  # a fresh harness reads its payload to EOF
+                            stdin.close()
                     continue
-                chunk = os.read(read_fd, 1 << 16)
-                received += len(chunk)
-                if not chunk or received > budget:
+                if key.fd == status_fd:  # the zygote's child has exited (or the zygote has): take what it wrote
+                    launch.child_ended = True
+                    launch.abandoned = not os.read(status_fd, 64)  # EOF: the zygote is gone
+                    while chunk := _read_some(read_fd):
+                        if take(chunk):
+                            break
                     return launch
-                *lines, pending = (pending + chunk).split(b"\n")
-                for line in lines:
-                    message = _authentic(line, nonce)
-                    if message is None:
-                        continue
-                    event, index = message["event"], message["index"]
-                    if event == "load_failed" and not launch.loaded:
-                        launch.load_detail = message["detail"]
-                        return launch
-                    if event == "loaded":
-                        launch.loaded = True
-                    elif event == "test" and launch.loaded and index == expected:
-                        launch.results[index] = TestResult(message["status"], message["output"], message["detail"])
-                        expected += 1
-                    else:
-                        continue
-                    if expected == n:
-                        return launch
-                    deadline = time.monotonic() + limits.timeout_s
+                chunk = _read_some(read_fd)
+                if chunk is None:
+                    continue
+                if not chunk or take(chunk):
+                    return launch
+
+
+def _read_some(fd: int) -> bytes | None:
+    """Up to 64 KiB from a non-blocking fd; b"" at EOF, None if nothing is there yet."""
+    try:
+        return os.read(fd, 1 << 16)
+    except BlockingIOError:
+        return None
 
 
 def _authentic(line: bytes, nonce: str) -> dict | None:
@@ -561,34 +533,31 @@ def _count_tasks_of(uid: int) -> int:
     return count
 
 
-def _sandbox_uid(use_bwrap: bool) -> int | None:
+def _sandbox_uid() -> int | None:
     """The uid a sandbox started by this process runs as, or None to keep the caller's.
 
     Only root switches: to a uid of this process's own (unique among live processes), so
-    concurrent sandboxes never share an RLIMIT_NPROC count. Without bwrap the interpreter must
-    then be reachable by that uid; if it is not, root's uid is kept (warned about once).
+    concurrent sandboxes never share an RLIMIT_NPROC count, and the program can neither signal
+    the caller nor write its files. (Without bwrap that uid may not be able to read the
+    interpreter's files: the harness imports what it and the program's header need first.)
     """
-    if os.geteuid() != 0:
-        return None
-    if not use_bwrap and _blocked_ancestors(_needed_paths()):
-        _warn_root_without_uid_switch()
-        return None
-    return _SANDBOX_UID_BASE + os.getpid()
-
-
-@functools.cache
-def _warn_root_without_uid_switch() -> None:
-    _log.warning(
-        "running as root without bwrap and the Python interpreter is not reachable by other users: "
-        "sandboxed code keeps root's uid, so its process-count limit cannot be enforced"
-    )
+    return _SANDBOX_UID_BASE + os.getpid() if os.geteuid() == 0 else None
 
 
 @functools.cache
 def _harness_code() -> bytes:
-    """This file compiled once per process (marshal), for `_BOOTSTRAP` to run as `__main__`."""
-    with open(__file__, encoding="utf-8") as f:
-        return marshal.dumps(compile(f.read(), __file__, "exec"))
+    """harness.py compiled once per process (marshal), for `_BOOTSTRAP` to run as `__main__`."""
+    path = _harness_module.__file__
+    with open(path, encoding="utf-8") as f:
+        return marshal.dumps(compile(f.read(), path, "exec"))
+
+
+@functools.cache
+def _interpreter_path() -> list[str]:
+    """The harness's sys.path: this interpreter's standard library and site-packages directories
+    (what `site` would add), without the working directory or PYTHONPATH entries."""
+    prefixes = tuple(os.path.realpath(p) + "/" for p in {sys.base_prefix, sys.prefix, sys.exec_prefix})
+    return [p for p in sys.path if p and (os.path.realpath(p) + "/").startswith(prefixes)]
 
 
 def _needed_paths() -> list[str]:

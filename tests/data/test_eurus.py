@@ -88,6 +88,20 @@ def test_parquet_globs_and_nulls(tmp_path):
         read_eurus(str(tmp_path / "nothing-*.parquet"))
 
 
+def test_jsonl_and_parquet_globs_in_a_bucket(gcs_bucket):
+    """The same files read from gs:// (local GCS emulator): written there, globbed there, read back."""
+    tasks = make_tasks(12, seed=0, difficulty=2, system_prompt=SYSTEM_PROMPT)
+    root = f"{gcs_bucket}/eurus"
+    write_eurus(tasks[:7], f"{root}/part-0.parquet")
+    write_eurus(tasks[7:], f"{root}/part-1.jsonl")
+    result = read_eurus([f"{root}/part-*.parquet", f"{root}/part-1.*"])
+    expected = [dataclasses.replace(t, uid=f"part-0.parquet:{i}") for i, t in enumerate(tasks[:7])]
+    expected += [dataclasses.replace(t, uid=f"part-1.jsonl:{i}") for i, t in enumerate(tasks[7:])]
+    assert result.examples == expected and not result.skipped
+    with pytest.raises(FileNotFoundError, match="nothing"):
+        read_eurus(f"{root}/nothing-*.parquet")
+
+
 def test_write_jsonl_is_the_published_schema(tmp_path):
     tasks = make_tasks(4, seed=1, difficulty=1)
     write_eurus(tasks, str(tmp_path / "t.jsonl"), split="validation")

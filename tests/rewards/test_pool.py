@@ -69,7 +69,8 @@ def test_mixed_batch_scores_and_counts_in_bounded_time() -> None:
         elapsed = time.monotonic() - start
         assert result.scores.dtype == np.float32 and result.scores.shape == (len(items),)
         np.testing.assert_array_equal(result.scores, expected)
-        assert result.counts == {"timeouts": 1, "batch_timeouts": 0, "errors": 1, "crashes": 1, "unknown_ability": 1}
+        assert result.counts == {"timeouts": 1, "batch_timeouts": 0, "errors": 1, "crashes": 1, "unknown_ability": 1,
+                                 "unsandboxed": 0}
         assert elapsed < 40
         # the replaced workers carry on
         again = pool.score_batch([CORRECT_CODE, WRONG_MATH, CORRECT_MATH])

@@ -14,14 +14,16 @@ from pathlib import Path
 import pytest
 
 from prime_jax.rewards import code, sandbox
-from prime_jax.rewards.sandbox import Limits, Program, TestResult, run_tests
+from prime_jax.rewards.pool import VerifierPool, VerifyItem
+from prime_jax.rewards.sandbox import Limits, Program, SandboxUnavailable, TestResult, run_tests
 
 LIMITS = Limits(timeout_s=2.0)
 REPO = Path(__file__).resolve().parents[2]
 
 
-def score(program: str, asserts: list[str], prelude: str = "") -> float:
-    return code.score(f"```python\n{program}\n```", {"prelude": prelude, "asserts": asserts}, LIMITS)
+def score(program: str, asserts: list[str], prelude: str = "", allow_unsandboxed: bool = False) -> float:
+    truth = {"prelude": prelude, "asserts": asserts}
+    return code.score(f"```python\n{program}\n```", truth, LIMITS, allow_unsandboxed=allow_unsandboxed)
 
 
 def _sandbox_processes() -> list[int]:
@@ -201,16 +203,16 @@ def test_network_connection_to_host_listener() -> None:
 
 
 @pytest.mark.parametrize(
-    "kill",
+    "kill, expected",
     [
-        "os.kill(os.getppid(), signal.SIGKILL)",
-        "os.kill(-1, signal.SIGKILL)",
-        "os.killpg(0, signal.SIGKILL)",
+        ("os.kill(os.getppid(), signal.SIGKILL)", 0.0),
+        ("os.kill(-1, signal.SIGKILL)", 1.0),  # reaches no process it may signal (it spares the caller): no error
+        ("os.killpg(0, signal.SIGKILL)", 0.0),
     ],
 )
-def test_killing_the_parent(kill: str) -> None:
+def test_killing_the_parent(kill: str, expected: float) -> None:
     program = f"import os, signal\ndef f():\n    {kill}\n    return True"
-    assert score(program, ["assert f()", "assert f()"]) == 0.0
+    assert score(program, ["assert f()", "assert f()"]) == expected
     # this process is alive and the next verification works normally
     assert score("def f():\n    return True", ["assert f()"]) == 1.0
 
@@ -317,10 +319,92 @@ def test_rlimits_and_uid_inside_the_sandbox() -> None:
     assert info["pid1"] == "bwrap"
 
 
-def test_without_bwrap_rlimits_still_apply(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The fallback (no bubblewrap) runs the same protocol with rlimits only."""
-    monkeypatch.setattr(sandbox, "bwrap_available", lambda: False)
+# ----------------------------------------------------------------------------- without bubblewrap
+
+KILL_PARENT = [f"import os, signal\ndef f():\n    {kill}\n    return True" for kill in (
+    "os.kill(os.getppid(), signal.SIGKILL)", "os.kill(-1, signal.SIGKILL)", "os.killpg(0, signal.SIGKILL)")]
+FORK_BOMB = (
+    "import os\ndef f():\n    while True:\n        try:\n            os.fork()\n        except OSError:\n            pass\n"
+)
+DELETE = "import os\ndef f(paths):\n    for p in paths:\n        os.remove(p)\n    return True\n"
+
+
+@pytest.fixture
+def no_bwrap(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """PATH without bwrap, and the sandbox probed afresh (again after the test)."""
+    empty = tmp_path / "empty_bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    sandbox.sandbox_problem.cache_clear()
+    yield
+    sandbox.sandbox_problem.cache_clear()
+
+
+@pytest.fixture
+def canaries(tmp_path: Path) -> list[Path]:
+    """Files outside any temp dir of a sandbox: one in a private directory, one in /var/tmp (world-readable)."""
+    files = [tmp_path / "canary", Path("/var/tmp") / f"prime_jax_canary_{secrets.token_hex(4)}"]
+    for file in files:
+        file.write_text("keep me")
+        file.chmod(0o644)
+    yield files
+    files[1].unlink(missing_ok=True)
+
+
+@pytest.mark.usefixtures("no_bwrap")
+def test_without_bwrap_nothing_runs(canaries: list[Path]) -> None:
+    """Fails closed: no program runs, so none can kill this process, fork-bomb it or delete its files."""
+    assert not sandbox.bwrap_available()
+    for program, asserts in [(p, ["assert f()"]) for p in KILL_PARENT] + [
+        (FORK_BOMB, ["assert f()"]), (DELETE, [f"assert f({[str(c) for c in canaries]!r})"]),
+        ("def f():\n    return True", ["assert f()"]),  # a correct program does not run either
+    ]:
+        with pytest.raises(SandboxUnavailable, match="apt-get install -y bubblewrap"):
+            score(program, asserts)
+    assert all(c.read_text() == "keep me" for c in canaries)
+
+
+def test_without_bwrap_the_pool_scores_code_0_and_counts_it(caplog: pytest.LogCaptureFixture,
+                                                            request: pytest.FixtureRequest) -> None:
+    """One start-up error line naming the install command; code items 0 and counted; math still scored.
+    Control first: with bubblewrap the same items score 1 (this also starts the pool's forkserver with
+    the real PATH: the pool's own probe, not the workers', decides)."""
+    correct = VerifyItem("```python\ndef f():\n    return True\n```", "code", json.dumps({"asserts": ["assert f()"]}))
+    math_item = VerifyItem("So \\boxed{4}.", "math", "4")
+    with VerifierPool(1, item_timeout_s=60.0, batch_timeout_s=120.0) as pool:
+        assert pool.score_batch([correct, math_item]).scores.tolist() == [1.0, 1.0]
+    request.getfixturevalue("no_bwrap")
+    with caplog.at_level("ERROR"), VerifierPool(1, item_timeout_s=60.0, batch_timeout_s=120.0) as pool:
+        result = pool.score_batch([correct, math_item, correct])
+    lines = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(lines) == 1 and "sudo apt-get install -y bubblewrap" in lines[0] and "verifier/unsandboxed" in lines[0]
+    assert result.scores.tolist() == [0.0, 1.0, 0.0]
+    assert result.counts["unsandboxed"] == 2 and result.counts["errors"] == 0
+
+
+@pytest.mark.usefixtures("no_bwrap")
+@pytest.mark.skipif(os.geteuid() != 0, reason="the uid of its own needs root; a non-root caller's uid is kept")
+@pytest.mark.parametrize("program, expected", list(zip(KILL_PARENT + [FORK_BOMB, DELETE], [0.0, 1.0, 0.0, 0.0, 0.0])),
+                         ids=["getppid", "all", "group", "fork", "rm"])
+def test_without_bwrap_opted_in_root_runs_code_as_its_own_uid(program: str, expected: float,
+                                                               canaries: list[Path]) -> None:
+    """verifier.allow_unsandboxed as root: the program runs under a uid that cannot signal this
+    process or delete its files, with the process limit enforced. (`kill(-1)` succeeds: the only
+    process it may signal is itself, which `kill(-1)` spares.)"""
+    value, elapsed = timed(score, program, [f"assert f({[str(c) for c in canaries]!r})" if "paths" in program
+                                             else "assert f()"], "", True)
+    assert value == expected
+    assert elapsed < LIMITS.timeout_s + 10
+    assert all(c.read_text() == "keep me" for c in canaries)
+    probe = "import os\ndef f():\n    return os.getuid()"
+    assert score(probe, [f"assert f() == {sandbox._SANDBOX_UID_BASE + os.getpid()}"], "", True) == 1.0
+
+
+@pytest.mark.usefixtures("no_bwrap")
+def test_without_bwrap_opted_in_rlimits_still_apply() -> None:
+    """The opted-in fallback runs the same protocol with rlimits only."""
     tests = ["assert f(2) == 4", "assert f(2) == 5", "x = bytearray(1 << 40)"]
     program = Program("assert", "def f(x):\n    return x * 2", tests)
-    assert [r.status for r in run_tests(program, LIMITS)] == ["pass", "fail", "fail"]
-    assert run_tests(Program("stdio", "print(int(input()) + 1)", ["41"]), LIMITS) == [TestResult("output", "42\n")]
+    assert [r.status for r in run_tests(program, LIMITS, allow_unsandboxed=True)] == ["pass", "fail", "fail"]
+    assert run_tests(Program("stdio", "print(int(input()) + 1)", ["41"]), LIMITS, allow_unsandboxed=True) == [
+        TestResult("output", "42\n")]
