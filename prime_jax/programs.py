@@ -7,7 +7,7 @@ jitted programs, so the trainer and the AOT compiler build exactly the same prog
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -18,11 +18,13 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from prime_jax.mesh import data_parallel_size
+from prime_jax.models import ModelConfig
 from prime_jax.rewards.implicit_prm import PrmStepConfig, make_prm_step
 from prime_jax.rl.advantages import compute_advantages, validate_advantage_args
 from prime_jax.rl.optim import (OptimConfig, TrainState, init_train_state, make_lr_schedule, make_optimizer,
                                 train_state_shardings)
 from prime_jax.rl.ppo import PpoStepConfig, make_ppo_step
+from prime_jax.sampling import Sampler, SamplerConfig, SamplingParams, length_buckets, rows_in_flight
 
 
 def rows_per_step(c: ml_collections.ConfigDict) -> int:
@@ -30,10 +32,35 @@ def rows_per_step(c: ml_collections.ConfigDict) -> int:
 
 
 def sampler_prompts(c: ml_collections.ConfigDict) -> int:
-    """Prompts per sampler call: `rollout.prompts_per_call`, at most (and by default) `train.batch_size`.
-    Every call the trainer makes has this many prompts (padded), also a first round that holds the prompt
-    buffer too, so the sampler compiles once per prompt bucket."""
+    """Prompts in flight in the sampler: `rollout.prompts_per_call`, at most (and by default)
+    `train.batch_size`; the sampler decodes this many prompts x n_samples rows at once, also in a first
+    round that holds the prompt buffer too, so the sampler compiles once per prompt bucket."""
     return min(c.rollout.prompts_per_call or c.train.batch_size, c.train.batch_size)
+
+
+def sampler_config(c: ml_collections.ConfigDict, mesh: Mesh, stop_ids: Sequence[int], pad_id: int) -> SamplerConfig:
+    """The rollout sampler's settings (stop ids and pad id come from the tokenizer)."""
+    r = c.rollout
+    dp = data_parallel_size(mesh)
+    sampling = SamplingParams(temperature=float(r.temperature), top_p=float(r.top_p), top_k=int(r.top_k),
+                              stop_ids=tuple(stop_ids))
+    return SamplerConfig(n=r.n_samples, max_new_tokens=r.max_response_length, sampling=sampling,
+                         rows=rows_in_flight(sampler_prompts(c), sampler_prompts(c), r.n_samples, dp),
+                         buckets=length_buckets(c.data.max_prompt_length), pad_id=pad_id,
+                         steps_per_sync=r.steps_per_sync, kv_block=r.kv_block, data_parallel=dp)
+
+
+def make_sampler(c: ml_collections.ConfigDict, mesh: Mesh, graphdef: nnx.GraphDef, model_cfg: ModelConfig,
+                 stop_ids: Sequence[int], pad_id: int) -> Sampler:
+    """The rollout sampler; fails (naming the config key) when its KV cache exceeds `rollout.kv_cache_gib`."""
+    cfg = sampler_config(c, mesh, stop_ids, pad_id)
+    budget = c.rollout.kv_cache_gib
+    per_device = cfg.cache_bytes(model_cfg, c.data.max_prompt_length) / data_parallel_size(mesh) / 2**30
+    if budget and per_device > budget:
+        raise ValueError(f"config.rollout.prompts_per_call: {cfg.rows} rows in flight ({sampler_prompts(c)} prompts x "
+                         f"{c.rollout.n_samples}) need a {per_device:.2f} GiB/device KV cache, above "
+                         f"rollout.kv_cache_gib={budget}")
+    return Sampler(graphdef, model_cfg, cfg, mesh)
 
 
 def prm_step_config(c: ml_collections.ConfigDict, mesh: Mesh) -> PrmStepConfig:
@@ -76,9 +103,10 @@ def validate_programs(c: ml_collections.ConfigDict, mesh: Mesh) -> None:
 
 @dataclasses.dataclass
 class Programs:
-    """prm_step(state, ref_params, batch) -> (state, PrmStepOutput); advantages(rm, acc, mask) -> (adv, metrics);
-    ppo_step(state, batch, key) -> (state, metrics)."""
+    """sampler(params, prompts, seed, on_rows) -> Rollout; prm_step(state, ref_params, batch) -> (state,
+    PrmStepOutput); advantages(rm, acc, mask) -> (adv, metrics); ppo_step(state, batch, key) -> (state, metrics)."""
 
+    sampler: Sampler
     prm_step: Callable[..., Any]
     advantages: Callable[..., Any]
     ppo_step: Callable[..., Any]
@@ -96,7 +124,7 @@ def init_states(c: ml_collections.ConfigDict, mesh: Mesh, policy_params: nnx.Sta
 
 
 def make_programs(c: ml_collections.ConfigDict, mesh: Mesh, graphdef: nnx.GraphDef, policy: TrainState, prm: TrainState,
-                  ref_params: nnx.State) -> Programs:
+                  ref_params: nnx.State, stop_ids: Sequence[int], pad_id: int) -> Programs:
     """Builds (does not compile) the jitted programs for these (real or abstract) states."""
     policy_tx, prm_tx, lr_schedule = optimizers(c, mesh)
     n = c.rollout.n_samples
@@ -120,7 +148,9 @@ def make_programs(c: ml_collections.ConfigDict, mesh: Mesh, graphdef: nnx.GraphD
         stats["train_reward/reward_all"] = jnp.mean(a.rm_coef * process + a.verifier_coef * acc)
         return adv, stats
 
+    model_cfg = nnx.merge(graphdef, policy.params).cfg
     return Programs(
+        sampler=make_sampler(c, mesh, graphdef, model_cfg, stop_ids, pad_id),
         prm_step=make_prm_step(graphdef, prm_tx, prm_step_config(c, mesh), mesh=mesh, state=prm, ref_params=ref_params),
         advantages=advantages,
         ppo_step=make_ppo_step(graphdef, policy_tx, ppo_step_config(c), mesh=mesh, state=policy, lr_schedule=lr_schedule),

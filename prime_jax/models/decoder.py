@@ -4,11 +4,12 @@ Every weight is an `nnx.Param` carrying `axes`, a tuple of logical axis names th
 `prime_jax.mesh` maps onto mesh axes. Per-layer weights are stacked with a leading `layers`
 axis and the blocks run in one `lax.scan`, so compile time does not grow with depth.
 
-Two entry points share one block function:
+Three entry points share the layer functions:
 - `model(tokens, attention_mask=..., positions=...)`: full-sequence forward (training, scoring).
-- `model.forward_cached(tokens, positions, cache, kv_mask)`: writes the new keys/values into a
-  preallocated `KVCache` at `cache.index` and attends over the cache (sampler prefill + decode).
-  The cache is carried through the layer scan and updated in place, never copied per step.
+- `model.prefill(tokens, lengths)`: right-padded prompts once; returns the keys/values of every layer
+  in the sampler's cache layout (`KVCache`, row b's sequence from slot 0).
+- `model.decode_step(tokens, positions, cache, block)`: one token per row, written into the cache at the
+  row's own position; attention reads the cache in place, block by block up to the longest filled row.
 """
 
 from __future__ import annotations
@@ -28,18 +29,18 @@ Array = jax.Array
 
 @flax.struct.dataclass
 class KVCache:
-    """Keys and values of every layer, head-major so attention reads them without transposes.
-    `k`, `v`: [L, B, K, S, Dh] compute dtype; `index`: the next slot to write, int32 scalar."""
+    """Keys and values of every layer, head-major so attention reads them without transposes. Row b holds
+    its own sequence from slot 0 (slot = position), so each row has its own filled length.
+    `k`, `v`: [L, B, K, S, Dh] compute dtype."""
 
     k: Array
     v: Array
-    index: Array
 
     @classmethod
     def zeros(cls, cfg: ModelConfig, batch: int, length: int) -> KVCache:
         shape = (cfg.num_layers, batch, cfg.num_kv_heads, length, cfg.head_dim)
         dtype = jnp.dtype(cfg.dtype)
-        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), index=jnp.zeros((), jnp.int32))
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
 
 
 def positions_from_mask(attention_mask: Array) -> Array:
@@ -112,10 +113,48 @@ def _qkv(cfg: ModelConfig, p: dict[str, Array], x: Array, positions: Array, inv_
     return q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
 
 
+def cached_attention(q: Array, k_cache: Array, v_cache: Array, layer: Array, positions: Array, num_blocks: Array,
+                     block: int) -> Array:
+    """Attention of one new token per row over layer `layer` of the stacked cache, read in place.
+
+    q: [B, 1, H, Dh]; k_cache, v_cache: [L, B, K, S, Dh]; positions: [B] int32, row b attends slots
+    0..positions[b]; num_blocks: int32 scalar, blocks of `block` slots to read (covering the largest
+    position). Online softmax in fp32 over the blocks (a while loop), so the work follows the filled
+    length, not S; blocks past a row's position add exactly nothing. -> [B, 1, H, Dh]
+    """
+    b, _, h, dh = q.shape
+    kv = k_cache.shape[2]
+    qg = q.reshape(b, kv, h // kv, dh)
+
+    def one_block(j, carry):
+        m, denom, acc = carry
+        start = j * block
+        kb = jax.lax.dynamic_slice(k_cache, (layer, 0, 0, start, 0), (1, b, kv, block, dh))[0].astype(q.dtype)
+        vb = jax.lax.dynamic_slice(v_cache, (layer, 0, 0, start, 0), (1, b, kv, block, dh))[0].astype(q.dtype)
+        scores = jnp.einsum("bkgd,bksd->bkgs", qg, kb, preferred_element_type=jnp.float32) / math.sqrt(dh)
+        visible = (start + jnp.arange(block))[None, :] <= positions[:, None]  # [B, block]
+        scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(scores, axis=-1))  # finite: slot 0 is visible to every row
+        scale = jnp.exp(m - m_new)
+        probs = jnp.exp(scores - m_new[..., None])
+        acc = acc * scale[..., None] + jnp.einsum("bkgs,bksd->bkgd", probs.astype(vb.dtype), vb,
+                                                  preferred_element_type=jnp.float32)
+        return m_new, denom * scale + jnp.sum(probs, axis=-1), acc
+
+    init = (jnp.full((b, kv, h // kv), -jnp.inf, jnp.float32), jnp.zeros((b, kv, h // kv), jnp.float32),
+            jnp.zeros((b, kv, h // kv, dh), jnp.float32))
+    _, denom, acc = jax.lax.fori_loop(0, num_blocks, one_block, init)
+    return (acc / denom[..., None]).astype(q.dtype).reshape(b, 1, h, dh)
+
+
 def _attend_and_mlp(cfg: ModelConfig, p: dict[str, Array], x: Array, q: Array, k: Array, v: Array, mask: Array) -> Array:
     """The rest of one layer: attention over k, v [B, K, S, Dh], output projection, SwiGLU MLP. -> [B, T, D]"""
+    return _output_and_mlp(cfg, p, x, attention(q, k.astype(x.dtype), v.astype(x.dtype), mask))
+
+
+def _output_and_mlp(cfg: ModelConfig, p: dict[str, Array], x: Array, attn: Array) -> Array:
+    """Output projection of the attention [B, T, H, Dh] and the SwiGLU MLP, both residual. -> [B, T, D]"""
     w = lambda name: p[name].astype(x.dtype)  # noqa: E731
-    attn = attention(q, k.astype(x.dtype), v.astype(x.dtype), mask)
     x = x + jnp.einsum("bthk,hkd->btd", attn, w("o"))
     h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
     gate = jnp.einsum("btd,df->btf", h, w("gate"))
@@ -164,31 +203,28 @@ class Decoder(nnx.Module):
         """LM head as [D, V] (the transposed embedding when tied)."""
         return self.embed[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
 
-    def _run_layers(self, tokens: Array, positions: Array, mask: Array, cache: KVCache | None):
+    def _layer_params(self) -> dict[str, Array]:
+        return nnx.to_pure_dict(nnx.state(self.layers, nnx.Param))
+
+    def _embed(self, tokens: Array) -> Array:
+        return constrain_batch(jnp.take(self.embed[...], tokens, axis=0).astype(self.cfg.dtype))
+
+    def _logits(self, h: Array) -> Array:
+        """[..., D] final-norm hidden states -> [..., V] float32 logits."""
+        return jnp.einsum("...d,dv->...v", h, self.head_weight().astype(h.dtype), preferred_element_type=jnp.float32)
+
+    def _run_layers(self, tokens: Array, positions: Array, mask: Array) -> Array:
         cfg = self.cfg
-        x = constrain_batch(jnp.take(self.embed[...], tokens, axis=0).astype(cfg.dtype))
-        params = nnx.to_pure_dict(nnx.state(self.layers, nnx.Param))
         inv_freq = rope_frequencies(cfg)
 
-        def layer(carry, p):
-            x, k_cache, v_cache, i = carry
+        def layer(x, p):
             q, k, v = _qkv(cfg, p, x, positions, inv_freq)
-            if k_cache is not None:
-                # Write only the new slots of layer i in place; attend over that layer's whole cache.
-                at = (i, 0, 0, cache.index, 0)
-                k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), at)
-                v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), at)
-                k = jax.lax.dynamic_index_in_dim(k_cache, i, keepdims=False)
-                v = jax.lax.dynamic_index_in_dim(v_cache, i, keepdims=False)
-            return (_attend_and_mlp(cfg, p, x, q, k, v, mask), k_cache, v_cache, i + 1), None
+            return _attend_and_mlp(cfg, p, x, q, k, v, mask), None
 
         if cfg.remat:
             layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.nothing_saveable)
-        init = (x, None if cache is None else cache.k, None if cache is None else cache.v, jnp.int32(0))
-        (x, k, v, _), _ = jax.lax.scan(layer, init, params)
-        x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
-        new_cache = None if cache is None else KVCache(k=k, v=v, index=cache.index + tokens.shape[1])
-        return x, new_cache
+        x, _ = jax.lax.scan(layer, self._embed(tokens), self._layer_params())
+        return rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
 
     def hidden_states(self, tokens: Array, *, attention_mask: Array | None = None, positions: Array | None = None) -> Array:
         """Final-norm hidden states [B, T, D] (compute dtype); causal attention restricted to `attention_mask`."""
@@ -201,24 +237,53 @@ class Decoder(nnx.Module):
         causal = jnp.tril(jnp.ones((t, t), jnp.bool_))
         # Each query may always see itself, so fully padded rows stay finite.
         mask = (causal[None] & attention_mask[:, None, :]) | jnp.eye(t, dtype=jnp.bool_)[None]
-        x, _ = self._run_layers(tokens, positions, mask, None)
-        return x
+        return self._run_layers(tokens, positions, mask)
 
     def __call__(self, tokens: Array, *, attention_mask: Array | None = None, positions: Array | None = None) -> Array:
         """Logits [B, T, V] float32. tokens: [B, T] int32; attention_mask: [B, T] (1 = real token)."""
         h = self.hidden_states(tokens, attention_mask=attention_mask, positions=positions)
         return jnp.einsum("btd,dv->btv", h, self.head_weight().astype(h.dtype), preferred_element_type=jnp.float32)
 
-    def forward_cached(self, tokens: Array, positions: Array, cache: KVCache, kv_mask: Array) -> tuple[Array, KVCache]:
-        """Runs `tokens` [B, T] written at cache slots index..index+T-1; returns last-position logits [B, V] f32.
+    def prefill(self, tokens: Array, lengths: Array) -> tuple[Array, KVCache]:
+        """Runs right-padded prompts once: tokens [B, T], row b's real tokens at 0..lengths[b]-1 (lengths >= 1).
 
-        kv_mask: [B, S] bool, which cache slots hold real tokens (prompt padding is False). Query t may
-        attend slot s iff kv_mask[s] and s <= index + t.
+        -> logits after each row's last real token [B, V] float32, and the keys/values of all T positions of
+        every layer, KVCache [L, B, K, T, Dh] (slot = position; slots past a row's length are never read).
         """
-        t, s = tokens.shape[1], cache.k.shape[3]
-        slot = cache.index + jnp.arange(t)
-        mask = (jnp.arange(s)[None, :] <= slot[:, None])[None] & kv_mask[:, None, :].astype(jnp.bool_)
-        mask = mask | (jnp.arange(s)[None, :] == slot[:, None])[None]
-        h, cache = self._run_layers(tokens, positions, mask, cache)
-        logits = jnp.einsum("bd,dv->bv", h[:, -1], self.head_weight().astype(h.dtype), preferred_element_type=jnp.float32)
-        return logits, cache
+        cfg = self.cfg
+        t = tokens.shape[1]
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), tokens.shape)
+        causal = jnp.tril(jnp.ones((t, t), jnp.bool_))[None]
+        inv_freq = rope_frequencies(cfg)
+
+        def layer(x, p):
+            q, k, v = _qkv(cfg, p, x, positions, inv_freq)
+            return _attend_and_mlp(cfg, p, x, q, k, v, causal), (k.astype(cfg.dtype), v.astype(cfg.dtype))
+
+        x, (k, v) = jax.lax.scan(layer, self._embed(tokens), self._layer_params())
+        last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]
+        return self._logits(rms_norm(last, self.final_norm[...], cfg.rms_norm_eps)), KVCache(k=k, v=v)
+
+    def decode_step(self, tokens: Array, positions: Array, cache: KVCache, block: int) -> tuple[Array, KVCache]:
+        """One token per row: tokens [B] int32 at positions [B] int32 (also the cache slot each is written to).
+
+        Row b attends slots 0..positions[b] of its cache [L, B, K, S, Dh] (S a multiple of `block`), read in
+        place in blocks up to the largest position. The cache is carried through the layer scan and
+        written one slot per row and layer. -> (logits [B, V] float32, cache).
+        """
+        cfg = self.cfg
+        rows = jnp.arange(tokens.shape[0])
+        num_blocks = jnp.minimum(jnp.max(positions) // block + 1, cache.k.shape[3] // block)
+        inv_freq = rope_frequencies(cfg)
+
+        def layer(carry, p):
+            x, k_cache, v_cache, i = carry
+            q, k, v = _qkv(cfg, p, x, positions[:, None], inv_freq)  # k, v: [B, K, 1, Dh]
+            k_cache = k_cache.at[i, rows, :, positions].set(k[:, :, 0].astype(k_cache.dtype), mode="drop")
+            v_cache = v_cache.at[i, rows, :, positions].set(v[:, :, 0].astype(v_cache.dtype), mode="drop")
+            attn = cached_attention(q, k_cache, v_cache, i, positions, num_blocks, block)
+            return (_output_and_mlp(cfg, p, x, attn), k_cache, v_cache, i + 1), None
+
+        init = (self._embed(tokens[:, None]), cache.k, cache.v, jnp.int32(0))
+        (x, k, v, _), _ = jax.lax.scan(layer, init, self._layer_params())
+        return self._logits(rms_norm(x[:, 0], self.final_norm[...], cfg.rms_norm_eps)), KVCache(k=k, v=v)
