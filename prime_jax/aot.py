@@ -8,17 +8,18 @@
 No weights and no TPU: the policy, PRM and reference are ShapeDtypeStructs sharded over a mesh of the
 topology's compile-only devices (`jax.experimental.topologies`), and the four programs of a PRIME step,
 built exactly as the trainer builds them, are lowered and compiled by libtpu with the config's real
-shapes: sampler prefill and decode (rollout.prompts_per_call prompts x rollout.n_samples, prompt
-data.max_prompt_length, response rollout.max_response_length), PRM step and PPO step (B = batch_size * n
-rows). Everything else runs on the CPU backend (JAX_PLATFORMS=cpu is fine; the topology API ignores it).
+shapes: sampler prefill (`insert`: the most prompts one prefill takes, prompt data.max_prompt_length,
+into a cache of rollout.prompts_per_call x rollout.n_samples rows in flight) and decode
+(rollout.steps_per_sync steps of those rows, response rollout.max_response_length), PRM step and PPO step
+(B = batch_size * n rows). Everything else runs on the CPU backend (JAX_PLATFORMS=cpu is fine; the topology API ignores it).
 
 Per program and per device: the compiler's argument / output / temporary / generated-code / alias bytes,
 plus the bytes of the other states that stay resident on the device while it runs (e.g. the PRM and its
 Adam moments during sampling). peak = arguments + outputs - aliased + temporaries + code + resident;
 it fits when peak <= the chip's HBM.
 
-The sampler programs are compiled for one call of `rollout.prompts_per_call` prompts (at most and by
-default train.batch_size), the shape of every sampler call the trainer makes.
+The sampler programs are compiled for `rollout.prompts_per_call` prompts in flight (at most and by
+default train.batch_size), the shape of every sampler the trainer runs.
 
 Cost: XLA's `cost_analysis()` visits the body of every while loop once (layer scan, micro-batch scan,
 decode loop...), so its FLOPs and seconds describe one pass through each loop. `program_cost` walks the
@@ -51,11 +52,11 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from prime_jax.memory_plan import architecture
-from prime_jax.mesh import batch_sharding, data_parallel_size, make_mesh, state_shardings
+from prime_jax.mesh import batch_sharding, make_mesh, state_shardings
 from prime_jax.models import ModelConfig, abstract_model
 from prime_jax.programs import make_programs, optimizers, rows_per_step, sampler_prompts, validate_programs
 from prime_jax.rl.optim import TrainState, init_train_state, train_state_shardings
-from prime_jax.sampling import SamplingParams, decode, prefill
+from prime_jax.sampling import decode, empty_state, insert, sampler_state_shardings
 
 GIB = 2**30
 
@@ -468,8 +469,12 @@ class ProgramCost:
     unknown_loops: int
 
 
-def program_cost(hlo_text: str, peak_flops: float, hbm_bandwidth: float, unknown_trip_count: int = 1) -> ProgramCost:
-    """Roofline cost of compiled HLO text (see the section comment), walking loops from the entry."""
+def program_cost(hlo_text: str, peak_flops: float, hbm_bandwidth: float,
+                 unknown_trip_count: int | Sequence[int] = 1) -> ProgramCost:
+    """Roofline cost of compiled HLO text (see the section comment), walking loops from the entry. A loop
+    that stops on data runs `unknown_trip_count` times; a sequence gives the count by nesting (its first
+    entry for the outermost such loop, the next for one inside it, ...)."""
+    counts = (unknown_trip_count,) if isinstance(unknown_trip_count, int) else tuple(unknown_trip_count)
     comps = _parse_hlo(hlo_text)
     defs = {ins.name: ins for name, instrs in comps.items() if name != "__entry__" for ins in instrs}
     shapes = {name: ins.shape for name, ins in defs.items()}
@@ -481,21 +486,24 @@ def program_cost(hlo_text: str, peak_flops: float, hbm_bandwidth: float, unknown
 
     totals = np.zeros(4)  # flops once, seconds once, flops, seconds
     unknown = 0
-    stack = [("__entry__", 1)]
+    stack = [("__entry__", 1, 0)]  # (computation, times it runs, data-dependent loops around it)
     while stack:
-        comp, mult = stack.pop()
+        comp, mult, depth = stack.pop()
         for ins in comps.get(comp, []):
             if ins.opcode == "while":
                 count = _trip_count(ins, comps, defs)
                 unknown += count is None
-                stack.extend((c, mult * (unknown_trip_count if count is None else count)) for c in _called(ins, "body"))
-                stack.extend((c, mult) for c in _called(ins, "condition"))
+                inner = depth + (count is None)
+                times = counts[min(depth, len(counts) - 1)] if count is None else count
+                stack.extend((c, mult * times, inner) for c in _called(ins, "body"))
+                stack.extend((c, mult, depth) for c in _called(ins, "condition"))
             elif ins.opcode == "call":
-                stack.extend((c, mult) for c in _called(ins, "to_apply"))
+                stack.extend((c, mult, depth) for c in _called(ins, "to_apply"))
             elif ins.opcode == "conditional":
                 for group in re.findall(r"branch_computations=\{([^}]*)\}", ins.attrs):
-                    stack.extend((c, mult) for c in re.findall(r"%?([\w.\-]+)", group))
-                stack.extend((c, mult) for key in ("true_computation", "false_computation") for c in _called(ins, key))
+                    stack.extend((c, mult, depth) for c in re.findall(r"%?([\w.\-]+)", group))
+                stack.extend((c, mult, depth) for key in ("true_computation", "false_computation")
+                             for c in _called(ins, key))
             if ins.opcode in _FREE:
                 continue
             flops = flops_of(ins)
@@ -557,7 +565,7 @@ def _oom_temp_bytes(message: str) -> int:
 
 
 def compile_program(name: str, fn: Any, args: tuple, kwargs: dict[str, Any], chip: Chip, resident: int,
-                    unknown_trip_count: int = 1, hlo_dir: str = "") -> tuple[ProgramReport, Any, Any]:
+                    unknown_trip_count: int | Sequence[int] = 1, hlo_dir: str = "") -> tuple[ProgramReport, Any, Any]:
     """Lowers `fn(*args, **kwargs)` and compiles it -> (report, lowered, compiled); compiled is None when the
     compiler ran out of device memory (the report then carries its message). Loops that stop on data run
     `unknown_trip_count` times in the cost estimate. With `hlo_dir`, the compiled HLO is written to
@@ -597,13 +605,11 @@ def compile_program(name: str, fn: Any, args: tuple, kwargs: dict[str, Any], chi
     return report, lowered, compiled
 
 
-def sampling_params(c: ml_collections.ConfigDict, cfg: ModelConfig) -> SamplingParams:
-    """The rollout's sampling settings. Stop ids come from the tokenizer at run time; their values do not
-    change the program, so the architecture's eos id stands in (or the last vocab id)."""
+def stand_in_stop_ids(cfg: ModelConfig) -> tuple[int, ...]:
+    """Stop ids come from the tokenizer at run time; their values do not change the programs, so the
+    architecture's eos id stands in (or the last vocab id)."""
     eos = cfg.eos_token_id if cfg.eos_token_id is not None else cfg.vocab_size - 1
-    r = c.rollout
-    return SamplingParams(temperature=float(r.temperature), top_p=float(r.top_p), top_k=int(r.top_k),
-                          stop_ids=tuple(eos) if isinstance(eos, tuple) else (int(eos),))
+    return tuple(eos) if isinstance(eos, tuple) else (int(eos),)
 
 
 def compile_run(c: ml_collections.ConfigDict, topology: Topology, programs: Sequence[str] = PROGRAMS,
@@ -615,17 +621,19 @@ def compile_run(c: ml_collections.ConfigDict, topology: Topology, programs: Sequ
     mesh = make_mesh(dict(c.mesh), devices=topology.devices())
     validate_programs(c, mesh)
     run = abstract_run(c, mesh)
-    progs = make_programs(c, mesh, run.graphdef, run.policy, run.prm, run.ref_params)
+    cfg = model_config(c, c.model.param_dtype)
+    progs = make_programs(c, mesh, run.graphdef, run.policy, run.prm, run.ref_params, stop_ids=stand_in_stop_ids(cfg),
+                          pad_id=0)
     rows, p_len, r_len = rows_per_step(c), c.data.max_prompt_length, c.rollout.max_response_length
     train_batch = _batch(mesh, rows, {"prompt_tokens": ((p_len,), jnp.int32), "prompt_mask": ((p_len,), jnp.int32),
                                       "tokens": ((r_len,), jnp.int32), "mask": ((r_len,), jnp.float32),
                                       "old_logp": ((r_len,), jnp.float32), "acc": ((), jnp.float32)})
     ppo_batch = {**train_batch, **_batch(mesh, rows, {"advantages": ((r_len,), jnp.float32)})}
-    dp = data_parallel_size(mesh)
-    prompts = -(-sampler_prompts(c) // dp) * dp  # generate pads each call's prompts to the dp size
-    prompt_batch = _batch(mesh, prompts, {"tokens": ((p_len,), jnp.int32), "mask": ((p_len,), jnp.int32)})
-    cfg = model_config(c, c.model.param_dtype)
-    sampler = dict(n=c.rollout.n_samples, max_new_tokens=r_len, sampling=sampling_params(c, cfg), pad_id=0)
+    sampler = progs.sampler.cfg
+    prompts = sampler.max_prefill  # the largest prefill batch of the sampler
+    prompt_batch = _batch(mesh, prompts, {"tokens": ((p_len,), jnp.int32), "lens": ((), jnp.int32)})
+    replicated = NamedSharding(mesh, P())
+    slots = jax.ShapeDtypeStruct((sampler.n, prompts), jnp.int32, sharding=replicated)
     policy_rest = bytes_per_device((run.policy.opt_state, run.policy.step))
     prm_all, ref_all = bytes_per_device(run.prm), bytes_per_device(run.ref_params)
     policy_all = bytes_per_device(run.policy)
@@ -639,23 +647,28 @@ def compile_run(c: ml_collections.ConfigDict, topology: Topology, programs: Sequ
 
     chip = topology.chip
     if "sampler_prefill" in programs or "sampler_decode" in programs:
-        log("compiling sampler_prefill ...")
-        with jax.set_mesh(mesh):  # as `generate` calls them: sampler state constrained to the batch axes
-            report, lowered, compiled = compile_program(
-                "sampler_prefill", prefill,
-                (run.graphdef, run.policy.params, prompt_batch["tokens"], prompt_batch["mask"], key), sampler, chip,
-                sampler_resident, hlo_dir=hlo_dir)
+        with jax.set_mesh(mesh):  # as the sampler runs them: its state constrained to the batch axes
+            state = jax.eval_shape(lambda: empty_state(cfg, sampler, p_len))
+            state = _with_shardings(state, sampler_state_shardings(state, mesh))
             if "sampler_prefill" in programs:
-                done(report)
-            if "sampler_decode" in programs and compiled is None:
-                done(ProgramReport("sampler_decode", resident_bytes=sampler_resident, error="prefill did not compile"))
-            elif "sampler_decode" in programs:
+                log("compiling sampler_prefill ...")
+                done(compile_program("sampler_prefill", insert, (run.graphdef, run.policy.params, state,
+                                     prompt_batch["tokens"], prompt_batch["lens"], slots, slots, key), {}, chip,
+                                     sampler_resident, hlo_dir=hlo_dir)[0])
+            if "sampler_decode" in programs:
                 log("compiling sampler_decode ...")
-                state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                                     lowered.out_info, compiled.output_shardings)
-                # The decode loop stops when every row is done: at most max_new_tokens - 1 steps.
-                done(compile_program("sampler_decode", decode, (run.graphdef, run.policy.params, state), {}, chip,
-                                     sampler_resident, r_len - 1, hlo_dir)[0])
+                # Costed as one whole response of every row: the calls of steps_per_sync steps (a loop that stops
+                # on data) that max_new_tokens - 1 steps take, each step reading the cache blocks that are filled
+                # halfway through the response (the attention's block loop also stops on data).
+                block = min(sampler.kv_block, state.cache.k.shape[2])
+                blocks = -(-(p_len + r_len // 2) // block)
+                report = compile_program("sampler_decode", decode, (run.graphdef, run.policy.params, state), {},
+                                         chip, sampler_resident, (sampler.steps_per_sync, blocks), hlo_dir)[0]
+                if report.cost is not None:
+                    calls = -(-(r_len - 1) // sampler.steps_per_sync)
+                    report.cost = dataclasses.replace(report.cost, flops=report.cost.flops * calls,
+                                                      seconds=report.cost.seconds * calls)
+                done(report)
     if "prm_step" in programs:
         log("compiling prm_step ...")
         done(compile_program("prm_step", progs.prm_step, (run.prm, run.ref_params, train_batch), {}, chip, policy_all,

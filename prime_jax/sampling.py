@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import functools
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.struct
 import jax
@@ -166,7 +167,7 @@ class Rollout:
 class SamplerState:
     """Everything the programs carry; N = cfg.rows slots, S = cfg.cache_len(prompt bucket), R = max_new_tokens.
 
-    cache: KV of every layer [L, N, K, S, Dh], row b's sequence from slot 0; positions [N] int32: the
+    cache: KV of every layer [L, N, S, K, Dh], row b's sequence from slot 0; positions [N] int32: the
     position (= cache slot) of the row's last drawn token, fed at the next step; last [N] int32 that token;
     keys [N] per-row PRNG keys; steps [N] int32 tokens drawn (stop included); tokens [N, R] int32 (pad after
     stop); logprobs [N, R] float32 (0 after stop); done [N] bool (a free slot is done). `cfg` is static.
@@ -255,23 +256,32 @@ def _is_stop(tokens: Array, stop_ids: tuple[int, ...]) -> Array:
 
 # --- sharding of the sampler state -------------------------------------------------------------------
 
-def _constrain(x: Array, axes: tuple[str | None, ...]) -> Array:
-    """Under a mesh, pins `x` to the sharding its logical axes give (batch over data/fsdp); no-op otherwise."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return x
-    return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh))
+_KV_AXES = ("layers", "batch", None, "kv_heads", "head_dim")
+
+
+def _state_axes(state: SamplerState) -> SamplerState:
+    """The logical axes of every state array (same tree): batch over data/fsdp, KV heads over tensor."""
+    b1, b2 = ("batch",), ("batch", None)
+    return state.replace(cache=KVCache(k=_KV_AXES, v=_KV_AXES), positions=b1, last=b1, keys=b1, steps=b1, tokens=b2,
+                         logprobs=b2, done=b1)
+
+
+def _map_state(fn: Callable[[Any, tuple[str | None, ...]], Any], state: SamplerState) -> SamplerState:
+    return jax.tree.map(fn, state, _state_axes(state), is_leaf=lambda x: isinstance(x, tuple))
+
+
+def sampler_state_shardings(state: SamplerState, mesh: Mesh) -> SamplerState:
+    """NamedShardings of a (real or abstract) sampler state on `mesh`, as the programs constrain them."""
+    return _map_state(lambda x, axes: NamedSharding(mesh, logical_to_spec(axes, x.shape, mesh)), state)
 
 
 def _constrain_state(state: SamplerState) -> SamplerState:
-    """The same shardings for every state at the jit boundaries, so `insert` and `decode` donate in place."""
-    kv = ("layers", "batch", "kv_heads", None, "head_dim")
-    b1, b2 = ("batch",), ("batch", None)
-    return state.replace(cache=KVCache(k=_constrain(state.cache.k, kv), v=_constrain(state.cache.v, kv)),
-                         positions=_constrain(state.positions, b1), last=_constrain(state.last, b1),
-                         keys=_constrain(state.keys, b1), steps=_constrain(state.steps, b1),
-                         tokens=_constrain(state.tokens, b2), logprobs=_constrain(state.logprobs, b2),
-                         done=_constrain(state.done, b1))
+    """Under a mesh, pins every state array to its sharding, the same at every jit boundary, so `insert` and
+    `decode` donate in place; no-op without a mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return state
+    return _map_state(lambda x, axes: jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh)), state)
 
 
 # --- the jitted programs -----------------------------------------------------------------------------
@@ -304,7 +314,7 @@ def insert(graphdef: nnx.GraphDef, params: nnx.State, state: SamplerState, promp
     p = prompt_tokens.shape[1]
 
     def copy_sample(j, kv):  # the prompt cache into the slots of every prompt's sample j, in place
-        return tuple(c.at[:, slots[j], :, :p].set(src, mode="drop") for c, src in zip(kv, (cache.k, cache.v)))
+        return tuple(c.at[:, slots[j], :p].set(src, mode="drop") for c, src in zip(kv, (cache.k, cache.v)))
 
     k, v = jax.lax.fori_loop(0, cfg.n, copy_sample, (state.cache.k, state.cache.v))
     flat = slots.reshape(-1)  # sample-major: (j, b) -> j * B + b, as the tiled logits below
@@ -330,7 +340,7 @@ def decode(graphdef: nnx.GraphDef, params: nnx.State, state: SamplerState) -> Sa
     """
     model: Decoder = nnx.merge(graphdef, params)
     cfg = state.cfg
-    r, block = cfg.max_new_tokens, min(cfg.kv_block, state.cache.k.shape[3])  # see cache_len
+    r, block = cfg.max_new_tokens, min(cfg.kv_block, state.cache.k.shape[2])  # see cache_len
     rows = jnp.arange(state.done.shape[0])
 
     def cond(carry) -> Array:
@@ -520,4 +530,4 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, n: int = 1, ma
 
 __all__ = ["DEFAULT_BUCKETS", "Rollout", "Sampler", "SamplerConfig", "SamplerState", "SamplingParams", "decode",
            "empty_state", "filter_logits", "generate", "insert", "left_pad", "length_buckets", "rows_in_flight",
-           "select_tokens"]
+           "sampler_state_shardings", "select_tokens"]

@@ -29,16 +29,17 @@ Array = jax.Array
 
 @flax.struct.dataclass
 class KVCache:
-    """Keys and values of every layer, head-major so attention reads them without transposes. Row b holds
-    its own sequence from slot 0 (slot = position), so each row has its own filled length.
-    `k`, `v`: [L, B, K, S, Dh] compute dtype."""
+    """Keys and values of every layer. Row b holds its own sequence from slot 0 (slot = position), so each
+    row has its own filled length. `k`, `v`: [L, B, S, K, Dh] compute dtype: slot-major, so the K x Dh values
+    of one slot are contiguous and a decode step writes them in place (head-major, XLA:TPU relayouts the
+    whole cache around each per-row write)."""
 
     k: Array
     v: Array
 
     @classmethod
     def zeros(cls, cfg: ModelConfig, batch: int, length: int) -> KVCache:
-        shape = (cfg.num_layers, batch, cfg.num_kv_heads, length, cfg.head_dim)
+        shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
         dtype = jnp.dtype(cfg.dtype)
         return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
 
@@ -117,27 +118,27 @@ def cached_attention(q: Array, k_cache: Array, v_cache: Array, layer: Array, pos
                      block: int) -> Array:
     """Attention of one new token per row over layer `layer` of the stacked cache, read in place.
 
-    q: [B, 1, H, Dh]; k_cache, v_cache: [L, B, K, S, Dh]; positions: [B] int32, row b attends slots
+    q: [B, 1, H, Dh]; k_cache, v_cache: [L, B, S, K, Dh]; positions: [B] int32, row b attends slots
     0..positions[b]; num_blocks: int32 scalar, blocks of `block` slots to read (covering the largest
     position). Online softmax in fp32 over the blocks (a while loop), so the work follows the filled
     length, not S; blocks past a row's position add exactly nothing. -> [B, 1, H, Dh]
     """
     b, _, h, dh = q.shape
-    kv = k_cache.shape[2]
+    kv = k_cache.shape[3]
     qg = q.reshape(b, kv, h // kv, dh)
 
     def one_block(j, carry):
         m, denom, acc = carry
         start = j * block
-        kb = jax.lax.dynamic_slice(k_cache, (layer, 0, 0, start, 0), (1, b, kv, block, dh))[0].astype(q.dtype)
-        vb = jax.lax.dynamic_slice(v_cache, (layer, 0, 0, start, 0), (1, b, kv, block, dh))[0].astype(q.dtype)
-        scores = jnp.einsum("bkgd,bksd->bkgs", qg, kb, preferred_element_type=jnp.float32) / math.sqrt(dh)
+        kb = jax.lax.dynamic_slice(k_cache, (layer, 0, start, 0, 0), (1, b, block, kv, dh))[0].astype(q.dtype)
+        vb = jax.lax.dynamic_slice(v_cache, (layer, 0, start, 0, 0), (1, b, block, kv, dh))[0].astype(q.dtype)
+        scores = jnp.einsum("bkgd,bskd->bkgs", qg, kb, preferred_element_type=jnp.float32) / math.sqrt(dh)
         visible = (start + jnp.arange(block))[None, :] <= positions[:, None]  # [B, block]
         scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(scores, axis=-1))  # finite: slot 0 is visible to every row
         scale = jnp.exp(m - m_new)
         probs = jnp.exp(scores - m_new[..., None])
-        acc = acc * scale[..., None] + jnp.einsum("bkgs,bksd->bkgd", probs.astype(vb.dtype), vb,
+        acc = acc * scale[..., None] + jnp.einsum("bkgs,bskd->bkgd", probs.astype(vb.dtype), vb,
                                                   preferred_element_type=jnp.float32)
         return m_new, denom * scale + jnp.sum(probs, axis=-1), acc
 
@@ -248,7 +249,7 @@ class Decoder(nnx.Module):
         """Runs right-padded prompts once: tokens [B, T], row b's real tokens at 0..lengths[b]-1 (lengths >= 1).
 
         -> logits after each row's last real token [B, V] float32, and the keys/values of all T positions of
-        every layer, KVCache [L, B, K, T, Dh] (slot = position; slots past a row's length are never read).
+        every layer, KVCache [L, B, T, K, Dh] (slot = position; slots past a row's length are never read).
         """
         cfg = self.cfg
         t = tokens.shape[1]
@@ -258,7 +259,8 @@ class Decoder(nnx.Module):
 
         def layer(x, p):
             q, k, v = _qkv(cfg, p, x, positions, inv_freq)
-            return _attend_and_mlp(cfg, p, x, q, k, v, causal), (k.astype(cfg.dtype), v.astype(cfg.dtype))
+            slots = lambda a: a.transpose(0, 2, 1, 3).astype(cfg.dtype)  # noqa: E731  [B, K, T, Dh] -> [B, T, K, Dh]
+            return _attend_and_mlp(cfg, p, x, q, k, v, causal), (slots(k), slots(v))
 
         x, (k, v) = jax.lax.scan(layer, self._embed(tokens), self._layer_params())
         last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]
@@ -267,20 +269,20 @@ class Decoder(nnx.Module):
     def decode_step(self, tokens: Array, positions: Array, cache: KVCache, block: int) -> tuple[Array, KVCache]:
         """One token per row: tokens [B] int32 at positions [B] int32 (also the cache slot each is written to).
 
-        Row b attends slots 0..positions[b] of its cache [L, B, K, S, Dh] (S a multiple of `block`), read in
+        Row b attends slots 0..positions[b] of its cache [L, B, S, K, Dh] (S a multiple of `block`), read in
         place in blocks up to the largest position. The cache is carried through the layer scan and
         written one slot per row and layer. -> (logits [B, V] float32, cache).
         """
         cfg = self.cfg
         rows = jnp.arange(tokens.shape[0])
-        num_blocks = jnp.minimum(jnp.max(positions) // block + 1, cache.k.shape[3] // block)
+        num_blocks = jnp.minimum(jnp.max(positions) // block + 1, cache.k.shape[2] // block)
         inv_freq = rope_frequencies(cfg)
 
         def layer(carry, p):
             x, k_cache, v_cache, i = carry
             q, k, v = _qkv(cfg, p, x, positions[:, None], inv_freq)  # k, v: [B, K, 1, Dh]
-            k_cache = k_cache.at[i, rows, :, positions].set(k[:, :, 0].astype(k_cache.dtype), mode="drop")
-            v_cache = v_cache.at[i, rows, :, positions].set(v[:, :, 0].astype(v_cache.dtype), mode="drop")
+            k_cache = k_cache.at[i, rows, positions].set(k[:, :, 0].astype(k_cache.dtype), mode="drop")
+            v_cache = v_cache.at[i, rows, positions].set(v[:, :, 0].astype(v_cache.dtype), mode="drop")
             attn = cached_attention(q, k_cache, v_cache, i, positions, num_blocks, block)
             return (_output_and_mlp(cfg, p, x, attn), k_cache, v_cache, i + 1), None
 
