@@ -658,10 +658,11 @@ def compile_run(c: ml_collections.ConfigDict, topology: Topology, programs: Sequ
             if "sampler_decode" in programs:
                 log("compiling sampler_decode ...")
                 # Costed as one whole response of every row: the calls of steps_per_sync steps (a loop that stops
-                # on data) that max_new_tokens - 1 steps take, each step reading the cache blocks that are filled
-                # halfway through the response (the attention's block loop also stops on data).
-                block = min(sampler.kv_block, state.cache.k.shape[2])
-                blocks = -(-(p_len + r_len // 2) // block)
+                # on data) that max_new_tokens - 1 steps take, each step reading the cache blocks filled halfway
+                # through the response (the attention's two block loops, prompt and ring, also stop on data:
+                # each is costed at the mean of their block counts).
+                block = sampler.block(p_len)
+                blocks = -(-(-(-p_len // block) + -(-r_len // (2 * block)) + 1) // 2)
                 report = compile_program("sampler_decode", decode, (run.graphdef, run.policy.params, state), {},
                                          chip, sampler_resident, (sampler.steps_per_sync, blocks), hlo_dir)[0]
                 if report.cost is not None:

@@ -133,11 +133,17 @@ class SamplerConfig:
         """The smallest prompt bucket that holds `length` tokens."""
         return min(b for b in self.buckets if b >= length)
 
+    def block(self, prompt_len: int) -> int:
+        """Cache slots per attention block for prompts of at most `prompt_len` tokens."""
+        return min(self.kv_block, prompt_len, self.max_new_tokens)
+
+    def prompt_slots(self, prompt_len: int) -> int:
+        """Cache slots of a row's prompt: `prompt_len` rounded up to whole blocks."""
+        return _round_up(prompt_len, self.block(prompt_len))
+
     def cache_len(self, prompt_len: int) -> int:
-        """Cache slots per row for prompts of at most `prompt_len` tokens: prompt + response, rounded up to
-        whole attention blocks of `kv_block` when longer than one (so min(kv_block, S) divides S)."""
-        need = prompt_len + self.max_new_tokens
-        return need if need <= self.kv_block else _round_up(need, self.kv_block)
+        """Cache slots per row: the prompt's, then a ring of max_new_tokens generated tokens (whole blocks)."""
+        return self.prompt_slots(prompt_len) + _round_up(self.max_new_tokens, self.block(prompt_len))
 
     def cache_bytes(self, model_cfg: ModelConfig, prompt_len: int) -> int:
         """Bytes of the KV cache of all rows (keys and values, every layer)."""
@@ -165,16 +171,19 @@ class Rollout:
 
 @flax.struct.dataclass
 class SamplerState:
-    """Everything the programs carry; N = cfg.rows slots, S = cfg.cache_len(prompt bucket), R = max_new_tokens.
+    """Everything the programs carry; N = cfg.rows slots, R = max_new_tokens, P = cfg.prompt_slots(prompt_len).
 
-    cache: KV of every layer [L, N, S, K, Dh], row b's sequence from slot 0; positions [N] int32: the
-    position (= cache slot) of the row's last drawn token, fed at the next step; last [N] int32 that token;
-    keys [N] per-row PRNG keys; steps [N] int32 tokens drawn (stop included); tokens [N, R] int32 (pad after
-    stop); logprobs [N, R] float32 (0 after stop); done [N] bool (a free slot is done). `cfg` is static.
+    cache: KV of every layer [L, N, K, S, Dh], S = cfg.cache_len(prompt_len): row b's prompt in slots
+    0..prompt_lens[b]-1, its generated tokens in a ring over slots P..S-1, all rows writing at P + ring each
+    step; prompt_lens [N] int32; ring: int32 scalar, the ring slot the next step writes; last [N] int32 the
+    row's last drawn token, fed at the next step; keys [N] per-row PRNG keys; steps [N] int32 tokens drawn
+    (stop included); tokens [N, R] int32 (pad after stop); logprobs [N, R] float32 (0 after stop); done [N]
+    bool (a free slot is done). `cfg` and `prompt_len` (the largest prompt the cache holds) are static.
     """
 
     cache: KVCache
-    positions: Array
+    prompt_lens: Array
+    ring: Array
     last: Array
     keys: Array
     steps: Array
@@ -182,6 +191,7 @@ class SamplerState:
     logprobs: Array
     done: Array
     cfg: SamplerConfig = flax.struct.field(pytree_node=False)
+    prompt_len: int = flax.struct.field(pytree_node=False)
 
 
 # --- token selection ---------------------------------------------------------------------------------
@@ -256,14 +266,14 @@ def _is_stop(tokens: Array, stop_ids: tuple[int, ...]) -> Array:
 
 # --- sharding of the sampler state -------------------------------------------------------------------
 
-_KV_AXES = ("layers", "batch", None, "kv_heads", "head_dim")
+_KV_AXES = ("layers", "batch", "kv_heads", None, "head_dim")
 
 
 def _state_axes(state: SamplerState) -> SamplerState:
     """The logical axes of every state array (same tree): batch over data/fsdp, KV heads over tensor."""
     b1, b2 = ("batch",), ("batch", None)
-    return state.replace(cache=KVCache(k=_KV_AXES, v=_KV_AXES), positions=b1, last=b1, keys=b1, steps=b1, tokens=b2,
-                         logprobs=b2, done=b1)
+    return state.replace(cache=KVCache(k=_KV_AXES, v=_KV_AXES), prompt_lens=b1, ring=(), last=b1, keys=b1, steps=b1,
+                         tokens=b2, logprobs=b2, done=b1)
 
 
 def _map_state(fn: Callable[[Any, tuple[str | None, ...]], Any], state: SamplerState) -> SamplerState:
@@ -292,9 +302,10 @@ def empty_state(model_cfg: ModelConfig, cfg: SamplerConfig, prompt_len: int) -> 
     n, r = cfg.rows, cfg.max_new_tokens
     zeros = jnp.zeros((n,), jnp.int32)
     return _constrain_state(SamplerState(
-        cache=KVCache.zeros(model_cfg, n, cfg.cache_len(prompt_len)), positions=zeros, last=zeros,
-        keys=jax.random.split(jax.random.key(0), n), steps=zeros, tokens=jnp.full((n, r), cfg.pad_id, jnp.int32),
-        logprobs=jnp.zeros((n, r), jnp.float32), done=jnp.ones((n,), jnp.bool_), cfg=cfg))
+        cache=KVCache.zeros(model_cfg, n, cfg.cache_len(prompt_len)), prompt_lens=jnp.ones((n,), jnp.int32),
+        ring=jnp.zeros((), jnp.int32), last=zeros, keys=jax.random.split(jax.random.key(0), n), steps=zeros,
+        tokens=jnp.full((n, r), cfg.pad_id, jnp.int32), logprobs=jnp.zeros((n, r), jnp.float32),
+        done=jnp.ones((n,), jnp.bool_), cfg=cfg, prompt_len=prompt_len))
 
 
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnames=("state",))
@@ -302,7 +313,7 @@ def insert(graphdef: nnx.GraphDef, params: nnx.State, state: SamplerState, promp
            slots: Array, rows: Array, rng: Array) -> SamplerState:
     """Prefills a batch of prompts once and starts their samples in the given slots.
 
-    prompt_tokens: [B, P] right-padded (P <= the state's prompt bucket); prompt_lens: [B] int32 >= 1;
+    prompt_tokens: [B, P] right-padded (P <= state.prompt_len); prompt_lens: [B] int32 >= 1;
     slots: [n, B] int32, the slot sample j of prompt b starts in (cfg.rows or more: not started, e.g. the
     dummy prompts padding B); rows: [n, B] int32, its row id (the RNG stream it draws from); rng: the
     sampler's PRNG key. Each started slot gets the prompt's KV cache in slots 0..P-1 (one copy per sample,
@@ -314,7 +325,7 @@ def insert(graphdef: nnx.GraphDef, params: nnx.State, state: SamplerState, promp
     p = prompt_tokens.shape[1]
 
     def copy_sample(j, kv):  # the prompt cache into the slots of every prompt's sample j, in place
-        return tuple(c.at[:, slots[j], :p].set(src, mode="drop") for c, src in zip(kv, (cache.k, cache.v)))
+        return tuple(c.at[:, slots[j], :, :p].set(src, mode="drop") for c, src in zip(kv, (cache.k, cache.v)))
 
     k, v = jax.lax.fori_loop(0, cfg.n, copy_sample, (state.cache.k, state.cache.v))
     flat = slots.reshape(-1)  # sample-major: (j, b) -> j * B + b, as the tiled logits below
@@ -324,7 +335,7 @@ def insert(graphdef: nnx.GraphDef, params: nnx.State, state: SamplerState, promp
     put = lambda buf, val: buf.at[flat].set(val, mode="drop")  # noqa: E731
     first = lambda x, fill: jnp.full((flat.shape[0], r), fill, x.dtype).at[:, 0].set(x)  # noqa: E731
     state = state.replace(
-        cache=KVCache(k=k, v=v), positions=put(state.positions, jnp.tile(prompt_lens, cfg.n)),
+        cache=KVCache(k=k, v=v), prompt_lens=put(state.prompt_lens, jnp.tile(prompt_lens, cfg.n)),
         last=put(state.last, tokens), keys=put(state.keys, keys), steps=put(state.steps, jnp.ones_like(tokens)),
         tokens=put(state.tokens, first(tokens, cfg.pad_id)), logprobs=put(state.logprobs, first(logprobs, 0.0)),
         done=put(state.done, _is_stop(tokens, cfg.sampling.stop_ids) | (r == 1)))
@@ -335,12 +346,14 @@ def insert(graphdef: nnx.GraphDef, params: nnx.State, state: SamplerState, promp
 def decode(graphdef: nnx.GraphDef, params: nnx.State, state: SamplerState) -> SamplerState:
     """Up to `cfg.steps_per_sync` decode steps of every live row; stops early once every row is done.
 
-    One `lax.while_loop`; each iteration feeds each live row its last token at its own position (written
-    into the cache in place), attends over the row's filled slots only, and draws the next token.
+    One `lax.while_loop`; each iteration feeds each live row its last token at its own position, writes the
+    keys/values of every row at one shared ring slot of the cache (in place), attends over each row's own
+    prompt and generated slots only, and draws the next token.
     """
     model: Decoder = nnx.merge(graphdef, params)
     cfg = state.cfg
-    r, block = cfg.max_new_tokens, min(cfg.kv_block, state.cache.k.shape[2])  # see cache_len
+    r, block, prompt_slots = cfg.max_new_tokens, cfg.block(state.prompt_len), cfg.prompt_slots(state.prompt_len)
+    ring = state.cache.k.shape[3] - prompt_slots
     rows = jnp.arange(state.done.shape[0])
 
     def cond(carry) -> Array:
@@ -350,14 +363,16 @@ def decode(graphdef: nnx.GraphDef, params: nnx.State, state: SamplerState) -> Sa
     def body(carry):
         i, s = carry
         live = ~s.done
-        # A finished or free row is fed at position 0 (its cache is rewritten before it is read again), so
-        # it neither writes past its cache nor widens the blocks the live rows read.
-        positions = jnp.where(live, s.positions, 0)
-        logits, cache = model.decode_step(s.last, positions, s.cache, block)
+        # A row sees the s.steps tokens it has fed (the one fed now included): consecutive ring slots, as
+        # every step feeds every live row. A finished or free row sees only its prompt (its ring slots are
+        # overwritten, and it is reset by `insert`, before anyone reads them again).
+        logits, cache = model.decode_step(s.last, s.prompt_lens + s.steps - 1, s.cache, prompt_lens=s.prompt_lens,
+                                          counts=jnp.where(live, s.steps, 0), ring_index=s.ring,
+                                          prompt_slots=prompt_slots, block=block)
         tokens, logprobs = select_tokens(logits, s.keys, s.steps, cfg.sampling)
         col = jnp.where(live, s.steps, r)  # column r: dropped
         steps = s.steps + live
-        s = s.replace(cache=cache, positions=s.positions + live, last=jnp.where(live, tokens, s.last), steps=steps,
+        s = s.replace(cache=cache, ring=(s.ring + 1) % ring, last=jnp.where(live, tokens, s.last), steps=steps,
                       tokens=s.tokens.at[rows, col].set(tokens, mode="drop"),
                       logprobs=s.logprobs.at[rows, col].set(logprobs, mode="drop"),
                       done=s.done | _is_stop(tokens, cfg.sampling.stop_ids) | (steps >= r))

@@ -8,8 +8,8 @@ Three entry points share the layer functions:
 - `model(tokens, attention_mask=..., positions=...)`: full-sequence forward (training, scoring).
 - `model.prefill(tokens, lengths)`: right-padded prompts once; returns the keys/values of every layer
   in the sampler's cache layout (`KVCache`, row b's sequence from slot 0).
-- `model.decode_step(tokens, positions, cache, block)`: one token per row, written into the cache at the
-  row's own position; attention reads the cache in place, block by block up to the longest filled row.
+- `model.decode_step(tokens, positions, cache, ...)`: one token per row, written into the cache at one
+  shared slot; attention reads each row's own filled slots in place, block by block (`cached_attention`).
 """
 
 from __future__ import annotations
@@ -29,17 +29,16 @@ Array = jax.Array
 
 @flax.struct.dataclass
 class KVCache:
-    """Keys and values of every layer. Row b holds its own sequence from slot 0 (slot = position), so each
-    row has its own filled length. `k`, `v`: [L, B, S, K, Dh] compute dtype: slot-major, so the K x Dh values
-    of one slot are contiguous and a decode step writes them in place (head-major, XLA:TPU relayouts the
-    whole cache around each per-row write)."""
+    """Keys and values of every layer, head-major so attention reads them without transposes.
+    `k`, `v`: [L, B, K, S, Dh] compute dtype. The sampler keeps each row's prompt in the first slots and
+    its generated tokens in a ring after them (`cached_attention`)."""
 
     k: Array
     v: Array
 
     @classmethod
     def zeros(cls, cfg: ModelConfig, batch: int, length: int) -> KVCache:
-        shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+        shape = (cfg.num_layers, batch, cfg.num_kv_heads, length, cfg.head_dim)
         dtype = jnp.dtype(cfg.dtype)
         return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
 
@@ -114,37 +113,52 @@ def _qkv(cfg: ModelConfig, p: dict[str, Array], x: Array, positions: Array, inv_
     return q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
 
 
-def cached_attention(q: Array, k_cache: Array, v_cache: Array, layer: Array, positions: Array, num_blocks: Array,
-                     block: int) -> Array:
-    """Attention of one new token per row over layer `layer` of the stacked cache, read in place.
+def cached_attention(q: Array, k_cache: Array, v_cache: Array, layer: Array, prompt_lens: Array, counts: Array,
+                     ring_index: Array, prompt_slots: int, block: int) -> Array:
+    """Attention of one new token per row over layer `layer` of the sampler's cache, read in place.
 
-    q: [B, 1, H, Dh]; k_cache, v_cache: [L, B, S, K, Dh]; positions: [B] int32, row b attends slots
-    0..positions[b]; num_blocks: int32 scalar, blocks of `block` slots to read (covering the largest
-    position). Online softmax in fp32 over the blocks (a while loop), so the work follows the filled
-    length, not S; blocks past a row's position add exactly nothing. -> [B, 1, H, Dh]
+    q: [B, 1, H, Dh]; k_cache, v_cache: [L, B, K, S, Dh], slots 0..prompt_slots-1 the row's prompt (row b
+    attends the first prompt_lens[b]), the rest a ring of generated tokens written at a shared index (row b
+    attends the counts[b] slots written last, up to and including `ring_index`). The cache is read in blocks
+    of `block` slots (prompt_slots and the ring are whole blocks): the prompt blocks up to the longest
+    prompt and the ring blocks of the longest response so far, with an online softmax in fp32 (while
+    loops), so the work follows the filled length, not S; a slot a row does not see adds exactly nothing.
+    -> [B, 1, H, Dh]
     """
     b, _, h, dh = q.shape
-    kv = k_cache.shape[3]
+    kv, ring = k_cache.shape[2], k_cache.shape[3] - prompt_slots
     qg = q.reshape(b, kv, h // kv, dh)
+    offsets = jnp.arange(block)
 
-    def one_block(j, carry):
+    def accumulate(start: Array, visible: Array, carry):
         m, denom, acc = carry
-        start = j * block
-        kb = jax.lax.dynamic_slice(k_cache, (layer, 0, start, 0, 0), (1, b, block, kv, dh))[0].astype(q.dtype)
-        vb = jax.lax.dynamic_slice(v_cache, (layer, 0, start, 0, 0), (1, b, block, kv, dh))[0].astype(q.dtype)
-        scores = jnp.einsum("bkgd,bskd->bkgs", qg, kb, preferred_element_type=jnp.float32) / math.sqrt(dh)
-        visible = (start + jnp.arange(block))[None, :] <= positions[:, None]  # [B, block]
+        kb = jax.lax.dynamic_slice(k_cache, (layer, 0, 0, start, 0), (1, b, kv, block, dh))[0].astype(q.dtype)
+        vb = jax.lax.dynamic_slice(v_cache, (layer, 0, 0, start, 0), (1, b, kv, block, dh))[0].astype(q.dtype)
+        scores = jnp.einsum("bkgd,bksd->bkgs", qg, kb, preferred_element_type=jnp.float32) / math.sqrt(dh)
         scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
-        m_new = jnp.maximum(m, jnp.max(scores, axis=-1))  # finite: slot 0 is visible to every row
+        m_new = jnp.maximum(m, jnp.max(scores, axis=-1))  # m starts finite, so a block nobody sees is a no-op
         scale = jnp.exp(m - m_new)
         probs = jnp.exp(scores - m_new[..., None])
-        acc = acc * scale[..., None] + jnp.einsum("bkgs,bskd->bkgd", probs.astype(vb.dtype), vb,
+        acc = acc * scale[..., None] + jnp.einsum("bkgs,bksd->bkgd", probs.astype(vb.dtype), vb,
                                                   preferred_element_type=jnp.float32)
         return m_new, denom * scale + jnp.sum(probs, axis=-1), acc
 
-    init = (jnp.full((b, kv, h // kv), -jnp.inf, jnp.float32), jnp.zeros((b, kv, h // kv), jnp.float32),
-            jnp.zeros((b, kv, h // kv, dh), jnp.float32))
-    _, denom, acc = jax.lax.fori_loop(0, num_blocks, one_block, init)
+    def prompt_block(j, carry):
+        return accumulate(j * block, (j * block + offsets)[None, :] < prompt_lens[:, None], carry)
+
+    longest = jnp.max(counts)
+    first = (ring_index - longest + 1) % ring // block  # the ring block of the oldest slot anyone sees
+
+    def ring_block(j, carry):
+        start = (first + j) % (ring // block) * block
+        age = (ring_index - start - offsets) % ring  # steps since each slot was written
+        return accumulate(prompt_slots + start, age[None, :] < counts[:, None], carry)
+
+    init = (jnp.full((b, kv, h // kv), jnp.finfo(jnp.float32).min, jnp.float32),
+            jnp.zeros((b, kv, h // kv), jnp.float32), jnp.zeros((b, kv, h // kv, dh), jnp.float32))
+    carry = jax.lax.fori_loop(0, (jnp.max(prompt_lens) + block - 1) // block, prompt_block, init)
+    ring_blocks = jnp.where(longest > 0, jnp.minimum((longest + block - 1) // block + 1, ring // block), 0)
+    _, denom, acc = jax.lax.fori_loop(0, ring_blocks, ring_block, carry)
     return (acc / denom[..., None]).astype(q.dtype).reshape(b, 1, h, dh)
 
 
@@ -249,7 +263,7 @@ class Decoder(nnx.Module):
         """Runs right-padded prompts once: tokens [B, T], row b's real tokens at 0..lengths[b]-1 (lengths >= 1).
 
         -> logits after each row's last real token [B, V] float32, and the keys/values of all T positions of
-        every layer, KVCache [L, B, T, K, Dh] (slot = position; slots past a row's length are never read).
+        every layer, KVCache [L, B, K, T, Dh] (slot = position; slots past a row's length are never read).
         """
         cfg = self.cfg
         t = tokens.shape[1]
@@ -259,31 +273,32 @@ class Decoder(nnx.Module):
 
         def layer(x, p):
             q, k, v = _qkv(cfg, p, x, positions, inv_freq)
-            slots = lambda a: a.transpose(0, 2, 1, 3).astype(cfg.dtype)  # noqa: E731  [B, K, T, Dh] -> [B, T, K, Dh]
-            return _attend_and_mlp(cfg, p, x, q, k, v, causal), (slots(k), slots(v))
+            return _attend_and_mlp(cfg, p, x, q, k, v, causal), (k.astype(cfg.dtype), v.astype(cfg.dtype))
 
         x, (k, v) = jax.lax.scan(layer, self._embed(tokens), self._layer_params())
         last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]
         return self._logits(rms_norm(last, self.final_norm[...], cfg.rms_norm_eps)), KVCache(k=k, v=v)
 
-    def decode_step(self, tokens: Array, positions: Array, cache: KVCache, block: int) -> tuple[Array, KVCache]:
-        """One token per row: tokens [B] int32 at positions [B] int32 (also the cache slot each is written to).
+    def decode_step(self, tokens: Array, positions: Array, cache: KVCache, *, prompt_lens: Array, counts: Array,
+                    ring_index: Array, prompt_slots: int, block: int) -> tuple[Array, KVCache]:
+        """One token per row: tokens [B] int32 at RoPE positions [B] int32, written for every row at the shared
+        cache slot prompt_slots + ring_index (one in-place slice per layer, no per-row scatter).
 
-        Row b attends slots 0..positions[b] of its cache [L, B, S, K, Dh] (S a multiple of `block`), read in
-        place in blocks up to the largest position. The cache is carried through the layer scan and
-        written one slot per row and layer. -> (logits [B, V] float32, cache).
+        cache: [L, B, K, S, Dh], a row's prompt in slots 0..prompt_slots-1 and its generated tokens in a ring
+        after them; row b attends its first prompt_lens[b] slots and the counts[b] ring slots written last
+        (this one included), read in place in blocks of `block` (`cached_attention`).
+        -> (logits [B, V] float32, cache).
         """
         cfg = self.cfg
-        rows = jnp.arange(tokens.shape[0])
-        num_blocks = jnp.minimum(jnp.max(positions) // block + 1, cache.k.shape[2] // block)
         inv_freq = rope_frequencies(cfg)
+        slot = prompt_slots + ring_index
 
         def layer(carry, p):
             x, k_cache, v_cache, i = carry
             q, k, v = _qkv(cfg, p, x, positions[:, None], inv_freq)  # k, v: [B, K, 1, Dh]
-            k_cache = k_cache.at[i, rows, positions].set(k[:, :, 0].astype(k_cache.dtype), mode="drop")
-            v_cache = v_cache.at[i, rows, positions].set(v[:, :, 0].astype(v_cache.dtype), mode="drop")
-            attn = cached_attention(q, k_cache, v_cache, i, positions, num_blocks, block)
+            k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), (i, 0, 0, slot, 0))
+            v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), (i, 0, 0, slot, 0))
+            attn = cached_attention(q, k_cache, v_cache, i, prompt_lens, counts, ring_index, prompt_slots, block)
             return (_output_and_mlp(cfg, p, x, attn), k_cache, v_cache, i + 1), None
 
         init = (self._embed(tokens[:, None]), cache.k, cache.v, jnp.int32(0))
