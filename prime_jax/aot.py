@@ -426,9 +426,28 @@ def _trip_count(loop: _Instr, comps: dict[str, list[_Instr]], defs: dict[str, _I
     return max(0, -(-(bound - start + (direction.group(1) == "LE")) // step))
 
 
+def _sliced_read_bytes(body: list[_Instr], param: str, comps: dict[str, list[_Instr]]) -> float | None:
+    """HBM bytes a fusion computation reads of its parameter `param` when it only dynamic-slices it or updates
+    it in place (also inside nested fusions): the slices; None when some use reads it whole."""
+    uses = [(i, pos) for i in body for pos, o in enumerate(i.operands) if o == param]
+    total = 0.0
+    for use, pos in uses:
+        if use.opcode in ("dynamic-slice", "dynamic-update-slice") and pos == 0:
+            total += _hbm_bytes(use.shape) if use.opcode == "dynamic-slice" else 0.0
+            continue
+        inner = comps.get(next(iter(_called(use, "calls")), "")) if use.opcode == "fusion" else None
+        inner_param = next((i.name for i in inner or [] if i.opcode == "parameter" and int(i.args) == pos), None)
+        sliced = _sliced_read_bytes(inner, inner_param, comps) if inner_param is not None else None
+        if sliced is None:
+            return None
+        total += sliced
+    return total if uses else None
+
+
 def _op_bytes(ins: _Instr, shapes: dict[str, str], comps: dict[str, list[_Instr]]) -> float:
     """HBM bytes an op reads and writes; a fusion reads only the slices it dynamic-slices out of a
-    parameter, and writes only the update of a dynamic-update-slice root (its buffer is aliased)."""
+    parameter (also in a nested fusion), and writes only the update of a dynamic-update-slice root (its
+    buffer is aliased)."""
     if ins.opcode == "dynamic-slice":
         return 2 * _hbm_bytes(ins.shape)
     if ins.opcode == "dynamic-update-slice":
@@ -439,16 +458,10 @@ def _op_bytes(ins: _Instr, shapes: dict[str, str], comps: dict[str, list[_Instr]
     written = _hbm_bytes(ins.shape)
     body = comps.get(next(iter(_called(ins, "calls")), "")) if ins.opcode == "fusion" else None
     if body:
-        params = {i.name: int(i.args) for i in body if i.opcode == "parameter"}
-        users: dict[str, list[tuple[_Instr, int]]] = {}
-        for i in body:
-            for pos, o in enumerate(i.operands):
-                users.setdefault(o, []).append((i, pos))
-        for name, index in params.items():
-            uses = users.get(name, [])
-            if uses and index < len(reads) and all(u.opcode in ("dynamic-slice", "dynamic-update-slice") and pos == 0
-                                                   for u, pos in uses):
-                reads[index] = sum(_hbm_bytes(u.shape) for u, _ in uses if u.opcode == "dynamic-slice")
+        for name, index in ((i.name, int(i.args)) for i in body if i.opcode == "parameter"):
+            sliced = _sliced_read_bytes(body, name, comps)
+            if sliced is not None and index < len(reads):
+                reads[index] = sliced
         local = {i.name: i for i in body}
         roots = [local[o] for o in body[-1].operands] if body[-1].opcode == "tuple" else [body[-1]]
         if any(r.opcode == "dynamic-update-slice" for r in roots):
