@@ -50,17 +50,22 @@ def sampler_config(c: ml_collections.ConfigDict, mesh: Mesh, stop_ids: Sequence[
                          steps_per_sync=r.steps_per_sync, kv_block=r.kv_block, data_parallel=dp)
 
 
-def make_sampler(c: ml_collections.ConfigDict, mesh: Mesh, graphdef: nnx.GraphDef, model_cfg: ModelConfig,
-                 stop_ids: Sequence[int], pad_id: int) -> Sampler:
-    """The rollout sampler; fails (naming the config key) when its KV cache exceeds `rollout.kv_cache_gib`."""
-    cfg = sampler_config(c, mesh, stop_ids, pad_id)
+def check_kv_cache(c: ml_collections.ConfigDict, mesh: Mesh, model_cfg: ModelConfig) -> None:
+    """Fails, naming the config key, when the sampler's KV cache exceeds `rollout.kv_cache_gib` per device."""
     budget = c.rollout.kv_cache_gib
+    cfg = sampler_config(c, mesh, (), 0)
     per_device = cfg.cache_bytes(model_cfg, c.data.max_prompt_length) / data_parallel_size(mesh) / 2**30
     if budget and per_device > budget:
         raise ValueError(f"config.rollout.prompts_per_call: {cfg.rows} rows in flight ({sampler_prompts(c)} prompts x "
                          f"{c.rollout.n_samples}) need a {per_device:.2f} GiB/device KV cache, above "
                          f"rollout.kv_cache_gib={budget}")
-    return Sampler(graphdef, model_cfg, cfg, mesh)
+
+
+def make_sampler(c: ml_collections.ConfigDict, mesh: Mesh, graphdef: nnx.GraphDef, model_cfg: ModelConfig,
+                 stop_ids: Sequence[int], pad_id: int) -> Sampler:
+    """The rollout sampler of the run."""
+    check_kv_cache(c, mesh, model_cfg)
+    return Sampler(graphdef, model_cfg, sampler_config(c, mesh, stop_ids, pad_id), mesh)
 
 
 def prm_step_config(c: ml_collections.ConfigDict, mesh: Mesh) -> PrmStepConfig:
@@ -91,11 +96,15 @@ def optimizers(c: ml_collections.ConfigDict, mesh: Mesh) -> tuple[optax.Gradient
 
 
 def validate_programs(c: ml_collections.ConfigDict, mesh: Mesh) -> None:
-    """The programs' own checks (batching vs mesh, estimator), before anything is loaded or traced."""
+    """The programs' own checks (batching vs mesh, estimator, KV cache budget), before anything is loaded or traced."""
     prm_step_config(c, mesh).validate(mesh)
     ppo_step_config(c).validate(mesh)
     validate_advantage_args(n=c.rollout.n_samples, estimator=c.algorithm.adv_estimator,
                             rloo_formula=c.algorithm.process_formula)
+    if c.rollout.kv_cache_gib:
+        from prime_jax.memory_plan import architecture  # memory_plan imports this module
+
+        check_kv_cache(c, mesh, architecture(c))
     rows = rows_per_step(c)
     if rows % data_parallel_size(mesh):
         raise ValueError(f"config.train.batch_size: {rows} rows per step do not split over the {data_parallel_size(mesh)}-way data-parallel mesh")
