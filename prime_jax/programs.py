@@ -104,7 +104,7 @@ def validate_programs(c: ml_collections.ConfigDict, mesh: Mesh) -> None:
     if c.rollout.kv_cache_gib:
         from prime_jax.memory_plan import architecture  # memory_plan imports this module
 
-        check_kv_cache(c, mesh, architecture(c))
+        check_kv_cache(c, mesh, architecture(c).replace(dtype=c.model.compute_dtype))
     rows = rows_per_step(c)
     if rows % data_parallel_size(mesh):
         raise ValueError(f"config.train.batch_size: {rows} rows per step do not split over the {data_parallel_size(mesh)}-way data-parallel mesh")
