@@ -1,12 +1,16 @@
-"""Rollout throughput: prime_jax `generate` (jitted prefill + while_loop decode) vs transformers `generate`
-(PyTorch), same weights, same prompts, same number of new tokens, sampling on (temperature 1, no top-k/top-p,
-the PRIME rollout setting), in one run.
+"""Rollout throughput on long-tailed response lengths: prime_jax's sampler (continuous batching) vs transformers
+`generate` (PyTorch), same weights, same prompts, same stop rule, sampling at temperature 1, in one run.
 
-Prints generated tokens/s for both at each batch size and the ratio. Neither side can stop early (no stop ids,
-no eos), so both generate exactly `--new` tokens per row. Compile time is excluded: prime_jax is warmed up
-once with the timed shapes (transformers with a short call); the figure is the median of `--repeats` timed
-calls. transformers is timed with each of `--torch-threads` and the ratio is taken against its fastest.
-Run: `python bench/sampler.py [--batches 8 64 --prompt 32 --new 128]`.
+The model has a small vocabulary (`--vocab`, one of its ids the stop token) and near-uniform next-token
+probabilities, so a response stops at each step with probability ~1/vocab: lengths are geometric with mean
+~vocab tokens, `--new` (the limit) ~4x that, and a few rows hit the limit. Both sides sample `--prompts` x
+`--n` rows with at most R rows in flight for each R of `--in-flight`: prime_jax with prompts_per_call = R / n
+(a row that stops hands its slot to the next waiting sample), transformers in calls of R / n prompts x n
+return sequences (each call runs until its longest row stops). Prints, per R, each side's generated tokens
+(up to and including the stop token) per second and the ratio. Compile time is excluded (prime_jax is run
+once untimed with the timed shapes; transformers with a short call); figures are medians of `--repeats`
+runs. transformers is timed with each of `--torch-threads` and the ratio is taken against its fastest.
+Run: `python bench/sampler.py [--in-flight 64 8 --prompts 64 --n 4 --new 256 --vocab 64]`.
 """
 
 from __future__ import annotations
@@ -24,62 +28,83 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
+from bench.common import median_seconds  # noqa: E402
 from prime_jax.models import load_pretrained  # noqa: E402
 from prime_jax.sampling import generate  # noqa: E402
-from bench.common import median_seconds  # noqa: E402
 from tests.fixtures import tiny_config, write_hf_checkpoint  # noqa: E402
 
-
+STOP = 1
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--batches", type=int, nargs="+", default=[8, 64])
-    ap.add_argument("--prompt", type=int, default=32)
-    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--in-flight", type=int, nargs="+", default=[64, 8], help="most rows decoded at once")
+    ap.add_argument("--prompts", type=int, default=64)
+    ap.add_argument("--n", type=int, default=4, help="samples per prompt")
+    ap.add_argument("--prompt", type=int, default=32, help="prompt tokens")
+    ap.add_argument("--new", type=int, default=256, help="response length limit")
+    ap.add_argument("--vocab", type=int, default=64, help="vocabulary size: mean response length ~ vocab")
+    ap.add_argument("--steps-per-sync", type=int, default=8)
+    ap.add_argument("--kv-block", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--torch-threads", type=int, nargs="+", default=[torch.get_num_threads(), 1],
                     help="transformers is timed at each; the ratio uses the fastest (OpenMP with all cores can be "
                          "10x slower than 1 thread when other processes load the CPU)")
     args = ap.parse_args()
-    cfg = tiny_config(vocab_size=4096, hidden_size=256, intermediate_size=1024, num_layers=4, num_heads=4,
+    cfg = tiny_config(vocab_size=args.vocab, hidden_size=256, intermediate_size=1024, num_layers=4, num_heads=4,
                       num_kv_heads=2, head_dim=64, max_position_embeddings=4096, logits_chunk=1024)
     with tempfile.TemporaryDirectory() as d:
         write_hf_checkpoint(cfg, d)
         hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
         model = load_pretrained(d)
+    rows = args.prompts * args.n
+    prompts = np.random.default_rng(0).integers(2, cfg.vocab_size, (args.prompts, args.prompt))
     print(f"model: qwen2 d={cfg.hidden_size} L={cfg.num_layers} heads {cfg.num_heads}/{cfg.num_kv_heads} "
           f"ffn {cfg.intermediate_size} V={cfg.vocab_size} ({cfg.num_params / 1e6:.1f}M params), fp32; "
-          f"prompt {args.prompt} tokens, {args.new} new tokens per row, temperature 1.0, top_p 1.0, top_k off; "
-          f"jax on {jax.devices()[0].platform}, {os.cpu_count()} CPUs")
-    print(f"compile and warm-up excluded (one untimed call per side first); median of {args.repeats} timed calls")
-    rng = np.random.default_rng(0)
-    for batch in args.batches:
-        prompts = rng.integers(1, cfg.vocab_size, (batch, args.prompt))
-        ids = torch.tensor(prompts, dtype=torch.long)
-        ones = torch.ones_like(ids)
+          f"{args.prompts} prompts of {args.prompt} tokens x {args.n} samples = {rows} rows, at most {args.new} new "
+          f"tokens, stop id {STOP}, temperature 1.0; jax on {jax.devices()[0].platform}, {os.cpu_count()} CPUs; "
+          f"steps_per_sync {args.steps_per_sync}, kv_block {args.kv_block}")
+    print(f"compile and warm-up excluded; median of {args.repeats} timed runs")
+    for in_flight in args.in_flight:
+        if in_flight % args.n or args.prompts % (in_flight // args.n):
+            raise SystemExit(f"--in-flight {in_flight}: must be a multiple of --n whose prompts divide --prompts")
+        per_call = in_flight // args.n
         seeds = iter(range(1_000_000))
+        counts: dict[str, list[int]] = {"prime_jax": [], "transformers": []}
 
         def ours() -> None:
-            out = generate(model, prompts.tolist(), max_new_tokens=args.new, temperature=1.0, stop_ids=(),
-                           seed=next(seeds), buckets=(args.prompt,))
-            assert out.tokens.shape == (batch, args.new) and (out.lengths == args.new).all()
+            out = generate(model, prompts.tolist(), n=args.n, max_new_tokens=args.new, temperature=1.0, stop_ids=(STOP,),
+                           seed=next(seeds), buckets=(args.prompt,), prompts_per_call=per_call,
+                           steps_per_sync=args.steps_per_sync, kv_block=args.kv_block)
+            counts["prime_jax"].append(int(out.lengths.sum()))
 
         def theirs(new: int) -> None:
+            total = 0
             with torch.inference_mode():
-                out = hf.generate(input_ids=ids, attention_mask=ones, do_sample=True, temperature=1.0, top_p=1.0,
-                                  top_k=0, max_new_tokens=new, min_new_tokens=new, eos_token_id=None, pad_token_id=0)
-            assert out.shape == (batch, args.prompt + new)
+                for i in range(0, args.prompts, per_call):
+                    ids = torch.tensor(prompts[i:i + per_call], dtype=torch.long)
+                    out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                                      temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=new, eos_token_id=STOP,
+                                      pad_token_id=0, num_return_sequences=args.n)[:, args.prompt:]
+                    done = (out == STOP).cumsum(1) - (out == STOP).int() > 0  # after the first stop token
+                    total += int((~done).sum())
+            if new == args.new:
+                counts["transformers"].append(total)
 
         t_ours = median_seconds(ours, args.repeats)
-        line = f"batch {batch:3d}: prime_jax {batch * args.new / t_ours:8.0f} tokens/s"
-        best = np.inf
+        ours_tps = np.median(counts["prime_jax"][1:]) / t_ours
+        lengths = np.asarray(counts["prime_jax"][1:]) / rows
+        line = (f"{in_flight:3d} rows in flight: mean length {lengths.mean():.0f} of {args.new} | "
+                f"prime_jax {ours_tps:8.0f} tokens/s")
+        best = 0.0
         for threads in args.torch_threads:
             torch.set_num_threads(threads)
+            counts["transformers"].clear()
             t = median_seconds(lambda: theirs(args.new), args.repeats, warmup=lambda: theirs(4))
-            best = min(best, t)
-            line += f" | transformers ({threads} thr) {batch * args.new / t:7.0f} tokens/s"
-        print(f"{line} | ratio vs the faster transformers {best / t_ours:.2f}x", flush=True)
+            tps = np.median(counts["transformers"]) / t
+            best = max(best, tps)
+            line += f" | transformers ({threads} thr) {tps:7.0f} tokens/s"
+        print(f"{line} | ratio vs the faster transformers {ours_tps / best:.2f}x", flush=True)
 
 
 if __name__ == "__main__":

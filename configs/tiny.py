@@ -41,6 +41,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.rollout.n_samples = 4
     c.rollout.max_response_length = 48
+    c.rollout.steps_per_sync = 4
     c.train.batch_size = 32
     c.train.max_rounds = 3
     # A tiny model takes much larger steps than a 7B one; warmup keeps Adam's first, sign-like

@@ -78,7 +78,8 @@ def build(c: ml_collections.ConfigDict) -> Components:
     graphdef, policy_params = nnx.split(policy)
     policy_state, prm_state = init_states(c, mesh, policy_params, nnx.state(prm))
     ref_params = nnx.state(ref)
-    programs = make_programs(c, mesh, graphdef, policy_state, prm_state, ref_params)
+    programs = make_programs(c, mesh, graphdef, policy_state, prm_state, ref_params, stop_ids=tokenizer.eos_ids,
+                             pad_id=tokenizer.pad_id)
     pool = VerifierPool(c.verifier.num_workers, c.verifier.item_timeout_s, c.verifier.batch_timeout_s,
                         literal_numbers=c.verifier.literal_numbers, allow_unsandboxed=c.verifier.allow_unsandboxed)
     return Components(c, mesh, tokenizer, train_data, val_examples, skipped, graphdef, policy_state, prm_state,

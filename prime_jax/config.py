@@ -55,7 +55,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.rollout.top_p = 1.0
     c.rollout.top_k = 0
     c.rollout.max_response_length = 3072
-    c.rollout.prompts_per_call = 0      # prompts per sampler call, <= train.batch_size (0: all); bounds the KV cache
+    c.rollout.prompts_per_call = 0      # prompts in flight x n_samples = sampler rows, <= train.batch_size (0: all); bounds the KV cache
+    c.rollout.steps_per_sync = 16       # decode steps between host round trips (rows that stopped are replaced then)
+    c.rollout.kv_block = 256            # KV cache slots per attention block (decode reads the filled blocks only)
+    c.rollout.kv_cache_gib = 0.0        # KV cache budget per device (0: unchecked); more rows in flight fail early
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 256            # prompts per step; the learner sees batch_size * n_samples rows
@@ -191,6 +194,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
         _fail("algorithm.process_formula", f"{c.algorithm.process_formula!r} is not one of reference, paper")
     if c.rollout.prompts_per_call < 0:
         _fail("rollout.prompts_per_call", f"must be >= 0 (0: train.batch_size), got {c.rollout.prompts_per_call}")
+    for key in ("steps_per_sync", "kv_block"):
+        if not isinstance(c.rollout[key], int) or c.rollout[key] < 1:
+            _fail(f"rollout.{key}", f"must be a positive integer, got {c.rollout[key]!r}")
+    if c.rollout.kv_cache_gib < 0:
+        _fail("rollout.kv_cache_gib", f"must be >= 0 (0: unchecked), got {c.rollout.kv_cache_gib}")
     if c.rollout.temperature < 0:
         _fail("rollout.temperature", f"must be >= 0, got {c.rollout.temperature}")
     if not 0 < c.rollout.top_p <= 1:

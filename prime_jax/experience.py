@@ -2,8 +2,9 @@
 
 An `Experience` is a batch of prompt groups (n contiguous rows per prompt) as numpy arrays plus
 the examples they came from. `collect` draws prompts (leftover buffer first), samples n responses
-each, scores them in the verifier pool, keeps the groups the online filter accepts, and repeats
-until `batch_size` groups are in hand; the prompts of surplus groups go back to the buffer.
+each, scores them in the verifier pool (each row as soon as the sampler stops it, while decoding goes
+on), keeps the groups the online filter accepts, and repeats until `batch_size` groups are in hand;
+the prompts of surplus groups go back to the buffer.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from prime_jax.data.example import Example
 from prime_jax.mesh import allgather_rows, process_rows
 from prime_jax.rewards.pool import COUNT_KEYS, VerifierPool, VerifyItem
 from prime_jax.rl.filter import accuracy_filter
-from prime_jax.sampling import Rollout, left_pad
+from prime_jax.sampling import Rollout, RowsCallback, left_pad
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,8 +97,56 @@ class CollectConfig:
     pad_id: int = 0
 
 
-Sampler = Callable[[list[Prompt], int], Rollout]  # (prompts, seed) -> Rollout of n rows each
+Sampler = Callable[[list[Prompt], int, RowsCallback], Rollout]  # (prompts, seed, on_rows) -> Rollout of n rows each
 Decoder = Callable[[np.ndarray], str]  # response ids -> text
+
+
+def _gather_scores(local: np.ndarray, counts: dict[str, int], rows: int) -> tuple[np.ndarray, dict[str, int]]:
+    """Every process's share of the scores -> all `rows` scores on every host; failure counts summed."""
+    local_counts = np.asarray([[counts[k] for k in COUNT_KEYS]], np.int64)  # one row per process
+    total = allgather_rows(local_counts, jax.process_count()).sum(axis=0)
+    return allgather_rows(np.asarray(local, np.float32), rows), dict(zip(COUNT_KEYS, total.tolist()))
+
+
+class StreamingVerifier:
+    """Scores one round's rows in the verifier pool as the sampler hands them over (`on_rows`), while it decodes.
+
+    Multi-host: each process scores its own share of the rows (`process_rows`); `finish` gathers all scores
+    on every host. `exposed_s`: host seconds spent in verification that decoding did not hide (handing rows
+    over, polling, and the final wait); `span_s`: from the first row handed over to the last score.
+    """
+
+    def __init__(self, prompts: Sequence[Prompt], n: int, decode: Decoder, pool: VerifierPool) -> None:
+        self.prompts, self.n, self.decode = prompts, n, decode
+        self.share = process_rows(len(prompts) * n)
+        self.stream = pool.stream()
+        self.rows: list[int] = []  # stream index -> row
+        self.exposed_s = 0.0
+        self.started: float | None = None
+
+    def __call__(self, rows: np.ndarray, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        t0 = time.perf_counter()
+        self.started = t0 if self.started is None else self.started
+        items = []
+        for row, toks, length in zip(rows.tolist(), tokens, lengths):
+            if self.share.start <= row < self.share.stop:
+                ex = self.prompts[row // self.n].example
+                items.append(VerifyItem(self.decode(toks[:int(length)]), ex.ability, ex.ground_truth))
+                self.rows.append(row)
+        self.stream.add(items)
+        self.stream.poll()
+        self.exposed_s += time.perf_counter() - t0
+
+    def finish(self) -> tuple[np.ndarray, dict[str, int], float]:
+        """Waits for the remaining scores -> (acc [rows] float32 on every host, pool counts, span seconds)."""
+        t0 = time.perf_counter()
+        result = self.stream.finish()
+        local = np.zeros(self.share.stop - self.share.start, np.float32)
+        local[np.asarray(self.rows, np.int64) - self.share.start] = result.scores
+        acc, counts = _gather_scores(local, result.counts, len(self.prompts) * self.n)
+        end = time.perf_counter()
+        self.exposed_s += end - t0
+        return acc, counts, end - (t0 if self.started is None else self.started)
 
 
 def verify(rollout: Rollout, prompts: Sequence[Prompt], n: int, decode: Decoder, pool: VerifierPool) -> tuple[np.ndarray, dict[str, int]]:
@@ -111,9 +160,7 @@ def verify(rollout: Rollout, prompts: Sequence[Prompt], n: int, decode: Decoder,
         ex = prompts[row // n].example
         items.append(VerifyItem(decode(rollout.tokens[row, : int(rollout.lengths[row])]), ex.ability, ex.ground_truth))
     result = pool.score_batch(items)
-    local_counts = np.asarray([[result.counts[k] for k in COUNT_KEYS]], np.int64)  # one row per process
-    counts = allgather_rows(local_counts, jax.process_count()).sum(axis=0)
-    return allgather_rows(np.asarray(result.scores, np.float32), rows), dict(zip(COUNT_KEYS, counts.tolist()))
+    return _gather_scores(result.scores, result.counts, rows)
 
 
 def collect(sample: Sampler, next_prompts: Callable[[int], list[Prompt]], buffer: list[Prompt], decode: Decoder,
@@ -121,7 +168,8 @@ def collect(sample: Sampler, next_prompts: Callable[[int], list[Prompt]], buffer
     """Collects exactly `cfg.batch_size` groups for one step. Returns (experience, new buffer, metrics).
 
     Metrics: train_verify_score/{all,<ability>} over every generated row (pre-filter), counts of
-    rounds, kept and padding groups and verifier faults, and timing/verify.
+    rounds, kept and padding groups and verifier faults; timing/verify (first row handed to the verifiers
+    to last score, mostly overlapped with decoding) and timing/verify_exposed (the part that was not).
     """
     target, n = cfg.batch_size, cfg.n
     kept: list[Experience] = []
@@ -129,13 +177,14 @@ def collect(sample: Sampler, next_prompts: Callable[[int], list[Prompt]], buffer
     scores: dict[str, list[float]] = {}
     faults: dict[str, int] = {}
     num_kept = rounds = 0
-    verify_s = 0.0
+    verify_s = exposed_s = 0.0
     while num_kept < target and rounds < cfg.max_rounds:
         prompts = buffer[:target] + next_prompts(target) if rounds == 0 else next_prompts(target)
-        rollout = sample(prompts, seed * 1000 + rounds)
-        t0 = time.perf_counter()
-        acc, counts = verify(rollout, prompts, n, decode, pool)
-        verify_s += time.perf_counter() - t0
+        verifier = StreamingVerifier(prompts, n, decode, pool)
+        rollout = sample(prompts, seed * 1000 + rounds, verifier)
+        acc, counts, span = verifier.finish()
+        verify_s += span
+        exposed_s += verifier.exposed_s
         for k, v in counts.items():
             faults[k] = faults.get(k, 0) + int(v)
         for row, a in enumerate(acc):
@@ -164,4 +213,5 @@ def collect(sample: Sampler, next_prompts: Callable[[int], list[Prompt]], buffer
     metrics.update({"train/gen_rounds": rounds, "train/groups_kept": min(num_kept, target), "train/groups_padding": padded})
     metrics.update({f"verifier/{k}": v for k, v in sorted(faults.items())})
     metrics["timing/verify"] = verify_s
+    metrics["timing/verify_exposed"] = exposed_s
     return batch.groups(np.arange(target)), new_buffer, metrics

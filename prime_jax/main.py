@@ -7,7 +7,6 @@ asked, builds the run (warm-starting the built-in synthetic run's SFT model if n
 
 from __future__ import annotations
 
-import os
 import sys
 
 from absl import app, flags, logging

@@ -28,7 +28,6 @@ prompt/response limits (the tiny config: 4 shapes for each pass; qwen7b: 10).
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import NamedTuple
 
 import jax

@@ -8,7 +8,7 @@ jitted programs, so the trainer and the AOT compiler build exactly the same prog
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -20,13 +20,14 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from prime_jax.mesh import data_parallel_size
-from prime_jax.models import resolve_attention
+from prime_jax.models import ModelConfig, resolve_attention
 from prime_jax.packing import Layout, PackSpec, lay_out
 from prime_jax.rewards.implicit_prm import PrmStepConfig, make_prm_step, prm_minibatches
 from prime_jax.rl.advantages import compute_advantages, validate_advantage_args
 from prime_jax.rl.optim import (OptimConfig, TrainState, init_train_state, make_lr_schedule, make_optimizer,
                                 train_state_shardings)
 from prime_jax.rl.ppo import PpoStepConfig, make_ppo_step, ppo_minibatches
+from prime_jax.sampling import Sampler, SamplerConfig, SamplingParams, length_buckets, rows_in_flight
 
 
 def rows_per_step(c: ml_collections.ConfigDict) -> int:
@@ -34,10 +35,40 @@ def rows_per_step(c: ml_collections.ConfigDict) -> int:
 
 
 def sampler_prompts(c: ml_collections.ConfigDict) -> int:
-    """Prompts per sampler call: `rollout.prompts_per_call`, at most (and by default) `train.batch_size`.
-    Every call the trainer makes has this many prompts (padded), also a first round that holds the prompt
-    buffer too, so the sampler compiles once per prompt bucket."""
+    """Prompts in flight in the sampler: `rollout.prompts_per_call`, at most (and by default)
+    `train.batch_size`; the sampler decodes this many prompts x n_samples rows at once, also in a first
+    round that holds the prompt buffer too, so the sampler compiles once per prompt bucket."""
     return min(c.rollout.prompts_per_call or c.train.batch_size, c.train.batch_size)
+
+
+def sampler_config(c: ml_collections.ConfigDict, mesh: Mesh, stop_ids: Sequence[int], pad_id: int) -> SamplerConfig:
+    """The rollout sampler's settings (stop ids and pad id come from the tokenizer)."""
+    r = c.rollout
+    dp = data_parallel_size(mesh)
+    sampling = SamplingParams(temperature=float(r.temperature), top_p=float(r.top_p), top_k=int(r.top_k),
+                              stop_ids=tuple(stop_ids))
+    return SamplerConfig(n=r.n_samples, max_new_tokens=r.max_response_length, sampling=sampling,
+                         rows=rows_in_flight(sampler_prompts(c), sampler_prompts(c), r.n_samples, dp),
+                         buckets=length_buckets(c.data.max_prompt_length), pad_id=pad_id,
+                         steps_per_sync=r.steps_per_sync, kv_block=r.kv_block, data_parallel=dp)
+
+
+def check_kv_cache(c: ml_collections.ConfigDict, mesh: Mesh, model_cfg: ModelConfig) -> None:
+    """Fails, naming the config key, when the sampler's KV cache exceeds `rollout.kv_cache_gib` per device."""
+    budget = c.rollout.kv_cache_gib
+    cfg = sampler_config(c, mesh, (), 0)
+    per_device = cfg.cache_bytes(model_cfg, c.data.max_prompt_length) / data_parallel_size(mesh) / 2**30
+    if budget and per_device > budget:
+        raise ValueError(f"config.rollout.prompts_per_call: {cfg.rows} rows in flight ({sampler_prompts(c)} prompts x "
+                         f"{c.rollout.n_samples}) need a {per_device:.2f} GiB/device KV cache, above "
+                         f"rollout.kv_cache_gib={budget}")
+
+
+def make_sampler(c: ml_collections.ConfigDict, mesh: Mesh, graphdef: nnx.GraphDef, model_cfg: ModelConfig,
+                 stop_ids: Sequence[int], pad_id: int) -> Sampler:
+    """The rollout sampler of the run."""
+    check_kv_cache(c, mesh, model_cfg)
+    return Sampler(graphdef, model_cfg, sampler_config(c, mesh, stop_ids, pad_id), mesh)
 
 
 def prm_step_config(c: ml_collections.ConfigDict, mesh: Mesh) -> PrmStepConfig:
@@ -87,7 +118,7 @@ def optimizers(c: ml_collections.ConfigDict, mesh: Mesh) -> tuple[optax.Gradient
 
 
 def validate_programs(c: ml_collections.ConfigDict, mesh: Mesh) -> None:
-    """The programs' own checks (batching vs mesh, estimator), before anything is loaded or traced."""
+    """The programs' own checks (batching vs mesh, estimator, KV cache budget), before anything is loaded or traced."""
     prm_step_config(c, mesh).validate(mesh)
     ppo_step_config(c).validate(mesh)
     pack_spec(c, mesh, "prm").validate()
@@ -95,6 +126,10 @@ def validate_programs(c: ml_collections.ConfigDict, mesh: Mesh) -> None:
     attention_implementation(c, mesh.devices.flat[0].platform)
     validate_advantage_args(n=c.rollout.n_samples, estimator=c.algorithm.adv_estimator,
                             rloo_formula=c.algorithm.process_formula)
+    if c.rollout.kv_cache_gib:
+        from prime_jax.memory_plan import architecture  # memory_plan imports this module
+
+        check_kv_cache(c, mesh, architecture(c).replace(dtype=c.model.compute_dtype))
     rows = rows_per_step(c)
     if rows % data_parallel_size(mesh):
         raise ValueError(f"config.train.batch_size: {rows} rows per step do not split over the {data_parallel_size(mesh)}-way data-parallel mesh")
@@ -102,10 +137,12 @@ def validate_programs(c: ml_collections.ConfigDict, mesh: Mesh) -> None:
 
 @dataclasses.dataclass
 class Programs:
-    """prm_step(state, ref_params, batch, slots) -> (state, PrmStepOutput); advantages(rm, acc, mask) -> (adv, metrics);
-    ppo_step(state, batch, slots) -> (state, metrics). On the host: prm_layout(batch) and ppo_layout(batch, seed)
-    -> the steps' `Layout` (slots) from the host batch (prompt_tokens, prompt_mask, tokens, mask)."""
+    """sampler(params, prompts, seed, on_rows) -> Rollout; prm_step(state, ref_params, batch, slots) -> (state,
+    PrmStepOutput); advantages(rm, acc, mask) -> (adv, metrics); ppo_step(state, batch, slots) -> (state, metrics).
+    On the host: prm_layout(batch) and ppo_layout(batch, seed) -> the steps' `Layout` (slots) from the host batch
+    (prompt_tokens, prompt_mask, tokens, mask)."""
 
+    sampler: Sampler
     prm_step: Callable[..., Any]
     advantages: Callable[..., Any]
     ppo_step: Callable[..., Any]
@@ -125,7 +162,7 @@ def init_states(c: ml_collections.ConfigDict, mesh: Mesh, policy_params: nnx.Sta
 
 
 def make_programs(c: ml_collections.ConfigDict, mesh: Mesh, graphdef: nnx.GraphDef, policy: TrainState, prm: TrainState,
-                  ref_params: nnx.State) -> Programs:
+                  ref_params: nnx.State, stop_ids: Sequence[int], pad_id: int) -> Programs:
     """Builds (does not compile) the jitted programs for these (real or abstract) states."""
     policy_tx, prm_tx, lr_schedule = optimizers(c, mesh)
     n = c.rollout.n_samples
@@ -151,7 +188,9 @@ def make_programs(c: ml_collections.ConfigDict, mesh: Mesh, graphdef: nnx.GraphD
 
     prm_cfg, ppo_cfg = prm_step_config(c, mesh), ppo_step_config(c)
     prm_spec, ppo_spec = pack_spec(c, mesh, "prm"), pack_spec(c, mesh, "actor")
+    model_cfg = nnx.merge(graphdef, policy.params).cfg
     return Programs(
+        sampler=make_sampler(c, mesh, graphdef, model_cfg, stop_ids, pad_id),
         prm_step=make_prm_step(graphdef, prm_tx, prm_cfg, mesh=mesh, state=prm, ref_params=ref_params),
         advantages=advantages,
         ppo_step=make_ppo_step(graphdef, policy_tx, ppo_cfg, mesh=mesh, state=policy, lr_schedule=lr_schedule),

@@ -1,17 +1,21 @@
-"""Rollout sampler: one jitted prefill per prompt, then one `lax.while_loop` KV-cache decode in one jit.
+"""Rollout sampler with continuous batching: a fixed number of rows in flight, a row that stops frees its slot.
 
-Two pure functions of explicit state, so the trainer and the AOT compiler can lower them:
-- `prefill(graphdef, params, prompt_tokens, prompt_mask, rng, first_row, n=, max_new_tokens=, sampling=)`: runs
-  the B left-padded prompts once, broadcasts their KV cache to the B*n samples and samples the first token.
-- `decode(graphdef, params, state)`: the decode loop; `state` (cache included) is donated and updated in
-  place; it stops as soon as every row has emitted a stop token or `max_new_tokens` tokens.
-Under `jax.set_mesh(mesh)` every sampler-state array is constrained to the batch split over the data axes
-(KV heads over `tensor` where they divide), so in and out shardings of `decode` are the same and the
-model params are read with their own sharding, in place. `generate` is the host wrapper around both.
+Three jitted programs, pure functions of explicit state, which the trainer and the AOT compiler lower alike:
+- `empty_state(model_cfg, cfg, prompt_len)`: the sampler state with every slot free;
+- `insert(graphdef, params, state, prompt_tokens, prompt_lens, slots, rows, rng)`: runs a batch of
+  right-padded prompts once (`Decoder.prefill`), copies each prompt's KV cache into the free slots its
+  samples take, and samples their first tokens; `state` is donated;
+- `decode(graphdef, params, state)`: up to `steps_per_sync` decode steps of every live row (a
+  `lax.while_loop`), each row at its own position; `state` (one KV cache) is donated and updated in place.
+`generate` / `Sampler` is the host loop around them: insert the next waiting prompt-samples into the free
+slots, decode K steps, read which rows stopped (one host round trip per K steps), hand them to `on_rows`
+(e.g. the verifiers) and repeat. Under `jax.set_mesh(mesh)` every sampler-state array is constrained to
+the batch split over the data axes (KV heads over `tensor` where they divide), so in and out shardings of
+`insert` and `decode` are the same and the model params are read with their own sharding, in place.
 
-Randomness: row r (= prompt i * n + sample j) draws step t from `fold_in(fold_in(rng, r), t)`, so the
-tokens do not depend on batch padding, prompt-length bucket, sharding, or how many calls the prompts are
-split into (`generate(..., prompts_per_call=)`).
+Randomness: row r (= prompt i * n + sample j) draws its t-th token from `fold_in(fold_in(rng, r), t)`, so
+a row's tokens do not depend on which slot it runs in, when it was inserted, batch padding, prompt-length
+bucket, sharding or `prompts_per_call` (up to float rounding differences between batch shapes).
 """
 
 from __future__ import annotations
@@ -19,17 +23,19 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from prime_jax.mesh import batch_sharding, data_parallel_size, global_to_host, host_to_global, logical_to_spec
-from prime_jax.models.decoder import Decoder, KVCache, positions_from_mask
+from prime_jax.models.config import ModelConfig
+from prime_jax.models.decoder import Decoder, KVCache
 
 Array = jax.Array
 
@@ -69,28 +75,80 @@ class SamplingParams:
         object.__setattr__(self, "stop_ids", tuple(int(t) for t in self.stop_ids))
 
 
-@flax.struct.dataclass
-class SamplerState:
-    """Everything the decode loop carries; N = padded batch * n rows, S = prompt bucket + max_new_tokens - 1.
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
 
-    cache: KV of every layer [L, N, K, S, Dh]; kv_mask [N, S] bool (prompt padding False); prompt_len [N]
-    int32 (real prompt tokens); keys [N] per-row PRNG keys; tokens [N, R] int32 (pad after stop);
-    logprobs [N, R] float32 (0 after stop); lengths [N] int32 (valid tokens, stop included); done [N] bool;
-    step: int32 scalar, tokens generated so far. `sampling` and `pad_id` are static (part of the tree
-    structure), so `decode` needs nothing else.
+
+@dataclasses.dataclass(frozen=True)
+class SamplerConfig:
+    """Static settings of the sampler programs (hashable: part of their compile key).
+
+    n: samples per prompt; max_new_tokens: R; rows: slots decoded at once, the most rows in flight (a
+    multiple of `data_parallel`); buckets: prompt-length buckets (prefill shapes); steps_per_sync: decode
+    steps between two host round trips (K >= 1); kv_block: cache slots per attention block; data_parallel:
+    how many ways the batch is split.
     """
 
-    cache: KVCache
-    kv_mask: Array
-    prompt_len: Array
-    keys: Array
-    tokens: Array
-    logprobs: Array
-    lengths: Array
-    done: Array
-    step: Array
-    sampling: SamplingParams = flax.struct.field(pytree_node=False)
-    pad_id: int = flax.struct.field(pytree_node=False)
+    n: int
+    max_new_tokens: int
+    sampling: SamplingParams
+    rows: int
+    buckets: tuple[int, ...] = DEFAULT_BUCKETS
+    pad_id: int = 0
+    steps_per_sync: int = 8
+    kv_block: int = 256
+    data_parallel: int = 1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "buckets", tuple(sorted(int(b) for b in self.buckets)))
+        if self.n < 1:
+            raise ValueError(f"sampler: n (samples per prompt) must be >= 1, got {self.n}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"sampler: max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.steps_per_sync < 1:
+            raise ValueError(f"sampler: steps_per_sync (decode steps between host round trips) must be >= 1, "
+                             f"got {self.steps_per_sync}")
+        if self.kv_block < 1:
+            raise ValueError(f"sampler: kv_block must be >= 1, got {self.kv_block}")
+        if not self.buckets or self.buckets[0] < 1:
+            raise ValueError(f"sampler: buckets must be a non-empty list of positive lengths, got {self.buckets}")
+        if self.rows < 1 or self.rows % self.data_parallel:
+            raise ValueError(f"sampler: rows in flight ({self.rows}) must be a positive multiple of the "
+                             f"{self.data_parallel}-way data-parallel size")
+
+    @property
+    def max_prefill(self) -> int:
+        """The most prompts one `insert` prefills: enough for every slot (a multiple of data_parallel)."""
+        return _round_up(-(-self.rows // self.n) + 1, self.data_parallel)
+
+    def prefill_sizes(self) -> tuple[int, ...]:
+        """Prefill batch sizes (a bounded set of compiled shapes): data_parallel * 2^k, then max_prefill."""
+        sizes, b = [], self.data_parallel
+        while b < self.max_prefill:
+            sizes.append(b)
+            b *= 2
+        return (*sizes, self.max_prefill)
+
+    def bucket(self, length: int) -> int:
+        """The smallest prompt bucket that holds `length` tokens."""
+        return min(b for b in self.buckets if b >= length)
+
+    def block(self, prompt_len: int) -> int:
+        """Cache slots per attention block for prompts of at most `prompt_len` tokens."""
+        return min(self.kv_block, prompt_len, self.max_new_tokens)
+
+    def prompt_slots(self, prompt_len: int) -> int:
+        """Cache slots of a row's prompt: `prompt_len` rounded up to whole blocks."""
+        return _round_up(prompt_len, self.block(prompt_len))
+
+    def cache_len(self, prompt_len: int) -> int:
+        """Cache slots per row: the prompt's, then a ring of max_new_tokens generated tokens (whole blocks)."""
+        return self.prompt_slots(prompt_len) + _round_up(self.max_new_tokens, self.block(prompt_len))
+
+    def cache_bytes(self, model_cfg: ModelConfig, prompt_len: int) -> int:
+        """Bytes of the KV cache of all rows (keys and values, every layer)."""
+        per_slot = 2 * model_cfg.num_layers * model_cfg.num_kv_heads * model_cfg.head_dim
+        return self.rows * self.cache_len(prompt_len) * per_slot * jnp.dtype(model_cfg.dtype).itemsize
 
 
 @dataclasses.dataclass
@@ -109,6 +167,31 @@ class Rollout:
     logprobs: np.ndarray
     mask: np.ndarray
     lengths: np.ndarray
+
+
+@flax.struct.dataclass
+class SamplerState:
+    """Everything the programs carry; N = cfg.rows slots, R = max_new_tokens, P = cfg.prompt_slots(prompt_len).
+
+    cache: KV of every layer [L, N, K, S, Dh], S = cfg.cache_len(prompt_len): row b's prompt in slots
+    0..prompt_lens[b]-1, its generated tokens in a ring over slots P..S-1, all rows writing at P + ring each
+    step; prompt_lens [N] int32; ring: int32 scalar, the ring slot the next step writes; last [N] int32 the
+    row's last drawn token, fed at the next step; keys [N] per-row PRNG keys; steps [N] int32 tokens drawn
+    (stop included); tokens [N, R] int32 (pad after stop); logprobs [N, R] float32 (0 after stop); done [N]
+    bool (a free slot is done). `cfg` and `prompt_len` (the largest prompt the cache holds) are static.
+    """
+
+    cache: KVCache
+    prompt_lens: Array
+    ring: Array
+    last: Array
+    keys: Array
+    steps: Array
+    tokens: Array
+    logprobs: Array
+    done: Array
+    cfg: SamplerConfig = flax.struct.field(pytree_node=False)
+    prompt_len: int = flax.struct.field(pytree_node=False)
 
 
 # --- token selection ---------------------------------------------------------------------------------
@@ -154,7 +237,8 @@ def filter_logits(logits: Array, top_k: int, top_p: float) -> Array:
 def select_tokens(logits: Array, keys: Array, step: Array, sampling: SamplingParams) -> tuple[Array, Array]:
     """Draws one token per row and returns its log-prob under softmax(logits / temperature).
 
-    logits: [N, V] float32; keys: [N] PRNG keys; step: int32 scalar -> tokens [N] int32, logprobs [N] float32.
+    logits: [N, V] float32; keys: [N] PRNG keys; step: int32, [N] or a scalar (the index of the token each
+    row draws) -> tokens [N] int32, logprobs [N] float32.
     Greedy (temperature 0) takes the argmax and reports its temperature-1 log-prob. Sampling is Gumbel-max
     over the filtered logits, with the noise of row r drawn from fold_in(keys[r], step).
     """
@@ -165,9 +249,9 @@ def select_tokens(logits: Array, keys: Array, step: Array, sampling: SamplingPar
         scaled = logits / sampling.temperature
         kept = filter_logits(scaled, sampling.top_k, sampling.top_p)
         # Written out rather than jax.random.categorical, which is ~5x slower on CPU at [64, 4096].
-        uniform = lambda key: jax.random.uniform(jax.random.fold_in(key, step), logits.shape[-1:],  # noqa: E731
-                                                 minval=jnp.finfo(jnp.float32).tiny)
-        gumbel = -jnp.log(-jnp.log(jax.vmap(uniform)(keys)))
+        uniform = lambda key, t: jax.random.uniform(jax.random.fold_in(key, t), logits.shape[-1:],  # noqa: E731
+                                                    minval=jnp.finfo(jnp.float32).tiny)
+        gumbel = -jnp.log(-jnp.log(jax.vmap(uniform)(keys, jnp.broadcast_to(step, keys.shape))))
         tokens = jnp.argmax(kept + gumbel, axis=-1).astype(jnp.int32)
     logp = jax.nn.log_softmax(scaled, axis=-1)
     return tokens, jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
@@ -182,105 +266,128 @@ def _is_stop(tokens: Array, stop_ids: tuple[int, ...]) -> Array:
 
 # --- sharding of the sampler state -------------------------------------------------------------------
 
-def _constrain(x: Array, axes: tuple[str | None, ...]) -> Array:
-    """Under a mesh, pins `x` to the sharding its logical axes give (batch over data/fsdp); no-op otherwise."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return x
-    return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh))
+_KV_AXES = ("layers", "batch", "kv_heads", None, "head_dim")
+
+
+def _state_axes(state: SamplerState) -> SamplerState:
+    """The logical axes of every state array (same tree): batch over data/fsdp, KV heads over tensor."""
+    b1, b2 = ("batch",), ("batch", None)
+    return state.replace(cache=KVCache(k=_KV_AXES, v=_KV_AXES), prompt_lens=b1, ring=(), last=b1, keys=b1, steps=b1,
+                         tokens=b2, logprobs=b2, done=b1)
+
+
+def _map_state(fn: Callable[[Any, tuple[str | None, ...]], Any], state: SamplerState) -> SamplerState:
+    return jax.tree.map(fn, state, _state_axes(state), is_leaf=lambda x: isinstance(x, tuple))
+
+
+def sampler_state_shardings(state: SamplerState, mesh: Mesh) -> SamplerState:
+    """NamedShardings of a (real or abstract) sampler state on `mesh`, as the programs constrain them."""
+    return _map_state(lambda x, axes: NamedSharding(mesh, logical_to_spec(axes, x.shape, mesh)), state)
 
 
 def _constrain_state(state: SamplerState) -> SamplerState:
-    """The same shardings for every state at the jit boundaries, so `decode` donates in place."""
-    kv = ("layers", "batch", "kv_heads", None, "head_dim")
-    cache = KVCache(k=_constrain(state.cache.k, kv), v=_constrain(state.cache.v, kv), index=state.cache.index)
-    b1, b2 = ("batch",), ("batch", None)
-    return state.replace(cache=cache, kv_mask=_constrain(state.kv_mask, b2), prompt_len=_constrain(state.prompt_len, b1),
-                         keys=_constrain(state.keys, b1), tokens=_constrain(state.tokens, b2),
-                         logprobs=_constrain(state.logprobs, b2), lengths=_constrain(state.lengths, b1),
-                         done=_constrain(state.done, b1))
+    """Under a mesh, pins every state array to its sharding, the same at every jit boundary, so `insert` and
+    `decode` donate in place; no-op without a mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return state
+    return _map_state(lambda x, axes: jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh)), state)
 
 
-# --- the two jitted programs -------------------------------------------------------------------------
+# --- the jitted programs -----------------------------------------------------------------------------
 
-def _advance(state: SamplerState, tokens: Array, logprobs: Array) -> SamplerState:
-    """Writes the tokens drawn at `state.step` (pad / 0 for finished rows) and marks rows that stopped."""
-    live = ~state.done
-    col = lambda buf, val: jax.lax.dynamic_update_index_in_dim(buf, val, state.step, axis=1)  # noqa: E731
-    done = state.done | _is_stop(tokens, state.sampling.stop_ids) | (state.step + 1 >= state.tokens.shape[1])
-    return state.replace(tokens=col(state.tokens, jnp.where(live, tokens, state.pad_id)),
-                         logprobs=col(state.logprobs, jnp.where(live, logprobs, 0.0)),
-                         lengths=state.lengths + live.astype(jnp.int32), done=done, step=state.step + 1)
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def empty_state(model_cfg: ModelConfig, cfg: SamplerConfig, prompt_len: int) -> SamplerState:
+    """Every slot free (done) and a zero KV cache for prompts of at most `prompt_len` tokens."""
+    n, r = cfg.rows, cfg.max_new_tokens
+    zeros = jnp.zeros((n,), jnp.int32)
+    return _constrain_state(SamplerState(
+        cache=KVCache.zeros(model_cfg, n, cfg.cache_len(prompt_len)), prompt_lens=jnp.ones((n,), jnp.int32),
+        ring=jnp.zeros((), jnp.int32), last=zeros, keys=jax.random.split(jax.random.key(0), n), steps=zeros,
+        tokens=jnp.full((n, r), cfg.pad_id, jnp.int32), logprobs=jnp.zeros((n, r), jnp.float32),
+        done=jnp.ones((n,), jnp.bool_), cfg=cfg, prompt_len=prompt_len))
 
 
-@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("n", "max_new_tokens", "sampling", "pad_id"))
-def prefill(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens: Array, prompt_mask: Array, rng: Array,
-            first_row: Array | int = 0, *, n: int, max_new_tokens: int, sampling: SamplingParams,
-            pad_id: int = 0) -> SamplerState:
-    """Runs the prompts once and samples each row's first token.
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnames=("state",))
+def insert(graphdef: nnx.GraphDef, params: nnx.State, state: SamplerState, prompt_tokens: Array, prompt_lens: Array,
+           slots: Array, rows: Array, rng: Array) -> SamplerState:
+    """Prefills a batch of prompts once and starts their samples in the given slots.
 
-    prompt_tokens, prompt_mask: [B, P] left-padded (a row with no real token is a dummy: done at once);
-    rng: a PRNG key; first_row: uint32 scalar, the index of this call's first row among all rows sampled
-    with `rng` (a traced value: calls differing only in it share one compile).
-    -> SamplerState with N = B*n rows (prompt i -> rows i*n ... i*n+n-1), step 1.
+    prompt_tokens: [B, P] right-padded (P <= state.prompt_len); prompt_lens: [B] int32 >= 1;
+    slots: [n, B] int32, the slot sample j of prompt b starts in (cfg.rows or more: not started, e.g. the
+    dummy prompts padding B); rows: [n, B] int32, its row id (the RNG stream it draws from); rng: the
+    sampler's PRNG key. Each started slot gets the prompt's KV cache in slots 0..P-1 (one copy per sample,
+    straight from the prefill output) and its first token. -> state (donated in).
     """
     model: Decoder = nnx.merge(graphdef, params)
-    b, p = prompt_tokens.shape
-    r = max_new_tokens
-    prompt_mask = prompt_mask.astype(jnp.bool_)
-    cache = KVCache.zeros(model.cfg, b, p + r - 1)
-    kv_mask = jnp.concatenate([prompt_mask, jnp.ones((b, r - 1), jnp.bool_)], axis=1)
-    logits, cache = model.forward_cached(prompt_tokens, positions_from_mask(prompt_mask), cache, kv_mask)
-    rep = lambda x: jnp.repeat(x, n, axis=0)  # noqa: E731
-    cache = KVCache(k=jnp.repeat(cache.k, n, axis=1), v=jnp.repeat(cache.v, n, axis=1), index=cache.index)
-    rows = b * n
-    row_ids = jnp.asarray(first_row, jnp.uint32) + jnp.arange(rows, dtype=jnp.uint32)
-    keys = jax.vmap(jax.random.fold_in, (None, 0))(rng, row_ids)
-    state = SamplerState(cache=cache, kv_mask=rep(kv_mask), prompt_len=rep(jnp.sum(prompt_mask, axis=1, dtype=jnp.int32)),
-                         keys=keys, tokens=jnp.full((rows, r), pad_id, jnp.int32), logprobs=jnp.zeros((rows, r), jnp.float32),
-                         lengths=jnp.zeros((rows,), jnp.int32), done=rep(~jnp.any(prompt_mask, axis=1)),
-                         step=jnp.zeros((), jnp.int32), sampling=sampling, pad_id=pad_id)
-    tokens, logprobs = select_tokens(rep(logits), keys, state.step, sampling)
-    return _constrain_state(_advance(state, tokens, logprobs))
+    cfg = state.cfg
+    logits, cache = model.prefill(prompt_tokens, prompt_lens)
+    p = prompt_tokens.shape[1]
+
+    def copy_sample(j, kv):  # the prompt cache into the slots of every prompt's sample j, in place
+        return tuple(c.at[:, slots[j], :, :p].set(src, mode="drop") for c, src in zip(kv, (cache.k, cache.v)))
+
+    k, v = jax.lax.fori_loop(0, cfg.n, copy_sample, (state.cache.k, state.cache.v))
+    flat = slots.reshape(-1)  # sample-major: (j, b) -> j * B + b, as the tiled logits below
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(rng, rows.reshape(-1).astype(jnp.uint32))
+    tokens, logprobs = select_tokens(jnp.tile(logits, (cfg.n, 1)), keys, jnp.int32(0), cfg.sampling)
+    r = cfg.max_new_tokens
+    put = lambda buf, val: buf.at[flat].set(val, mode="drop")  # noqa: E731
+    first = lambda x, fill: jnp.full((flat.shape[0], r), fill, x.dtype).at[:, 0].set(x)  # noqa: E731
+    state = state.replace(
+        cache=KVCache(k=k, v=v), prompt_lens=put(state.prompt_lens, jnp.tile(prompt_lens, cfg.n)),
+        last=put(state.last, tokens), keys=put(state.keys, keys), steps=put(state.steps, jnp.ones_like(tokens)),
+        tokens=put(state.tokens, first(tokens, cfg.pad_id)), logprobs=put(state.logprobs, first(logprobs, 0.0)),
+        done=put(state.done, _is_stop(tokens, cfg.sampling.stop_ids) | (r == 1)))
+    return _constrain_state(state)
 
 
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnames=("state",))
 def decode(graphdef: nnx.GraphDef, params: nnx.State, state: SamplerState) -> SamplerState:
-    """Feeds each row's last token and draws the next until every row is done; `state` is donated.
+    """Up to `cfg.steps_per_sync` decode steps of every live row; stops early once every row is done.
 
-    One `lax.while_loop`; each iteration writes one KV slot per layer at `cache.index` and one token column.
+    One `lax.while_loop`; each iteration feeds each live row its last token at its own position, writes the
+    keys/values of every row at one shared ring slot of the cache (in place), attends over each row's own
+    prompt and generated slots only, and draws the next token.
     """
     model: Decoder = nnx.merge(graphdef, params)
-    r = state.tokens.shape[1]
+    cfg = state.cfg
+    r, block, prompt_slots = cfg.max_new_tokens, cfg.block(state.prompt_len), cfg.prompt_slots(state.prompt_len)
+    ring = state.cache.k.shape[3] - prompt_slots
+    rows = jnp.arange(state.done.shape[0])
 
-    def cond(s: SamplerState) -> Array:
-        return (s.step < r) & ~jnp.all(s.done)
+    def cond(carry) -> Array:
+        i, s = carry
+        return (i < cfg.steps_per_sync) & ~jnp.all(s.done)
 
-    def body(s: SamplerState) -> SamplerState:
-        last = jax.lax.dynamic_index_in_dim(s.tokens, s.step - 1, axis=1)  # [N, 1]
-        positions = (s.prompt_len + s.step - 1)[:, None]
-        logits, cache = model.forward_cached(last, positions, s.cache, s.kv_mask)
-        tokens, logprobs = select_tokens(logits, s.keys, s.step, s.sampling)
-        return _constrain_state(_advance(s.replace(cache=cache), tokens, logprobs))
+    def body(carry):
+        i, s = carry
+        live = ~s.done
+        # A row sees the s.steps tokens it has fed (the one fed now included): consecutive ring slots, as
+        # every step feeds every live row. A finished or free row sees only its prompt (its ring slots are
+        # overwritten, and it is reset by `insert`, before anyone reads them again).
+        logits, cache = model.decode_step(s.last, s.prompt_lens + s.steps - 1, s.cache, prompt_lens=s.prompt_lens,
+                                          counts=jnp.where(live, s.steps, 0), ring_index=s.ring,
+                                          prompt_slots=prompt_slots, block=block)
+        tokens, logprobs = select_tokens(logits, s.keys, s.steps, cfg.sampling)
+        col = jnp.where(live, s.steps, r)  # column r: dropped
+        steps = s.steps + live
+        s = s.replace(cache=cache, ring=(s.ring + 1) % ring, last=jnp.where(live, tokens, s.last), steps=steps,
+                      tokens=s.tokens.at[rows, col].set(tokens, mode="drop"),
+                      logprobs=s.logprobs.at[rows, col].set(logprobs, mode="drop"),
+                      done=s.done | _is_stop(tokens, cfg.sampling.stop_ids) | (steps >= r))
+        return i + 1, _constrain_state(s)
 
-    return _constrain_state(jax.lax.while_loop(cond, body, _constrain_state(state)))
+    return _constrain_state(jax.lax.while_loop(cond, body, (jnp.int32(0), _constrain_state(state)))[1])
 
 
-# --- host wrapper ------------------------------------------------------------------------------------
+# --- host loop ---------------------------------------------------------------------------------------
 
-def _check_inputs(prompts: Sequence[Sequence[int]], vocab: int, n: int, max_new_tokens: int, pad_id: int,
-                  buckets: Sequence[int], prompts_per_call: int) -> None:
-    """Validates the host inputs before anything compiles."""
-    if n < 1:
-        raise ValueError(f"generate: n (samples per prompt) must be >= 1, got {n}")
-    if max_new_tokens < 1:
-        raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
-    if prompts_per_call < 0:
-        raise ValueError(f"generate: prompts_per_call must be >= 0 (0: all prompts in one call), got {prompts_per_call}")
-    if not 0 <= pad_id < vocab:
-        raise ValueError(f"generate: pad_id {pad_id} is outside the vocabulary [0, {vocab})")
-    if not buckets or any(b < 1 for b in buckets):
-        raise ValueError(f"generate: buckets must be a non-empty list of positive lengths, got {tuple(buckets)}")
+RowsCallback = Callable[[np.ndarray, np.ndarray, np.ndarray], None]  # (row ids [k], tokens [k, R], lengths [k])
+
+
+def check_prompts(prompts: Sequence[Sequence[int]], vocab: int, buckets: Sequence[int]) -> None:
+    """Validates host prompts (token-id lists) before anything compiles."""
     if len(prompts) == 0:
         raise ValueError("generate: no prompts given")
     for i, p in enumerate(prompts):
@@ -297,80 +404,145 @@ def _check_inputs(prompts: Sequence[Sequence[int]], vocab: int, n: int, max_new_
         raise ValueError(f"generate: a prompt has {longest} tokens, more than the largest bucket {max(buckets)}")
 
 
+class Sampler:
+    """The sampler of one model architecture and `SamplerConfig`: `sampler(params, prompts, seed)` samples
+    n responses per prompt with continuous batching (`cfg.rows` rows in flight) and returns a `Rollout`.
+
+    With `mesh`, the params must live on it (e.g. `load_pretrained(path, mesh=mesh)`); they are read in place.
+    Every host runs the same loop on the same prompts (multi-host: each process feeds its devices' shards).
+    """
+
+    def __init__(self, graphdef: nnx.GraphDef, model_cfg: ModelConfig, cfg: SamplerConfig, mesh: Mesh | None = None):
+        dp = 1 if mesh is None else data_parallel_size(mesh)
+        if cfg.data_parallel != dp:
+            raise ValueError(f"sampler: cfg.data_parallel={cfg.data_parallel} but the mesh splits the batch {dp} ways")
+        vocab = model_cfg.vocab_size
+        bad_stops = [t for t in cfg.sampling.stop_ids if not 0 <= t < vocab]
+        if bad_stops:
+            raise ValueError(f"generate: stop ids {bad_stops} are outside the vocabulary [0, {vocab})")
+        if not 0 <= cfg.pad_id < vocab:
+            raise ValueError(f"generate: pad_id {cfg.pad_id} is outside the vocabulary [0, {vocab})")
+        self.graphdef, self.model_cfg, self.cfg, self.mesh = graphdef, model_cfg, cfg, mesh
+
+    def _put(self, x: np.ndarray, batch: bool) -> Array | np.ndarray:
+        """Host array -> global array on the mesh (split over the batch axes, or replicated)."""
+        if self.mesh is None:
+            return x
+        sharding = batch_sharding(self.mesh, x.ndim) if batch else NamedSharding(self.mesh, PartitionSpec())
+        return host_to_global(x, sharding)
+
+    def _insert(self, params: nnx.State, state: SamplerState, prompts: Sequence[Sequence[int]], first: int,
+                row_ids: np.ndarray, slots: np.ndarray, rng: Array) -> SamplerState:
+        """Starts rows `row_ids` (consecutive) in `slots`: one prefill of their prompts (first = the index of
+        the first of them), padded to a prefill size and to its smallest bucket."""
+        cfg = self.cfg
+        prompt_ids = row_ids // cfg.n - first
+        count = int(prompt_ids[-1]) + 1
+        batch = min(b for b in cfg.prefill_sizes() if b >= count)
+        width = cfg.bucket(max(len(prompts[first + i]) for i in range(count)))
+        tokens = np.full((batch, width), cfg.pad_id, np.int32)
+        lens = np.ones((batch,), np.int32)  # dummy prompts: one pad token, no slot
+        for i in range(count):
+            p = prompts[first + i]
+            tokens[i, :len(p)], lens[i] = p, len(p)
+        slot_of = np.full((cfg.n, batch), cfg.rows, np.int32)
+        row_of = np.zeros((cfg.n, batch), np.int32)
+        slot_of[row_ids % cfg.n, prompt_ids], row_of[row_ids % cfg.n, prompt_ids] = slots, row_ids
+        return insert(self.graphdef, params, state, self._put(tokens, True), self._put(lens, True),
+                      self._put(slot_of, False), self._put(row_of, False), rng)
+
+    def __call__(self, params: nnx.State, prompts: Sequence[Sequence[int]], seed: int,
+                 on_rows: RowsCallback | None = None) -> Rollout:
+        """n samples of each prompt; rows of prompt i are i*n ... i*n+n-1. `on_rows(rows, tokens, lengths)` is
+        called with the rows that stopped, as they stop, while the device decodes the next steps."""
+        cfg = self.cfg
+        check_prompts(prompts, self.model_cfg.vocab_size, cfg.buckets)
+        n, r, total = cfg.n, cfg.max_new_tokens, len(prompts) * cfg.n
+        prompt_len = cfg.bucket(max(len(p) for p in prompts))
+        out_tokens = np.full((total, r), cfg.pad_id, np.int32)
+        out_logprobs = np.zeros((total, r), np.float32)
+        lengths = np.zeros((total,), np.int32)
+        slot_row = np.full(cfg.rows, -1)  # the row each slot decodes, -1: free
+        next_row = 0
+        finished: list[np.ndarray] = []
+        rng = jax.random.key(seed)
+        with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
+            state = empty_state(self.model_cfg, cfg, prompt_len)
+            while True:
+                free = np.flatnonzero(slot_row < 0)
+                if next_row < total and free.size:
+                    # The next waiting samples, at most one per free slot and max_prefill prompts per prefill.
+                    end = min(total, next_row + free.size, (next_row // n + cfg.max_prefill) * n)
+                    row_ids = np.arange(next_row, end)
+                    slot_row[free[:row_ids.size]] = row_ids
+                    state = self._insert(params, state, prompts, next_row // n, row_ids, free[:row_ids.size], rng)
+                    next_row = end
+                if (slot_row < 0).all():
+                    break
+                state = decode(self.graphdef, params, state)
+                if on_rows is not None:  # the rows of the last round, while the device decodes
+                    for rows in finished:
+                        on_rows(rows, out_tokens[rows], lengths[rows])
+                finished = []
+                done = global_to_host(state.done)
+                stopped = np.flatnonzero(done & (slot_row >= 0))
+                if stopped.size:
+                    rows = slot_row[stopped]
+                    tokens, logprobs, steps = (global_to_host(x) for x in (state.tokens, state.logprobs, state.steps))
+                    out_tokens[rows], out_logprobs[rows], lengths[rows] = tokens[stopped], logprobs[stopped], steps[stopped]
+                    slot_row[stopped] = -1
+                    finished.append(rows)
+        if on_rows is not None:
+            for rows in finished:
+                on_rows(rows, out_tokens[rows], lengths[rows])
+        width = prompt_len
+        prompt_tokens = np.full((len(prompts), width), cfg.pad_id, np.int32)
+        prompt_mask = np.zeros((len(prompts), width), np.int32)
+        for i, p in enumerate(prompts):
+            prompt_tokens[i, width - len(p):], prompt_mask[i, width - len(p):] = p, 1
+        return Rollout(prompt_tokens=np.repeat(prompt_tokens, n, axis=0), prompt_mask=np.repeat(prompt_mask, n, axis=0),
+                       tokens=out_tokens, logprobs=out_logprobs,
+                       mask=(np.arange(r)[None, :] < lengths[:, None]).astype(np.int32), lengths=lengths)
+
+
 def left_pad(x: np.ndarray, width: int, value: int) -> np.ndarray:
     """[B, W] -> [B, width] with `value` prepended to each row (width >= W)."""
     return np.pad(x, ((0, 0), (width - x.shape[1], 0)), constant_values=value)
 
 
-def concat_rollouts(parts: Sequence[Rollout], pad_id: int) -> Rollout:
-    """Joins rollouts row-wise, re-left-padding the prompts to the widest prompt bucket among them."""
-    width = max(r.prompt_tokens.shape[1] for r in parts)
-    cat = lambda f: np.concatenate([f(r) for r in parts])  # noqa: E731
-    return Rollout(prompt_tokens=cat(lambda r: left_pad(r.prompt_tokens, width, pad_id)),
-                   prompt_mask=cat(lambda r: left_pad(r.prompt_mask, width, 0)), tokens=cat(lambda r: r.tokens),
-                   logprobs=cat(lambda r: r.logprobs), mask=cat(lambda r: r.mask), lengths=cat(lambda r: r.lengths))
-
-
-def _sample_call(graphdef: nnx.GraphDef, params: nnx.State, prompts: Sequence[Sequence[int]], batch: int,
-                 buckets: Sequence[int], rng: Array, first_row: int, *, n: int, max_new_tokens: int,
-                 sampling: SamplingParams, pad_id: int, mesh: Mesh | None) -> Rollout:
-    """One prefill + decode over `prompts`, left-padded to their smallest bucket and padded with dummy
-    prompts to `batch` rows (the dummies are dropped from the result)."""
-    p_len = min(b for b in buckets if b >= max(len(p) for p in prompts))
-    tokens = np.full((batch, p_len), pad_id, np.int32)
-    mask = np.zeros((batch, p_len), np.int32)
-    for i, p in enumerate(prompts):
-        tokens[i, p_len - len(p):] = np.asarray(p, np.int32)
-        mask[i, p_len - len(p):] = 1
-    if mesh is not None:
-        tokens_in, mask_in = (host_to_global(x, batch_sharding(mesh, 2)) for x in (tokens, mask))
-    else:
-        tokens_in, mask_in = tokens, mask
-    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-        state = prefill(graphdef, params, tokens_in, mask_in, rng, np.uint32(first_row), n=n,
-                        max_new_tokens=max_new_tokens, sampling=sampling, pad_id=pad_id)
-        state = decode(graphdef, params, state)
-    b, rows = len(prompts), len(prompts) * n
-    out_tokens, out_logprobs, lengths = (global_to_host(x)[:rows] for x in (state.tokens, state.logprobs, state.lengths))
-    return Rollout(prompt_tokens=np.repeat(tokens[:b], n, axis=0), prompt_mask=np.repeat(mask[:b], n, axis=0),
-                   tokens=out_tokens, logprobs=out_logprobs,
-                   mask=(np.arange(max_new_tokens)[None, :] < lengths[:, None]).astype(np.int32), lengths=lengths)
+def rows_in_flight(prompts_per_call: int, num_prompts: int, n: int, data_parallel: int) -> int:
+    """Slots of a sampler: `prompts_per_call` x n (0: all prompts), rounded up to the data-parallel size."""
+    return _round_up(min(prompts_per_call or num_prompts, num_prompts) * n, data_parallel)
 
 
 def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, n: int = 1, max_new_tokens: int,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, stop_ids: Sequence[int], seed: int,
              pad_id: int = 0, mesh: Mesh | None = None, buckets: Sequence[int] = DEFAULT_BUCKETS,
-             prompts_per_call: int = 0) -> Rollout:
+             prompts_per_call: int = 0, steps_per_sync: int = 8, kv_block: int = 256,
+             on_rows: RowsCallback | None = None) -> Rollout:
     """Samples n responses of at most `max_new_tokens` tokens for each prompt (token-id lists).
 
-    Prompts are left-padded to the smallest bucket that fits; the batch is padded with dummy prompts to a
-    multiple of the mesh's data-parallel size (dropped from the result). `prompts_per_call` > 0 samples
-    the prompts in calls of that many, each padded to the same batch: one compile per bucket whatever the
-    number of prompts, and the sampler's memory bounded by the call; the tokens are those of one call.
-    With `mesh`, the model must live on it (e.g. `load_pretrained(path, mesh=mesh)`); its params are read
-    in place.
+    At most `prompts_per_call` x n rows are in flight (0: all prompts at once), rounded up to the mesh's
+    data-parallel size; a row that stops frees its slot for the next waiting prompt-sample. Host round
+    trips every `steps_per_sync` decode steps. With `mesh`, the model must live on it (e.g.
+    `load_pretrained(path, mesh=mesh)`); its params are read in place. See `Sampler`.
     """
+    if prompts_per_call < 0:
+        raise ValueError(f"generate: prompts_per_call must be >= 0 (0: all prompts at once), got {prompts_per_call}")
     sampling = SamplingParams(temperature=float(temperature), top_p=float(top_p), top_k=int(top_k),
                               stop_ids=tuple(stop_ids))
-    vocab = model.cfg.vocab_size
-    _check_inputs(prompts, vocab, n, max_new_tokens, pad_id, buckets, prompts_per_call)
-    bad_stops = [t for t in sampling.stop_ids if not 0 <= t < vocab]
-    if bad_stops:
-        raise ValueError(f"generate: stop ids {bad_stops} are outside the vocabulary [0, {vocab})")
+    dp = 1 if mesh is None else data_parallel_size(mesh)
+    cfg = SamplerConfig(n=n, max_new_tokens=max_new_tokens, sampling=sampling,
+                        rows=rows_in_flight(prompts_per_call, max(len(prompts), 1), max(n, 1), dp), buckets=tuple(buckets),
+                        pad_id=pad_id, steps_per_sync=steps_per_sync, kv_block=kv_block, data_parallel=dp)
     graphdef, params = nnx.split(model)
     if mesh is not None:
         devices = set(mesh.devices.flat)
         if any(x.sharding.device_set != devices for x in jax.tree.leaves(params)):
             raise ValueError("generate: the model's params are not on `mesh`; load it with load_pretrained(path, mesh=mesh)")
-    per_call = prompts_per_call or len(prompts)
-    dp = 1 if mesh is None else data_parallel_size(mesh)
-    batch = -(-min(per_call, len(prompts)) // dp) * dp
-    rng = jax.random.key(seed)
-    parts = [_sample_call(graphdef, params, prompts[i:i + per_call], batch, buckets, rng, i * n, n=n,
-                          max_new_tokens=max_new_tokens, sampling=sampling, pad_id=pad_id, mesh=mesh)
-             for i in range(0, len(prompts), per_call)]
-    return concat_rollouts(parts, pad_id)
+    return Sampler(graphdef, model.cfg, cfg, mesh)(params, prompts, seed, on_rows)
 
 
-__all__ = ["DEFAULT_BUCKETS", "Rollout", "SamplerState", "SamplingParams", "concat_rollouts", "decode",
-           "filter_logits", "generate", "left_pad", "length_buckets", "prefill", "select_tokens"]
+__all__ = ["DEFAULT_BUCKETS", "Rollout", "Sampler", "SamplerConfig", "SamplerState", "SamplingParams", "decode",
+           "empty_state", "filter_logits", "generate", "insert", "left_pad", "length_buckets", "rows_in_flight",
+           "sampler_state_shardings", "select_tokens"]

@@ -25,9 +25,8 @@ from prime_jax.experience import CollectConfig, Experience, Prompt, collect
 from prime_jax.mesh import batch_sharding, host_to_global
 from prime_jax.metrics import MetricWriter, plot_curves
 from prime_jax.models import save_pretrained
-from prime_jax.programs import sampler_prompts
 from prime_jax.rl.optim import layout_sharding
-from prime_jax.sampling import Rollout, generate, length_buckets
+from prime_jax.sampling import Rollout, RowsCallback
 
 
 class Timer:
@@ -88,7 +87,7 @@ class Trainer:
         metrics.update(response_length_metrics(exp))
         metrics.update(t.seconds)
         metrics["timing/step"] = sum(t.seconds.values())
-        metrics["timing/gen"] = metrics.pop("timing/collect") - metrics["timing/verify"]
+        metrics["timing/gen"] = metrics.pop("timing/collect") - metrics["timing/verify_exposed"]
         tokens = float(exp.mask.sum())
         metrics["throughput/gen_tokens_per_s"] = tokens * metrics["train/gen_rounds"] / max(metrics["timing/gen"], 1e-9)
         metrics["throughput/train_tokens_per_s"] = tokens / max(metrics["timing/reward_model"] + metrics["timing/update_actor"], 1e-9)
@@ -118,13 +117,8 @@ class Trainer:
 
     # --- pieces -------------------------------------------------------------------------------------
 
-    def sample(self, prompts: list[Prompt], seed: int) -> Rollout:
-        r = self.c.rollout
-        return generate(nnx.merge(self.p.graphdef, self.policy.params), [list(p.ids) for p in prompts],
-                        n=r.n_samples, max_new_tokens=r.max_response_length, temperature=r.temperature, top_p=r.top_p,
-                        top_k=r.top_k, stop_ids=self.p.tokenizer.eos_ids, seed=seed, pad_id=self.p.tokenizer.pad_id,
-                        mesh=self.p.mesh, buckets=length_buckets(self.c.data.max_prompt_length),
-                        prompts_per_call=sampler_prompts(self.c))
+    def sample(self, prompts: list[Prompt], seed: int, on_rows: RowsCallback | None = None) -> Rollout:
+        return self.p.programs.sampler(self.policy.params, [list(p.ids) for p in prompts], seed, on_rows)
 
     def next_prompts(self, k: int) -> list[Prompt]:
         return [Prompt(ex, tuple(ids)) for ex, ids in self.p.train_data.next_prompts(k)]

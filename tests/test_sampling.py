@@ -1,5 +1,6 @@
 """Rollout sampler: greedy parity with transformers, sampling distribution, top-k/top-p sets, log-probs,
-stop handling, sharded determinism, sampling in several calls and input errors."""
+stop handling, sharded determinism, continuous batching (a row's tokens do not depend on its slot or on when
+it was inserted), rows streamed as they stop, and input errors."""
 
 import functools
 
@@ -15,7 +16,7 @@ from flax import nnx
 from prime_jax import sampling
 from prime_jax.mesh import batch_sharding, make_mesh
 from prime_jax.models import Decoder, abstract_model, load_pretrained, response_logprobs
-from prime_jax.sampling import SamplingParams, decode, filter_logits, generate, prefill
+from prime_jax.sampling import SamplerConfig, SamplingParams, decode, empty_state, filter_logits, generate, insert
 from tests.fixtures import tiny_config
 
 PAD = 0
@@ -137,15 +138,11 @@ def test_greedy_matches_transformers_generate(ckpt, request):
     assert out.lengths.min() < r
     # Greedy log-probs are the temperature-1 log-probs of the chosen tokens.
     np.testing.assert_allclose(out.logprobs, _reference_logprobs(model, out), atol=1e-4, rtol=0)
-    # The decode loop exits as soon as every row has stopped: a batch of the earliest-stopping prompt.
-    first = int(np.argmin(out.lengths))
-    batch = np.repeat(out.prompt_tokens[first:first + 1], 4, axis=0)
-    graphdef, params = nnx.split(model)
-    state = prefill(graphdef, params, batch, np.repeat(out.prompt_mask[first:first + 1], 4, axis=0), jax.random.key(0),
-                    n=1, max_new_tokens=r, sampling=SamplingParams(temperature=0.0, stop_ids=stops), pad_id=PAD)
-    state = decode(graphdef, params, state)
-    assert int(state.step) == out.lengths[first] < r and bool(state.done.all())
-    np.testing.assert_array_equal(np.asarray(state.tokens), np.repeat(out.tokens[first:first + 1], 4, axis=0))
+    # One host round trip per decode step, or a few per response: the same tokens.
+    for k in (1, 3):
+        again = generate(model, prompts, max_new_tokens=r, temperature=0, stop_ids=stops, seed=0, pad_id=PAD,
+                         buckets=(8, 16), steps_per_sync=k, kv_block=3)
+        np.testing.assert_array_equal(again.tokens, out.tokens)
 
 
 def test_next_token_distribution_matches_softmax_at_temperature(peaked_model):
@@ -220,57 +217,79 @@ def test_another_seed_gives_other_tokens(qwen_model, sampled):
 
 
 def test_sharded_mesh_gives_the_same_tokens(qwen2_dir, sampled):
-    """Same tokens on 8 devices as on one, also with a wider prompt bucket and a dummy row padding 3 prompts to 4."""
+    """Same tokens on 8 devices as on one, also with a wider prompt bucket and 3 prompts' rows in 4 slots each
+    (rows inserted into freed slots; batch split 4 ways)."""
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     model = load_pretrained(qwen2_dir, mesh=mesh)
-    kw = {**SAMPLED, "buckets": (32,)}
-    out = generate(model, PROMPTS, mesh=mesh, **kw)
-    np.testing.assert_array_equal(out.tokens, sampled.tokens)
-    np.testing.assert_allclose(out.logprobs, sampled.logprobs, atol=1e-5)
-    # The sampler state lives on the mesh (batch over data+fsdp, the 2 KV heads over tensor); same call as generate's.
+    for kw in ({"buckets": (32,)}, {"prompts_per_call": 1, "steps_per_sync": 2}):
+        out = generate(model, PROMPTS, mesh=mesh, **{**SAMPLED, **kw})
+        np.testing.assert_array_equal(out.tokens, sampled.tokens, err_msg=str(kw))
+        np.testing.assert_allclose(out.logprobs, sampled.logprobs, atol=1e-5, err_msg=str(kw))
+    # The sampler state lives on the mesh (batch over data+fsdp, the 2 KV heads over tensor), in and out of decode.
     graphdef, params = nnx.split(model)
-    put = lambda x: jax.device_put(np.pad(x[::kw["n"]], ((0, 1), (0, 0))), batch_sharding(mesh, 2))  # noqa: E731
-    rng = jax.random.key(kw["seed"])
+    cfg = SamplerConfig(n=2, max_new_tokens=4, sampling=SamplingParams(stop_ids=(3,)), rows=8, buckets=(8,),
+                        data_parallel=4)
     with jax.set_mesh(mesh):
-        state = prefill(graphdef, params, put(out.prompt_tokens), put(out.prompt_mask), rng,
-                        n=kw["n"], max_new_tokens=kw["max_new_tokens"],
-                        sampling=SamplingParams(kw["temperature"], kw["top_p"], 0, kw["stop_ids"]), pad_id=kw["pad_id"])
-        state = decode(graphdef, params, state)
+        state = decode(graphdef, params, empty_state(model.cfg, cfg, 8))
     spec = jax.sharding.PartitionSpec(None, ("data", "fsdp"), "tensor", None, None)  # [L, N, K, S, Dh]
     assert state.cache.k.sharding.is_equivalent_to(jax.sharding.NamedSharding(mesh, spec), 5)
     assert state.tokens.sharding.is_equivalent_to(batch_sharding(mesh, 2), 2)
-    np.testing.assert_array_equal(np.asarray(state.tokens)[: out.tokens.shape[0]], out.tokens)
 
 
-def test_prompts_per_call_gives_the_tokens_of_one_call_with_one_batch_shape(qwen_model, sampled, monkeypatch):
-    """3 prompts in calls of 2: the second call is padded with a dummy prompt to the same batch (one compile per
-    bucket, whatever the number of prompts), each call takes its own bucket, and the rows are those of one call."""
-    shapes = []
-    real = sampling.prefill
+@pytest.mark.parametrize("kw", [{"prompts_per_call": 1}, {"prompts_per_call": 2, "steps_per_sync": 3},
+                                {"prompts_per_call": 1, "n": 4, "steps_per_sync": 1, "kv_block": 8}])
+def test_rows_draw_the_same_tokens_whatever_slot_and_insertion_time(qwen_model, sampled, kw, monkeypatch):
+    """All 12 rows in the first batch vs 4 or 8 slots where most rows are inserted into slots freed by rows that
+    stopped: identical rows. Every insert prefills a prompt at most once per call to `insert`."""
+    inserted = []
+    real = sampling.insert
 
-    def recording(graphdef, params, tokens, *args, **kw):
-        shapes.append(tokens.shape)
-        return real(graphdef, params, tokens, *args, **kw)
+    def recording(graphdef, params, state, tokens, lens, slots, rows, rng):
+        inserted.append(np.asarray(rows)[np.asarray(slots) < state.done.shape[0]])
+        return real(graphdef, params, state, tokens, lens, slots, rows, rng)
 
-    monkeypatch.setattr(sampling, "prefill", recording)
-    out = generate(qwen_model, PROMPTS, prompts_per_call=2, **{**SAMPLED, "buckets": (8, 16)})
-    assert [len(p) for p in PROMPTS] == [7, 3, 12] and shapes == [(2, 8), (2, 16)]
+    monkeypatch.setattr(sampling, "insert", recording)
+    out = generate(qwen_model, PROMPTS, **{**SAMPLED, **kw})
+    assert len(inserted) > 2 and sorted(np.concatenate(inserted).tolist()) == list(range(len(PROMPTS) * SAMPLED["n"]))
     for name in ("prompt_tokens", "prompt_mask", "tokens", "mask", "lengths"):
         np.testing.assert_array_equal(getattr(out, name), getattr(sampled, name), err_msg=name)
     np.testing.assert_allclose(out.logprobs, sampled.logprobs, atol=1e-5, rtol=0)
 
 
-def test_programs_lower_from_abstract_inputs_and_decode_donates_its_state():
-    """What the AOT compiler does: lower both programs from shapes only; decode's outputs alias every state input."""
+def test_rows_are_handed_over_as_they_stop(qwen_model, sampled):
+    """on_rows sees every row once, with its final tokens and length; short rows come before long ones."""
+    seen = {}
+    order = []
+
+    def on_rows(rows, tokens, lengths):
+        for row, t, length in zip(rows, tokens, lengths):
+            assert row not in seen
+            seen[int(row)] = (t.copy(), int(length))
+            order.append(int(row))
+
+    generate(qwen_model, PROMPTS, on_rows=on_rows, **{**SAMPLED, "prompts_per_call": 1, "steps_per_sync": 1})
+    assert sorted(seen) == list(range(len(PROMPTS) * SAMPLED["n"]))
+    for row, (t, length) in seen.items():
+        np.testing.assert_array_equal(t, sampled.tokens[row])
+        assert length == sampled.lengths[row]
+    first_prompt = [r for r in order if r < SAMPLED["n"]]
+    assert [sampled.lengths[r] for r in first_prompt] == sorted(sampled.lengths[r] for r in first_prompt)
+
+
+def test_programs_lower_from_abstract_inputs_and_donate_their_state():
+    """What the AOT compiler does: lower insert and decode from shapes only; both alias every state input."""
     graphdef, params = nnx.split(abstract_model(tiny_config()))
-    prompt = jax.ShapeDtypeStruct((4, 16), jnp.int32)
+    cfg = SamplerConfig(n=2, max_new_tokens=8, sampling=SamplingParams(temperature=0.7, top_p=0.9, stop_ids=(3,)),
+                        rows=8, buckets=(16,), kv_block=8, pad_id=PAD)
+    state = jax.eval_shape(lambda: empty_state(tiny_config(), cfg, 16))
+    assert state.tokens.shape == (8, 8) and state.cache.k.shape == (2, 8, 2, 24, 8)  # [L, N, K, S, Dh], prompt 16 + ring 8
+    prompt = jax.ShapeDtypeStruct((cfg.max_prefill, 16), jnp.int32)
+    lens = jax.ShapeDtypeStruct((cfg.max_prefill,), jnp.int32)
+    slots = jax.ShapeDtypeStruct((2, cfg.max_prefill), jnp.int32)
     rng = jax.eval_shape(lambda: jax.random.key(0))
-    kw = dict(n=2, max_new_tokens=8, sampling=SamplingParams(temperature=0.7, top_p=0.9, stop_ids=(3,)), pad_id=PAD)
-    prefill.trace(graphdef, params, prompt, prompt, rng, **kw).lower()
-    state = jax.eval_shape(lambda p: prefill(graphdef, p, prompt, prompt, rng, **kw), params)
-    assert state.tokens.shape == (8, 8) and state.cache.k.shape == (2, 8, 2, 16 + 8 - 1, 8)  # [L, N, K, S, Dh]
-    text = decode.trace(graphdef, params, state).lower().as_text()
-    assert text.count("tf.aliasing_output") == len(jax.tree.leaves(state))
+    for text in (insert.trace(graphdef, params, state, prompt, lens, slots, slots, rng).lower().as_text(),
+                 decode.trace(graphdef, params, state).lower().as_text()):
+        assert text.count("tf.aliasing_output") == len(jax.tree.leaves(state))
 
 
 @pytest.mark.parametrize("prompts,kw,match", [
@@ -286,10 +305,12 @@ def test_programs_lower_from_abstract_inputs_and_decode_donates_its_state():
     ([[1, 2]], {"stop_ids": (500,)}, "stop ids"),
     ([[1, 2]], {"max_new_tokens": 0}, "max_new_tokens must be >= 1"),
     ([[1, 2]], {"prompts_per_call": -1}, "prompts_per_call must be >= 0"),
+    ([[1, 2]], {"steps_per_sync": 0}, "steps_per_sync .* must be >= 1"),
+    ([[1, 2]], {"kv_block": 0}, "kv_block must be >= 1"),
 ])
 def test_bad_input_raises_before_compiling(peaked_model, prompts, kw, match):
     args = dict(max_new_tokens=4, stop_ids=(), seed=0, buckets=(8, 16)) | kw
-    before = (prefill._cache_size(), decode._cache_size())
+    before = (empty_state._cache_size(), insert._cache_size(), decode._cache_size())
     with pytest.raises(ValueError, match=match):
         generate(peaked_model, prompts, **args)
-    assert (prefill._cache_size(), decode._cache_size()) == before
+    assert (empty_state._cache_size(), insert._cache_size(), decode._cache_size()) == before

@@ -119,6 +119,10 @@ def test_dry_run_validates_and_prints_the_memory_plan(capsys):
     ("data.train_files", "", "config.data.train_files: empty"),
     ("length_mix.response_tokens", -1, "config.length_mix.response_tokens: must be >= 0"),
     ("length_mix.clipped_fraction", 1.5, "config.length_mix.clipped_fraction: must be in "),
+    ("rollout.steps_per_sync", 0, "config.rollout.steps_per_sync: must be a positive integer"),
+    ("rollout.kv_block", 0, "config.rollout.kv_block: must be a positive integer"),
+    ("rollout.kv_cache_gib", 16.0, "config.rollout.prompts_per_call: 1024 rows in flight .* need a 28.00 GiB/device KV "
+                                   "cache, above rollout.kv_cache_gib=16.0"),
 ])
 def test_bad_config_is_a_one_line_error_naming_the_key(key, value, message):
     c = load_config("qwen7b")

@@ -22,13 +22,13 @@ from prime_jax.aot.report import ProgramReport, format_report
 from prime_jax.aot.step import LengthMix
 from prime_jax.aot.topology import Chip, Topology
 from prime_jax.memory_plan import architecture
-from prime_jax.mesh import batch_sharding, data_parallel_size, make_mesh, state_shardings
+from prime_jax.mesh import batch_sharding, make_mesh, state_shardings
 from prime_jax.models import ModelConfig, abstract_model
 from prime_jax.packing import LAYOUT_KEYS, PackSpec
 from prime_jax.programs import (attention_implementation, make_programs, optimizers, pack_spec, ppo_step_config,
-                                rows_per_step, sampler_prompts, validate_programs)
+                                rows_per_step, validate_programs)
 from prime_jax.rl.optim import TrainState, init_train_state, layout_sharding, train_state_shardings
-from prime_jax.sampling import SamplingParams, decode, prefill
+from prime_jax.sampling import decode, empty_state, insert, sampler_state_shardings
 
 PROGRAMS = ("sampler_prefill", "sampler_decode", "prm_step", "ppo_step")
 
@@ -126,7 +126,7 @@ def _oom_temp_bytes(message: str) -> int:
 
 
 def compile_program(name: str, fn: Any, args: tuple, kwargs: dict[str, Any], chip: Chip, resident: int,
-                    unknown_trip_count: int = 1, hlo_dir: str = "") -> tuple[ProgramReport, Any, Any]:
+                    unknown_trip_count: int | Sequence[int] = 1, hlo_dir: str = "") -> tuple[ProgramReport, Any, Any]:
     """Lowers `fn(*args, **kwargs)` and compiles it -> (report, lowered, compiled); compiled is None when the
     compiler ran out of device memory (the report then carries its message). Loops that stop on data run
     `unknown_trip_count` times in the cost estimate. With `hlo_dir`, the compiled HLO is written to
@@ -166,13 +166,11 @@ def compile_program(name: str, fn: Any, args: tuple, kwargs: dict[str, Any], chi
     return report, lowered, compiled
 
 
-def sampling_params(c: ml_collections.ConfigDict, cfg: ModelConfig) -> SamplingParams:
-    """The rollout's sampling settings. Stop ids come from the tokenizer at run time; their values do not
-    change the program, so the architecture's eos id stands in (or the last vocab id)."""
+def stand_in_stop_ids(cfg: ModelConfig) -> tuple[int, ...]:
+    """Stop ids come from the tokenizer at run time; their values do not change the programs, so the
+    architecture's eos id stands in (or the last vocab id)."""
     eos = cfg.eos_token_id if cfg.eos_token_id is not None else cfg.vocab_size - 1
-    r = c.rollout
-    return SamplingParams(temperature=float(r.temperature), top_p=float(r.top_p), top_k=int(r.top_k),
-                          stop_ids=tuple(eos) if isinstance(eos, tuple) else (int(eos),))
+    return tuple(eos) if isinstance(eos, tuple) else (int(eos),)
 
 
 def compile_run(c: ml_collections.ConfigDict, topology: Topology, programs: Sequence[str] = PROGRAMS,
@@ -184,16 +182,18 @@ def compile_run(c: ml_collections.ConfigDict, topology: Topology, programs: Sequ
     mesh = make_mesh(dict(c.mesh), devices=topology.devices())
     validate_programs(c, mesh)
     run = abstract_run(c, mesh)
-    progs = make_programs(c, mesh, run.graphdef, run.policy, run.prm, run.ref_params)
+    cfg = model_config(c, c.model.param_dtype)
+    progs = make_programs(c, mesh, run.graphdef, run.policy, run.prm, run.ref_params, stop_ids=stand_in_stop_ids(cfg),
+                          pad_id=0)
     rows, p_len, r_len = rows_per_step(c), c.data.max_prompt_length, c.rollout.max_response_length
     train_batch = _batch(mesh, rows, {"mask": ((r_len,), jnp.float32), "acc": ((), jnp.float32),
                                       "unpack": ((r_len,), jnp.int32)})
     ppo_batch = _batch(mesh, rows, {k: ((r_len,), jnp.float32) for k in ("mask", "old_logp", "advantages")})
-    dp = data_parallel_size(mesh)
-    prompts = -(-sampler_prompts(c) // dp) * dp  # generate pads each call's prompts to the dp size
-    prompt_batch = _batch(mesh, prompts, {"tokens": ((p_len,), jnp.int32), "mask": ((p_len,), jnp.int32)})
-    cfg = model_config(c, c.model.param_dtype)
-    sampler = dict(n=c.rollout.n_samples, max_new_tokens=r_len, sampling=sampling_params(c, cfg), pad_id=0)
+    sampler = progs.sampler.cfg
+    prompts = sampler.max_prefill  # the largest prefill batch of the sampler
+    prompt_batch = _batch(mesh, prompts, {"tokens": ((p_len,), jnp.int32), "lens": ((), jnp.int32)})
+    replicated = NamedSharding(mesh, P())
+    slots = jax.ShapeDtypeStruct((sampler.n, prompts), jnp.int32, sharding=replicated)
     policy_rest = bytes_per_device((run.policy.opt_state, run.policy.step))
     prm_all, ref_all = bytes_per_device(run.prm), bytes_per_device(run.ref_params)
     policy_all = bytes_per_device(run.policy)
@@ -207,23 +207,29 @@ def compile_run(c: ml_collections.ConfigDict, topology: Topology, programs: Sequ
 
     chip = topology.chip
     if "sampler_prefill" in programs or "sampler_decode" in programs:
-        log("compiling sampler_prefill ...")
-        with jax.set_mesh(mesh):  # as `generate` calls them: sampler state constrained to the batch axes
-            report, lowered, compiled = compile_program(
-                "sampler_prefill", prefill,
-                (run.graphdef, run.policy.params, prompt_batch["tokens"], prompt_batch["mask"], key), sampler, chip,
-                sampler_resident, hlo_dir=hlo_dir)
+        with jax.set_mesh(mesh):  # as the sampler runs them: its state constrained to the batch axes
+            state = jax.eval_shape(lambda: empty_state(cfg, sampler, p_len))
+            state = _with_shardings(state, sampler_state_shardings(state, mesh))
             if "sampler_prefill" in programs:
-                done(report)
-            if "sampler_decode" in programs and compiled is None:
-                done(ProgramReport("sampler_decode", resident_bytes=sampler_resident, error="prefill did not compile"))
-            elif "sampler_decode" in programs:
+                log("compiling sampler_prefill ...")
+                done(compile_program("sampler_prefill", insert, (run.graphdef, run.policy.params, state,
+                                     prompt_batch["tokens"], prompt_batch["lens"], slots, slots, key), {}, chip,
+                                     sampler_resident, hlo_dir=hlo_dir)[0])
+            if "sampler_decode" in programs:
                 log("compiling sampler_decode ...")
-                state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                                     lowered.out_info, compiled.output_shardings)
-                # The decode loop stops when every row is done: at most max_new_tokens - 1 steps.
-                done(compile_program("sampler_decode", decode, (run.graphdef, run.policy.params, state), {}, chip,
-                                     sampler_resident, r_len - 1, hlo_dir)[0])
+                # Costed as one whole response of every row: the calls of steps_per_sync steps (a loop that stops
+                # on data) that max_new_tokens - 1 steps take, each step reading the cache blocks filled halfway
+                # through the response (the attention's two block loops, prompt and ring, also stop on data:
+                # each is costed at the mean of their block counts).
+                block = sampler.block(p_len)
+                blocks = -(-(-(-p_len // block) + -(-r_len // (2 * block)) + 1) // 2)
+                report = compile_program("sampler_decode", decode, (run.graphdef, run.policy.params, state), {},
+                                         chip, sampler_resident, (sampler.steps_per_sync, blocks), hlo_dir)[0]
+                if report.cost is not None:
+                    calls = -(-(r_len - 1) // sampler.steps_per_sync)
+                    report.cost = dataclasses.replace(report.cost, flops=report.cost.flops * calls,
+                                                      seconds=report.cost.seconds * calls)
+                done(report)
     # The training steps at their largest packed shape (memory), and, packed, again at the length mix's shape
     # (what a typical step computes: `<name>@mix`, for the whole-step seconds).
     mix = LengthMix.from_config(c)

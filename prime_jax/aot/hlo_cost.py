@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import math
 import re
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -209,9 +210,28 @@ def _trip_count(loop: _Instr, comps: dict[str, list[_Instr]], defs: dict[str, _I
     return max(0, -(-(bound - start + (direction.group(1) == "LE")) // step))
 
 
+def _sliced_read_bytes(body: list[_Instr], param: str, comps: dict[str, list[_Instr]]) -> float | None:
+    """HBM bytes a fusion computation reads of its parameter `param` when it only dynamic-slices it or updates
+    it in place (also inside nested fusions): the slices; None when some use reads it whole."""
+    uses = [(i, pos) for i in body for pos, o in enumerate(i.operands) if o == param]
+    total = 0.0
+    for use, pos in uses:
+        if use.opcode in ("dynamic-slice", "dynamic-update-slice") and pos == 0:
+            total += _hbm_bytes(use.shape) if use.opcode == "dynamic-slice" else 0.0
+            continue
+        inner = comps.get(next(iter(_called(use, "calls")), "")) if use.opcode == "fusion" else None
+        inner_param = next((i.name for i in inner or [] if i.opcode == "parameter" and int(i.args) == pos), None)
+        sliced = _sliced_read_bytes(inner, inner_param, comps) if inner_param is not None else None
+        if sliced is None:
+            return None
+        total += sliced
+    return total if uses else None
+
+
 def _op_bytes(ins: _Instr, shapes: dict[str, str], comps: dict[str, list[_Instr]]) -> float:
     """HBM bytes an op reads and writes; a fusion reads only the slices it dynamic-slices out of a
-    parameter, and writes only the update of a dynamic-update-slice root (its buffer is aliased)."""
+    parameter (also in a nested fusion), and writes only the update of a dynamic-update-slice root (its
+    buffer is aliased)."""
     if ins.opcode == "dynamic-slice":
         return 2 * _hbm_bytes(ins.shape)
     if ins.opcode == "dynamic-update-slice":
@@ -222,16 +242,10 @@ def _op_bytes(ins: _Instr, shapes: dict[str, str], comps: dict[str, list[_Instr]
     written = _hbm_bytes(ins.shape)
     body = comps.get(next(iter(_called(ins, "calls")), "")) if ins.opcode == "fusion" else None
     if body:
-        params = {i.name: int(i.args) for i in body if i.opcode == "parameter"}
-        users: dict[str, list[tuple[_Instr, int]]] = {}
-        for i in body:
-            for pos, o in enumerate(i.operands):
-                users.setdefault(o, []).append((i, pos))
-        for name, index in params.items():
-            uses = users.get(name, [])
-            if uses and index < len(reads) and all(u.opcode in ("dynamic-slice", "dynamic-update-slice") and pos == 0
-                                                   for u, pos in uses):
-                reads[index] = sum(_hbm_bytes(u.shape) for u, _ in uses if u.opcode == "dynamic-slice")
+        for name, index in ((i.name, int(i.args)) for i in body if i.opcode == "parameter"):
+            sliced = _sliced_read_bytes(body, name, comps)
+            if sliced is not None and index < len(reads):
+                reads[index] = sliced
         local = {i.name: i for i in body}
         roots = [local[o] for o in body[-1].operands] if body[-1].opcode == "tuple" else [body[-1]]
         if any(r.opcode == "dynamic-update-slice" for r in roots):
@@ -252,8 +266,12 @@ class ProgramCost:
     unknown_loops: int
 
 
-def program_cost(hlo_text: str, peak_flops: float, hbm_bandwidth: float, unknown_trip_count: int = 1) -> ProgramCost:
-    """Roofline cost of compiled HLO text (see the section comment), walking loops from the entry."""
+def program_cost(hlo_text: str, peak_flops: float, hbm_bandwidth: float,
+                 unknown_trip_count: int | Sequence[int] = 1) -> ProgramCost:
+    """Roofline cost of compiled HLO text (see the section comment), walking loops from the entry. A loop
+    that stops on data runs `unknown_trip_count` times; a sequence gives the count by nesting (its first
+    entry for the outermost such loop, the next for one inside it, ...)."""
+    counts = (unknown_trip_count,) if isinstance(unknown_trip_count, int) else tuple(unknown_trip_count)
     comps = _parse_hlo(hlo_text)
     defs = {ins.name: ins for name, instrs in comps.items() if name != "__entry__" for ins in instrs}
     shapes = {name: ins.shape for name, ins in defs.items()}
@@ -265,21 +283,24 @@ def program_cost(hlo_text: str, peak_flops: float, hbm_bandwidth: float, unknown
 
     totals = np.zeros(4)  # flops once, seconds once, flops, seconds
     unknown = 0
-    stack = [("__entry__", 1)]
+    stack = [("__entry__", 1, 0)]  # (computation, times it runs, data-dependent loops around it)
     while stack:
-        comp, mult = stack.pop()
+        comp, mult, depth = stack.pop()
         for ins in comps.get(comp, []):
             if ins.opcode == "while":
                 count = _trip_count(ins, comps, defs)
                 unknown += count is None
-                stack.extend((c, mult * (unknown_trip_count if count is None else count)) for c in _called(ins, "body"))
-                stack.extend((c, mult) for c in _called(ins, "condition"))
+                inner = depth + (count is None)
+                times = counts[min(depth, len(counts) - 1)] if count is None else count
+                stack.extend((c, mult * times, inner) for c in _called(ins, "body"))
+                stack.extend((c, mult, depth) for c in _called(ins, "condition"))
             elif ins.opcode == "call":
-                stack.extend((c, mult) for c in _called(ins, "to_apply"))
+                stack.extend((c, mult, depth) for c in _called(ins, "to_apply"))
             elif ins.opcode == "conditional":
                 for group in re.findall(r"branch_computations=\{([^}]*)\}", ins.attrs):
-                    stack.extend((c, mult) for c in re.findall(r"%?([\w.\-]+)", group))
-                stack.extend((c, mult) for key in ("true_computation", "false_computation") for c in _called(ins, key))
+                    stack.extend((c, mult, depth) for c in re.findall(r"%?([\w.\-]+)", group))
+                stack.extend((c, mult, depth) for key in ("true_computation", "false_computation")
+                             for c in _called(ins, key))
             if ins.opcode in _FREE:
                 continue
             flops = flops_of(ins)

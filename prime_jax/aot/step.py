@@ -36,13 +36,17 @@ class LengthMix:
                 f"{100 * self.clipped_fraction:g}% of responses at the limit")
 
 
-def decode_fraction(c: ml_collections.ConfigDict, mix: LengthMix) -> float:
-    """The share of its compiled limit (max_response_length - 1 steps) that one decode call runs at this mix.
-    The call decodes until its longest row stops: to the limit when any of its rows is clipped (probability
-    1 - (1 - f)^rows), else at least to the mean length (a lower bound)."""
-    rows = sampler_prompts(c) * c.rollout.n_samples
-    none_clipped = (1.0 - mix.clipped_fraction) ** rows
-    return (1.0 - none_clipped) + none_clipped * mix.response_tokens / c.rollout.max_response_length
+def decode_steps(c: ml_collections.ConfigDict, mix: LengthMix) -> float:
+    """Decode steps of one generation round at this mix with continuous batching: the batch's responses
+    (rows x mean length) spread over the rows in flight (a slot takes the next sample when its row stops), but no
+    fewer than the longest response, which reaches max_response_length - 1 when any row is clipped (probability
+    1 - (1 - f)^rows) and at least the mean otherwise. A lower bound: slots idle in the last wave are not counted."""
+    rows = c.train.batch_size * c.rollout.n_samples
+    in_flight = min(rows, sampler_prompts(c) * c.rollout.n_samples)
+    r = c.rollout.max_response_length
+    p_clipped = 1.0 - (1.0 - mix.clipped_fraction) ** rows
+    longest = p_clipped * (r - 1) + (1.0 - p_clipped) * mix.response_tokens
+    return max(rows * mix.response_tokens / in_flight, longest)
 
 
 def step_seconds(c: ml_collections.ConfigDict, reports: Sequence[ProgramReport]) -> dict[str, float] | None:
@@ -52,9 +56,12 @@ def step_seconds(c: ml_collections.ConfigDict, reports: Sequence[ProgramReport])
     if any(p not in by_name or by_name[p].error for p in STEP_PROGRAMS):
         return None
     mix = LengthMix.from_config(c)
-    calls = math.ceil(c.train.batch_size / sampler_prompts(c))
+    waves = math.ceil(c.train.batch_size / sampler_prompts(c))  # prefills of the largest insert, at least
+    # The decode report is one whole response of every row: ceil((R - 1) / K) calls of K steps.
+    k = c.rollout.steps_per_sync
+    per_step = by_name["sampler_decode"].seconds / (math.ceil((c.rollout.max_response_length - 1) / k) * k)
     train = {name: by_name.get(f"{name}@mix", by_name[name]).seconds for name in ("prm_step", "ppo_step")}
-    out = {"sampler_prefill": calls * by_name["sampler_prefill"].seconds,
-           "sampler_decode": calls * by_name["sampler_decode"].seconds * decode_fraction(c, mix), **train}
+    out = {"sampler_prefill": waves * by_name["sampler_prefill"].seconds,
+           "sampler_decode": per_step * decode_steps(c, mix), **train}
     out["step"] = sum(out.values())
     return out

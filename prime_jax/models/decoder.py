@@ -4,13 +4,14 @@ Every weight is an `nnx.Param` carrying `axes`, a tuple of logical axis names th
 `prime_jax.mesh` maps onto mesh axes. Per-layer weights are stacked with a leading `layers`
 axis and the blocks run in one `lax.scan`, so compile time does not grow with depth.
 
-Two entry points share one block function:
+Three entry points share the layer functions:
 - `model(tokens, attention_mask=..., positions=...)` / `model.hidden_states(..., segment_ids=...)`: full-sequence
   forward (training, scoring), attention through `jax.nn.dot_product_attention` with the implementation
   `cfg.attention` (cuDNN on GPU, XLA elsewhere); with `segment_ids` several sequences share a row (packing).
-- `model.forward_cached(tokens, positions, cache, kv_mask)`: writes the new keys/values into a
-  preallocated `KVCache` at `cache.index` and attends over the cache (sampler prefill + decode).
-  The cache is carried through the layer scan and updated in place, never copied per step.
+- `model.prefill(tokens, lengths)`: right-padded prompts once (the same fused attention); returns the
+  keys/values of every layer in the sampler's cache layout (`KVCache`, row b's sequence from slot 0).
+- `model.decode_step(tokens, positions, cache, ...)`: one token per row, written into the cache at one
+  shared slot; attention reads each row's own filled slots in place, block by block (`cached_attention`).
 """
 
 from __future__ import annotations
@@ -31,17 +32,17 @@ Array = jax.Array
 @flax.struct.dataclass
 class KVCache:
     """Keys and values of every layer, head-major so attention reads them without transposes.
-    `k`, `v`: [L, B, K, S, Dh] compute dtype; `index`: the next slot to write, int32 scalar."""
+    `k`, `v`: [L, B, K, S, Dh] compute dtype. The sampler keeps each row's prompt in the first slots and
+    its generated tokens in a ring after them (`cached_attention`)."""
 
     k: Array
     v: Array
-    index: Array
 
     @classmethod
     def zeros(cls, cfg: ModelConfig, batch: int, length: int) -> KVCache:
         shape = (cfg.num_layers, batch, cfg.num_kv_heads, length, cfg.head_dim)
         dtype = jnp.dtype(cfg.dtype)
-        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), index=jnp.zeros((), jnp.int32))
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
 
 
 def positions_from_mask(attention_mask: Array) -> Array:
@@ -85,21 +86,6 @@ def rms_norm(x: Array, weight: Array, eps: float) -> Array:
     return weight.astype(x.dtype) * x32.astype(x.dtype)
 
 
-def attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
-    """Grouped-query attention with softmax in fp32.
-
-    q: [B, T, H, Dh]; k, v: [B, K, S, Dh] (head-major); mask: [B, T, S] bool (True = may attend). -> [B, T, H, Dh]
-    """
-    b, t, h, dh = q.shape
-    kv = k.shape[1]
-    qg = q.reshape(b, t, kv, h // kv, dh)
-    scores = jnp.einsum("btkgd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32) / math.sqrt(dh)
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
-    return out.reshape(b, t, h, dh)
-
-
 def resolve_attention(name: str, platform: str, compute_dtype: str) -> str:
     """The `jax.nn.dot_product_attention` implementation for config value `model.attention` on `platform`.
 
@@ -140,13 +126,64 @@ def _qkv(cfg: ModelConfig, p: dict[str, Array], x: Array, positions: Array, inv_
     return q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
 
 
-def _attend_and_mlp(cfg: ModelConfig, p: dict[str, Array], x: Array, q: Array, k: Array, v: Array, mask: Array,
-                    fused: bool) -> Array:
-    """The rest of one layer: attention over k, v [B, K, S, Dh] (`fused_attention` with `cfg.attention` when
-    `fused`, else the einsum `attention`), output projection, SwiGLU MLP. -> [B, T, D]"""
+def cached_attention(q: Array, k_cache: Array, v_cache: Array, layer: Array, prompt_lens: Array, counts: Array,
+                     ring_index: Array, prompt_slots: int, block: int) -> Array:
+    """Attention of one new token per row over layer `layer` of the sampler's cache, read in place.
+
+    q: [B, 1, H, Dh]; k_cache, v_cache: [L, B, K, S, Dh], slots 0..prompt_slots-1 the row's prompt (row b
+    attends the first prompt_lens[b]), the rest a ring of generated tokens written at a shared index (row b
+    attends the counts[b] slots written last, up to and including `ring_index`). The cache is read in blocks
+    of `block` slots (prompt_slots and the ring are whole blocks): the prompt blocks up to the longest
+    prompt and the ring blocks of the longest response so far, with an online softmax in fp32 (while
+    loops), so the work follows the filled length, not S; a slot a row does not see adds exactly nothing.
+    -> [B, 1, H, Dh]
+    """
+    b, _, h, dh = q.shape
+    kv, ring = k_cache.shape[2], k_cache.shape[3] - prompt_slots
+    qg = q.reshape(b, kv, h // kv, dh)
+    offsets = jnp.arange(block)
+
+    def accumulate(start: Array, visible: Array, carry):
+        m, denom, acc = carry
+        kb = jax.lax.dynamic_slice(k_cache, (layer, 0, 0, start, 0), (1, b, kv, block, dh))[0].astype(q.dtype)
+        vb = jax.lax.dynamic_slice(v_cache, (layer, 0, 0, start, 0), (1, b, kv, block, dh))[0].astype(q.dtype)
+        scores = jnp.einsum("bkgd,bksd->bkgs", qg, kb, preferred_element_type=jnp.float32) / math.sqrt(dh)
+        scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(scores, axis=-1))  # m starts finite, so a block nobody sees is a no-op
+        scale = jnp.exp(m - m_new)
+        probs = jnp.exp(scores - m_new[..., None])
+        acc = acc * scale[..., None] + jnp.einsum("bkgs,bksd->bkgd", probs.astype(vb.dtype), vb,
+                                                  preferred_element_type=jnp.float32)
+        return m_new, denom * scale + jnp.sum(probs, axis=-1), acc
+
+    def prompt_block(j, carry):
+        return accumulate(j * block, (j * block + offsets)[None, :] < prompt_lens[:, None], carry)
+
+    longest = jnp.max(counts)
+    first = (ring_index - longest + 1) % ring // block  # the ring block of the oldest slot anyone sees
+
+    def ring_block(j, carry):
+        start = (first + j) % (ring // block) * block
+        age = (ring_index - start - offsets) % ring  # steps since each slot was written
+        return accumulate(prompt_slots + start, age[None, :] < counts[:, None], carry)
+
+    init = (jnp.full((b, kv, h // kv), jnp.finfo(jnp.float32).min, jnp.float32),
+            jnp.zeros((b, kv, h // kv), jnp.float32), jnp.zeros((b, kv, h // kv, dh), jnp.float32))
+    carry = jax.lax.fori_loop(0, (jnp.max(prompt_lens) + block - 1) // block, prompt_block, init)
+    ring_blocks = jnp.where(longest > 0, jnp.minimum((longest + block - 1) // block + 1, ring // block), 0)
+    _, denom, acc = jax.lax.fori_loop(0, ring_blocks, ring_block, carry)
+    return (acc / denom[..., None]).astype(q.dtype).reshape(b, 1, h, dh)
+
+
+def _attend_and_mlp(cfg: ModelConfig, p: dict[str, Array], x: Array, q: Array, k: Array, v: Array, mask: Array) -> Array:
+    """The rest of one layer: attention over k, v [B, K, S, Dh] (`fused_attention` with `cfg.attention`), output
+    projection, SwiGLU MLP. -> [B, T, D]"""
+    return _output_and_mlp(cfg, p, x, fused_attention(q, k.astype(x.dtype), v.astype(x.dtype), mask, cfg.attention))
+
+
+def _output_and_mlp(cfg: ModelConfig, p: dict[str, Array], x: Array, attn: Array) -> Array:
+    """Output projection of the attention [B, T, H, Dh] and the SwiGLU MLP, both residual. -> [B, T, D]"""
     w = lambda name: p[name].astype(x.dtype)  # noqa: E731
-    k, v = k.astype(x.dtype), v.astype(x.dtype)
-    attn = fused_attention(q, k, v, mask, cfg.attention) if fused else attention(q, k, v, mask)
     x = x + jnp.einsum("bthk,hkd->btd", attn, w("o"))
     h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
     gate = jnp.einsum("btd,df->btf", h, w("gate"))
@@ -195,31 +232,28 @@ class Decoder(nnx.Module):
         """LM head as [D, V] (the transposed embedding when tied)."""
         return self.embed[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
 
-    def _run_layers(self, tokens: Array, positions: Array, mask: Array, cache: KVCache | None):
+    def _layer_params(self) -> dict[str, Array]:
+        return nnx.to_pure_dict(nnx.state(self.layers, nnx.Param))
+
+    def _embed(self, tokens: Array) -> Array:
+        return constrain_batch(jnp.take(self.embed[...], tokens, axis=0).astype(self.cfg.dtype))
+
+    def _logits(self, h: Array) -> Array:
+        """[..., D] final-norm hidden states -> [..., V] float32 logits."""
+        return jnp.einsum("...d,dv->...v", h, self.head_weight().astype(h.dtype), preferred_element_type=jnp.float32)
+
+    def _run_layers(self, tokens: Array, positions: Array, mask: Array) -> Array:
         cfg = self.cfg
-        x = constrain_batch(jnp.take(self.embed[...], tokens, axis=0).astype(cfg.dtype))
-        params = nnx.to_pure_dict(nnx.state(self.layers, nnx.Param))
         inv_freq = rope_frequencies(cfg)
 
-        def layer(carry, p):
-            x, k_cache, v_cache, i = carry
+        def layer(x, p):
             q, k, v = _qkv(cfg, p, x, positions, inv_freq)
-            if k_cache is not None:
-                # Write only the new slots of layer i in place; attend over that layer's whole cache.
-                at = (i, 0, 0, cache.index, 0)
-                k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), at)
-                v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), at)
-                k = jax.lax.dynamic_index_in_dim(k_cache, i, keepdims=False)
-                v = jax.lax.dynamic_index_in_dim(v_cache, i, keepdims=False)
-            return (_attend_and_mlp(cfg, p, x, q, k, v, mask, cache is None), k_cache, v_cache, i + 1), None
+            return _attend_and_mlp(cfg, p, x, q, k, v, mask), None
 
         if cfg.remat:
             layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.nothing_saveable)
-        init = (x, None if cache is None else cache.k, None if cache is None else cache.v, jnp.int32(0))
-        (x, k, v, _), _ = jax.lax.scan(layer, init, params)
-        x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
-        new_cache = None if cache is None else KVCache(k=k, v=v, index=cache.index + tokens.shape[1])
-        return x, new_cache
+        x, _ = jax.lax.scan(layer, self._embed(tokens), self._layer_params())
+        return rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
 
     def hidden_states(self, tokens: Array, *, attention_mask: Array | None = None, positions: Array | None = None,
                       segment_ids: Array | None = None) -> Array:
@@ -233,9 +267,7 @@ class Decoder(nnx.Module):
         if segment_ids is not None:
             if positions is None:
                 raise ValueError("hidden_states: segment_ids need positions (restarting at 0 in each segment)")
-            x, _ = self._run_layers(tokens, positions, causal[None] & (segment_ids[:, :, None] == segment_ids[:, None, :]),
-                                    None)
-            return x
+            return self._run_layers(tokens, positions, causal[None] & (segment_ids[:, :, None] == segment_ids[:, None, :]))
         if attention_mask is None:
             attention_mask = jnp.ones(tokens.shape, jnp.bool_)
         attention_mask = attention_mask.astype(jnp.bool_)
@@ -243,24 +275,55 @@ class Decoder(nnx.Module):
             positions = positions_from_mask(attention_mask)
         # Each query may always see itself, so fully padded rows stay finite.
         mask = (causal[None] & attention_mask[:, None, :]) | jnp.eye(t, dtype=jnp.bool_)[None]
-        x, _ = self._run_layers(tokens, positions, mask, None)
-        return x
+        return self._run_layers(tokens, positions, mask)
 
     def __call__(self, tokens: Array, *, attention_mask: Array | None = None, positions: Array | None = None) -> Array:
         """Logits [B, T, V] float32. tokens: [B, T] int32; attention_mask: [B, T] (1 = real token)."""
         h = self.hidden_states(tokens, attention_mask=attention_mask, positions=positions)
         return jnp.einsum("btd,dv->btv", h, self.head_weight().astype(h.dtype), preferred_element_type=jnp.float32)
 
-    def forward_cached(self, tokens: Array, positions: Array, cache: KVCache, kv_mask: Array) -> tuple[Array, KVCache]:
-        """Runs `tokens` [B, T] written at cache slots index..index+T-1; returns last-position logits [B, V] f32.
+    def prefill(self, tokens: Array, lengths: Array) -> tuple[Array, KVCache]:
+        """Runs right-padded prompts once: tokens [B, T], row b's real tokens at 0..lengths[b]-1 (lengths >= 1).
 
-        kv_mask: [B, S] bool, which cache slots hold real tokens (prompt padding is False). Query t may
-        attend slot s iff kv_mask[s] and s <= index + t.
+        -> logits after each row's last real token [B, V] float32, and the keys/values of all T positions of
+        every layer, KVCache [L, B, K, T, Dh] (slot = position; slots past a row's length are never read).
         """
-        t, s = tokens.shape[1], cache.k.shape[3]
-        slot = cache.index + jnp.arange(t)
-        mask = (jnp.arange(s)[None, :] <= slot[:, None])[None] & kv_mask[:, None, :].astype(jnp.bool_)
-        mask = mask | (jnp.arange(s)[None, :] == slot[:, None])[None]
-        h, cache = self._run_layers(tokens, positions, mask, cache)
-        logits = jnp.einsum("bd,dv->bv", h[:, -1], self.head_weight().astype(h.dtype), preferred_element_type=jnp.float32)
-        return logits, cache
+        cfg = self.cfg
+        t = tokens.shape[1]
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), tokens.shape)
+        causal = jnp.tril(jnp.ones((t, t), jnp.bool_))[None]
+        inv_freq = rope_frequencies(cfg)
+
+        def layer(x, p):
+            q, k, v = _qkv(cfg, p, x, positions, inv_freq)
+            return _attend_and_mlp(cfg, p, x, q, k, v, causal), (k.astype(cfg.dtype), v.astype(cfg.dtype))
+
+        x, (k, v) = jax.lax.scan(layer, self._embed(tokens), self._layer_params())
+        last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]
+        return self._logits(rms_norm(last, self.final_norm[...], cfg.rms_norm_eps)), KVCache(k=k, v=v)
+
+    def decode_step(self, tokens: Array, positions: Array, cache: KVCache, *, prompt_lens: Array, counts: Array,
+                    ring_index: Array, prompt_slots: int, block: int) -> tuple[Array, KVCache]:
+        """One token per row: tokens [B] int32 at RoPE positions [B] int32, written for every row at the shared
+        cache slot prompt_slots + ring_index (one in-place slice per layer, no per-row scatter).
+
+        cache: [L, B, K, S, Dh], a row's prompt in slots 0..prompt_slots-1 and its generated tokens in a ring
+        after them; row b attends its first prompt_lens[b] slots and the counts[b] ring slots written last
+        (this one included), read in place in blocks of `block` (`cached_attention`).
+        -> (logits [B, V] float32, cache).
+        """
+        cfg = self.cfg
+        inv_freq = rope_frequencies(cfg)
+        slot = prompt_slots + ring_index
+
+        def layer(carry, p):
+            x, k_cache, v_cache, i = carry
+            q, k, v = _qkv(cfg, p, x, positions[:, None], inv_freq)  # k, v: [B, K, 1, Dh]
+            k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), (i, 0, 0, slot, 0))
+            v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), (i, 0, 0, slot, 0))
+            attn = cached_attention(q, k_cache, v_cache, i, prompt_lens, counts, ring_index, prompt_slots, block)
+            return (_output_and_mlp(cfg, p, x, attn), k_cache, v_cache, i + 1), None
+
+        init = (self._embed(tokens[:, None]), cache.k, cache.v, jnp.int32(0))
+        (x, k, v, _), _ = jax.lax.scan(layer, init, self._layer_params())
+        return self._logits(rms_norm(x[:, 0], self.final_norm[...], cfg.rms_norm_eps)), KVCache(k=k, v=v)

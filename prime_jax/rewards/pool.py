@@ -224,14 +224,22 @@ class VerifierPool:
             except OSError:  # died just now: the wait in score_batch sees it
                 pass
 
-    def _fail_head(self, worker: _Worker, queue: deque, counts: dict[str, int], kind: str) -> None:
-        """The worker's running item fails as `kind`; the rest of its chunk is queued again; the
+    def _fail_head(self, worker: _Worker, s: ScoreStream, kind: str) -> None:
+        """The worker's running item fails as `kind` (scores 0); the rest of its chunk is queued again; the
         worker is replaced."""
-        counts[kind] += 1
-        worker.pending.popleft()
-        queue.extendleft(reversed(worker.pending))
+        s.counts[kind] += 1
+        s.finished.append(worker.pending.popleft())
+        s.queue.extendleft(reversed(worker.pending))
         worker.pending.clear()
         self._replace(worker, kill=True)
+
+    def stream(self) -> ScoreStream:
+        """A stream of items scored while more are added (e.g. rows handed over as the sampler stops them)."""
+        if not self._workers:
+            raise RuntimeError("VerifierPool is closed")
+        if any(w.pending for w in self._workers):
+            raise RuntimeError("VerifierPool: another stream is still being scored")
+        return ScoreStream(self)
 
     def score_batch(self, items: Sequence[VerifyItem]) -> BatchResult:
         """Scores for `items` ([N] float32) plus failure counts.
@@ -239,55 +247,54 @@ class VerifierPool:
         Never raises because of an item; raises RuntimeError only if the pool is closed or a
         replacement worker cannot be started at all.
         """
-        if not self._workers:
-            raise RuntimeError("VerifierPool is closed")
-        scores = np.zeros(len(items), np.float32)
-        counts = dict.fromkeys(COUNT_KEYS, 0)
-        queue = deque()
-        for index, item in enumerate(items):
-            if item.ability in ABILITIES:
-                queue.append(index)
-            else:
-                counts["unknown_ability"] += 1
-        batch_deadline = time.monotonic() + self.batch_timeout_s
-        while queue or any(w.pending for w in self._workers):
-            self._dispatch(queue, items)
-            busy = [w for w in self._workers if w.pending]
-            wake = min([batch_deadline] + [w.started + self.item_timeout_s for w in busy])
-            ready = multiprocessing.connection.wait(
-                [w.conn for w in busy] + [w.process.sentinel for w in busy], timeout=max(0.0, wake - time.monotonic())
-            )
-            for worker in busy:
-                if worker.conn in ready:
-                    try:
-                        while worker.pending and worker.conn.poll():
-                            index, value, failure = worker.conn.recv()
-                            if index != worker.pending[0]:
-                                raise RuntimeError(f"worker answered item {index}, expected {worker.pending[0]}")
-                            worker.pending.popleft()
-                            worker.started = time.monotonic()
-                            worker.tasks += 1
-                            scores[index] = value
-                            if failure is not None:
-                                counts[failure] += 1
-                    except (EOFError, OSError, RuntimeError):
-                        self._fail_head(worker, queue, counts, "crashes")
-                        continue
-                    if not worker.pending and worker.tasks >= self.max_tasks_per_worker:
-                        self._replace(worker, kill=False)
-                elif worker.process.sentinel in ready:
-                    self._fail_head(worker, queue, counts, "crashes")
-            now = time.monotonic()
-            if now >= batch_deadline:
-                for worker in [w for w in self._workers if w.pending]:
-                    counts["batch_timeouts"] += len(worker.pending)
-                    worker.pending.clear()
-                    self._replace(worker, kill=True)
-                counts["batch_timeouts"] += len(queue)
-                queue.clear()
-            for worker in [w for w in self._workers if w.pending and now >= w.started + self.item_timeout_s]:
-                self._fail_head(worker, queue, counts, "timeouts")
-        return BatchResult(scores, counts)
+        stream = self.stream()
+        stream.add(items)
+        return stream.finish()
+
+    def _step(self, s: ScoreStream, deadline: float | None) -> None:
+        """Dispatches queued items to idle workers, takes the results that arrive until one does or the earliest
+        item deadline or `deadline` (None: wait for one; `now`: do not wait) passes, and fails overdue items."""
+        self._dispatch(s.queue, s.items)
+        busy = [w for w in self._workers if w.pending]
+        if not busy:
+            return
+        wake = min([w.started + self.item_timeout_s for w in busy] + ([] if deadline is None else [deadline]))
+        ready = multiprocessing.connection.wait(
+            [w.conn for w in busy] + [w.process.sentinel for w in busy], timeout=max(0.0, wake - time.monotonic())
+        )
+        for worker in busy:
+            if worker.conn in ready:
+                try:
+                    while worker.pending and worker.conn.poll():
+                        index, value, failure = worker.conn.recv()
+                        if index != worker.pending[0]:
+                            raise RuntimeError(f"worker answered item {index}, expected {worker.pending[0]}")
+                        worker.pending.popleft()
+                        worker.started = time.monotonic()
+                        worker.tasks += 1
+                        s.scores[index] = value
+                        if failure is not None:
+                            s.counts[failure] += 1
+                        s.finished.append(index)
+                except (EOFError, OSError, RuntimeError):
+                    self._fail_head(worker, s, "crashes")
+                    continue
+                if not worker.pending and worker.tasks >= self.max_tasks_per_worker:
+                    self._replace(worker, kill=False)
+            elif worker.process.sentinel in ready:
+                self._fail_head(worker, s, "crashes")
+        now = time.monotonic()
+        if s.deadline is not None and now >= s.deadline:
+            for worker in [w for w in self._workers if w.pending]:
+                s.counts["batch_timeouts"] += len(worker.pending)
+                s.finished.extend(worker.pending)
+                worker.pending.clear()
+                self._replace(worker, kill=True)
+            s.counts["batch_timeouts"] += len(s.queue)
+            s.finished.extend(s.queue)
+            s.queue.clear()
+        for worker in [w for w in self._workers if w.pending and now >= w.started + self.item_timeout_s]:
+            self._fail_head(worker, s, "timeouts")
 
     def close(self) -> None:
         """Stop all workers (idempotent)."""
@@ -309,3 +316,46 @@ class VerifierPool:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+class ScoreStream:
+    """Items of one batch scored while more are added: `add` queues items and hands them to idle workers
+    at once, `poll` takes the scores that came back without waiting, `finish` waits for the rest.
+    The per-batch deadline (`batch_timeout_s`) runs from `finish`; per-item deadlines are enforced
+    whenever the stream is polled or finished. One stream per pool at a time."""
+
+    def __init__(self, pool: VerifierPool) -> None:
+        self.pool = pool
+        self.items: list[VerifyItem] = []
+        self.scores: list[float] = []
+        self.counts = dict.fromkeys(COUNT_KEYS, 0)
+        self.queue: deque = deque()
+        self.finished: list[int] = []  # indices finished (scored or failed) and not yet returned by poll
+        self.deadline: float | None = None
+
+    def add(self, items: Sequence[VerifyItem]) -> range:
+        """Queues `items` and dispatches what idle workers can take; returns their indices in the stream."""
+        first = len(self.items)
+        self.items.extend(items)
+        self.scores.extend([0.0] * len(items))
+        for index, item in enumerate(items, first):
+            if item.ability in ABILITIES:
+                self.queue.append(index)
+            else:
+                self.counts["unknown_ability"] += 1
+                self.finished.append(index)
+        self.pool._step(self, time.monotonic())
+        return range(first, len(self.items))
+
+    def poll(self) -> list[int]:
+        """Indices whose score is final since the last poll (scored, or failed and scored 0); never waits."""
+        self.pool._step(self, time.monotonic())
+        out, self.finished = self.finished, []
+        return out
+
+    def finish(self) -> BatchResult:
+        """Waits for every item (at most `batch_timeout_s` from now) -> scores [N] float32 and failure counts."""
+        self.deadline = time.monotonic() + self.pool.batch_timeout_s
+        while self.queue or any(w.pending for w in self.pool._workers):
+            self.pool._step(self, self.deadline)
+        return BatchResult(np.asarray(self.scores, np.float32), self.counts)

@@ -1,5 +1,5 @@
 """Verifier pool: mixed batches with correct, wrong, hanging and crashing items, batch deadline,
-worker recycling, and argument checks."""
+worker recycling, a stream of items scored while more are added, and argument checks."""
 
 from __future__ import annotations
 
@@ -87,6 +87,33 @@ def test_batch_deadline() -> None:
         np.testing.assert_array_equal(result.scores, [1, 1, 0, 0, 0])
         assert result.counts["batch_timeouts"] == 3  # two killed in flight, one never started
         assert 4.0 <= elapsed < 10.0
+        np.testing.assert_array_equal(pool.score_batch([CORRECT_MATH]).scores, [1])
+
+
+def test_stream_scores_items_while_more_are_added() -> None:
+    """Items added to a stream are scored while the caller does other work (poll never waits); later items
+    join the same stream; an item overrunning its deadline is failed while polling; finish waits for the rest."""
+    with VerifierPool(2, item_timeout_s=3.0, batch_timeout_s=60.0, code_limits=Limits(timeout_s=30.0)) as pool:
+        stream = pool.stream()
+        assert list(stream.add([CORRECT_MATH, WRONG_MATH])) == [0, 1]
+        seen: list[int] = []
+        deadline = time.monotonic() + 60
+        while len(seen) < 2 and time.monotonic() < deadline:  # e.g. the sampler decoding meanwhile
+            time.sleep(0.05)
+            seen += stream.poll()
+        assert sorted(seen) == [0, 1]
+        assert list(stream.add([HANGING_CODE, CORRECT_CODE, VerifyItem("a sonnet", "poetry", "14 lines")])) == [2, 3, 4]
+        with pytest.raises(RuntimeError, match="another stream"):
+            pool.stream()
+        start = time.monotonic()
+        while time.monotonic() - start < 5:
+            seen += stream.poll()
+            time.sleep(0.05)
+        assert 2 in seen  # the hanging item failed on its deadline during polling, before finish
+        result = stream.finish()
+        np.testing.assert_array_equal(result.scores, [1, 0, 0, 1, 0])
+        assert result.counts == {"timeouts": 1, "batch_timeouts": 0, "errors": 0, "crashes": 0, "unknown_ability": 1}
+        assert sorted(seen + stream.poll()) == [0, 1, 2, 3, 4]
         np.testing.assert_array_equal(pool.score_batch([CORRECT_MATH]).scores, [1])
 
 

@@ -1,0 +1,64 @@
+"""Streaming verification: the sampler hands rows to the verifier pool as they stop; the scores equal those of
+verifying the finished rollout in one batch, and `collect` logs the verification time decoding did not hide."""
+
+import numpy as np
+import pytest
+
+from prime_jax.data.example import Example
+from prime_jax.experience import CollectConfig, Prompt, StreamingVerifier, collect, verify
+from prime_jax.models import load_pretrained
+from prime_jax.rewards.pool import VerifierPool
+from prime_jax.sampling import generate
+
+N = 2
+
+
+def _text(ids: np.ndarray) -> str:
+    """Response text whose answer depends on the sampled tokens: about a third of the rows are right."""
+    return "\\boxed{%d}" % (int(ids[0]) % 3)
+
+
+@pytest.fixture(scope="module")
+def setup(qwen2_dir):
+    model = load_pretrained(qwen2_dir)
+    rng = np.random.default_rng(0)
+    prompts = [Prompt(Example([], "math" if i % 4 else "poetry", "1", "test", str(i)),
+                      tuple(rng.integers(1, 90, size=3 + i % 5).tolist())) for i in range(6)]
+    calls = []
+
+    def sample(ps, seed, on_rows=None):
+        def counted(rows, tokens, lengths):
+            calls.append(len(rows))
+            on_rows(rows, tokens, lengths)
+
+        return generate(model, [list(p.ids) for p in ps], n=N, max_new_tokens=8, stop_ids=(3, 17, 50, 71, 88), seed=seed,
+                        buckets=(8,), prompts_per_call=2, steps_per_sync=1, on_rows=counted if on_rows else None)
+
+    with VerifierPool(2, item_timeout_s=30.0, batch_timeout_s=120.0) as pool:
+        yield prompts, sample, calls, pool
+
+
+def test_rows_stream_to_the_verifiers_while_decoding_and_score_as_one_batch(setup):
+    prompts, sample, calls, pool = setup
+    calls.clear()
+    verifier = StreamingVerifier(prompts, N, _text, pool)
+    rollout = sample(prompts, 3, verifier)
+    assert len(calls) > 2 and sum(calls) == len(prompts) * N  # handed over in several parts, every row once
+    assert len(verifier.stream.items) == len(prompts) * N  # all queued before the wait for scores
+    acc, counts, span = verifier.finish()
+    ref, ref_counts = verify(rollout, prompts, N, _text, pool)
+    np.testing.assert_array_equal(acc, ref)
+    assert counts == ref_counts and counts["unknown_ability"] == 2 * N  # prompts 0 and 4 are "poetry"
+    assert 0 < acc.mean() < 1 and span >= 0 and verifier.exposed_s > 0
+
+
+def test_collect_keeps_the_scores_and_logs_exposed_verification(setup):
+    prompts, sample, _, pool = setup
+    stream = iter(prompts * 10)
+    cfg = CollectConfig(batch_size=3, n=N, filter_accuracy=False, max_rounds=1)
+    exp, buffer, metrics = collect(sample, lambda k: [next(stream) for _ in range(k)], [], _text, pool, cfg, seed=1)
+    again = sample(prompts[:3], 1000, None)  # round 0 of seed 1 draws with seed 1 * 1000 + 0
+    np.testing.assert_array_equal(exp.tokens, again.tokens)
+    np.testing.assert_array_equal(exp.acc, verify(again, prompts[:3], N, _text, pool)[0])
+    assert buffer == [] and metrics["train/gen_rounds"] == 1
+    assert 0 <= metrics["timing/verify_exposed"] and 0 <= metrics["timing/verify"]
