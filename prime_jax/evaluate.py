@@ -40,7 +40,7 @@ from prime_jax.experience import Prompt, verify
 from prime_jax.models import Decoder, ModelConfig
 from prime_jax.models.tokenizer import Tokenizer
 from prime_jax.rewards.pool import VerifierPool
-from prime_jax.sampling import generate, length_buckets
+from prime_jax.sampling import SamplerConfig, SamplingParams, generate, length_buckets
 
 GIB = 2**30
 # Sampler call c draws with seed + c * SEED_STRIDE: one call draws exactly what `generate(seed=seed)` draws.
@@ -64,19 +64,20 @@ class Scored:
 
 
 def sampler_call_bytes(cfg: ModelConfig, prompts: int, prompt_len: int, max_new_tokens: int, n: int) -> dict[str, int]:
-    """Bytes of the largest buffers of one sampler call (`prefill` + `decode`) of `prompts` prompts padded to
-    `prompt_len`, n samples each, S = prompt_len + max_new_tokens - 1 cache slots (model params not counted):
+    """Bytes of the largest buffers of a sampler with `prompts` x n rows in flight, for prompts padded to
+    `prompt_len` tokens (model params not counted):
 
-    kv_cache: k and v [L, prompts*n, K, S, Dh] in the compute dtype, alive through the decode loop;
-    prefill_kv_cache: the same for the prompts before they are broadcast to n samples;
-    attention_scores: one layer's prefill scores [prompts, H, prompt_len, S] fp32, three copies (scores,
-      masked scores, softmax), plus the [prompts, prompt_len, S] bool mask: what XLA allocates on CPU
-      (tests/test_evaluate.py checks the sum against the compiled prefill); the largest single buffer.
+    kv_cache: the sampler's cache of every row, prompt slots + a ring of max_new_tokens (`SamplerConfig`);
+    prefill_kv_cache: one insert's prefill keys/values [L, max_prefill, K, prompt_len, Dh] before they are
+      copied into the rows' slots;
+    attention_scores: one layer's prefill scores [max_prefill, H, prompt_len, prompt_len] fp32, three copies
+      (scores, masked, softmax), plus the bool mask: the prompt-length^2 term, and the largest single buffer.
     """
-    slots = prompt_len + max_new_tokens - 1
-    kv_per_row = 2 * cfg.num_layers * cfg.num_kv_heads * slots * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
-    return {"kv_cache": prompts * n * kv_per_row, "prefill_kv_cache": prompts * kv_per_row,
-            "attention_scores": prompts * prompt_len * slots * (3 * 4 * cfg.num_heads + 1)}
+    sampler = SamplerConfig(n=n, max_new_tokens=max_new_tokens, sampling=SamplingParams(), rows=prompts * n)
+    b = sampler.max_prefill
+    per_slot = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
+    return {"kv_cache": sampler.cache_bytes(cfg, prompt_len), "prefill_kv_cache": b * prompt_len * per_slot,
+            "attention_scores": b * prompt_len * prompt_len * (3 * 4 * cfg.num_heads + 1)}
 
 
 def prompts_per_call(cfg: ModelConfig, limit: int, prompt_len: int, max_new_tokens: int, n: int,

@@ -28,7 +28,7 @@ from prime_jax.evaluate import (
 from prime_jax.models import Decoder, load_pretrained
 from prime_jax.models.tokenizer import load_tokenizer
 from prime_jax.rewards.pool import VerifierPool
-from prime_jax.sampling import SamplingParams, generate, prefill
+from prime_jax.sampling import SamplerConfig, SamplingParams, empty_state, generate, insert
 from tests.fixtures import tiny_config, write_tiny_model_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,16 +78,21 @@ def test_prompts_longer_than_the_context_are_skipped_and_short_ones_scored(tiny_
 
 
 @pytest.mark.parametrize("b,p,r,n", [(8, 256, 64, 1), (4, 512, 512, 4)])
-def test_memory_estimate_matches_the_compiled_prefill(b, p, r, n):
+def test_memory_estimate_matches_the_compiled_insert(b, p, r, n):
+    """The sampler's cache and one insert (prefill) of its largest batch, as XLA allocates them on CPU."""
     cfg = tiny_config()
     graphdef, params = nnx.split(Decoder(cfg, rngs=nnx.Rngs(0)))
-    tokens = jnp.zeros((b, p), jnp.int32)
-    compiled = prefill.lower(graphdef, params, tokens, jnp.ones((b, p), jnp.int32), jax.random.key(0), 0, n=n,
-                             max_new_tokens=r, sampling=SamplingParams(temperature=0.0)).compile()
+    sampler = SamplerConfig(n=n, max_new_tokens=r, sampling=SamplingParams(temperature=0.0), rows=b * n)
+    state = empty_state(cfg, sampler, p)
+    batch = sampler.max_prefill
+    index = jnp.zeros((n, batch), jnp.int32)
+    compiled = insert.lower(graphdef, params, state, jnp.zeros((batch, p), jnp.int32), jnp.ones((batch,), jnp.int32),
+                            index, index, jax.random.key(0)).compile()
     memory = compiled.memory_analysis()
     allocated = memory.temp_size_in_bytes + memory.output_size_in_bytes
     estimate = sampler_call_bytes(cfg, b, p, r, n)
-    assert estimate["kv_cache"] == 2 * 2 * b * n * 2 * (p + r - 1) * 8 * 4  # k, v x L x rows x K x S x Dh x fp32
+    # k, v x L x rows x K x (prompt + ring slots) x Dh x fp32
+    assert estimate["kv_cache"] == 2 * 2 * b * n * 2 * sampler.cache_len(p) * 8 * 4
     assert 0.8 * allocated <= sum(estimate.values()) <= 2.0 * allocated, (estimate, allocated)
     # The budget picks the most prompts that fit: per prompt the sum is linear in the prompt count.
     per_prompt = sum(sampler_call_bytes(cfg, 1, p, r, n).values())
