@@ -112,7 +112,8 @@ def test_stream_scores_items_while_more_are_added() -> None:
         assert 2 in seen  # the hanging item failed on its deadline during polling, before finish
         result = stream.finish()
         np.testing.assert_array_equal(result.scores, [1, 0, 0, 1, 0])
-        assert result.counts == {"timeouts": 1, "batch_timeouts": 0, "errors": 0, "crashes": 0, "unknown_ability": 1}
+        assert result.counts == {"timeouts": 1, "batch_timeouts": 0, "errors": 0, "crashes": 0, "unknown_ability": 1,
+                             "unsandboxed": 0}
         assert sorted(seen + stream.poll()) == [0, 1, 2, 3, 4]
         np.testing.assert_array_equal(pool.score_batch([CORRECT_MATH]).scores, [1])
 
