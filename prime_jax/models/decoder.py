@@ -107,6 +107,8 @@ def fused_attention(q: Array, k: Array, v: Array, mask: Array, implementation: s
     """`jax.nn.dot_product_attention` (grouped-query) over head-major k, v.
 
     q: [B, T, H, Dh]; k, v: [B, K, S, Dh]; mask: [B, T, S] bool (True = may attend). -> [B, T, H, Dh]
+    "cudnn" (flash attention) turns the mask into a [B, 1, T, S] bias in the compute dtype and keeps no scores;
+    "xla" computes fp32 scores [B, H, T, S] per layer (CPU, and TPU until a Pallas splash kernel is wired in).
     """
     return jax.nn.dot_product_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask=mask[:, None],
                                         implementation=implementation)
