@@ -77,18 +77,19 @@ def named_leaves(tree: Any) -> dict[str, Any]:
 
 def check_entries(where: str, saved: dict[str, tuple], live: dict[str, tuple]) -> None:
     """ValueError (one line, naming the entry) unless both {name: shape} maps hold the same names and shapes."""
+    def more(names: list[str]) -> str:
+        return f" (and {len(names) - 1} more)" if names[1:] else ""
+
     missing = [name for name in live if name not in saved]
     extra = [name for name in saved if name not in live]
     if missing or extra:
-        parts = []
-        if missing:
-            parts.append(f"lacks entry {missing[0]!r} of the run" + (f" (and {len(missing) - 1} more)" if missing[1:] else ""))
-        if extra:
-            parts.append(f"has entry {extra[0]!r} the run does not" + (f" (and {len(extra) - 1} more)" if extra[1:] else ""))
+        parts = [f"lacks entry {missing[0]!r} of the run{more(missing)}"] if missing else []
+        parts += [f"has entry {extra[0]!r} the run does not{more(extra)}"] if extra else []
         raise ValueError(f"{where} does not match the run: it {' and '.join(parts)}")
     for name, shape in live.items():
         if saved[name] != shape:
-            raise ValueError(f"{where} does not match the run: entry {name!r} has shape {saved[name]}, the run's {shape}")
+            raise ValueError(f"{where} does not match the run: entry {name!r} has shape {saved[name]}, "
+                             f"the run's {shape}")
 
 
 def _key_name(key: Any) -> str:

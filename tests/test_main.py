@@ -119,3 +119,22 @@ def test_built_in_run_on_a_gs_workdir_stores_and_resumes_in_the_bucket(gcs_bucke
     assert [r["step"] for r in read_metrics(run)] == [0, 1, 2, 3]
     assert "checkpoints/3/_CHECKPOINT_METADATA" in {p[len(run) + 1:] for p in paths.glob(f"{run}/**")}
     assert not any("gs:" in d for d in os.listdir(tmp_path)) and not os.path.exists(os.path.join(ROOT, "gs:"))
+
+
+def test_without_bwrap_the_run_logs_one_error_scores_code_0_and_finishes(tmp_path):
+    """PATH without bubblewrap: the run starts, says once how to install it, never runs model-written code
+    (code rows score 0, counted as verifier/unsandboxed) and finishes."""
+    empty_bin = tmp_path / "bin"
+    empty_bin.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PATH"] = str(empty_bin)
+    small = [a for a in SMALL if not a.startswith("--config.total_steps")]
+    cmd = [sys.executable, "-m", "prime_jax.main", "--config=configs/tiny.py", f"--config.workdir={tmp_path / 'run'}",
+           *small, "--config.total_steps=1"]
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    errors = [line for line in (out.stdout + out.stderr).splitlines() if "apt-get install -y bubblewrap" in line]
+    assert len(errors) == 1 and "verifier/unsandboxed" in errors[0]
+    records = read_metrics(tmp_path / "run")
+    assert records[-1]["step"] == 1 and records[-1]["verifier/unsandboxed"] > 0
+    assert records[-1].get("train_verify_score/code", 0.0) == 0.0

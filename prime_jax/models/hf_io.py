@@ -111,7 +111,8 @@ class SafetensorsDir:
         return arr.reshape(meta["shape"])
 
 
-def write_safetensors(file: str | os.PathLike, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
+def write_safetensors(file: str | os.PathLike, tensors: dict[str, np.ndarray],
+                      metadata: dict[str, str] | None = None) -> None:
     """Writes one safetensors file (supports bf16 via ml_dtypes)."""
     header: dict[str, Any] = {"__metadata__": metadata or {"format": "pt"}}
     offset = 0

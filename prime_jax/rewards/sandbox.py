@@ -263,7 +263,8 @@ def _launch_fresh(payload: dict, n: int, limits: Limits, use_bwrap: bool, uid: i
         if use_bwrap:
             argv, cwd = _bwrap_argv(limits.tmp_bytes, uid is not None) + _harness_argv(code), "/"
         else:  # a private working directory at least
-            argv, cwd = _harness_argv(code), cleanup.enter_context(tempfile.TemporaryDirectory(prefix="prime_jax_sandbox_"))
+            cwd = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="prime_jax_sandbox_"))
+            argv = _harness_argv(code)
             if uid is not None:
                 os.chown(cwd, uid, uid)
         try:
