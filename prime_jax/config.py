@@ -70,6 +70,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.algorithm.gamma_process = 1.0
     c.algorithm.gamma_outcome = 1.0
     c.algorithm.process_coef = 1.0      # 0: the paper's "RLOO w/ outcome verifier only" baseline
+    c.algorithm.process_credit = "sum"  # sum | min (PURE, arXiv 2504.15275: process return = min of future rewards)
     c.algorithm.rm_coef = 5.0           # logging-only weights, as the reference (advantages are whitened)
     c.algorithm.verifier_coef = 5.0
 
@@ -168,6 +169,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
         _fail("rollout.n_samples", f"{c.algorithm.adv_estimator} needs at least 2 samples per prompt, got {n}")
     if c.algorithm.process_formula not in ("reference", "paper"):
         _fail("algorithm.process_formula", f"{c.algorithm.process_formula!r} is not one of reference, paper")
+    if c.algorithm.process_credit not in ("sum", "min"):
+        _fail("algorithm.process_credit", f"{c.algorithm.process_credit!r} is not one of sum, min")
+    if c.algorithm.process_credit == "min" and c.algorithm.gamma_process != 1.0:
+        _fail("algorithm.gamma_process", f"min-form process credit needs gamma_process=1, got {c.algorithm.gamma_process}")
     if c.rollout.prompts_per_call < 0:
         _fail("rollout.prompts_per_call", f"must be >= 0 (0: train.batch_size), got {c.rollout.prompts_per_call}")
     if c.rollout.temperature < 0:

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -25,7 +26,7 @@ from prime_jax.experience import CollectConfig, Experience, Prompt, collect
 from prime_jax.mesh import batch_sharding, host_to_global
 from prime_jax.metrics import MetricWriter, plot_curves
 from prime_jax.models import save_pretrained
-from prime_jax.programs import sampler_prompts
+from prime_jax.programs import runs_prm, sampler_prompts
 from prime_jax.sampling import Rollout, generate, length_buckets
 
 
@@ -68,21 +69,25 @@ class Trainer:
             exp, self.buffer, metrics = collect(self.sample, self.next_prompts, self.buffer, self.p.tokenizer.decode,
                                                 self.p.pool, self.collect_cfg, seed=self.c.seed + self.step)
         batch = self.to_device(exp.device_batch())
-        with t("reward_model"):
-            self.prm, prm_out = jax.block_until_ready(self.p.programs.prm_step(self.prm, self.p.ref_params, batch))
+        rm_scores, prm_metrics = jnp.zeros(batch["mask"].shape, jnp.float32), {}  # outcome-only RL: no PRM work
+        if runs_prm(self.c):
+            with t("reward_model"):
+                self.prm, prm_out = jax.block_until_ready(self.p.programs.prm_step(self.prm, self.p.ref_params, batch))
+            rm_scores, prm_metrics = prm_out.rm_scores, prm_out.metrics
         with t("adv"):
-            advantages, adv_metrics = jax.block_until_ready(self.p.programs.advantages(prm_out.rm_scores, batch["acc"], batch["mask"]))
+            advantages, adv_metrics = jax.block_until_ready(self.p.programs.advantages(rm_scores, batch["acc"], batch["mask"]))
         with t("update_actor"):
             key = jax.random.fold_in(self.key, self.step)
             self.policy, actor = jax.block_until_ready(self.p.programs.ppo_step(self.policy, {**batch, "advantages": advantages}, key))
-        metrics.update({k: float(v) for k, v in jax.device_get({**prm_out.metrics, **adv_metrics, **actor}).items()})
+        metrics.update({k: float(v) for k, v in jax.device_get({**prm_metrics, **adv_metrics, **actor}).items()})
         metrics.update(response_length_metrics(exp))
         metrics.update(t.seconds)
         metrics["timing/step"] = sum(t.seconds.values())
         metrics["timing/gen"] = metrics.pop("timing/collect") - metrics["timing/verify"]
         tokens = float(exp.mask.sum())
         metrics["throughput/gen_tokens_per_s"] = tokens * metrics["train/gen_rounds"] / max(metrics["timing/gen"], 1e-9)
-        metrics["throughput/train_tokens_per_s"] = tokens / max(metrics["timing/reward_model"] + metrics["timing/update_actor"], 1e-9)
+        train_s = metrics.get("timing/reward_model", 0.0) + metrics["timing/update_actor"]
+        metrics["throughput/train_tokens_per_s"] = tokens / max(train_s, 1e-9)
         return metrics
 
     def fit(self) -> dict[str, float]:

@@ -116,6 +116,7 @@ def test_dry_run_validates_and_prints_the_memory_plan(capsys):
     ("actor.micro_batch_size", 7, "config.actor.micro_batch_size: 7 does not divide"),
     ("algorithm.adv_estimator", "gae", "config.algorithm.adv_estimator: 'gae' is not one of"),
     ("prm.update_mode", "sometimes", "config.prm.update_mode: 'sometimes'"),
+    ("algorithm.process_credit", "max", "config.algorithm.process_credit: 'max' is not one of"),
     ("data.train_files", "", "config.data.train_files: empty"),
 ])
 def test_bad_config_is_a_one_line_error_naming_the_key(key, value, message):
