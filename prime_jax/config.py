@@ -46,6 +46,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.synthetic.val_size = 256
     c.synthetic.math_frac = 0.75
     c.synthetic.difficulty = 2
+    c.synthetic.max_operand = 0         # 0: operands grow with difficulty (10 * difficulty); >= 2 caps them
     c.synthetic.vocab_size = 512
 
     c.rollout = ml_collections.ConfigDict()
@@ -152,6 +153,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
         _fail("data.train_files", "empty; give JSONL/Parquet paths (or data.source=synthetic|tfds)")
     if c.data.source == "tfds" and not c.data.tfds_dir:
         _fail("data.tfds_dir", "empty while data.source=tfds")
+    if c.synthetic.max_operand < 0 or c.synthetic.max_operand == 1:
+        _fail("synthetic.max_operand", f"must be 0 (grow with difficulty) or >= 2, got {c.synthetic.max_operand}")
     if c.data.source != "synthetic" and not c.model.path:
         _fail("model.path", "empty; give a local Hugging Face model directory")
     for key in ("train.batch_size", "rollout.max_response_length", "data.max_prompt_length", "total_steps",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -18,17 +19,26 @@ import numpy as np
 import optax
 from flax import nnx
 
+from prime_jax.data.example import Example
 from prime_jax.data.synthetic import make_tasks, reference_solution
 from prime_jax.models import Decoder, ModelConfig, response_logprobs, save_pretrained
 from prime_jax.models.tokenizer import train_sentencepiece
 
 
-def warm_start(c: ml_collections.ConfigDict, out_dir: str) -> str:
-    """Writes the SFT model to `out_dir` (skipped when it already exists); returns `out_dir`."""
+def sft_tasks(c: ml_collections.ConfigDict) -> list[Example]:
+    """The warm start's supervised tasks: `warm_start.num_examples` synthetic tasks from seed + 3."""
+    s = c.synthetic
+    return make_tasks(c.warm_start.num_examples, c.seed + 3, math_frac=s.math_frac, difficulty=s.difficulty,
+                      max_operand=s.max_operand)
+
+
+def warm_start(c: ml_collections.ConfigDict, out_dir: str, tasks: Sequence[Example] | None = None) -> str:
+    """Writes the SFT model trained on `tasks` (default `sft_tasks(c)`) to `out_dir` (skipped when it
+    already exists); returns `out_dir`."""
     if os.path.isfile(os.path.join(out_dir, "config.json")):
         return out_dir
     w, s = c.warm_start, c.synthetic
-    tasks = make_tasks(w.num_examples, c.seed + 3, math_frac=s.math_frac, difficulty=s.difficulty)
+    tasks = sft_tasks(c) if tasks is None else tasks
     tmp = out_dir + ".partial"
     os.makedirs(tmp, exist_ok=True)
     corpus = [m["content"] for t in tasks for m in t.prompt] + [reference_solution(t) for t in tasks]
