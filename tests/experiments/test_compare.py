@@ -24,7 +24,6 @@ def toy_config(tmp_path):
     c.warm_start.steps, c.warm_start.num_examples = 2, 64
     c.warm_start.arch.update(dict(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1,
                                   head_dim=16))
-    c.synthetic.vocab_size = 128
     c.train.batch_size, c.train.max_rounds, c.rollout.max_response_length = 2, 1, 8
     c.train.filter_accuracy = False  # the toy model is rarely right: keep every group
     c.actor.mini_batch_size = c.actor.micro_batch_size = 8
