@@ -6,7 +6,7 @@ Trains one warm-start (SFT) model, then runs every arm of ARMS for every seed fr
 of a normal run; arms differ only in the config keys of their ARMS row. Every run trains on the same
 task pool (the held-out questions removed) in a seed-dependent order and is evaluated on the same
 held-out set. A run whose metrics reach `total_steps` is skipped when the command is run again; an
-interrupted one resumes from its last checkpoint. Writes `<compare.out_dir>/compare.{json,png,md}`.
+interrupted one resumes from its last checkpoint. Writes `<compare.out_dir>/<compare.name>.{json,png,md}`.
 """
 
 from __future__ import annotations
@@ -36,6 +36,9 @@ ARMS: dict[str, tuple[str, dict[str, object]]] = {
     "grpo_prime": ("GRPO on process + outcome rewards, online PRM", {"algorithm.adv_estimator": "grpo"}),
     "reinforce_prime": ("REINFORCE on process + outcome rewards, online PRM", {"algorithm.adv_estimator": "reinforce"}),
     "pure_min": ("RLOO, min-form process credit (PURE) + outcome, online PRM", {"algorithm.process_credit": "min"}),
+    # PRIME with other PRM settings (what else was tried when PRIME did not beat outcome-only RLOO)
+    "prime_beta0.5": ("PRIME, PRM beta 0.5 (10x)", {"prm.beta": 0.5}),
+    "prime_prm_lr1e-4": ("PRIME, PRM lr 1e-4 (1/10)", {"prm.lr": 1e-4}),
 }
 
 
@@ -150,7 +153,7 @@ def run(c: ml_collections.ConfigDict) -> dict:
         "seeds": seeds,
     }
     results = report.build_results(runs, setup)
-    report.write_outputs(results, c.compare.out_dir)
+    report.write_outputs(results, c.compare.out_dir, c.compare.name)
     return results
 
 
