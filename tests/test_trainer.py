@@ -117,6 +117,7 @@ def test_dry_run_validates_and_prints_the_memory_plan(capsys):
     ("algorithm.adv_estimator", "gae", "config.algorithm.adv_estimator: 'gae' is not one of"),
     ("prm.update_mode", "sometimes", "config.prm.update_mode: 'sometimes'"),
     ("algorithm.process_credit", "max", "config.algorithm.process_credit: 'max' is not one of"),
+    ("synthetic.max_operand", 1, "config.synthetic.max_operand: must be 0"),
     ("data.train_files", "", "config.data.train_files: empty"),
 ])
 def test_bad_config_is_a_one_line_error_naming_the_key(key, value, message):
