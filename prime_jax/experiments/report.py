@@ -43,11 +43,13 @@ def evaluated_points(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any
 
 
 def sanity(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Whether the run did PRM work at all, and its step-1 PRM loss / dpo_acc (ln 2 and 0.5 expected)."""
+    """Whether the run did PRM work at all, and its step-1 PRM loss / dpo_acc / mean summed process reward
+    (ln 2, 0.5 and 0 expected: the PRM starts equal to the reference)."""
     first = next((r for r in records if r["step"] == 1), {})
     return {"reward_model_metrics": sorted({k for r in records for k in r if k.startswith("reward_model/")}),
             "prm_seconds": round(sum(r.get("timing/reward_model", 0.0) for r in records), 3),
-            "step1_prm_loss": first.get("reward_model/prm_loss"), "step1_dpo_acc": first.get("reward_model/dpo_acc_before")}
+            "step1_prm_loss": first.get("reward_model/prm_loss"), "step1_dpo_acc": first.get("reward_model/dpo_acc_before"),
+            "step1_process_reward": first.get("train_reward/reward_model")}
 
 
 def build_results(runs: Mapping[str, Mapping[int, Sequence[Mapping[str, Any]]]], setup: Mapping[str, Any]) -> dict:
