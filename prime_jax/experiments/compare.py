@@ -39,6 +39,9 @@ ARMS: dict[str, tuple[str, dict[str, object]]] = {
     # PRIME with other PRM settings (what else was tried when PRIME did not beat outcome-only RLOO)
     "prime_beta0.5": ("PRIME, PRM beta 0.5 (10x)", {"prm.beta": 0.5}),
     "prime_prm_lr1e-4": ("PRIME, PRM lr 1e-4 (1/10)", {"prm.lr": 1e-4}),
+    "prime_actor_lr2e-5": ("PRIME, policy lr 2e-5 (1/10)", {"actor.lr": 2e-5}),
+    "rloo_outcome_actor_lr2e-5": ("RLOO outcome-only, policy lr 2e-5 (1/10)",
+                                  {"algorithm.process_coef": 0.0, "prm.update_mode": "none", "actor.lr": 2e-5}),
 }
 
 
