@@ -67,9 +67,9 @@ def curve(results: Mapping[str, Any], arm: str, key: str = "heldout") -> tuple[n
 
 
 def steps_to_reach(results: Mapping[str, Any], arm: str, target: float) -> int | None:
-    """First evaluated step where the arm's seed-mean held-out score is >= target (None: never)."""
+    """First evaluated RL step (> 0) where the arm's seed-mean held-out score is >= target (None: never)."""
     steps, values = curve(results, arm)
-    hits = np.flatnonzero(values.mean(axis=0) >= target - 1e-9)
+    hits = np.flatnonzero((values.mean(axis=0) >= target - 1e-9) & (steps > 0))
     return int(steps[hits[0]]) if len(hits) else None
 
 
@@ -109,9 +109,12 @@ def table_markdown(results: Mapping[str, Any]) -> str:
     if base and PRIME in summary:
         reach = steps_to_reach(results, PRIME, base["mean"])
         total = setup["total_steps"]
-        text += (f"\n\nOutcome-only RLOO ends at {base['mean']:.3f} (mean over seeds, step {total}); PRIME "
-                 + (f"first reaches it (seed mean) at step {reach} of {total}" if reach is not None else "never reaches it")
+        text += (f"\n\nOutcome-only RLOO goes from {base['start']:.3f} (step 0) to {base['mean']:.3f} (mean over seeds, "
+                 f"step {total}); PRIME "
+                 + (f"first reaches that score (seed mean) at step {reach} of {total}" if reach is not None else "never reaches it")
                  + f" and ends at {summary[PRIME]['mean']:.3f}.")
+        if base["mean"] <= base["start"]:
+            text += " Outcome-only RLOO ends at or below its starting score, so there is no gain to reach sooner."
     return text
 
 

@@ -36,6 +36,7 @@ def test_final_summary_and_steps_to_reach(results):
     assert report.steps_to_reach(results, "prime", 0.3) == 5      # 0.35 >= 0.3 at step 5
     assert report.steps_to_reach(results, "rloo_outcome", 0.3) == 10
     assert report.steps_to_reach(results, "rloo_outcome", 0.31) is None
+    assert report.steps_to_reach(results, "rloo_outcome", 0.1) == 5  # RL steps only: step 0 is the warm start
 
 
 def test_table_numbers_come_from_the_json(results):
@@ -46,7 +47,9 @@ def test_table_numbers_come_from_the_json(results):
     assert cells[1:] == ["0.200", "0.500 ± 0.100", "0.400–0.600", "+0.200", "5", "0.500", "0.800", "2.2"]
     rloo_row = next(line for line in table.splitlines() if line.startswith("| RLOO outcome-only"))
     assert "– (no PRM)" in rloo_row and "| 10 |" in rloo_row
-    assert "PRIME first reaches it (seed mean) at step 5 of 10 and ends at 0.500" in table
+    assert "RLOO goes from 0.200 (step 0) to 0.300 (mean over seeds, step 10); PRIME first reaches that score " \
+           "(seed mean) at step 5 of 10 and ends at 0.500." in table
+    assert "no gain to reach sooner" not in table
 
 
 def test_outputs_are_written_and_reloadable(results, tmp_path):
