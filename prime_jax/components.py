@@ -47,7 +47,8 @@ def read_examples(c: ml_collections.ConfigDict, split: str) -> ReadResult:
     if d.source == "synthetic":
         s = c.synthetic
         n, seed = (s.train_size, c.seed + 1) if split == "train" else (s.val_size, c.seed + 2)
-        return ReadResult(make_tasks(n, seed, math_frac=s.math_frac, difficulty=s.difficulty), collections.Counter())
+        tasks = make_tasks(n, seed, math_frac=s.math_frac, difficulty=s.difficulty, max_operand=s.max_operand)
+        return ReadResult(tasks, collections.Counter())
     if d.source == "tfds":
         return read_tfds(d.tfds_dir, "train" if split == "train" else "validation")
     paths = d.train_files if split == "train" else d.val_files

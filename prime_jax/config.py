@@ -47,6 +47,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.synthetic.val_size = 256
     c.synthetic.math_frac = 0.75
     c.synthetic.difficulty = 2
+    c.synthetic.max_operand = 0         # 0: operands grow with difficulty (10 * difficulty); >= 2 caps them
     c.synthetic.vocab_size = 512
 
     c.rollout = ml_collections.ConfigDict()
@@ -76,6 +77,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.algorithm.gamma_process = 1.0
     c.algorithm.gamma_outcome = 1.0
     c.algorithm.process_coef = 1.0      # 0: the paper's "RLOO w/ outcome verifier only" baseline
+    c.algorithm.process_credit = "sum"  # sum | min (PURE, arXiv 2504.15275: process return = min of future rewards)
     c.algorithm.rm_coef = 5.0           # logging-only weights, as the reference (advantages are whitened)
     c.algorithm.verifier_coef = 5.0
 
@@ -175,6 +177,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
         _fail("data.tfds_dir", f"{c.data.tfds_dir} is remote; its array_record files are read from local disk only: "
               f"stage it first (gcloud storage cp -r {c.data.tfds_dir} /local/dir) and pass the local directory, "
               "or read Parquet from the bucket (data.source=files)")
+    if c.synthetic.max_operand < 0 or c.synthetic.max_operand == 1:
+        _fail("synthetic.max_operand", f"must be 0 (grow with difficulty) or >= 2, got {c.synthetic.max_operand}")
     if c.data.source != "synthetic" and not c.model.path:
         _fail("model.path", "empty; give a local Hugging Face model directory")
     for key in ("train.batch_size", "rollout.max_response_length", "data.max_prompt_length", "total_steps",
@@ -192,6 +196,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
         _fail("rollout.n_samples", f"{c.algorithm.adv_estimator} needs at least 2 samples per prompt, got {n}")
     if c.algorithm.process_formula not in ("reference", "paper"):
         _fail("algorithm.process_formula", f"{c.algorithm.process_formula!r} is not one of reference, paper")
+    if c.algorithm.process_credit not in ("sum", "min"):
+        _fail("algorithm.process_credit", f"{c.algorithm.process_credit!r} is not one of sum, min")
+    if c.algorithm.process_credit == "min" and c.algorithm.gamma_process != 1.0:
+        _fail("algorithm.gamma_process", f"min-form process credit needs gamma_process=1, got {c.algorithm.gamma_process}")
     if c.rollout.prompts_per_call < 0:
         _fail("rollout.prompts_per_call", f"must be >= 0 (0: train.batch_size), got {c.rollout.prompts_per_call}")
     for key in ("steps_per_sync", "kv_block"):

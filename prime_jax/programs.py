@@ -71,6 +71,12 @@ def make_sampler(c: ml_collections.ConfigDict, mesh: Mesh, graphdef: nnx.GraphDe
     return Sampler(graphdef, model_cfg, sampler_config(c, mesh, stop_ids, pad_id), mesh)
 
 
+def runs_prm(c: ml_collections.ConfigDict) -> bool:
+    """Whether a step runs the PRM kernel: not for outcome-only RL (`algorithm.process_coef=0` with
+    `prm.update_mode=none`), whose process rewards would be unused and whose PRM never changes."""
+    return c.algorithm.process_coef != 0 or c.prm.update_mode != "none"
+
+
 def prm_step_config(c: ml_collections.ConfigDict, mesh: Mesh) -> PrmStepConfig:
     return PrmStepConfig(n=c.rollout.n_samples, mini_batch_size=c.prm.mini_batch_size,
                          micro_batch_size=c.prm.micro_batch_size, beta=c.prm.beta, update=c.prm.update_mode,
@@ -125,7 +131,8 @@ def validate_programs(c: ml_collections.ConfigDict, mesh: Mesh) -> None:
     pack_spec(c, mesh, "actor").validate()
     attention_implementation(c, mesh.devices.flat[0].platform)
     validate_advantage_args(n=c.rollout.n_samples, estimator=c.algorithm.adv_estimator,
-                            rloo_formula=c.algorithm.process_formula)
+                            rloo_formula=c.algorithm.process_formula, process_credit=c.algorithm.process_credit,
+                            gamma_process=c.algorithm.gamma_process)
     if c.rollout.kv_cache_gib:
         from prime_jax.memory_plan import architecture  # memory_plan imports this module
 
@@ -172,7 +179,8 @@ def make_programs(c: ml_collections.ConfigDict, mesh: Mesh, graphdef: nnx.GraphD
     def advantages(rm_scores, acc, mask):
         adv, returns = compute_advantages(rm_scores, acc, mask, n=n, estimator=a.adv_estimator,
                                           gamma_process=a.gamma_process, gamma_outcome=a.gamma_outcome,
-                                          process_coef=a.process_coef, rloo_formula=a.process_formula)
+                                          process_coef=a.process_coef, rloo_formula=a.process_formula,
+                                          process_credit=a.process_credit)
         m = mask.astype(jnp.float32)
         valid = m > 0
         stats = {}

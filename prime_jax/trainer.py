@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -25,6 +26,7 @@ from prime_jax.experience import CollectConfig, Experience, Prompt, collect
 from prime_jax.mesh import batch_sharding, host_to_global
 from prime_jax.metrics import MetricWriter, plot_curves
 from prime_jax.models import save_pretrained
+from prime_jax.programs import runs_prm
 from prime_jax.rl.optim import layout_sharding
 from prime_jax.sampling import Rollout, RowsCallback
 
@@ -68,21 +70,24 @@ class Trainer:
                                                 self.p.pool, self.collect_cfg, seed=self.c.seed + self.step)
         host = exp.device_batch()
         with t("pack"):
-            prm_slots = self.p.programs.prm_layout(host)
+            prm_slots = self.p.programs.prm_layout(host) if runs_prm(self.c) else None
             ppo_slots = self.p.programs.ppo_layout(host, (self.c.seed, self.step))
         batch = self.to_device({k: host[k] for k in ("mask", "old_logp", "acc")})
-        with t("reward_model"):
-            self.prm, prm_out = jax.block_until_ready(
-                self.p.programs.prm_step(self.prm, self.p.ref_params, {**batch, **self.to_device({"unpack": prm_slots.unpack})},
-                                         self.slots_to_device(prm_slots.arrays)))
+        rm_scores, prm_metrics = jnp.zeros(batch["mask"].shape, jnp.float32), {}  # outcome-only RL: no PRM work
+        if prm_slots is not None:
+            with t("reward_model"):
+                self.prm, prm_out = jax.block_until_ready(self.p.programs.prm_step(
+                    self.prm, self.p.ref_params, {**batch, **self.to_device({"unpack": prm_slots.unpack})},
+                    self.slots_to_device(prm_slots.arrays)))
+            rm_scores, prm_metrics = prm_out.rm_scores, prm_out.metrics
+            # Real tokens / token slots computed; the reference forward runs on the PRM's slots.
+            metrics["throughput/token_efficiency/ref"] = metrics["throughput/token_efficiency/prm"] = prm_slots.efficiency
         with t("adv"):
-            advantages, adv_metrics = jax.block_until_ready(self.p.programs.advantages(prm_out.rm_scores, batch["acc"], batch["mask"]))
+            advantages, adv_metrics = jax.block_until_ready(self.p.programs.advantages(rm_scores, batch["acc"], batch["mask"]))
         with t("update_actor"):
             self.policy, actor = jax.block_until_ready(self.p.programs.ppo_step(
                 self.policy, {**batch, "advantages": advantages}, self.slots_to_device(ppo_slots.arrays)))
-        metrics.update({k: float(v) for k, v in jax.device_get({**prm_out.metrics, **adv_metrics, **actor}).items()})
-        # Real tokens / token slots computed; the reference forward runs on the PRM's slots.
-        metrics["throughput/token_efficiency/ref"] = metrics["throughput/token_efficiency/prm"] = prm_slots.efficiency
+        metrics.update({k: float(v) for k, v in jax.device_get({**prm_metrics, **adv_metrics, **actor}).items()})
         metrics["throughput/token_efficiency/actor"] = ppo_slots.efficiency
         metrics.update(response_length_metrics(exp))
         metrics.update(t.seconds)
@@ -90,7 +95,8 @@ class Trainer:
         metrics["timing/gen"] = metrics.pop("timing/collect") - metrics["timing/verify_exposed"]
         tokens = float(exp.mask.sum())
         metrics["throughput/gen_tokens_per_s"] = tokens * metrics["train/gen_rounds"] / max(metrics["timing/gen"], 1e-9)
-        metrics["throughput/train_tokens_per_s"] = tokens / max(metrics["timing/reward_model"] + metrics["timing/update_actor"], 1e-9)
+        train_s = metrics.get("timing/reward_model", 0.0) + metrics["timing/update_actor"]
+        metrics["throughput/train_tokens_per_s"] = tokens / max(train_s, 1e-9)
         return metrics
 
     def fit(self) -> dict[str, float]:

@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -22,17 +23,26 @@ import optax
 from flax import nnx
 
 from prime_jax import paths
+from prime_jax.data.example import Example
 from prime_jax.data.synthetic import make_tasks, reference_solution
 from prime_jax.models import Decoder, ModelConfig, response_logprobs, save_pretrained
 from prime_jax.models.tokenizer import train_sentencepiece
 
 
-def warm_start(c: ml_collections.ConfigDict, out_dir: str) -> str:
-    """Writes the SFT model to `out_dir` (skipped when it already exists); returns `out_dir`."""
+def sft_tasks(c: ml_collections.ConfigDict) -> list[Example]:
+    """The warm start's supervised tasks: `warm_start.num_examples` synthetic tasks from seed + 3."""
+    s = c.synthetic
+    return make_tasks(c.warm_start.num_examples, c.seed + 3, math_frac=s.math_frac, difficulty=s.difficulty,
+                      max_operand=s.max_operand)
+
+
+def warm_start(c: ml_collections.ConfigDict, out_dir: str, tasks: Sequence[Example] | None = None) -> str:
+    """Writes the SFT model trained on `tasks` (default `sft_tasks(c)`) to `out_dir`, local or gs:// (skipped
+    when it already exists); returns `out_dir`."""
     if (paths.path(out_dir) / "config.json").exists():
         return out_dir
     w, s = c.warm_start, c.synthetic
-    tasks = make_tasks(w.num_examples, c.seed + 3, math_frac=s.math_frac, difficulty=s.difficulty)
+    tasks = sft_tasks(c) if tasks is None else tasks
     tmp = tempfile.mkdtemp(prefix="prime_jax_sft_") if paths.is_remote(out_dir) else out_dir + ".partial"
     os.makedirs(tmp, exist_ok=True)
     corpus = [m["content"] for t in tasks for m in t.prompt] + [reference_solution(t) for t in tasks]

@@ -116,6 +116,8 @@ def test_dry_run_validates_and_prints_the_memory_plan(capsys):
     ("actor.micro_batch_size", 7, "config.actor.micro_batch_size: 7 does not divide"),
     ("algorithm.adv_estimator", "gae", "config.algorithm.adv_estimator: 'gae' is not one of"),
     ("prm.update_mode", "sometimes", "config.prm.update_mode: 'sometimes'"),
+    ("algorithm.process_credit", "max", "config.algorithm.process_credit: 'max' is not one of"),
+    ("synthetic.max_operand", 1, "config.synthetic.max_operand: must be 0"),
     ("data.train_files", "", "config.data.train_files: empty"),
     ("length_mix.response_tokens", -1, "config.length_mix.response_tokens: must be >= 0"),
     ("length_mix.clipped_fraction", 1.5, "config.length_mix.clipped_fraction: must be in "),

@@ -4,7 +4,7 @@ Math: "Compute (17 + 5) * 3 - 4." with the integer result as ground truth (`\\bo
 Code: "Write a function f(x) that returns (x + 5) * 3 - 4." with APPS call-based ground truth
 `{"fn_name": "f", "inputs": [[x], ...], "outputs": [f(x), ...]}`.
 `difficulty` = number of operations in the expression; operands grow with it (additive operands
-up to 10 * difficulty, multipliers 2..9). `reference_solution` writes a short correct response in
+up to 10 * difficulty, multipliers 2..9) unless `max_operand` caps them (multipliers 2..min(9, max_operand)). `reference_solution` writes a short correct response in
 the form the verifiers accept, for the supervised warm start of a tiny model.
 """
 
@@ -24,7 +24,7 @@ _NUM_CODE_TESTS = 4
 _OP_SYMBOLS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*"}
 
 
-def random_expression(rng: random.Random, num_ops: int, max_operand: int, start: str) -> str:
+def random_expression(rng: random.Random, num_ops: int, max_operand: int, start: str, max_multiplier: int = 9) -> str:
     """A left-to-right chain `start op a op b ...` with parentheses wherever `*` follows `+`/`-`.
 
     The written order is the evaluation order, so a step-by-step solution reads left to right.
@@ -33,7 +33,7 @@ def random_expression(rng: random.Random, num_ops: int, max_operand: int, start:
     for _ in range(num_ops):
         op = rng.choice("+-*")
         if op == "*":
-            operand = rng.randint(2, 9)
+            operand = rng.randint(2, max_multiplier)
             expr = f"({expr}) * {operand}" if additive else f"{expr} * {operand}"
         else:
             expr = f"{expr} {op} {rng.randint(1, max_operand)}"
@@ -62,14 +62,13 @@ def evaluate(expression: str, x: int | None = None) -> int:
     return _evaluate(ast.parse(expression, mode="eval").body, x, None)
 
 
-def _math_task(rng: random.Random, difficulty: int) -> tuple[str, str]:
-    max_operand = 10 * difficulty
-    expr = random_expression(rng, difficulty, max_operand, str(rng.randint(1, max_operand)))
+def _math_task(rng: random.Random, difficulty: int, max_operand: int) -> tuple[str, str]:
+    expr = random_expression(rng, difficulty, max_operand, str(rng.randint(1, max_operand)), min(9, max_operand))
     return f"{_MATH_PREFIX}{expr}.", str(evaluate(expr))
 
 
-def _code_task(rng: random.Random, difficulty: int) -> tuple[str, str]:
-    expr = random_expression(rng, difficulty, 10 * difficulty, "x")
+def _code_task(rng: random.Random, difficulty: int, max_operand: int) -> tuple[str, str]:
+    expr = random_expression(rng, difficulty, max_operand, "x", min(9, max_operand))
     xs = rng.sample(range(-10, 21), _NUM_CODE_TESTS)
     tests = {"fn_name": "f", "inputs": [[x] for x in xs], "outputs": [evaluate(expr, x) for x in xs]}
     return f"{_CODE_PREFIX}{expr}.", json.dumps(tests)
@@ -81,21 +80,27 @@ def make_tasks(
     *,
     math_frac: float = 0.5,
     difficulty: int = 2,
+    max_operand: int = 0,
     system_prompt: str | None = None,
 ) -> list[Example]:
     """`n` tasks, round(n * math_frac) of them math, in a seeded random order; same args, same tasks.
 
+    `max_operand` 0 (default) lets operands grow with `difficulty` (up to 10 * difficulty); a value >= 2
+    caps them, for chains of many small steps.
+
     `system_prompt` None (default) leaves the system message out to keep tiny-model prompts short.
     """
-    if n < 0 or not 0.0 <= math_frac <= 1.0 or difficulty < 1:
-        raise ValueError(f"need n >= 0, 0 <= math_frac <= 1, difficulty >= 1; got {n}, {math_frac}, {difficulty}")
+    if n < 0 or not 0.0 <= math_frac <= 1.0 or difficulty < 1 or max_operand < 0 or max_operand == 1:
+        raise ValueError(f"need n >= 0, 0 <= math_frac <= 1, difficulty >= 1, max_operand 0 or >= 2; "
+                         f"got {n}, {math_frac}, {difficulty}, {max_operand}")
+    max_operand = max_operand or 10 * difficulty
     rng = random.Random(seed)
     n_math = round(n * math_frac)
     abilities = ["math"] * n_math + ["code"] * (n - n_math)
     rng.shuffle(abilities)
     tasks = []
     for i, ability in enumerate(abilities):
-        question, truth = (_math_task if ability == "math" else _code_task)(rng, difficulty)
+        question, truth = (_math_task if ability == "math" else _code_task)(rng, difficulty, max_operand)
         tasks.append(
             Example(
                 prompt=build_messages(question, ability, system_prompt=system_prompt),

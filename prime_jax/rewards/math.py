@@ -35,6 +35,9 @@ _SCIENTIFIC = re.compile(r"(?<![\w.\\])(\d+(?:\.\d+)?)[eE]([+-]?\d+)\b")
 _LATEX_SPACING = re.compile(r"\\[,;:! ]|\\q?quad\b|~")
 _DISPLAY_DELIMS = re.compile(r"^\\[\[(]|\\[\])]$")
 _PLAIN_NUMBER = re.compile(r"^-?\d+(\.\d+)?$")
+# A signed number, optionally a percentage: math-verify reads `25\%` as 25 (or 0.25), but parses `-4\%`
+# as the product -1 * 4 * (1/100), which it no longer recognises as a percentage.
+_SIGNED_NUMBER = re.compile(r"^([+-]?)(\d+(?:\.\d+)?(?:\\?%)?)$")
 # Values given in turn to the free variables (cycled) when telling two expressions apart:
 # positive, irrational-looking, away from 0, 1 and the usual branch cuts.
 _SAMPLE_POINTS = ((0.7317, 1.2913, 0.9127, 1.4431), (1.3719, 0.6653, 1.1786, 0.8241), (0.8893, 1.1171, 1.3357, 0.6029))
@@ -143,6 +146,11 @@ def is_equivalent(prediction: str, ground_truth: str, *, timeout_s: int = 3) -> 
         return True
     if _PLAIN_NUMBER.match(pred) and _PLAIN_NUMBER.match(gold):  # fast path, same verdict as math-verify
         return Decimal(pred) == Decimal(gold)
+    signed = _SIGNED_NUMBER.match(_normalise(pred)), _SIGNED_NUMBER.match(_normalise(gold))
+    if all(signed) and "%" in pred + gold and "-" in pred + gold:
+        # A negative percentage: the signs must agree, the magnitudes compare as unsigned (`-4\%` = -4 = -0.04).
+        (pred_sign, pred_abs), (gold_sign, gold_abs) = (m.groups() for m in signed)
+        return pred_sign.strip("+") == gold_sign.strip("+") and is_equivalent(pred_abs, gold_abs, timeout_s=timeout_s)
     limit = timeout_s if threading.current_thread() is threading.main_thread() else None
     gold_parsed = parse("\\boxed{" + gold + "}", parsing_timeout=limit)
     pred_parsed = parse("\\boxed{" + pred + "}", parsing_timeout=limit)

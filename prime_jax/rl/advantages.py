@@ -15,9 +15,11 @@ import jax.numpy as jnp
 
 Estimator = Literal["rloo", "grpo", "reinforce"]
 RlooFormula = Literal["reference", "paper"]
+ProcessCredit = Literal["sum", "min"]
 
 ESTIMATORS = ("rloo", "grpo", "reinforce")
 RLOO_FORMULAS = ("reference", "paper")
+PROCESS_CREDITS = ("sum", "min")
 WHITEN_EPS = 1e-8
 GRPO_EPS = 1e-6
 
@@ -42,6 +44,23 @@ def discounted_returns(rewards: jax.Array, gamma: float) -> jax.Array:
     decay = jnp.full_like(rewards, gamma)
     _, returns = jax.lax.associative_scan(compose, (decay, rewards), reverse=True, axis=rewards.ndim - 1)
     return returns
+
+
+def min_form_rewards(rewards: jax.Array, mask: jax.Array) -> jax.Array:
+    """PURE's min-form credit (arXiv 2504.15275): rewards, mask [B, R] -> [B, R] float32 whose
+    undiscounted return-to-go is the MINIMUM of the future process rewards, not their sum.
+
+    With m_t = min_{s >= t, valid} r_s, the new reward is m_t - m_{t+1} (m = 0 past the last valid
+    token), so sum_{s >= t} of it = m_t. Feeding these to an estimator in place of the raw process
+    rewards gives it min-form returns (gamma 1) with its own baseline: a response is credited by its
+    worst step, which the paper finds keeps a PRM-trained policy from farming easy steps.
+    """
+    valid = mask > 0
+    running_min = jax.lax.cummin(jnp.where(valid, rewards.astype(jnp.float32), jnp.inf), axis=rewards.ndim - 1,
+                                 reverse=True)
+    m = jnp.where(valid, running_min, 0.0)
+    later = jnp.concatenate([m[..., 1:], jnp.zeros_like(m[..., :1])], axis=-1)
+    return (m - later) * valid
 
 
 def _group(x: jax.Array, n: int) -> jax.Array:
@@ -143,7 +162,8 @@ def _source_returns(rewards: jax.Array, mask: jax.Array, *, n: int, estimator: s
     return reinforce_returns(rewards, mask, gamma=gamma)
 
 
-def validate_advantage_args(*, n: int, estimator: str, rloo_formula: str = "reference") -> None:
+def validate_advantage_args(*, n: int, estimator: str, rloo_formula: str = "reference",
+                            process_credit: str = "sum", gamma_process: float = 1.0) -> None:
     """Raise ValueError naming the bad key before anything is traced or compiled."""
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator={estimator!r}: expected one of {ESTIMATORS}")
@@ -151,12 +171,17 @@ def validate_advantage_args(*, n: int, estimator: str, rloo_formula: str = "refe
         raise ValueError(f"n={n}: estimator {estimator!r} needs n >= 2 samples per prompt")
     if rloo_formula not in RLOO_FORMULAS:
         raise ValueError(f"rloo_formula={rloo_formula!r}: expected one of {RLOO_FORMULAS}")
+    if process_credit not in PROCESS_CREDITS:
+        raise ValueError(f"process_credit={process_credit!r}: expected one of {PROCESS_CREDITS}")
+    if process_credit == "min" and gamma_process != 1.0:
+        raise ValueError(f"gamma_process={gamma_process}: min-form process credit is defined for gamma_process=1")
 
 
 def compute_advantages(process_rewards: jax.Array, acc: jax.Array, mask: jax.Array, *, n: int,
                        estimator: Estimator = "rloo", gamma_process: float = 1.0,
                        gamma_outcome: float = 1.0, process_coef: float = 1.0,
                        outcome_coef: float = 1.0, rloo_formula: RlooFormula = "reference",
+                       process_credit: ProcessCredit = "sum",
                        whiten_advantages: bool = True) -> tuple[jax.Array, jax.Array]:
     """PRIME advantages: process_rewards [B, R], acc [B], mask [B, R] -> (advantages, returns) [B, R].
 
@@ -164,10 +189,15 @@ def compute_advantages(process_rewards: jax.Array, acc: jax.Array, mask: jax.Arr
     last-token mask), each G from `estimator` with its own gamma; advantages = whiten(returns)
     over all valid tokens (or returns * mask if `whiten_advantages` is False).
     ORIG applies no coefficients (1, 1); VERL uses 5, 5 (same after whitening); process_coef=0
-    gives the paper's "RLOO w/ outcome verifier only" baseline.
+    gives the paper's "RLOO w/ outcome verifier only" baseline. process_credit "min" replaces the
+    process rewards by `min_form_rewards` (PURE: a token's process return is the min of the future
+    process rewards instead of their sum).
     """
-    validate_advantage_args(n=n, estimator=estimator, rloo_formula=rloo_formula)
+    validate_advantage_args(n=n, estimator=estimator, rloo_formula=rloo_formula, process_credit=process_credit,
+                            gamma_process=gamma_process)
     mask = mask.astype(jnp.float32)
+    if process_credit == "min":
+        process_rewards = min_form_rewards(process_rewards, mask)
     last = last_token_mask(mask)
     outcome = last * acc.astype(jnp.float32)[:, None]
     returns = (

@@ -75,3 +75,19 @@ def test_reference_solutions_pass_the_real_verifiers():
     assert math.score(f"\\boxed{{{int(wrong_math.ground_truth) + 1}}}", wrong_math.ground_truth) == 0.0
     wrong_code = next(t for t in tasks if t.ability == "code")
     assert code.score("```python\ndef f(x):\n    return x\n```", wrong_code.ground_truth) < 1.0
+
+
+def test_max_operand_caps_every_operand():
+    tasks = make_tasks(200, seed=9, math_frac=0.5, difficulty=3, max_operand=4)
+    numbers = [int(n) for t in tasks for n in re.findall(r"\d+", _expr(t.question(), "Compute " if t.ability == "math"
+                                                                      else "Write a function f(x) that returns "))]
+    assert max(numbers) == 4 and min(numbers) == 1
+    for t in tasks:
+        if t.ability == "math":
+            assert t.ground_truth == str(eval(_expr(t.question(), "Compute ")))
+    # 0 (default): operands grow with difficulty as they always did
+    assert make_tasks(30, seed=1, difficulty=2) == make_tasks(30, seed=1, difficulty=2, max_operand=0)
+    assert max(int(n) for t in make_tasks(200, seed=1, math_frac=1.0, difficulty=2)
+               for n in re.findall(r"\d+", _expr(t.question(), "Compute "))) > 9
+    with pytest.raises(ValueError, match="max_operand"):
+        make_tasks(5, 0, max_operand=1)

@@ -149,6 +149,18 @@ def reinforce_returns(rewards, mask, gamma=1.0):
     return _returns(shaped, gamma)
 
 
+def min_form_rewards(rewards, mask):
+    """PURE min-form credit: per-token rewards whose return-to-go is min_{s>=t} r_s over valid tokens."""
+    b, r = rewards.shape
+    out = np.zeros((b, r))
+    for i in range(b):
+        length = valid_length(mask[i])
+        future_min = [min(rewards[i, s] for s in range(t, length)) for t in range(length)] + [0.0]
+        for t in range(length):
+            out[i, t] = future_min[t] - future_min[t + 1]
+    return out
+
+
 def outcome_source(acc, mask):
     """§1.5 gt_scores and its one-token mask."""
     b, r = mask.shape

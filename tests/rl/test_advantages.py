@@ -83,6 +83,25 @@ def test_compute_advantages_matches_reference(batch, estimator):
     np.testing.assert_allclose(np.asarray(got_adv), want_adv, rtol=1e-4, atol=1e-4)
 
 
+def test_min_form_returns_are_the_min_of_future_process_rewards(batch):
+    process, _, mask = batch
+    shaped = np.asarray(adv.min_form_rewards(_j(process), _j(mask)))
+    np.testing.assert_allclose(shaped, ref.min_form_rewards(process, mask), rtol=1e-5, atol=1e-6)
+    length = int(mask[0].sum())  # row 0 is full length: its return at t is min(process[0, t:])
+    to_go = np.cumsum(shaped[0, ::-1])[::-1]
+    np.testing.assert_allclose(to_go, np.minimum.accumulate(process[0, :length][::-1])[::-1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("estimator", ["rloo", "grpo", "reinforce"])
+def test_min_credit_advantages_match_reference(batch, estimator):
+    process, acc, mask = batch
+    got_adv, got_ret = adv.compute_advantages(_j(process), _j(acc), _j(mask), n=N, estimator=estimator,
+                                              process_credit="min")
+    want_adv, want_ret = ref.advantages(ref.min_form_rewards(process, mask), acc, mask, N, estimator=estimator)
+    np.testing.assert_allclose(np.asarray(got_ret), want_ret, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(got_adv), want_adv, rtol=1e-4, atol=1e-4)
+
+
 def test_coefficients_scale_each_source(batch):
     process, acc, mask = batch
     _, ret_outcome_only = adv.compute_advantages(_j(process), _j(acc), _j(mask), n=N, process_coef=0.0)
@@ -99,5 +118,9 @@ def test_bad_arguments_raise(batch):
         adv.compute_advantages(_j(process), _j(acc), _j(mask), n=1)
     with pytest.raises(ValueError, match="rloo_formula"):
         adv.compute_advantages(_j(process), _j(acc), _j(mask), n=N, rloo_formula="eq5")
+    with pytest.raises(ValueError, match="process_credit='max'"):
+        adv.compute_advantages(_j(process), _j(acc), _j(mask), n=N, process_credit="max")
+    with pytest.raises(ValueError, match="gamma_process=0.9"):
+        adv.compute_advantages(_j(process), _j(acc), _j(mask), n=N, process_credit="min", gamma_process=0.9)
     with pytest.raises(ValueError, match="n=3"):
         adv.rloo_returns(_j(process), _j(mask), n=3)

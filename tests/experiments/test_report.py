@@ -1,0 +1,74 @@
+"""The comparison's table and figure, from a small hand-made results JSON with hand-computed figures."""
+
+import json
+
+import pytest
+
+from prime_jax.experiments import report
+
+
+def point(step, heldout, wall, dpo=None):
+    return {"step": step, "heldout": heldout, "train_verify": 0.5, "dpo_acc": dpo, "response_length": 20.0, "wall_s": wall}
+
+
+@pytest.fixture
+def results():
+    return {
+        "setup": {"total_steps": 10, "seeds": [0, 1], "task": "t", "heldout": {"k": 4, "temperature": 1.0},
+                  "arms": {"prime": {"description": "PRIME"}, "rloo_outcome": {"description": "RLOO outcome-only"}}},
+        "runs": {
+            # seed means: step 0 0.2, step 5 0.35, step 10 0.5; finals 0.4 and 0.6
+            "prime": {"0": [point(0, 0.2, 0), point(5, 0.3, 10, 0.6), point(10, 0.4, 20, 0.7)],
+                      "1": [point(0, 0.2, 0), point(5, 0.4, 12, 0.6), point(10, 0.6, 24, 0.9)]},
+            # seed means: 0.2, 0.25, 0.3; finals 0.25 and 0.35
+            "rloo_outcome": {"0": [point(0, 0.2, 0), point(5, 0.2, 5), point(10, 0.25, 10)],
+                             "1": [point(0, 0.2, 0), point(5, 0.3, 5), point(10, 0.35, 10)]},
+        },
+        "sanity": {},
+    }
+
+
+def test_final_summary_and_steps_to_reach(results):
+    s = report.final_summary(results)
+    assert s["prime"]["mean"] == pytest.approx(0.5) and s["prime"]["spread"] == pytest.approx(0.1)
+    assert (s["prime"]["min"], s["prime"]["max"]) == (pytest.approx(0.4), pytest.approx(0.6))
+    assert s["rloo_outcome"]["mean"] == pytest.approx(0.3) and s["rloo_outcome"]["spread"] == pytest.approx(0.05)
+    assert report.steps_to_reach(results, "prime", 0.3) == 5      # 0.35 >= 0.3 at step 5
+    assert report.steps_to_reach(results, "rloo_outcome", 0.3) == 10
+    assert report.steps_to_reach(results, "rloo_outcome", 0.31) is None
+    assert report.steps_to_reach(results, "rloo_outcome", 0.1) == 5  # RL steps only: step 0 is the warm start
+
+
+def test_table_numbers_come_from_the_json(results):
+    table = report.table_markdown(results)
+    prime_row = next(line for line in table.splitlines() if line.startswith("| PRIME"))
+    cells = [c.strip() for c in prime_row.strip("|").split("|")]
+    # start, final mean ± spread, min–max, gain over RLOO, steps to reach RLOO's final, train score, dpo_acc, s/step
+    assert cells[1:] == ["0.200", "0.500 ± 0.100", "0.400–0.600", "+0.200", "5", "0.500", "0.800", "2.2"]
+    rloo_row = next(line for line in table.splitlines() if line.startswith("| RLOO outcome-only"))
+    assert "– (no PRM)" in rloo_row and "| 10 |" in rloo_row
+    assert "RLOO goes from 0.200 (step 0) to 0.300 (mean over seeds, step 10); PRIME first reaches that score " \
+           "(seed mean) at step 5 of 10 and ends at 0.500." in table
+    assert "no gain to reach sooner" not in table
+
+
+def test_outputs_are_written_and_reloadable(results, tmp_path):
+    report.write_outputs(results, str(tmp_path))
+    assert json.loads((tmp_path / "compare.json").read_text()) == results
+    assert (tmp_path / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "compare.md").read_text().strip() == report.table_markdown(results)
+
+
+def test_evaluated_points_average_the_window_since_the_last_evaluation():
+    records = [{"step": 0, "val/test_score/all": 0.1},
+               {"step": 1, "train_verify_score/all": 0.2, "reward_model/dpo_acc_before": 0.5, "response_length/mean": 10, "timing/step": 3.0},
+               {"step": 2, "train_verify_score/all": 0.4, "reward_model/dpo_acc_before": 0.7, "response_length/mean": 20, "timing/step": 1.0,
+                "val/test_score/all": 0.3},
+               {"step": 3, "train_verify_score/all": 0.6, "response_length/mean": 30, "timing/step": 2.0, "val/test_score/all": 0.5}]
+    points = report.evaluated_points(records)
+    assert points[0] == {"step": 0, "heldout": 0.1, "train_verify": None, "dpo_acc": None, "response_length": None, "wall_s": 0.0}
+    assert points[1] == {"step": 2, "heldout": 0.3, "train_verify": pytest.approx(0.3), "dpo_acc": pytest.approx(0.6),
+                         "response_length": 15.0, "wall_s": 4.0}
+    assert points[2]["train_verify"] == pytest.approx(0.6) and points[2]["dpo_acc"] is None and points[2]["wall_s"] == 6.0
+    s = report.sanity(records)
+    assert s["reward_model_metrics"] == ["reward_model/dpo_acc_before"] and s["prm_seconds"] == 0.0
