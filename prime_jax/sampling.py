@@ -134,8 +134,8 @@ class SamplerConfig:
         return min(b for b in self.buckets if b >= length)
 
     def block(self, prompt_len: int) -> int:
-        """Cache slots per attention block for prompts of at most `prompt_len` tokens."""
-        return min(self.kv_block, prompt_len, self.max_new_tokens)
+        """Cache slots per attention block (the prompt and the ring are padded to whole blocks)."""
+        return min(self.kv_block, self.max_new_tokens)
 
     def prompt_slots(self, prompt_len: int) -> int:
         """Cache slots of a row's prompt: `prompt_len` rounded up to whole blocks."""

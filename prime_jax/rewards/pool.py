@@ -6,7 +6,8 @@ at a time in its main thread (math-verify's SIGALRM timeouts need that). The par
 per-item and a per-batch deadline: a worker that overruns is killed (its sandboxes die with it)
 and replaced; a worker that dies is replaced; a worker is retired after `max_tasks_per_worker`
 items to bound memory growth. Whatever goes wrong with an item scores it 0.0 and is counted;
-`score_batch` never raises because of an item.
+`score_batch` never raises because of an item. `stream()` scores items while more are added (the
+trainer hands rows over as the sampler stops them, while it decodes).
 
 Code runs only in a bubblewrap sandbox unless `allow_unsandboxed`: without one, the pool logs one
 error line at start-up saying how to install it, and every code item scores 0, counted as
