@@ -26,8 +26,6 @@ from prime_jax.data.synthetic import make_tasks
 from prime_jax.experiments import report
 from prime_jax.metrics import read_metrics
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "path to configs/compare.py (or a variant)", lock_config=True)
-
 # name -> (what it is, config overrides on top of the shared config)
 ARMS: dict[str, tuple[str, dict[str, object]]] = {
     "prime": ("PRIME: RLOO on process + outcome rewards, online PRM", {}),
@@ -166,7 +164,7 @@ def main(argv) -> None:
     if flags.FLAGS.verbosity <= 0:
         logging.set_verbosity(logging.WARNING)
     try:
-        results = run(_CONFIG.value)
+        results = run(flags.FLAGS.config)
     except ValueError as e:
         if str(e).startswith("config."):
             sys.exit(f"error: {e}")
@@ -174,6 +172,7 @@ def main(argv) -> None:
     print(json.dumps(report.final_summary(results), indent=1))
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # the flag is defined here only, so this module imports beside prime_jax.main
+    config_flags.DEFINE_config_file("config", None, "path to configs/compare.py (or a variant)", lock_config=True)
     flags.mark_flag_as_required("config")
     app.run(main)
