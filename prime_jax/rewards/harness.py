@@ -239,6 +239,8 @@ def _zygote_main() -> None:
                 pass
             for directory in ("/tmp", "/dev/shm"):
                 for entry in os.scandir(directory) if os.path.isdir(directory) else ():
+                    if entry.stat(follow_symlinks=False).st_dev != os.stat(directory).st_dev:
+                        continue  # a read-only bind inside it (the code or the venv under /tmp): not the program's
                     if entry.is_dir(follow_symlinks=False):
                         shutil.rmtree(entry.path, ignore_errors=True)
                     else:

@@ -161,7 +161,9 @@ def run_tests(program: Program, limits: Limits = Limits(), *, allow_unsandboxed:
 
     With bubblewrap, runs fork from this process's waiting sandbox (a zygote), which kills what a
     run left behind and empties its temp dirs before the next; `reuse_sandbox=False` starts a fresh
-    sandbox and interpreter instead (slower; bench/verifiers.py compares the two).
+    sandbox and interpreter instead (slower; bench/verifiers.py compares the two). The interpreter or
+    code living under a directory the sandbox replaces (/tmp, /run: bound back into the private tmpfs)
+    also gets a fresh sandbox per run: a zygote left processes behind there (seen with a checkout in /tmp).
 
     Without a working bubblewrap this raises `SandboxUnavailable` (nothing runs) unless
     `allow_unsandboxed` (rlimits, and a uid of its own when root, only: unsafe).
@@ -179,7 +181,7 @@ def run_tests(program: Program, limits: Limits = Limits(), *, allow_unsandboxed:
     results: list[TestResult | None] = [None] * n
     start = 0
     while start < n:
-        launch = _launch(program, start, limits, use_bwrap, reuse_sandbox)
+        launch = _launch(program, start, limits, use_bwrap, reuse_sandbox and not _needs_masked_binds())
         for index, result in launch.results.items():
             results[index] = result
         if not launch.loaded:
@@ -566,6 +568,12 @@ def _needed_paths() -> list[str]:
     paths = {os.path.realpath(sys.executable), sys.base_prefix, sys.prefix}
     paths.update(p for p in sys.path if p and os.path.isdir(p))
     return sorted({os.path.realpath(p) for p in paths})
+
+
+@functools.cache
+def _needs_masked_binds() -> bool:
+    """Whether the interpreter's files lie under a directory the sandbox replaces with a tmpfs (/tmp, /run)."""
+    return any(p.startswith(m + "/") for p in _needed_paths() for m in _BWRAP_MASKED)
 
 
 def _blocked_ancestors(paths: list[str]) -> dict[str, list[str]]:
