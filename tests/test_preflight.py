@@ -2,12 +2,10 @@
 its fix and a non-zero exit code; two processes (jax.distributed on CPU) each report."""
 
 import os
-import shutil
 import subprocess
 import sys
 
 import jax
-import pytest
 
 from prime_jax import aot
 from prime_jax.preflight import tpu_topology
@@ -76,7 +74,6 @@ def test_bad_config_value_fails_before_anything_else(tmp_path):
     assert list(lines(out, "FAIL")) == ["config"] and "n_samples" in lines(out, "FAIL")["config"]
 
 
-@pytest.mark.skipif(shutil.which("bwrap") is None, reason="needs bubblewrap (CI installs it)")
 def test_two_processes_each_report(tmp_path):
     port = free_port()
     procs = [subprocess.Popen([sys.executable, "-m", "prime_jax.preflight", "--config=configs/tiny.py",
