@@ -2,22 +2,50 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 
 import numpy as np
 
 
-def median_seconds(fn: Callable[[], object], repeats: int, warmup: Callable[[], object] | None = None) -> float:
-    """Median wall seconds of `repeats` calls of `fn`, after one untimed warm-up call (`warmup`, default
-    `fn`: compiles, fills caches)."""
+def first_and_median(fn: Callable[[], object], repeats: int,
+                     warmup: Callable[[], object] | None = None) -> tuple[float, float]:
+    """(wall seconds of one warm-up call (`warmup`, default `fn`: compiles, fills caches), median wall seconds
+    of the next `repeats` calls of `fn`)."""
+    t0 = time.perf_counter()
     (warmup or fn)()
+    first = time.perf_counter() - t0
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    return first, float(np.median(times))
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, warmup: Callable[[], object] | None = None) -> float:
+    """Median wall seconds of `repeats` calls of `fn`, after one untimed warm-up call (see `first_and_median`)."""
+    return first_and_median(fn, repeats, warmup)[1]
+
+
+def torch_device() -> str:
+    """Where the PyTorch side of a bench runs: "cuda" when PyTorch sees a GPU, else "cpu"."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def attention_kernels(compiled_text: str) -> str:
+    """Which attention kernel a compiled XLA program calls, read from its HLO text: cuDNN fused attention
+    (custom calls `__cudnn$fmha...`), a TPU Pallas/Mosaic kernel (`tpu_custom_call`), or XLA's own ops."""
+    cudnn = len(re.findall(r'custom_call_target="__cudnn\$fmha', compiled_text))
+    mosaic = len(re.findall(r'custom_call_target="tpu_custom_call"', compiled_text))
+    if cudnn:
+        return f"cuDNN fused attention ({cudnn} custom calls)"
+    if mosaic:
+        return f"Pallas/Mosaic TPU kernel ({mosaic} custom calls)"
+    return "XLA (no fused-attention custom call)"
 
 
 def bench_model_config():

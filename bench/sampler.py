@@ -10,6 +10,7 @@ return sequences (each call runs until its longest row stops). Prints, per R, ea
 (up to and including the stop token) per second and the ratio. Compile time is excluded (prime_jax is run
 once untimed with the timed shapes; transformers with a short call); figures are medians of `--repeats`
 runs. transformers is timed with each of `--torch-threads` and the ratio is taken against its fastest.
+On a GPU machine (JAX_PLATFORMS=cuda) transformers runs on the GPU too.
 Run: `python bench/sampler.py [--in-flight 64 8 --prompts 64 --n 4 --new 256 --vocab 64]`.
 """
 
@@ -28,7 +29,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from bench.common import median_seconds  # noqa: E402
+from bench.common import median_seconds, torch_device  # noqa: E402
 from prime_jax.models import load_pretrained  # noqa: E402
 from prime_jax.sampling import generate  # noqa: E402
 from tests.fixtures import tiny_config, write_hf_checkpoint  # noqa: E402
@@ -55,14 +56,15 @@ def main() -> None:
                       num_kv_heads=2, head_dim=64, max_position_embeddings=4096, logits_chunk=1024)
     with tempfile.TemporaryDirectory() as d:
         write_hf_checkpoint(cfg, d)
-        hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+        hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).to(torch_device()).eval()
         model = load_pretrained(d)
     rows = args.prompts * args.n
     prompts = np.random.default_rng(0).integers(2, cfg.vocab_size, (args.prompts, args.prompt))
     print(f"model: qwen2 d={cfg.hidden_size} L={cfg.num_layers} heads {cfg.num_heads}/{cfg.num_kv_heads} "
           f"ffn {cfg.intermediate_size} V={cfg.vocab_size} ({cfg.num_params / 1e6:.1f}M params), fp32; "
           f"{args.prompts} prompts of {args.prompt} tokens x {args.n} samples = {rows} rows, at most {args.new} new "
-          f"tokens, stop id {STOP}, temperature 1.0; jax on {jax.devices()[0].platform}, {os.cpu_count()} CPUs; "
+          f"tokens, stop id {STOP}, temperature 1.0; jax on {jax.devices()[0].platform}, transformers on {hf.device}, "
+          f"{os.cpu_count()} CPUs; "
           f"steps_per_sync {args.steps_per_sync}, kv_block {args.kv_block}")
     print(f"compile and warm-up excluded; median of {args.repeats} timed runs")
     for in_flight in args.in_flight:
@@ -82,7 +84,7 @@ def main() -> None:
             total = 0
             with torch.inference_mode():
                 for i in range(0, args.prompts, per_call):
-                    ids = torch.tensor(prompts[i:i + per_call], dtype=torch.long)
+                    ids = torch.tensor(prompts[i:i + per_call], dtype=torch.long, device=hf.device)
                     out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
                                       temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=new, eos_token_id=STOP,
                                       pad_token_id=0, num_return_sequences=args.n)[:, args.prompt:]

@@ -11,7 +11,10 @@ rows; prime_jax padded the same (one sequence per row); prime_jax packed a token
 rows per micro-batch, several sequences per row (`prime_jax.packing`).
 Prints tokens/s (real prompt + response tokens of the batch per second) for each and the ratios.
 Compile time is excluded (one warm-up iteration each) and reported; figures are medians of `--repeats`.
-Run: `python bench/train_step.py [--rows 32 --prompt 64 --response 192]`.
+PyTorch runs on the GPU when it sees one (JAX then too, with JAX_PLATFORMS=cuda); `--dtype bfloat16` computes in
+bf16 on both sides (fp32 weights; PyTorch under autocast), which on a GPU makes `model.attention=auto` cuDNN's fused
+attention; the line names the attention kernel found in the compiled packed PPO step.
+Run: `python bench/train_step.py [--rows 32 --prompt 64 --response 192 --dtype float32]`.
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -33,12 +35,13 @@ from flax import nnx  # noqa: E402
 
 from prime_jax.mesh import make_mesh  # noqa: E402
 from prime_jax.models import load_pretrained  # noqa: E402
+from prime_jax.models.decoder import resolve_attention  # noqa: E402
 from prime_jax.packing import PackSpec, lay_out  # noqa: E402
 from prime_jax.rewards.implicit_prm import PrmStepConfig, make_prm_step, prm_minibatches  # noqa: E402
 from prime_jax.rl.optim import (OptimConfig, init_train_state, make_lr_schedule, make_optimizer,  # noqa: E402
                                 shard_train_state)
 from prime_jax.rl.ppo import PpoStepConfig, make_ppo_step, ppo_minibatches  # noqa: E402
-from bench.common import bench_model_config  # noqa: E402
+from bench.common import attention_kernels, bench_model_config, first_and_median, torch_device  # noqa: E402
 from tests.fixtures import write_hf_checkpoint  # noqa: E402
 
 POLICY_OPTIM = OptimConfig(lr=5e-7, weight_decay=0.01, grad_clip=1.0)
@@ -68,32 +71,20 @@ def make_batch(rows: int, prompt: int, response: int, vocab: int) -> dict[str, n
     )
 
 
-def median_seconds(fn, repeats: int) -> tuple[float, float]:
-    """(first call seconds, median of the next `repeats` calls)."""
-    t0 = time.perf_counter()
-    fn()
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return first, float(np.median(times))
-
-
 # ----------------------------------------------------------------------------------------- prime_jax
 
 
 def jax_steps(path: str, batch: dict[str, np.ndarray], args,
-              packed: bool) -> tuple[dict[str, tuple[float, float]], dict[str, float]]:
-    """(first call s, median s) of the PPO and PRM steps, the host layout included; and their token efficiency.
-    Every PPO call uses the same mini-batch order, so the timed calls reuse the first call's compile."""
+              packed: bool) -> tuple[dict[str, tuple[float, float]], dict[str, float], str]:
+    """(first call s, median s) of the PPO and PRM steps, the host layout included; their token efficiency; and
+    the attention kernel the compiled PPO step calls. Every PPO call uses the same mini-batch order, so the timed
+    calls reuse the first call's compile."""
     rows = len(batch["acc"])
     length = batch["prompt_tokens"].shape[1] + batch["tokens"].shape[1]
     spec = PackSpec("bench", mini_batch_size=args.mini, micro_batch_size=args.micro, data_parallel=1, packed=packed,
                     row_length=length, micro_batch_tokens=args.micro * length)
     mesh = make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
-    graphdef, params = nnx.split(load_pretrained(path))
+    graphdef, params = nnx.split(load_pretrained(path, compute_dtype=args.dtype, attention=args.attention))
     ppo_cfg = PpoStepConfig(mini_batch_size=args.mini, micro_batch_size=args.micro)
     prm_cfg = PrmStepConfig(n=2, mini_batch_size=args.mini, micro_batch_size=args.micro)
     ppo_tx = make_optimizer(POLICY_OPTIM, ppo_cfg.updates_per_iteration(rows))
@@ -120,8 +111,10 @@ def jax_steps(path: str, batch: dict[str, np.ndarray], args,
         jax.block_until_ready(out)
         holder["efficiency"]["prm"] = layout.efficiency
 
-    times = {"ppo": median_seconds(run_ppo, args.repeats), "prm": median_seconds(run_prm, args.repeats)}
-    return times, holder["efficiency"]
+    times = {"ppo": first_and_median(run_ppo, args.repeats), "prm": first_and_median(run_prm, args.repeats)}
+    layout = lay_out(batch, ppo_minibatches(rows, ppo_cfg, 0), spec)
+    kernel = attention_kernels(ppo_step.lower(holder["policy"], ppo_batch, layout.arrays).compile().as_text())
+    return times, holder["efficiency"], kernel
 
 
 # ----------------------------------------------------------------------------------------- PyTorch
@@ -185,17 +178,33 @@ def torch_prm_iteration(prm, ref, opt, b: dict[str, torch.Tensor], mini: int, mi
 
 
 def torch_steps(path: str, batch: dict[str, np.ndarray], args) -> dict[str, tuple[float, float]]:
+    """(first call s, median s) of the PyTorch PPO and PRM iterations on `torch_device()`: fp32 weights, the
+    forward and backward under autocast to `--dtype` when it is 16-bit (as prime_jax computes)."""
+    import contextlib
+
     import transformers
 
-    load = lambda: transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)  # noqa: E731
+    device = torch_device()
+    load = lambda: transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)  # noqa: E731
     policy, prm, ref = load().train(), load().train(), load().eval()
     for p in ref.parameters():
         p.requires_grad_(False)
-    b = {k: torch.tensor(v) for k, v in batch.items()}
+    b = {k: torch.tensor(v, device=device) for k, v in batch.items()}
     b["prompt_tokens"], b["tokens"] = b["prompt_tokens"].long(), b["tokens"].long()
     ppo_opt, prm_opt = adamw(policy, POLICY_OPTIM), adamw(prm, PRM_OPTIM)
-    return {"ppo": median_seconds(lambda: torch_ppo_iteration(policy, ppo_opt, b, args.mini, args.micro), args.repeats),
-            "prm": median_seconds(lambda: torch_prm_iteration(prm, ref, prm_opt, b, args.mini, args.micro), args.repeats)}
+    autocast = (torch.autocast(device, dtype=getattr(torch, args.dtype)) if args.dtype != "float32"
+                else contextlib.nullcontext())
+
+    def timed(iteration):
+        def run():
+            with autocast:
+                iteration()
+            if device == "cuda":
+                torch.cuda.synchronize()
+        return first_and_median(run, args.repeats)
+
+    return {"ppo": timed(lambda: torch_ppo_iteration(policy, ppo_opt, b, args.mini, args.micro)),
+            "prm": timed(lambda: torch_prm_iteration(prm, ref, prm_opt, b, args.mini, args.micro))}
 
 
 def main() -> None:
@@ -206,21 +215,26 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--response", type=int, default=192)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype (weights fp32)")
+    ap.add_argument("--attention", default="auto", help="prime_jax model.attention: auto | xla | cudnn")
     args = ap.parse_args()
+    args.attention = resolve_attention(args.attention, jax.default_backend(), args.dtype)
     cfg = bench_model_config()
     batch = make_batch(args.rows, args.prompt, args.response, cfg.vocab_size)
     tokens = int(batch["prompt_mask"].sum() + batch["mask"].sum())
     width = batch["prompt_tokens"].shape[1] + batch["tokens"].shape[1]
     with tempfile.TemporaryDirectory() as d:
         write_hf_checkpoint(cfg, d)
-        packed, packed_eff = jax_steps(d, batch, args, packed=True)
-        padded, padded_eff = jax_steps(d, batch, args, packed=False)
+        packed, packed_eff, kernel = jax_steps(d, batch, args, packed=True)
+        padded, padded_eff, _ = jax_steps(d, batch, args, packed=False)
         theirs = torch_steps(d, batch, args)
     lengths = batch["prompt_mask"].sum(1) + batch["mask"].sum(1)
-    print(f"model: qwen2 d={cfg.hidden_size} L={cfg.num_layers} V={cfg.vocab_size}, fp32; batch {args.rows} rows, "
+    print(f"model: qwen2 d={cfg.hidden_size} L={cfg.num_layers} V={cfg.vocab_size}, fp32 weights, {args.dtype} "
+          f"compute; batch {args.rows} rows, "
           f"{tokens} real tokens in {args.rows} x {width} padded slots (sequence length median {np.median(lengths):.0f}, "
           f"max {lengths.max()}), mini {args.mini}, micro {args.micro}; {jax.devices()[0].platform} "
-          f"x{len(jax.devices())}, torch threads {torch.get_num_threads()}")
+          f"x{len(jax.devices())}, torch on {torch_device()} (threads {torch.get_num_threads()}); packed PPO step "
+          f"attention: {kernel}")
     for name in ("ppo", "prm"):
         (k_first, k), (d_first, d), (_, t) = packed[name], padded[name], theirs[name]
         print(f"{name}_step: prime_jax packed {tokens / k:,.0f} tok/s (token efficiency {packed_eff[name]:.2f}, first "
