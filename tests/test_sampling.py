@@ -256,6 +256,16 @@ def test_rows_draw_the_same_tokens_whatever_slot_and_insertion_time(qwen_model, 
     np.testing.assert_allclose(out.logprobs, sampled.logprobs, atol=1e-5, rtol=0)
 
 
+def test_layer_scan_and_hoisted_layer_weights_draw_the_same_rows(qwen_model, sampled, monkeypatch):
+    """TPU/GPU decode (a scan over the stacked layer weights) and CPU decode (weights sliced once per call,
+    layers unrolled; what `sampled` ran): the same tokens and log-probs."""
+    assert sampling.hoists_layers(jax.default_backend())
+    monkeypatch.setattr(sampling, "hoists_layers", lambda platform: False)
+    out = generate(qwen_model, PROMPTS, **{**SAMPLED, "prompts_per_call": 1})
+    np.testing.assert_array_equal(out.tokens, sampled.tokens)
+    np.testing.assert_allclose(out.logprobs, sampled.logprobs, atol=1e-5, rtol=0)
+
+
 def test_rows_are_handed_over_as_they_stop(qwen_model, sampled):
     """on_rows sees every row once, with its final tokens and length; short rows come before long ones."""
     seen = {}

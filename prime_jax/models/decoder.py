@@ -17,6 +17,7 @@ Three entry points share the layer functions:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import flax.struct
 import jax
@@ -237,6 +238,11 @@ class Decoder(nnx.Module):
     def _layer_params(self) -> dict[str, Array]:
         return nnx.to_pure_dict(nnx.state(self.layers, nnx.Param))
 
+    def layer_slices(self) -> list[dict[str, Array]]:
+        """The stacked layer weights [L, ...] as L per-layer dicts (static slices)."""
+        stacked = self._layer_params()
+        return [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(self.cfg.num_layers)]
+
     def _embed(self, tokens: Array) -> Array:
         return constrain_batch(jnp.take(self.embed[...], tokens, axis=0).astype(self.cfg.dtype))
 
@@ -305,9 +311,13 @@ class Decoder(nnx.Module):
         return self._logits(rms_norm(last, self.final_norm[...], cfg.rms_norm_eps)), KVCache(k=k, v=v)
 
     def decode_step(self, tokens: Array, positions: Array, cache: KVCache, *, prompt_lens: Array, counts: Array,
-                    ring_index: Array, prompt_slots: int, block: int) -> tuple[Array, KVCache]:
+                    ring_index: Array, prompt_slots: int, block: int,
+                    layers: Sequence[dict[str, Array]] | None = None) -> tuple[Array, KVCache]:
         """One token per row: tokens [B] int32 at RoPE positions [B] int32, written for every row at the shared
         cache slot prompt_slots + ring_index (one in-place slice per layer, no per-row scatter).
+        layers: the layer weights already sliced (`layer_slices`, e.g. once outside a decode loop): the layers
+        then run unrolled over them instead of a scan over the stacked weights (see
+        `prime_jax.sampling.hoists_layers` for when that pays).
 
         cache: [L, B, K, S, Dh], a row's prompt in slots 0..prompt_slots-1 and its generated tokens in a ring
         after them; row b attends its first prompt_lens[b] slots and the counts[b] ring slots written last
@@ -326,6 +336,11 @@ class Decoder(nnx.Module):
             attn = cached_attention(q, k_cache, v_cache, i, prompt_lens, counts, ring_index, prompt_slots, block)
             return (_output_and_mlp(cfg, p, x, attn), k_cache, v_cache, i + 1), None
 
-        init = (self._embed(tokens[:, None]), cache.k, cache.v, jnp.int32(0))
-        (x, k, v, _), _ = jax.lax.scan(layer, init, self._layer_params())
+        carry = (self._embed(tokens[:, None]), cache.k, cache.v, jnp.int32(0))
+        if layers is None:
+            carry, _ = jax.lax.scan(layer, carry, self._layer_params())
+        else:
+            for p in layers:
+                carry, _ = layer(carry, p)
+        x, k, v, _ = carry
         return self._logits(rms_norm(x[:, 0], self.final_norm[...], cfg.rms_norm_eps)), KVCache(k=k, v=v)
