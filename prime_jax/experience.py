@@ -20,7 +20,7 @@ from prime_jax.data.example import Example
 from prime_jax.mesh import allgather_rows, process_rows
 from prime_jax.rewards.pool import COUNT_KEYS, VerifierPool, VerifyItem
 from prime_jax.rl.filter import accuracy_filter
-from prime_jax.sampling import Rollout, RowsCallback, left_pad
+from prime_jax.sampling import Rollout, RowsCallback, StopCallback, left_pad
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,8 +97,21 @@ class CollectConfig:
     pad_id: int = 0
 
 
-Sampler = Callable[[list[Prompt], int, RowsCallback], Rollout]  # (prompts, seed, on_rows) -> Rollout of n rows each
+# (prompts, seed, on_rows, stop) -> Rollout of n rows each (`prime_jax.sampling.Sampler.__call__`)
+Sampler = Callable[[list[Prompt], int, RowsCallback, StopCallback], Rollout]
 Decoder = Callable[[np.ndarray], str]  # response ids -> text
+
+
+def accepted_groups(acc: np.ndarray, lengths: np.ndarray, n: int, cfg: CollectConfig, limit: int) -> np.ndarray:
+    """[G] bool: the groups of n rows (acc, lengths [G*n]) the online filter keeps: mean accuracy within
+    [lower, upper] (`filter_accuracy`) and no response at the `limit` of R tokens (`filter_truncated`)."""
+    ok = np.ones(len(acc) // n, bool)
+    if cfg.filter_accuracy:
+        ok[:] = False
+        ok[accuracy_filter(acc, n, lo=cfg.lower, hi=cfg.upper)] = True
+    if cfg.filter_truncated:
+        ok &= ~(np.asarray(lengths).reshape(-1, n) >= limit).any(1)
+    return ok
 
 
 def _gather_scores(local: np.ndarray, counts: dict[str, int], rows: int) -> tuple[np.ndarray, dict[str, int]]:
@@ -109,11 +122,13 @@ def _gather_scores(local: np.ndarray, counts: dict[str, int], rows: int) -> tupl
 
 
 class StreamingVerifier:
-    """Scores one round's rows in the verifier pool as the sampler hands them over (`on_rows`), while it decodes.
+    """Scores one round's rows in the verifier pool as the sampler hands them over (`on_rows`), while it decodes,
+    and tells the sampler when the online filter has accepted enough groups (`accepted`).
 
-    Multi-host: each process scores its own share of the rows (`process_rows`); `finish` gathers all scores
-    on every host. `exposed_s`: host seconds spent in verification that decoding did not hide (handing rows
-    over, polling, and the final wait); `span_s`: from the first row handed over to the last score.
+    Multi-host: each process scores its own share of the rows (`process_rows`); every host sees every handed
+    row's length; scores are gathered on every host. `exposed_s`: host seconds spent in verification that
+    decoding did not hide (handing rows over, polling, waiting); `span_s`: from the first row handed over to the
+    last score.
     """
 
     def __init__(self, prompts: Sequence[Prompt], n: int, decode: Decoder, pool: VerifierPool) -> None:
@@ -121,12 +136,16 @@ class StreamingVerifier:
         self.share = process_rows(len(prompts) * n)
         self.stream = pool.stream()
         self.rows: list[int] = []  # stream index -> row
+        self.handed = np.zeros(len(prompts) * n, bool)
+        self.lengths = np.zeros(len(prompts) * n, np.int64)
+        self.limit = 0  # R, from the first rows handed over
         self.exposed_s = 0.0
         self.started: float | None = None
 
     def __call__(self, rows: np.ndarray, tokens: np.ndarray, lengths: np.ndarray) -> None:
         t0 = time.perf_counter()
         self.started = t0 if self.started is None else self.started
+        self.handed[rows], self.lengths[rows], self.limit = True, lengths, tokens.shape[1]
         items = []
         for row, toks, length in zip(rows.tolist(), tokens, lengths):
             if self.share.start <= row < self.share.stop:
@@ -137,16 +156,30 @@ class StreamingVerifier:
         self.stream.poll()
         self.exposed_s += time.perf_counter() - t0
 
-    def finish(self) -> tuple[np.ndarray, dict[str, int], float]:
-        """Waits for the remaining scores -> (acc [rows] float32 on every host, pool counts, span seconds)."""
+    def _scores(self) -> tuple[np.ndarray, dict[str, int]]:
+        """Waits for the score of every row handed over so far -> (acc [rows] float32 on every host, 0 for rows
+        not handed over; pool counts summed over processes). A collective: every process calls it together."""
         t0 = time.perf_counter()
         result = self.stream.finish()
         local = np.zeros(self.share.stop - self.share.start, np.float32)
         local[np.asarray(self.rows, np.int64) - self.share.start] = result.scores
-        acc, counts = _gather_scores(local, result.counts, len(self.prompts) * self.n)
+        out = _gather_scores(local, result.counts, len(self.prompts) * self.n)
+        self.exposed_s += time.perf_counter() - t0
+        return out
+
+    def accepted(self, cfg: CollectConfig) -> int:
+        """Groups whose n rows have all been handed over and scored and that the online filter keeps. Waits
+        for the scores of the rows handed over so far, so the count depends on which rows those are, not on
+        timing (the sampler asks once per decode round, every host at the same round)."""
+        acc, _ = self._scores()
+        complete = self.handed.reshape(-1, self.n).all(1)
+        return int((complete & accepted_groups(acc, self.lengths, self.n, cfg, self.limit)).sum())
+
+    def finish(self) -> tuple[np.ndarray, dict[str, int], float]:
+        """Waits for the remaining scores -> (acc [rows] float32 on every host, pool counts, span seconds)."""
+        acc, counts = self._scores()
         end = time.perf_counter()
-        self.exposed_s += end - t0
-        return acc, counts, end - (t0 if self.started is None else self.started)
+        return acc, counts, end - (end if self.started is None else self.started)
 
 
 def verify(rollout: Rollout, prompts: Sequence[Prompt], n: int, decode: Decoder, pool: VerifierPool) -> tuple[np.ndarray, dict[str, int]]:
@@ -177,27 +210,26 @@ def collect(sample: Sampler, next_prompts: Callable[[int], list[Prompt]], buffer
     scores: dict[str, list[float]] = {}
     faults: dict[str, int] = {}
     num_kept = rounds = 0
+    unsampled: list[Prompt] = []
     verify_s = exposed_s = 0.0
     while num_kept < target and rounds < cfg.max_rounds:
         prompts = buffer[:target] + next_prompts(target) if rounds == 0 else next_prompts(target)
         verifier = StreamingVerifier(prompts, n, decode, pool)
-        rollout = sample(prompts, seed * 1000 + rounds, verifier)
+        needed = target - num_kept
+        # Stops sampling once the filter has accepted the groups still needed; unsampled prompts are re-queued.
+        rollout = sample(prompts, seed * 1000 + rounds, verifier, lambda v=verifier, k=needed: v.accepted(cfg) >= k)
         acc, counts, span = verifier.finish()
         verify_s += span
         exposed_s += verifier.exposed_s
         for k, v in counts.items():
             faults[k] = faults.get(k, 0) + int(v)
-        for row, a in enumerate(acc):
-            ability = prompts[row // n].example.ability
-            scores.setdefault(ability, []).append(float(a))
+        sampled = (rollout.lengths.reshape(-1, n) > 0).all(1)
+        unsampled += [prompts[g] for g in np.flatnonzero(~sampled)]
         exp = Experience(prompts, rollout.prompt_tokens, rollout.prompt_mask, rollout.tokens, rollout.mask,
-                         rollout.logprobs, acc, np.ones(len(acc), bool), n)
-        ok = np.ones(len(prompts), bool)
-        if cfg.filter_accuracy:
-            ok[:] = False
-            ok[accuracy_filter(acc, n, lo=cfg.lower, hi=cfg.upper)] = True
-        if cfg.filter_truncated:
-            ok &= ~(rollout.mask.sum(1).reshape(-1, n) >= rollout.mask.shape[1]).any(1)
+                         rollout.logprobs, acc, np.ones(len(acc), bool), n).groups(np.flatnonzero(sampled))
+        for p, a in zip(np.repeat(exp.prompts, n), exp.acc):
+            scores.setdefault(p.example.ability, []).append(float(a))
+        ok = accepted_groups(exp.acc, exp.mask.sum(1), n, cfg, rollout.mask.shape[1])
         kept.append(exp.groups(np.flatnonzero(ok)))
         padding = exp.groups(np.flatnonzero(~ok))
         padding.trained[:] = False
@@ -206,11 +238,13 @@ def collect(sample: Sampler, next_prompts: Callable[[int], list[Prompt]], buffer
         rounds += 1
     batch = Experience.concat(kept + rejected, cfg.pad_id)
     padded = max(0, target - num_kept)
-    # Surplus accepted groups: their prompts are re-queued (responses discarded), as the reference does.
-    new_buffer = buffer[target:] + batch.prompts[target:num_kept]
+    # Surplus accepted groups: their prompts are re-queued (responses discarded), as the reference does; so are
+    # the prompts left unsampled when the sampler stopped early.
+    new_buffer = buffer[target:] + batch.prompts[target:num_kept] + unsampled
     metrics = {f"train_verify_score/{a}": float(np.mean(v)) for a, v in sorted(scores.items())}
     metrics["train_verify_score/all"] = float(np.mean([x for v in scores.values() for x in v]))
-    metrics.update({"train/gen_rounds": rounds, "train/groups_kept": min(num_kept, target), "train/groups_padding": padded})
+    metrics.update({"train/gen_rounds": rounds, "train/groups_kept": min(num_kept, target), "train/groups_padding": padded,
+                    "train/groups_unsampled": len(unsampled)})
     metrics.update({f"verifier/{k}": v for k, v in sorted(faults.items())})
     metrics["timing/verify"] = verify_s
     metrics["timing/verify_exposed"] = exposed_s

@@ -168,7 +168,7 @@ class Rollout:
     prompt_tokens, prompt_mask: [B*n, P] left-padded; tokens: [B*n, R] right-padded with pad_id;
     logprobs: [B*n, R] float32, log softmax(logits / temperature) of each sampled token (temperature 1
     when greedy), 0 on padding; mask: [B*n, R] int32, 1 up to and including the first stop token;
-    lengths: [B*n] int32.
+    lengths: [B*n] int32 (0: not sampled, the call was stopped early).
     """
 
     prompt_tokens: np.ndarray
@@ -395,6 +395,7 @@ def decode(graphdef: nnx.GraphDef, params: nnx.State, state: SamplerState) -> Sa
 # --- host loop ---------------------------------------------------------------------------------------
 
 RowsCallback = Callable[[np.ndarray, np.ndarray, np.ndarray], None]  # (row ids [k], tokens [k, R], lengths [k])
+StopCallback = Callable[[], bool]  # asked once per decode round: True ends the call early
 
 
 def check_prompts(prompts: Sequence[Sequence[int]], vocab: int, buckets: Sequence[int]) -> None:
@@ -463,9 +464,12 @@ class Sampler:
                       self._put(slot_of, False), self._put(row_of, False), rng)
 
     def __call__(self, params: nnx.State, prompts: Sequence[Sequence[int]], seed: int,
-                 on_rows: RowsCallback | None = None) -> Rollout:
+                 on_rows: RowsCallback | None = None, stop: StopCallback | None = None) -> Rollout:
         """n samples of each prompt; rows of prompt i are i*n ... i*n+n-1. `on_rows(rows, tokens, lengths)` is
-        called with the rows that stopped, as they stop, while the device decodes the next steps."""
+        called with the rows that stopped, as they stop, while the device decodes the next steps. `stop()` is
+        asked once per decode round, right after `on_rows` has seen the rows of the round before (so its answer
+        can depend on exactly those rows, whatever the timing); True ends the call: no more rows start, rows
+        still decoding are dropped, and every row not handed to `on_rows` has length 0 in the result."""
         cfg = self.cfg
         check_prompts(prompts, self.model_cfg.vocab_size, cfg.buckets)
         n, r, total = cfg.n, cfg.max_new_tokens, len(prompts) * cfg.n
@@ -495,6 +499,8 @@ class Sampler:
                     for rows in finished:
                         on_rows(rows, out_tokens[rows], lengths[rows])
                 finished = []
+                if stop is not None and stop():  # rows still decoding were never collected: length 0
+                    break
                 done = global_to_host(state.done)
                 stopped = np.flatnonzero(done & (slot_row >= 0))
                 if stopped.size:
@@ -530,7 +536,7 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, n: int = 1, ma
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, stop_ids: Sequence[int], seed: int,
              pad_id: int = 0, mesh: Mesh | None = None, buckets: Sequence[int] = DEFAULT_BUCKETS,
              prompts_per_call: int = 0, steps_per_sync: int = 8, kv_block: int = 256,
-             on_rows: RowsCallback | None = None) -> Rollout:
+             on_rows: RowsCallback | None = None, stop: StopCallback | None = None) -> Rollout:
     """Samples n responses of at most `max_new_tokens` tokens for each prompt (token-id lists).
 
     At most `prompts_per_call` x n rows are in flight (0: all prompts at once), rounded up to the mesh's
@@ -553,9 +559,9 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, n: int = 1, ma
         devices = set(mesh.devices.flat)
         if any(x.sharding.device_set != devices for x in jax.tree.leaves(params)):
             raise ValueError("generate: the model's params are not on `mesh`; load it with load_pretrained(path, mesh=mesh)")
-    return Sampler(graphdef, model.cfg, cfg, mesh)(params, prompts, seed, on_rows)
+    return Sampler(graphdef, model.cfg, cfg, mesh)(params, prompts, seed, on_rows, stop)
 
 
-__all__ = ["DEFAULT_BUCKETS", "Rollout", "Sampler", "SamplerConfig", "SamplerState", "SamplingParams", "decode",
+__all__ = ["DEFAULT_BUCKETS", "Rollout", "Sampler", "SamplerConfig", "SamplerState", "SamplingParams", "StopCallback", "decode",
            "empty_state", "filter_logits", "generate", "hoists_layers", "insert", "left_pad", "length_buckets", "rows_in_flight",
            "sampler_state_shardings", "select_tokens"]

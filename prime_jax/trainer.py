@@ -28,7 +28,7 @@ from prime_jax.metrics import MetricWriter, plot_curves
 from prime_jax.models import save_pretrained
 from prime_jax.programs import runs_prm
 from prime_jax.rl.optim import layout_sharding
-from prime_jax.sampling import Rollout, RowsCallback
+from prime_jax.sampling import Rollout, RowsCallback, StopCallback
 
 
 class Timer:
@@ -123,8 +123,9 @@ class Trainer:
 
     # --- pieces -------------------------------------------------------------------------------------
 
-    def sample(self, prompts: list[Prompt], seed: int, on_rows: RowsCallback | None = None) -> Rollout:
-        return self.p.programs.sampler(self.policy.params, [list(p.ids) for p in prompts], seed, on_rows)
+    def sample(self, prompts: list[Prompt], seed: int, on_rows: RowsCallback | None = None,
+               stop: StopCallback | None = None) -> Rollout:
+        return self.p.programs.sampler(self.policy.params, [list(p.ids) for p in prompts], seed, on_rows, stop)
 
     def next_prompts(self, k: int) -> list[Prompt]:
         return [Prompt(ex, tuple(ids)) for ex, ids in self.p.train_data.next_prompts(k)]

@@ -26,13 +26,14 @@ def setup(qwen2_dir):
                       tuple(rng.integers(1, 90, size=3 + i % 5).tolist())) for i in range(6)]
     calls = []
 
-    def sample(ps, seed, on_rows=None):
+    def sample(ps, seed, on_rows=None, stop=None):
         def counted(rows, tokens, lengths):
             calls.append(len(rows))
             on_rows(rows, tokens, lengths)
 
         return generate(model, [list(p.ids) for p in ps], n=N, max_new_tokens=8, stop_ids=(3, 17, 50, 71, 88), seed=seed,
-                        buckets=(8,), prompts_per_call=2, steps_per_sync=1, on_rows=counted if on_rows else None)
+                        buckets=(8,), prompts_per_call=2, steps_per_sync=1, on_rows=counted if on_rows else None,
+                        stop=stop)
 
     with VerifierPool(2, item_timeout_s=30.0, batch_timeout_s=120.0) as pool:
         yield prompts, sample, calls, pool
@@ -62,3 +63,22 @@ def test_collect_keeps_the_scores_and_logs_exposed_verification(setup):
     np.testing.assert_array_equal(exp.acc, verify(again, prompts[:3], N, _text, pool)[0])
     assert buffer == [] and metrics["train/gen_rounds"] == 1
     assert 0 <= metrics["timing/verify_exposed"] and 0 <= metrics["timing/verify"]
+
+
+def test_collect_stops_sampling_once_the_filter_has_enough_groups(setup):
+    """4 prompts sampled for 2 needed groups, 2 prompts in flight: the sampler stops once 2 groups are complete and
+    accepted (here: the first 2 prompts, no accuracy filter); the rows still decoding are dropped and the prompts
+    not fully sampled go back to the buffer, after the buffer's own surplus. Deterministic: a second run agrees."""
+    prompts, sample, _, pool = setup
+    cfg = CollectConfig(batch_size=2, n=N, filter_accuracy=False, max_rounds=1)
+    runs = [collect(sample, lambda k: list(prompts[3:3 + k]), list(prompts[:3]), _text, pool, cfg, seed=2)
+            for _ in range(2)]
+    (exp, buffer, metrics), (exp2, buffer2, metrics2) = runs
+    full = sample(prompts[:2] + prompts[3:5], 2000, None)  # what the round would have drawn without stopping
+    assert exp.prompts == prompts[:2]
+    np.testing.assert_array_equal(exp.tokens, full.tokens[:2 * N])
+    np.testing.assert_array_equal(exp.acc, verify(full, prompts[:2], N, _text, pool)[0][:2 * N])
+    assert metrics["train/groups_unsampled"] == 2 and metrics["train/groups_kept"] == 2
+    assert buffer == [prompts[2], prompts[3], prompts[4]]
+    np.testing.assert_array_equal(exp2.tokens, exp.tokens)
+    assert buffer2 == buffer and metrics2["train/groups_unsampled"] == 2

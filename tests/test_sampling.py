@@ -266,6 +266,19 @@ def test_layer_scan_and_hoisted_layer_weights_draw_the_same_rows(qwen_model, sam
     np.testing.assert_allclose(out.logprobs, sampled.logprobs, atol=1e-5, rtol=0)
 
 
+def test_stop_ends_the_call_and_drops_the_rows_still_decoding(qwen_model, sampled):
+    """`stop` is asked once per decode round after `on_rows` saw the round before: once 3 rows are handed over,
+    the call returns those rows as a full run draws them and length 0 (mask 0, pad tokens) for every other row."""
+    handed = []
+    out = generate(qwen_model, PROMPTS, on_rows=lambda rows, tokens, lengths: handed.extend(rows.tolist()),
+                   stop=lambda: len(handed) >= 3, **{**SAMPLED, "prompts_per_call": 1, "steps_per_sync": 1})
+    total = len(PROMPTS) * SAMPLED["n"]
+    assert 3 <= len(handed) < total and sorted(np.flatnonzero(out.lengths > 0).tolist()) == sorted(handed)
+    np.testing.assert_array_equal(out.tokens[handed], sampled.tokens[handed])
+    dropped = np.setdiff1d(np.arange(total), handed)
+    assert (out.mask[dropped] == 0).all() and (out.tokens[dropped] == SAMPLED["pad_id"]).all()
+
+
 def test_rows_are_handed_over_as_they_stop(qwen_model, sampled):
     """on_rows sees every row once, with its final tokens and length; short rows come before long ones."""
     seen = {}
