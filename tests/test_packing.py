@@ -148,14 +148,21 @@ def test_bad_batches_are_named():
 
 def test_attention_implementation_the_backend_lacks_is_named():
     assert resolve_attention("auto", "gpu", "bfloat16") == "cudnn"
-    assert resolve_attention("auto", "tpu", "bfloat16") == resolve_attention("auto", "gpu", "float32") == "xla"
+    assert resolve_attention("auto", "tpu", "bfloat16") == resolve_attention("splash", "tpu", "float32") == "splash"
+    assert resolve_attention("auto", "tpu", "float32") == resolve_attention("auto", "gpu", "float32") == "xla"
     with pytest.raises(ValueError, match="config.model.attention='cudnn': needs a GPU backend"):
         resolve_attention("cudnn", "cpu", "bfloat16")
+    with pytest.raises(ValueError, match="config.model.attention='splash': the Pallas splash kernel needs a TPU"):
+        resolve_attention("splash", "gpu", "bfloat16")
+    with pytest.raises(ValueError, match="config.model.attention='splash_interpret'"):
+        resolve_attention("splash_interpret", "cpu", "float32")  # the tests' interpret mode is no config value
     c = config_lib.base_config()
-    c.data.source, c.model.attention = "synthetic", "cudnn"
+    c.data.source = "synthetic"
     c.train.batch_size, c.actor.mini_batch_size, c.prm.mini_batch_size = 64, 256, 256
-    with pytest.raises(ValueError, match="config.model.attention='cudnn'"):
-        validate_programs(c, make_mesh({"data": 1, "fsdp": 1}, jax.devices()[:1]))
+    for name in ("cudnn", "splash"):
+        c.model.attention = name
+        with pytest.raises(ValueError, match=f"config.model.attention='{name}'"):
+            validate_programs(c, make_mesh({"data": 1, "fsdp": 1}, jax.devices()[:1]))
 
 
 @pytest.mark.parametrize("key, value, message", [
