@@ -152,8 +152,10 @@ def test_attention_implementation_the_backend_lacks_is_named():
     assert resolve_attention("auto", "tpu", "float32") == resolve_attention("auto", "gpu", "float32") == "xla"
     with pytest.raises(ValueError, match="config.model.attention='cudnn': needs a GPU backend"):
         resolve_attention("cudnn", "cpu", "bfloat16")
-    with pytest.raises(ValueError, match="config.model.attention='splash': the Pallas splash kernel needs a TPU"):
-        resolve_attention("splash", "gpu", "bfloat16")
+    assert resolve_attention("auto", "tpu", "float16") == "xla"
+    for platform, dtype in (("gpu", "bfloat16"), ("tpu", "float16")):
+        with pytest.raises(ValueError, match="config.model.attention='splash': the Pallas splash kernel needs a TPU"):
+            resolve_attention("splash", platform, dtype)
     with pytest.raises(ValueError, match="config.model.attention='splash_interpret'"):
         resolve_attention("splash_interpret", "cpu", "float32")  # the tests' interpret mode is no config value
     c = config_lib.base_config()

@@ -92,20 +92,22 @@ def rms_norm(x: Array, weight: Array, eps: float) -> Array:
 def resolve_attention(name: str, platform: str, compute_dtype: str) -> str:
     """The training attention implementation (`causal_attention`) for config value `model.attention` on `platform`.
 
-    "auto": at 16-bit compute cuDNN flash attention on GPU and the Pallas splash kernel on TPU, XLA otherwise (CPU,
-    fp32). An implementation the backend lacks is a ValueError naming the key, raised before anything compiles.
+    "auto": cuDNN flash attention on GPU at 16-bit compute, the Pallas splash kernel on TPU at bfloat16, XLA otherwise
+    (CPU, fp32). An implementation the backend lacks is a ValueError naming the key, raised before anything compiles
+    (Mosaic compiles splash at bfloat16 and float32, not float16).
     """
     sixteen_bit = compute_dtype in ("bfloat16", "float16")
     if name == "auto":
-        return {"gpu": "cudnn", "tpu": "splash"}.get(platform, "xla") if sixteen_bit else "xla"
+        return ("cudnn" if platform == "gpu" and sixteen_bit else
+                "splash" if platform == "tpu" and compute_dtype == "bfloat16" else "xla")
     if name not in CONFIG_ATTENTION:
         raise ValueError(f"config.model.attention={name!r}: expected auto or one of {CONFIG_ATTENTION}")
     if name == "cudnn" and (platform != "gpu" or not sixteen_bit):
         raise ValueError(f"config.model.attention='cudnn': needs a GPU backend and 16-bit model.compute_dtype "
                          f"(this run: {platform}, {compute_dtype}); use auto or xla")
-    if name == "splash" and platform != "tpu":
-        raise ValueError(f"config.model.attention='splash': the Pallas splash kernel needs a TPU backend (this run: "
-                         f"{platform}); use auto or xla")
+    if name == "splash" and (platform != "tpu" or compute_dtype == "float16"):
+        raise ValueError(f"config.model.attention='splash': the Pallas splash kernel needs a TPU backend and "
+                         f"model.compute_dtype bfloat16 or float32 (this run: {platform}, {compute_dtype}); use auto or xla")
     return name
 
 
