@@ -91,11 +91,13 @@ def test_first_fit_decreasing_fills_rows():
 
 def test_shapes_are_a_small_bounded_set():
     s = spec(mini=256, tokens=16 * 4096, dp=8, row=4096)   # 16 rows per micro-batch, up to 256 rows per mini-batch
-    assert s.shapes() == [(1, 8), (1, 16), (2, 16), (3, 16), (4, 16), (6, 16), (8, 16), (12, 16), (16, 16)]
-    assert s.shape_for(9) == (1, 16) and s.shape_for(17) == (2, 16) and s.shape_for(200) == (16, 16)
-    assert spec(mini=40, tokens=5 * ROW).shapes() == [(1, 1), (1, 2), (1, 3), (1, 5), (2, 5), (3, 5), (4, 5), (6, 5), (8, 5)]
+    assert s.shapes() == [(1, 8), (1, 16), (2, 16), (3, 16), (4, 16), (5, 16), (6, 16), (7, 16), (8, 16), (10, 16),
+                          (12, 16), (14, 16), (16, 16)]
+    assert s.shape_for(9) == (1, 16) and s.shape_for(17) == (2, 16) and s.shape_for(200) == (14, 16)
+    assert spec(mini=40, tokens=5 * ROW).shapes() == [(1, 1), (1, 2), (1, 3), (1, 5), (2, 5), (3, 5), (4, 5), (5, 5),
+                                                      (6, 5), (7, 5), (8, 5)]
     qwen7b = spec(mini=256, tokens=8 * 4096, dp=8, row=4096)
-    assert len(qwen7b.shapes()) == 10   # r = 8 only (dp 8); k = 1, 2, 3, 4, 6, ..., 32
+    assert len(qwen7b.shapes()) == 16   # r = 8 only (dp 8); k = 1, 2, 3, 4, 5, 6, 7, 8, 10, ..., 28, 32
 
 
 def test_packed_logprobs_equal_padded_and_segments_are_isolated():
