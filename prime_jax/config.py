@@ -62,6 +62,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.rollout.steps_per_sync = 16       # decode steps between host round trips (rows that stopped are replaced then)
     c.rollout.kv_block = 256            # KV cache slots per attention block (decode reads the filled blocks only)
     c.rollout.kv_cache_gib = 0.0        # KV cache budget per device (0: unchecked); more rows in flight fail early
+    c.rollout.gather_params = False     # decode gathers the policy once per call, replicated in the compute dtype
+                                        # (+ 2 bytes a param a device at bf16), not every layer's weights every step
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 256            # prompts per step; the learner sees batch_size * n_samples rows
@@ -207,6 +209,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     for key in ("steps_per_sync", "kv_block"):
         if not isinstance(c.rollout[key], int) or c.rollout[key] < 1:
             _fail(f"rollout.{key}", f"must be a positive integer, got {c.rollout[key]!r}")
+    if not isinstance(c.rollout.gather_params, bool):
+        _fail("rollout.gather_params", f"must be true or false, got {c.rollout.gather_params!r}")
     if c.rollout.kv_cache_gib < 0:
         _fail("rollout.kv_cache_gib", f"must be >= 0 (0: unchecked), got {c.rollout.kv_cache_gib}")
     if c.rollout.temperature < 0:
