@@ -209,8 +209,6 @@ def validate(c: ml_collections.ConfigDict) -> None:
     for key in ("steps_per_sync", "kv_block"):
         if not isinstance(c.rollout[key], int) or c.rollout[key] < 1:
             _fail(f"rollout.{key}", f"must be a positive integer, got {c.rollout[key]!r}")
-    if not isinstance(c.rollout.gather_params, bool):
-        _fail("rollout.gather_params", f"must be true or false, got {c.rollout.gather_params!r}")
     if c.rollout.kv_cache_gib < 0:
         _fail("rollout.kv_cache_gib", f"must be >= 0 (0: unchecked), got {c.rollout.kv_cache_gib}")
     if c.rollout.temperature < 0:
