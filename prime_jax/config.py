@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from prime_jax.models.config import CONFIG_ATTENTION
+
 ESTIMATORS = ("rloo", "grpo", "reinforce")
 PRM_UPDATES = ("after", "before", "none")
 
@@ -30,7 +32,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.compute_dtype = "bfloat16"
     c.model.remat = True
     c.model.logits_chunk = 1024
-    c.model.attention = "auto"  # training attention kernel: auto (cuDNN on GPU at 16 bits, else XLA) | xla | cudnn
+    c.model.attention = "auto"  # training attention: auto (16-bit: cuDNN on GPU, Pallas splash on TPU; else XLA) | xla | cudnn | splash
 
     c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
 
@@ -60,6 +62,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.rollout.steps_per_sync = 16       # decode steps between host round trips (rows that stopped are replaced then)
     c.rollout.kv_block = 256            # KV cache slots per attention block (decode reads the filled blocks only)
     c.rollout.kv_cache_gib = 0.0        # KV cache budget per device (0: unchecked); more rows in flight fail early
+    c.rollout.gather_params = False     # decode gathers the policy once per call, replicated in the compute dtype
+                                        # (+ 2 bytes a param a device at bf16), not every layer's weights every step
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 256            # prompts per step; the learner sees batch_size * n_samples rows
@@ -251,8 +255,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
         if c.train.packing and 0 < tokens < (c.train.pack_length or longest):
             _fail(f"{section}.micro_batch_tokens", f"{tokens} is smaller than the longest sequence "
                                                    f"(train.pack_length={c.train.pack_length or longest})")
-    if c.model.attention not in ("auto", "xla", "cudnn"):
-        _fail("model.attention", f"{c.model.attention!r} is not one of auto, xla, cudnn")
+    if c.model.attention not in ("auto", *CONFIG_ATTENTION):
+        _fail("model.attention", f"{c.model.attention!r} is not one of auto, {', '.join(CONFIG_ATTENTION)}")
     for key in ("param_dtype", "ref_dtype", "compute_dtype"):
         if c.model[key] not in ("float32", "bfloat16", "float16"):
             _fail(f"model.{key}", f"{c.model[key]!r} is not one of float32, bfloat16, float16")

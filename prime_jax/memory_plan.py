@@ -43,7 +43,10 @@ def plan(c: ml_collections.ConfigDict, num_devices: int) -> dict[str, float]:
     kv = 2 * cfg.num_layers * rows * seq * cfg.num_kv_heads * cfg.head_dim * _BYTES[c.model.compute_dtype] / GIB
     out = {"policy (params + adam)": trainable, "prm (params + adam)": trainable,
            "reference": params * _BYTES[c.model.ref_dtype] / GIB, "sampler kv cache": kv}
-    return {k: v / num_devices for k, v in out.items()}
+    out = {k: v / num_devices for k, v in out.items()}
+    if c.rollout.gather_params:  # replicated on every device while decoding
+        out["sampler params (gathered)"] = params * _BYTES[c.model.compute_dtype] / GIB
+    return out
 
 
 def print_plan(c: ml_collections.ConfigDict) -> None:

@@ -121,6 +121,11 @@ def constrain_batch(x: jax.Array) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, P(axes, *([None] * (x.ndim - 1))))
 
 
+def replicate(x: jax.Array) -> jax.Array:
+    """Inside a jit under `jax.set_mesh(mesh)`: x whole on every device (gathered once). No-op without a mesh."""
+    return x if jax.sharding.get_abstract_mesh().empty else jax.lax.with_sharding_constraint(x, P())
+
+
 def host_to_global(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
     """A global array from host data every process holds in full (each device takes its own slice).
     Single-process this is `device_put`; multi-process nothing crosses the network."""

@@ -19,10 +19,10 @@ TPU, and opaque to XLA's cost analysis), so RLOO, whitening and the losses keep 
 
 Static shapes (packed): while a mini-batch fits one micro-batch, k = 1 and r is the smallest of r_max / 8,
 r_max / 4, r_max / 2, r_max (rounded up to whole dp) that holds its rows, r_max = the budget's rows; beyond
-that, r = r_max and k the smallest of 2, 3, 4, 6, 8, 12, ... (powers of two and 1.5 times them, at least
-2/3 full) that holds them, at most k_max = ceil(mini_batch_size / r_max), as a row holds at least one
-sequence. `PackSpec.shapes()` lists them: a program compiles at most 4 + 2 ceil(log2 k_max) times per
-prompt/response limits (the tiny config: 4 shapes for each pass; qwen7b: 10).
+that, r = r_max and k the smallest of 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, ... (powers of two times 1, 1.25,
+1.5, 1.75: at least 2/3 full, 4/5 from k = 4 on) that holds them, at most k_max = ceil(mini_batch_size / r_max),
+as a row holds at least one sequence. `PackSpec.shapes()` lists them: a program compiles at most
+4 + 4 ceil(log2 k_max) times per prompt/response limits (the tiny config: 4 shapes for each pass; qwen7b: 16).
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ class PackSpec:
         dp, r_max = self.data_parallel, self.max_rows
         rows = sorted({min(r_max, -(-r_max // (2 ** i * dp)) * dp) for i in range(4)})
         k_max = -(-self.mini_batch_size // r_max)
-        ks = sorted({min(k, k_max) for i in range(1, max(1, k_max).bit_length() + 1) for k in (2 ** i, 3 * 2 ** (i - 1))})
+        ks = sorted({min(m * 2 ** i // 4, k_max) for i in range(1, max(1, k_max).bit_length() + 1) for m in (4, 5, 6, 7)})
         return [(1, r) for r in rows] + [(k, r_max) for k in ks if k > 1]
 
     def shape_for(self, rows: int) -> tuple[int, int]:

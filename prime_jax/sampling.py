@@ -11,7 +11,8 @@ Three jitted programs, pure functions of explicit state, which the trainer and t
 slots, decode K steps, read which rows stopped (one host round trip per K steps), hand them to `on_rows`
 (e.g. the verifiers) and repeat. Under `jax.set_mesh(mesh)` every sampler-state array is constrained to
 the batch split over the data axes (KV heads over `tensor` where they divide), so in and out shardings of
-`insert` and `decode` are the same and the model params are read with their own sharding, in place.
+`insert` and `decode` are the same and the model params are read with their own sharding, in place (with
+`SamplerConfig.gather_params`, decode gathers them once per call instead).
 
 Randomness: row r (= prompt i * n + sample j) draws its t-th token from `fold_in(fold_in(rng, r), t)`, so
 a row's tokens do not depend on which slot it runs in, when it was inserted, batch padding, prompt-length
@@ -33,7 +34,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from prime_jax.mesh import batch_sharding, data_parallel_size, global_to_host, host_to_global, logical_to_spec
+from prime_jax.mesh import (batch_sharding, data_parallel_size, global_to_host, host_to_global, logical_to_spec,
+                            replicate)
 from prime_jax.models.config import ModelConfig
 from prime_jax.models.decoder import Decoder, KVCache
 
@@ -86,8 +88,10 @@ class SamplerConfig:
     n: samples per prompt; max_new_tokens: R; rows: slots decoded at once, the most rows in flight (a
     multiple of `data_parallel`); buckets: prompt-length buckets (prefill shapes); steps_per_sync: decode
     steps between two host round trips (K >= 1); kv_block: cache slots per attention block; data_parallel:
-    how many ways the batch is split; hoist_layers: `decode` slices the stacked layer weights once per call
-    instead of once per step (`hoists_layers`).
+    how many ways the batch is split; gather_params: `decode` gathers the params once per call, replicated in
+    the compute dtype, instead of reading them with their own sharding (each layer's weights gathered each step);
+    hoist_layers: `decode` slices the stacked layer weights once per call instead of once per step
+    (`hoists_layers`).
     """
 
     n: int
@@ -99,6 +103,7 @@ class SamplerConfig:
     steps_per_sync: int = 8
     kv_block: int = 256
     data_parallel: int = 1
+    gather_params: bool = False
     hoist_layers: bool = False
 
     def __post_init__(self) -> None:
@@ -360,8 +365,11 @@ def decode(graphdef: nnx.GraphDef, params: nnx.State, state: SamplerState) -> Sa
     keys/values of every row at one shared ring slot of the cache (in place), attends over each row's own
     prompt and generated slots only, and draws the next token.
     """
-    model: Decoder = nnx.merge(graphdef, params)
     cfg = state.cfg
+    model: Decoder = nnx.merge(graphdef, params)
+    if cfg.gather_params:  # the same weights the layers cast to the compute dtype, cast and gathered up front
+        cast = lambda x: x.astype(model.cfg.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x  # noqa: E731
+        model = nnx.merge(graphdef, jax.tree.map(lambda x: replicate(cast(x)), params))
     r, block, prompt_slots = cfg.max_new_tokens, cfg.block(state.prompt_len), cfg.prompt_slots(state.prompt_len)
     ring = state.cache.k.shape[3] - prompt_slots
     rows = jnp.arange(state.done.shape[0])
@@ -535,7 +543,7 @@ def rows_in_flight(prompts_per_call: int, num_prompts: int, n: int, data_paralle
 def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, n: int = 1, max_new_tokens: int,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, stop_ids: Sequence[int], seed: int,
              pad_id: int = 0, mesh: Mesh | None = None, buckets: Sequence[int] = DEFAULT_BUCKETS,
-             prompts_per_call: int = 0, steps_per_sync: int = 8, kv_block: int = 256,
+             prompts_per_call: int = 0, steps_per_sync: int = 8, kv_block: int = 256, gather_params: bool = False,
              on_rows: RowsCallback | None = None, stop: StopCallback | None = None) -> Rollout:
     """Samples n responses of at most `max_new_tokens` tokens for each prompt (token-id lists).
 
@@ -551,7 +559,8 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, n: int = 1, ma
     dp = 1 if mesh is None else data_parallel_size(mesh)
     cfg = SamplerConfig(n=n, max_new_tokens=max_new_tokens, sampling=sampling,
                         rows=rows_in_flight(prompts_per_call, max(len(prompts), 1), max(n, 1), dp), buckets=tuple(buckets),
-                        pad_id=pad_id, steps_per_sync=steps_per_sync, kv_block=kv_block, data_parallel=dp)
+                        pad_id=pad_id, steps_per_sync=steps_per_sync, kv_block=kv_block, data_parallel=dp,
+                        gather_params=gather_params)
     graphdef, params = nnx.split(model)
     platform = next(iter(jax.tree.leaves(params)[0].sharding.device_set)).platform
     cfg = dataclasses.replace(cfg, hoist_layers=hoists_layers(platform))

@@ -91,11 +91,13 @@ def test_first_fit_decreasing_fills_rows():
 
 def test_shapes_are_a_small_bounded_set():
     s = spec(mini=256, tokens=16 * 4096, dp=8, row=4096)   # 16 rows per micro-batch, up to 256 rows per mini-batch
-    assert s.shapes() == [(1, 8), (1, 16), (2, 16), (3, 16), (4, 16), (6, 16), (8, 16), (12, 16), (16, 16)]
-    assert s.shape_for(9) == (1, 16) and s.shape_for(17) == (2, 16) and s.shape_for(200) == (16, 16)
-    assert spec(mini=40, tokens=5 * ROW).shapes() == [(1, 1), (1, 2), (1, 3), (1, 5), (2, 5), (3, 5), (4, 5), (6, 5), (8, 5)]
+    assert s.shapes() == [(1, 8), (1, 16), (2, 16), (3, 16), (4, 16), (5, 16), (6, 16), (7, 16), (8, 16), (10, 16),
+                          (12, 16), (14, 16), (16, 16)]
+    assert s.shape_for(9) == (1, 16) and s.shape_for(17) == (2, 16) and s.shape_for(200) == (14, 16)
+    assert spec(mini=40, tokens=5 * ROW).shapes() == [(1, 1), (1, 2), (1, 3), (1, 5), (2, 5), (3, 5), (4, 5), (5, 5),
+                                                      (6, 5), (7, 5), (8, 5)]
     qwen7b = spec(mini=256, tokens=8 * 4096, dp=8, row=4096)
-    assert len(qwen7b.shapes()) == 10   # r = 8 only (dp 8); k = 1, 2, 3, 4, 6, ..., 32
+    assert len(qwen7b.shapes()) == 16   # r = 8 only (dp 8); k = 1, 2, 3, 4, 5, 6, 7, 8, 10, ..., 28, 32
 
 
 def test_packed_logprobs_equal_padded_and_segments_are_isolated():
@@ -148,14 +150,23 @@ def test_bad_batches_are_named():
 
 def test_attention_implementation_the_backend_lacks_is_named():
     assert resolve_attention("auto", "gpu", "bfloat16") == "cudnn"
-    assert resolve_attention("auto", "tpu", "bfloat16") == resolve_attention("auto", "gpu", "float32") == "xla"
+    assert resolve_attention("auto", "tpu", "bfloat16") == resolve_attention("splash", "tpu", "float32") == "splash"
+    assert resolve_attention("auto", "tpu", "float32") == resolve_attention("auto", "gpu", "float32") == "xla"
     with pytest.raises(ValueError, match="config.model.attention='cudnn': needs a GPU backend"):
         resolve_attention("cudnn", "cpu", "bfloat16")
+    assert resolve_attention("auto", "tpu", "float16") == "xla"
+    for platform, dtype in (("gpu", "bfloat16"), ("tpu", "float16")):
+        with pytest.raises(ValueError, match="config.model.attention='splash': the Pallas splash kernel needs a TPU"):
+            resolve_attention("splash", platform, dtype)
+    with pytest.raises(ValueError, match="config.model.attention='splash_interpret'"):
+        resolve_attention("splash_interpret", "cpu", "float32")  # the tests' interpret mode is no config value
     c = config_lib.base_config()
-    c.data.source, c.model.attention = "synthetic", "cudnn"
+    c.data.source = "synthetic"
     c.train.batch_size, c.actor.mini_batch_size, c.prm.mini_batch_size = 64, 256, 256
-    with pytest.raises(ValueError, match="config.model.attention='cudnn'"):
-        validate_programs(c, make_mesh({"data": 1, "fsdp": 1}, jax.devices()[:1]))
+    for name in ("cudnn", "splash"):
+        c.model.attention = name
+        with pytest.raises(ValueError, match=f"config.model.attention='{name}'"):
+            validate_programs(c, make_mesh({"data": 1, "fsdp": 1}, jax.devices()[:1]))
 
 
 @pytest.mark.parametrize("key, value, message", [

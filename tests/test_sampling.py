@@ -217,11 +217,12 @@ def test_another_seed_gives_other_tokens(qwen_model, sampled):
 
 
 def test_sharded_mesh_gives_the_same_tokens(qwen2_dir, sampled):
-    """Same tokens on 8 devices as on one, also with a wider prompt bucket and 3 prompts' rows in 4 slots each
-    (rows inserted into freed slots; batch split 4 ways)."""
+    """Same tokens on 8 devices as on one, also with a wider prompt bucket, 3 prompts' rows in 4 slots each
+    (rows inserted into freed slots; batch split 4 ways) and the params gathered once per decode call."""
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     model = load_pretrained(qwen2_dir, mesh=mesh)
-    for kw in ({"buckets": (32,)}, {"prompts_per_call": 1, "steps_per_sync": 2}):
+    for kw in ({"buckets": (32,)}, {"prompts_per_call": 1, "steps_per_sync": 2},
+               {"prompts_per_call": 1, "steps_per_sync": 2, "gather_params": True}):
         out = generate(model, PROMPTS, mesh=mesh, **{**SAMPLED, **kw})
         np.testing.assert_array_equal(out.tokens, sampled.tokens, err_msg=str(kw))
         np.testing.assert_allclose(out.logprobs, sampled.logprobs, atol=1e-5, err_msg=str(kw))

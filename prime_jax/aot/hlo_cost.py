@@ -88,7 +88,7 @@ def _parse_hlo(text: str) -> dict[str, list[_Instr]]:
             if header.group(1):
                 comps["__entry__"] = current
             continue
-        if line.startswith("}"):
+        if line.rstrip() == "}":  # a computation ends; "}}, metadata=..." continues a multi-line instruction
             current = None
             continue
         m = _INSTR.match(line) if current is not None else None
@@ -136,6 +136,8 @@ def _matmul_flops(ins: _Instr, shapes: dict[str, str]) -> float:
         m = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", ins.attrs)
         contract = math.prod(lhs[int(d)] for d in m.group(1).split(",") if d) if m else 1
         return 2.0 * math.prod(_dims(ins.shape)) * contract
+    if ins.opcode == "custom-call":
+        return _splash_flops(ins, shapes)
     if ins.opcode != "convolution":
         return 0.0
     lhs, rhs, out = _dims(shapes[ins.operands[0]]), _dims(shapes[ins.operands[1]]), _dims(ins.shape)
@@ -155,6 +157,28 @@ def _matmul_flops(ins: _Instr, shapes: dict[str, str]) -> float:
         macs *= _window_pairs(out[out_l.index(d)], rhs[rhs_l.index(d)], lhs[lhs_l.index(d)], int(stride[k]),
                               int(pad[k].split("_")[0]), int(lhs_dilate[k]), int(rhs_dilate[k]))
     return 2.0 * macs
+
+
+# Pallas splash attention kernels (custom calls named after the kernel, `splash_mha_fwd_segmented_residuals` ...):
+# XLA sees no FLOPs in them. Matmuls per visited (q block, kv block) pair and query head: forward QKᵀ, PV; dq kernel
+# QKᵀ, dO·Vᵀ, dS·K; dkv kernel QKᵀ, dO·Vᵀ, Pᵀ·dO, dSᵀ·Q.
+_SPLASH = re.compile(r"splash_m[hq]a_(fwd|dq|dkv)")
+_SPLASH_MATMULS = {"fwd": 2, "dq": 3, "dkv": 4}
+
+
+def _splash_flops(ins: _Instr, shapes: dict[str, str]) -> float:
+    """2 * multiply-adds of a splash attention kernel under a causal mask (the decoder's only mask): its first
+    operand is the block map [heads, q blocks, kv blocks] and its first float operand q [..., H, T, Dh]; the
+    kernel computes every block pair that the causal mask does not hide entirely."""
+    phase = _SPLASH.match(ins.name)
+    q = next((_dims(shapes[o]) for o in ins.operands if re.match(r"(bf16|f16|f32)\[", shapes[o])), None)
+    if not phase or not q or len(q) < 3:
+        return 0.0
+    *batch, heads, length, head_dim = q
+    q_blocks, kv_blocks = _dims(shapes[ins.operands[0]])[-2:]
+    bq, bkv = length // q_blocks, length // kv_blocks
+    pairs = sum(min(kv_blocks, -(-(i + 1) * bq // bkv)) for i in range(q_blocks))
+    return 2.0 * _SPLASH_MATMULS[phase.group(1)] * math.prod(batch) * heads * pairs * bq * bkv * head_dim
 
 
 def _constant_value(name: str, defs: dict[str, _Instr]) -> int | None:
@@ -257,13 +281,15 @@ def _op_bytes(ins: _Instr, shapes: dict[str, str], comps: dict[str, list[_Instr]
 @dataclasses.dataclass(frozen=True)
 class ProgramCost:
     """Per-device cost of a compiled program. `*_once`: every loop body once (what cost_analysis() counts);
-    the others: loops at their trip counts (`unknown_loops` of them, which stop on data, at the given bound)."""
+    the others: loops at their trip counts (`unknown_loops` of them, which stop on data, at the given bound).
+    `kernel_flops_once`: the part of `flops_once` in Pallas kernels, which cost_analysis() does not count."""
 
     flops_once: float
     seconds_once: float
     flops: float
     seconds: float
     unknown_loops: int
+    kernel_flops_once: float = 0.0
 
 
 def program_cost(hlo_text: str, peak_flops: float, hbm_bandwidth: float,
@@ -282,6 +308,7 @@ def program_cost(hlo_text: str, peak_flops: float, hbm_bandwidth: float,
         return _matmul_flops(ins, shapes) + sum(flops_of(i) for i in inner)
 
     totals = np.zeros(4)  # flops once, seconds once, flops, seconds
+    kernel_flops_once = 0.0
     unknown = 0
     stack = [("__entry__", 1, 0)]  # (computation, times it runs, data-dependent loops around it)
     while stack:
@@ -306,4 +333,5 @@ def program_cost(hlo_text: str, peak_flops: float, hbm_bandwidth: float,
             flops = flops_of(ins)
             seconds = max(flops / peak_flops, _op_bytes(ins, shapes, comps) / hbm_bandwidth)
             totals += (flops, seconds, flops * mult, seconds * mult)
-    return ProgramCost(*totals.tolist(), unknown_loops=unknown)
+            kernel_flops_once += flops if ins.opcode == "custom-call" else 0.0
+    return ProgramCost(*totals.tolist(), unknown_loops=unknown, kernel_flops_once=kernel_flops_once)

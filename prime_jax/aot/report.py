@@ -67,7 +67,9 @@ def format_report(r: ProgramReport, chip: Chip) -> str:
             f"peak {_gib(r.peak_bytes):>6} GiB/device  fits={'yes' if r.fits(chip) else 'no'}  "
             f"{r.flops / 1e12:9.1f} TFLOP/device  ~{r.seconds:8.2f} s  MFU {100 * r.mfu(chip):5.1f}%  "
             f"{f'({r.cost.unknown_loops} data-dependent loop(s) at their limit) ' if r.cost.unknown_loops else ''}"
-            f"(loop bodies once: {r.cost.flops_once / 1e12:.2f} TFLOP, {r.cost.seconds_once:.3g} s; compiler's "
+            f"(loop bodies once: {r.cost.flops_once / 1e12:.2f} TFLOP"
+            f"{f' ({r.cost.kernel_flops_once / 1e12:.2f} in Pallas kernels)' if r.cost.kernel_flops_once else ''}, "
+            f"{r.cost.seconds_once:.3g} s; compiler's "
             f"cost_analysis: {r.compiler_flops / 1e12:.2f} TFLOP, {r.compiler_seconds:.3g} s; "
             f"compile {r.compile_seconds:.0f} s)")
 

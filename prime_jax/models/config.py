@@ -8,7 +8,9 @@ import os
 from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
-ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")  # implementations of jax.nn.dot_product_attention
+CONFIG_ATTENTION = ("xla", "cudnn", "splash")  # config.model.attention values besides "auto"
+# decoder.causal_attention implementations; splash_interpret: the splash kernel in Pallas interpret mode (tests)
+ATTENTION_IMPLEMENTATIONS = (*CONFIG_ATTENTION, "splash_interpret")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +51,7 @@ class ModelConfig:
     dtype: str = "float32"
     remat: bool = False
     logits_chunk: int = 1024
-    attention: str = "xla"     # full-sequence attention kernel: "xla" | "cudnn" (see decoder.resolve_attention)
+    attention: str = "xla"     # full-sequence attention: one of ATTENTION_IMPLEMENTATIONS (decoder.causal_attention)
 
     def __post_init__(self) -> None:
         if self.model_type not in SUPPORTED_MODEL_TYPES:

@@ -6,9 +6,9 @@ axis and the blocks run in one `lax.scan`, so compile time does not grow with de
 
 Three entry points share the layer functions:
 - `model(tokens, attention_mask=..., positions=...)` / `model.hidden_states(..., segment_ids=...)`: full-sequence
-  forward (training, scoring), attention through `jax.nn.dot_product_attention` with the implementation
-  `cfg.attention` (cuDNN on GPU, XLA elsewhere); with `segment_ids` several sequences share a row (packing).
-- `model.prefill(tokens, lengths)`: right-padded prompts once (the same fused attention); returns the
+  forward (training, scoring), attention by `cfg.attention` (`causal_attention`: the splash kernel on TPU, cuDNN on
+  GPU, XLA elsewhere); with `segment_ids` several sequences share a row (packing).
+- `model.prefill(tokens, lengths)`: right-padded prompts once (the same attention); returns the
   keys/values of every layer in the sampler's cache layout (`KVCache`, row b's sequence from slot 0).
 - `model.decode_step(tokens, positions, cache, ...)`: one token per row, written into the cache at one
   shared slot; attention reads each row's own filled slots in place, block by block (`cached_attention`).
@@ -17,15 +17,17 @@ Three entry points share the layer functions:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.experimental.pallas.ops.tpu import splash_attention as splash
+from jax.sharding import PartitionSpec as P
 
-from prime_jax.mesh import constrain_batch
-from prime_jax.models.config import ATTENTION_IMPLEMENTATIONS, ModelConfig
+from prime_jax.mesh import constrain_batch, logical_to_spec
+from prime_jax.models.config import CONFIG_ATTENTION, ModelConfig
 
 Array = jax.Array
 
@@ -88,31 +90,79 @@ def rms_norm(x: Array, weight: Array, eps: float) -> Array:
 
 
 def resolve_attention(name: str, platform: str, compute_dtype: str) -> str:
-    """The `jax.nn.dot_product_attention` implementation for config value `model.attention` on `platform`.
+    """The training attention implementation (`causal_attention`) for config value `model.attention` on `platform`.
 
-    "auto": cuDNN flash attention on GPU at 16-bit compute, XLA otherwise (CPU, TPU, fp32). An implementation the
-    backend lacks is a ValueError naming the key, raised before anything compiles. TPU runs XLA's fused attention:
-    the Pallas splash kernel is not wired in (it needs shard_map around the kernel for the sharded batch).
+    "auto": cuDNN flash attention on GPU at 16-bit compute, the Pallas splash kernel on TPU at bfloat16, XLA otherwise
+    (CPU, fp32). An implementation the backend lacks is a ValueError naming the key, raised before anything compiles
+    (Mosaic compiles splash at bfloat16 and float32, not float16).
     """
+    sixteen_bit = compute_dtype in ("bfloat16", "float16")
     if name == "auto":
-        return "cudnn" if platform == "gpu" and compute_dtype in ("bfloat16", "float16") else "xla"
-    if name not in ATTENTION_IMPLEMENTATIONS:
-        raise ValueError(f"config.model.attention={name!r}: expected auto or one of {ATTENTION_IMPLEMENTATIONS}")
-    if name == "cudnn" and (platform != "gpu" or compute_dtype not in ("bfloat16", "float16")):
+        return ("cudnn" if platform == "gpu" and sixteen_bit else
+                "splash" if platform == "tpu" and compute_dtype == "bfloat16" else "xla")
+    if name not in CONFIG_ATTENTION:
+        raise ValueError(f"config.model.attention={name!r}: expected auto or one of {CONFIG_ATTENTION}")
+    if name == "cudnn" and (platform != "gpu" or not sixteen_bit):
         raise ValueError(f"config.model.attention='cudnn': needs a GPU backend and 16-bit model.compute_dtype "
                          f"(this run: {platform}, {compute_dtype}); use auto or xla")
+    if name == "splash" and (platform != "tpu" or compute_dtype == "float16"):
+        raise ValueError(f"config.model.attention='splash': the Pallas splash kernel needs a TPU backend and "
+                         f"model.compute_dtype bfloat16 or float32 (this run: {platform}, {compute_dtype}); use auto or xla")
     return name
 
 
-def fused_attention(q: Array, k: Array, v: Array, mask: Array, implementation: str) -> Array:
-    """`jax.nn.dot_product_attention` (grouped-query) over head-major k, v.
+def causal_attention(implementation: str, segment_ids: Array | None, length: int) -> Callable[[Array, Array, Array], Array]:
+    """Causal self-attention over `length` slots, a token seeing only tokens of its own segment.
 
-    q: [B, T, H, Dh]; k, v: [B, K, S, Dh]; mask: [B, T, S] bool (True = may attend). -> [B, T, H, Dh]
-    "cudnn" (flash attention) turns the mask into a [B, 1, T, S] bias in the compute dtype and keeps no scores;
-    "xla" computes fp32 scores [B, H, T, S] per layer (CPU, and TPU until a Pallas splash kernel is wired in).
+    segment_ids: [B, T] int (None: one sequence per row). Returns attend(q [B, T, H, Dh], k, v [B, K, T, Dh]
+    head-major, grouped-query) -> [B, T, H, Dh], scaled by 1/sqrt(Dh), softmax in fp32:
+    "xla", "cudnn": `jax.nn.dot_product_attention` with a [B, T, T] bool mask built here once for all layers;
+      "xla" forms fp32 scores [B, H, T, T] per layer, "cudnn" (flash attention) keeps none;
+    "splash": the Pallas TPU splash kernel (`splash_attention`), no scores in HBM; "splash_interpret": the
+      same kernel in Pallas interpret mode, on any backend (tests).
     """
-    return jax.nn.dot_product_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask=mask[:, None],
-                                        implementation=implementation)
+    if implementation in ("splash", "splash_interpret"):
+        return lambda q, k, v: splash_attention(q, k, v, segment_ids, interpret=implementation == "splash_interpret")
+    mask = jnp.tril(jnp.ones((length, length), jnp.bool_))[None]
+    if segment_ids is not None:
+        mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    return lambda q, k, v: jax.nn.dot_product_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
+                                                        mask=mask[:, None], implementation=implementation)
+
+
+SPLASH_LANES = 128  # the splash kernel's sequence blocks are multiples of the TPU lane width
+
+
+def splash_attention(q: Array, k: Array, v: Array, segment_ids: Array | None, *, interpret: bool = False) -> Array:
+    """Causal attention within segments by the Pallas TPU splash kernel (`jax.experimental.pallas.ops.tpu`).
+
+    q: [B, T, H, Dh]; k, v: [B, K, T, Dh]; segment_ids: [B, T] int or None. -> [B, T, H, Dh]
+    The sequence is padded to whole 128-slot blocks (the padding comes last, so causality hides it). Under a
+    mesh (`jax.set_mesh`) the kernel runs per device in `jax.shard_map`: rows split like the batch, heads over
+    the tensor axis where it divides the KV heads (so each device keeps whole query groups), else replicated.
+    """
+    t, dh = q.shape[1], q.shape[3]
+    padded = -(-t // SPLASH_LANES) * SPLASH_LANES
+    block = next(n for n in (512, 256, 128) if padded % n == 0)
+    sizes = splash.BlockSizes(block_q=block, block_kv=block, block_q_dkv=block, block_kv_dkv=block,
+                              block_q_dq=block, block_kv_dq=block)
+    pad = lambda x, axis=2: jnp.pad(x, [(0, padded - t) if i == axis else (0, 0) for i in range(x.ndim)])  # noqa: E731
+    q = pad((q.astype(jnp.float32) / math.sqrt(dh)).astype(q.dtype).transpose(0, 2, 1, 3))
+    args = (q, pad(k), pad(v)) + (() if segment_ids is None else (pad(segment_ids, 1),))
+
+    def local(q, k, v, segments=None):  # one device's rows and heads
+        mask = splash.MultiHeadMask([splash.CausalMask((padded, padded))] * q.shape[1])
+        kernel = splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+        if segments is None:
+            return jax.vmap(kernel)(q, k, v)
+        return jax.vmap(lambda q, k, v, s: kernel(q, k, v, splash.SegmentIds(s, s)))(q, k, v, segments)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty:
+        spec = logical_to_spec(("batch", "kv_heads", None, "head_dim"), k.shape, mesh)
+        specs = (spec,) * 3 + (() if segment_ids is None else (P(spec[0], None),))
+        local = jax.shard_map(local, in_specs=specs, out_specs=spec, check_vma=False)
+    return local(*args)[:, :, :t].transpose(0, 2, 1, 3)
 
 
 def _qkv(cfg: ModelConfig, p: dict[str, Array], x: Array, positions: Array, inv_freq: Array) -> tuple[Array, Array, Array]:
@@ -178,10 +228,11 @@ def cached_attention(q: Array, k_cache: Array, v_cache: Array, layer: Array, pro
     return (acc / denom[..., None]).astype(q.dtype).reshape(b, 1, h, dh)
 
 
-def _attend_and_mlp(cfg: ModelConfig, p: dict[str, Array], x: Array, q: Array, k: Array, v: Array, mask: Array) -> Array:
-    """The rest of one layer: attention over k, v [B, K, S, Dh] (`fused_attention` with `cfg.attention`), output
+def _attend_and_mlp(cfg: ModelConfig, p: dict[str, Array], x: Array, q: Array, k: Array, v: Array,
+                    attend: Callable[[Array, Array, Array], Array]) -> Array:
+    """The rest of one layer: attention over k, v [B, K, T, Dh] (`attend`, from `causal_attention`), output
     projection, SwiGLU MLP. -> [B, T, D]"""
-    return _output_and_mlp(cfg, p, x, fused_attention(q, k.astype(x.dtype), v.astype(x.dtype), mask, cfg.attention))
+    return _output_and_mlp(cfg, p, x, attend(q, k.astype(x.dtype), v.astype(x.dtype)))
 
 
 def _output_and_mlp(cfg: ModelConfig, p: dict[str, Array], x: Array, attn: Array) -> Array:
@@ -250,13 +301,14 @@ class Decoder(nnx.Module):
         """[..., D] final-norm hidden states -> [..., V] float32 logits."""
         return jnp.einsum("...d,dv->...v", h, self.head_weight().astype(h.dtype), preferred_element_type=jnp.float32)
 
-    def _run_layers(self, tokens: Array, positions: Array, mask: Array) -> Array:
+    def _run_layers(self, tokens: Array, positions: Array, segment_ids: Array) -> Array:
         cfg = self.cfg
         inv_freq = rope_frequencies(cfg)
+        attend = causal_attention(cfg.attention, segment_ids, tokens.shape[1])
 
         def layer(x, p):
             q, k, v = _qkv(cfg, p, x, positions, inv_freq)
-            return _attend_and_mlp(cfg, p, x, q, k, v, mask), None
+            return _attend_and_mlp(cfg, p, x, q, k, v, attend), None
 
         if cfg.remat:
             layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.nothing_saveable)
@@ -269,21 +321,18 @@ class Decoder(nnx.Module):
 
         segment_ids: [B, T] int (packed rows): a token attends, causally, only to tokens of its own segment;
         `positions` must then be given (restarting at 0 in each segment) and `attention_mask` is not used.
+        Without them the mask is the segment ids (real tokens see real tokens; padding sees padding, so padded
+        positions, whose values are undefined, stay finite).
         """
-        t = tokens.shape[1]
-        causal = jnp.tril(jnp.ones((t, t), jnp.bool_))
         if segment_ids is not None:
             if positions is None:
                 raise ValueError("hidden_states: segment_ids need positions (restarting at 0 in each segment)")
-            return self._run_layers(tokens, positions, causal[None] & (segment_ids[:, :, None] == segment_ids[:, None, :]))
+            return self._run_layers(tokens, positions, segment_ids)
         if attention_mask is None:
             attention_mask = jnp.ones(tokens.shape, jnp.bool_)
-        attention_mask = attention_mask.astype(jnp.bool_)
         if positions is None:
             positions = positions_from_mask(attention_mask)
-        # Each query may always see itself, so fully padded rows stay finite.
-        mask = (causal[None] & attention_mask[:, None, :]) | jnp.eye(t, dtype=jnp.bool_)[None]
-        return self._run_layers(tokens, positions, mask)
+        return self._run_layers(tokens, positions, attention_mask.astype(jnp.int32))
 
     def __call__(self, tokens: Array, *, attention_mask: Array | None = None, positions: Array | None = None) -> Array:
         """Logits [B, T, V] float32. tokens: [B, T] int32; attention_mask: [B, T] (1 = real token)."""
@@ -299,12 +348,12 @@ class Decoder(nnx.Module):
         cfg = self.cfg
         t = tokens.shape[1]
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), tokens.shape)
-        causal = jnp.tril(jnp.ones((t, t), jnp.bool_))[None]
+        attend = causal_attention(cfg.attention, None, t)
         inv_freq = rope_frequencies(cfg)
 
         def layer(x, p):
             q, k, v = _qkv(cfg, p, x, positions, inv_freq)
-            return _attend_and_mlp(cfg, p, x, q, k, v, causal), (k.astype(cfg.dtype), v.astype(cfg.dtype))
+            return _attend_and_mlp(cfg, p, x, q, k, v, attend), (k.astype(cfg.dtype), v.astype(cfg.dtype))
 
         x, (k, v) = jax.lax.scan(layer, self._embed(tokens), self._layer_params())
         last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]
