@@ -301,7 +301,7 @@ class Decoder(nnx.Module):
         """[..., D] final-norm hidden states -> [..., V] float32 logits."""
         return jnp.einsum("...d,dv->...v", h, self.head_weight().astype(h.dtype), preferred_element_type=jnp.float32)
 
-    def _run_layers(self, tokens: Array, positions: Array, segment_ids: Array) -> Array:
+    def _run_layers(self, tokens: Array, positions: Array, segment_ids: Array, remat: bool) -> Array:
         cfg = self.cfg
         inv_freq = rope_frequencies(cfg)
         attend = causal_attention(cfg.attention, segment_ids, tokens.shape[1])
@@ -310,29 +310,35 @@ class Decoder(nnx.Module):
             q, k, v = _qkv(cfg, p, x, positions, inv_freq)
             return _attend_and_mlp(cfg, p, x, q, k, v, attend), None
 
-        if cfg.remat:
+        norm = rms_norm
+        if remat:
             layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.nothing_saveable)
+            norm = jax.checkpoint(rms_norm, static_argnums=(2,))
         x, _ = jax.lax.scan(layer, self._embed(tokens), self._layer_params())
-        return rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
+        return norm(x, self.final_norm[...], cfg.rms_norm_eps)
 
     def hidden_states(self, tokens: Array, *, attention_mask: Array | None = None, positions: Array | None = None,
-                      segment_ids: Array | None = None) -> Array:
+                      segment_ids: Array | None = None, remat: bool | None = None) -> Array:
         """Final-norm hidden states [B, T, D] (compute dtype); causal attention restricted to `attention_mask`.
 
         segment_ids: [B, T] int (packed rows): a token attends, causally, only to tokens of its own segment;
         `positions` must then be given (restarting at 0 in each segment) and `attention_mask` is not used.
-        Without them the mask is the segment ids (real tokens see real tokens; padding sees padding, so padded
+        remat (default `cfg.remat`): under differentiation, keep only each layer's input and recompute the layers and
+        the final norm in the backward pass. The differentiated forward then saves nothing the undifferentiated one
+        does not materialise, so it compiles to the same arithmetic (`make_prm_step` relies on this).
+        Without segment ids the attention mask serves as segment ids (real tokens see real tokens, padding sees padding, so padded
         positions, whose values are undefined, stay finite).
         """
+        remat = self.cfg.remat if remat is None else remat
         if segment_ids is not None:
             if positions is None:
                 raise ValueError("hidden_states: segment_ids need positions (restarting at 0 in each segment)")
-            return self._run_layers(tokens, positions, segment_ids)
+            return self._run_layers(tokens, positions, segment_ids, remat)
         if attention_mask is None:
             attention_mask = jnp.ones(tokens.shape, jnp.bool_)
         if positions is None:
             positions = positions_from_mask(attention_mask)
-        return self._run_layers(tokens, positions, attention_mask.astype(jnp.int32))
+        return self._run_layers(tokens, positions, attention_mask.astype(jnp.int32), remat)
 
     def __call__(self, tokens: Array, *, attention_mask: Array | None = None, positions: Array | None = None) -> Array:
         """Logits [B, T, V] float32. tokens: [B, T] int32; attention_mask: [B, T] (1 = real token)."""

@@ -71,13 +71,14 @@ def response_logprobs(model: Decoder, prompt_tokens: Array, prompt_mask: Array, 
 
 
 def packed_logprobs(model: Decoder, tokens: Array, segment_ids: Array, positions: Array, targets: Array, *,
-                    temperature: float = 1.0, with_entropy: bool = False) -> Array | tuple[Array, Array]:
+                    temperature: float = 1.0, with_entropy: bool = False,
+                    remat: bool | None = None) -> Array | tuple[Array, Array]:
     """Log-prob of `targets` at every slot of packed rows (several sequences per row, see `prime_jax.packing`).
 
     tokens, segment_ids, positions, targets: [N, L] int32; targets[n, t] is the token predicted at slot t
     (the next token of the same segment; any id where nothing is predicted). -> logp [N, L] float32
-    (and entropy [N, L] when `with_entropy`).
+    (and entropy [N, L] when `with_entropy`). remat: see `Decoder.hidden_states`.
     """
-    h = model.hidden_states(tokens, segment_ids=segment_ids, positions=positions)
+    h = model.hidden_states(tokens, segment_ids=segment_ids, positions=positions, remat=remat)
     return logprobs_from_hidden(h, model.head_weight(), targets, chunk=model.cfg.logits_chunk,
                                 temperature=temperature, with_entropy=with_entropy)

@@ -29,6 +29,7 @@ from prime_jax.rl.optim import (TrainState, accumulate_gradients, apply_gradient
 Granularity = Literal["token", "whole"]
 GRANULARITIES = ("token", "whole")
 NORM_EPS = 1e-6
+LN2 = np.float32(np.log(2.0))   # the PRM loss of a row with z = 0 (softplus(0))
 
 
 def token_rewards(logp_prm: jax.Array, logp_ref: jax.Array, mask: jax.Array, *,
@@ -73,8 +74,13 @@ def prm_loss_terms(logp_prm: jax.Array, logp_ref: jax.Array, mask: jax.Array, ac
 
 def prm_loss(logp_prm: jax.Array, logp_ref: jax.Array, mask: jax.Array, acc: jax.Array, *,
              beta: float = 0.05) -> jax.Array:
-    """PRM CE loss, mean over rows: logp_prm, logp_ref, mask [B, R], acc [B] -> scalar float32."""
-    return jnp.mean(prm_loss_terms(logp_prm, logp_ref, mask, acc, beta=beta))
+    """PRM CE loss, mean over rows: logp_prm, logp_ref, mask [B, R], acc [B] -> scalar float32.
+
+    Averaged as ln 2 + mean(term - ln 2): every term is ln 2 (its value at z = 0) plus a part of the size of z, and
+    summing only those parts keeps the rounding of B additions off ln 2 (plain float32 means of B = 128 copies of
+    ln 2 come out a few ulp high), so PRM == reference gives exactly ln 2.
+    """
+    return LN2 + jnp.mean(prm_loss_terms(logp_prm, logp_ref, mask, acc, beta=beta) - LN2)
 
 
 def batch_norm(rewards: jax.Array, mask: jax.Array) -> jax.Array:
@@ -203,10 +209,11 @@ def make_prm_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg:
     slots_sh = layout_sharding(mesh)
     replicated = NamedSharding(mesh, P())
 
-    def logps(params: Any, micro: dict[str, jax.Array]) -> jax.Array:
+    def logps(params: Any, micro: dict[str, jax.Array], remat: bool | None = None) -> jax.Array:
         """Log-probs at the slots of one micro-batch: [r, L] float32."""
         model = nnx.merge(graphdef, params)
-        return packed_logprobs(model, micro["tokens"], micro["segment_ids"], micro["positions"], micro["targets"])
+        return packed_logprobs(model, micro["tokens"], micro["segment_ids"], micro["positions"], micro["targets"],
+                               remat=remat)
 
     def rewards_of(logp_prm: jax.Array, logp_ref: jax.Array, mask: jax.Array) -> jax.Array:
         return token_rewards(jax.lax.stop_gradient(logp_prm), logp_ref, mask,
@@ -227,7 +234,14 @@ def make_prm_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg:
 
             def micro_loss(params, mb):
                 logp_ref = jax.lax.stop_gradient(logps(ref_params, mb))
-                logp_prm = logps(params, mb)
+                # q = logp_prm - logp_ref must be exactly 0 where PRM == reference (step 1): batch_norm would scale
+                # rounding noise up to reward size. A differentiated forward that keeps activations for the backward
+                # compiles differently (XLA:CPU moves the norms' rsqrt and the softmax's exp and sums out of its
+                # fused library kernels to keep them, changing last bits); rematerialised, it keeps only the layer
+                # inputs and computes what the reference's forward computes. Same FLOPs with model.remat (the TPU
+                # configs); without it the backward recomputes the layers, still faster on CPU (configs/tiny.py
+                # shapes: x0.85). A separate undifferentiated scoring forward would cost one forward more in both.
+                logp_prm = logps(params, mb, remat=True)
                 # z = beta * sum_t q_t of each sequence, read at its last predicting slot
                 z = cfg.beta * segment_cumsum(jnp.where(mb["valid"], logp_prm - logp_ref, 0.0), mb["segment_ids"])
                 terms = jnp.where(mb["last"], jax.nn.softplus(z) - mb["acc"] * z, 0.0)   # prm_loss_terms per sequence

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from prime_jax.models import Decoder, load_pretrained, logprobs_from_hidden, response_logprobs, token_logprobs
+from prime_jax.models import (Decoder, load_pretrained, logprobs_from_hidden, packed_logprobs, response_logprobs,
+                              token_logprobs)
 from tests.fixtures import tiny_config
 
 
@@ -76,3 +77,25 @@ def test_chunked_peak_memory_below_full_logits_at_large_vocab():
     logits_bytes = 2 * 256 * 32768 * 4
     assert full_bytes > logits_bytes  # the full version holds at least one [B,T,V] fp32 buffer
     assert chunk_bytes < full_bytes / 4
+
+
+def test_remat_keeps_values_and_gradients_and_saves_activation_memory():
+    """packed_logprobs(remat=True) (layers and final norm recomputed in the backward pass, whatever cfg.remat says):
+    same log-probs and gradients, less compiled temp memory for the gradient."""
+    graphdef, params = nnx.split(Decoder(tiny_config(), rngs=nnx.Rngs(0)))
+    tokens = jax.random.randint(jax.random.key(0), (4, 128), 1, 97)
+    segments = jnp.repeat(jnp.array([[1, 2]]), 64, axis=1).repeat(4, axis=0)   # two sequences of 64 per row
+    positions = jnp.tile(jnp.arange(64), (4, 2))
+
+    def loss(p, remat):
+        model = nnx.merge(graphdef, p)
+        logp = packed_logprobs(model, tokens, segments, positions, jnp.roll(tokens, -1, 1), remat=remat)
+        return jnp.sum(logp), logp
+
+    grad = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
+    ((_, plain), g_plain), ((_, remat), g_remat) = grad(params, False), grad(params, True)
+    np.testing.assert_allclose(remat, plain, rtol=1e-6, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(g_remat), jax.tree.leaves(g_plain)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    temp = [grad.lower(params, r).compile().memory_analysis().temp_size_in_bytes for r in (False, True)]
+    assert temp[1] < temp[0], temp

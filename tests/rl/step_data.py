@@ -12,7 +12,6 @@ from prime_jax.packing import Layout, PackSpec, lay_out
 from tests.fixtures import tiny_config
 
 PROMPT_LEN, RESPONSE_LEN = 5, 6
-ROW = PROMPT_LEN + RESPONSE_LEN    # packed row length: the longest sequence
 
 
 @functools.cache
@@ -29,17 +28,18 @@ def one_device_mesh():
     return make_mesh({"data": 1, "fsdp": 1}, jax.devices()[:1])
 
 
-def make_batch(seed: int, rows: int, vocab: int = 97) -> dict[str, np.ndarray]:
+def make_batch(seed: int, rows: int, vocab: int = 97, prompt_len: int = PROMPT_LEN,
+               response_len: int = RESPONSE_LEN) -> dict[str, np.ndarray]:
     """Left-padded prompts [B, P], right-padded responses [B, R] with lengths 1..R, acc [B] with every
     group of 4 listed symmetrically (so all-zero scores give dpo_acc exactly 0.5)."""
     rng = np.random.default_rng(seed)
-    prompt_len = rng.integers(2, PROMPT_LEN + 1, rows)
-    prompt_mask = (np.arange(PROMPT_LEN)[None] >= PROMPT_LEN - prompt_len[:, None]).astype(np.int32)
-    prompt_tokens = (rng.integers(1, vocab, (rows, PROMPT_LEN)) * prompt_mask).astype(np.int32)
-    lengths = rng.integers(1, RESPONSE_LEN + 1, rows)
-    lengths[0] = RESPONSE_LEN
-    mask = (np.arange(RESPONSE_LEN)[None] < lengths[:, None]).astype(np.float32)
-    tokens = (rng.integers(1, vocab, (rows, RESPONSE_LEN)) * mask).astype(np.int32)
+    prompt_lens = rng.integers(2, prompt_len + 1, rows)
+    prompt_mask = (np.arange(prompt_len)[None] >= prompt_len - prompt_lens[:, None]).astype(np.int32)
+    prompt_tokens = (rng.integers(1, vocab, (rows, prompt_len)) * prompt_mask).astype(np.int32)
+    lengths = rng.integers(1, response_len + 1, rows)
+    lengths[0] = response_len
+    mask = (np.arange(response_len)[None] < lengths[:, None]).astype(np.float32)
+    tokens = (rng.integers(1, vocab, (rows, response_len)) * mask).astype(np.int32)
     acc = np.tile(np.array([1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0, 0.0], np.float32), rows // 8 + 1)[:rows]
     return dict(prompt_tokens=prompt_tokens, prompt_mask=prompt_mask, tokens=tokens, mask=mask, acc=acc)
 
@@ -65,7 +65,9 @@ def assert_trees_close(a, b, rtol=1e-5, atol=1e-5):
 
 
 def layout(batch: dict[str, np.ndarray], minibatches: np.ndarray, micro: int, packed: bool, dp: int = 1) -> Layout:
-    """The step's slots: `micro` rows per micro-batch padded, a budget of `micro` full rows packed."""
+    """The step's slots: `micro` rows per micro-batch padded, a budget of `micro` full rows packed (a row holds the
+    longest sequence, P + R slots)."""
+    row = batch["prompt_tokens"].shape[1] + batch["tokens"].shape[1]
     spec = PackSpec("test", mini_batch_size=minibatches.shape[1], micro_batch_size=micro, data_parallel=dp,
-                    packed=packed, row_length=ROW, micro_batch_tokens=max(micro, dp) * ROW)
+                    packed=packed, row_length=row, micro_batch_tokens=max(micro, dp) * row)
     return lay_out(batch, minibatches, spec)
