@@ -123,7 +123,7 @@ def _gather_scores(local: np.ndarray, counts: dict[str, int], rows: int) -> tupl
 
 class StreamingVerifier:
     """Scores one round's rows in the verifier pool as the sampler hands them over (`on_rows`), while it decodes,
-    and tells the sampler when the online filter has accepted enough groups (`accepted`).
+    and tells the sampler when the online filter has accepted enough groups (`enough`).
 
     Multi-host: each process scores its own share of the rows (`process_rows`); every host sees every handed
     row's length; scores are gathered on every host. `exposed_s`: host seconds spent in verification that
@@ -167,13 +167,16 @@ class StreamingVerifier:
         self.exposed_s += time.perf_counter() - t0
         return out
 
-    def accepted(self, cfg: CollectConfig) -> int:
-        """Groups whose n rows have all been handed over and scored and that the online filter keeps. Waits
-        for the scores of the rows handed over so far, so the count depends on which rows those are, not on
-        timing (the sampler asks once per decode round, every host at the same round)."""
-        acc, _ = self._scores()
+    def enough(self, cfg: CollectConfig, needed: int) -> bool:
+        """Whether the online filter keeps at least `needed` of the groups whose n rows have all been handed
+        over. Waits for the scores of the rows handed over so far (only once that many groups are complete), so
+        the answer depends on which rows those are, not on timing (the sampler asks once per decode round, every
+        host at the same round)."""
         complete = self.handed.reshape(-1, self.n).all(1)
-        return int((complete & accepted_groups(acc, self.lengths, self.n, cfg, self.limit)).sum())
+        if complete.sum() < needed:
+            return False
+        acc, _ = self._scores()
+        return int((complete & accepted_groups(acc, self.lengths, self.n, cfg, self.limit)).sum()) >= needed
 
     def finish(self) -> tuple[np.ndarray, dict[str, int], float]:
         """Waits for the remaining scores -> (acc [rows] float32 on every host, pool counts, span seconds)."""
@@ -217,7 +220,7 @@ def collect(sample: Sampler, next_prompts: Callable[[int], list[Prompt]], buffer
         verifier = StreamingVerifier(prompts, n, decode, pool)
         needed = target - num_kept
         # Stops sampling once the filter has accepted the groups still needed; unsampled prompts are re-queued.
-        rollout = sample(prompts, seed * 1000 + rounds, verifier, lambda v=verifier, k=needed: v.accepted(cfg) >= k)
+        rollout = sample(prompts, seed * 1000 + rounds, verifier, lambda v=verifier, k=needed: v.enough(cfg, k))
         acc, counts, span = verifier.finish()
         verify_s += span
         exposed_s += verifier.exposed_s
