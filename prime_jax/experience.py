@@ -126,9 +126,9 @@ class StreamingVerifier:
     and tells the sampler when the online filter has accepted enough groups (`enough`).
 
     Multi-host: each process scores its own share of the rows (`process_rows`); every host sees every handed
-    row's length; scores are gathered on every host. `exposed_s`: host seconds spent in verification that
-    decoding did not hide (handing rows over, polling, waiting); `span_s`: from the first row handed over to the
-    last score.
+    row's length; scores are gathered on every host. `exposed_s`: host seconds spent in verification (handing
+    rows over, polling, waiting), of which the sampler reports the part the device's decoding hid
+    (`Rollout.callbacks_hidden_s`); `span_s`: from the first row handed over to the last score.
     """
 
     def __init__(self, prompts: Sequence[Prompt], n: int, decode: Decoder, pool: VerifierPool) -> None:
@@ -223,7 +223,7 @@ def collect(sample: Sampler, next_prompts: Callable[[int], list[Prompt]], buffer
         rollout = sample(prompts, seed * 1000 + rounds, verifier, lambda v=verifier, k=needed: v.enough(cfg, k))
         acc, counts, span = verifier.finish()
         verify_s += span
-        exposed_s += verifier.exposed_s
+        exposed_s += verifier.exposed_s - rollout.callbacks_hidden_s
         for k, v in counts.items():
             faults[k] = faults.get(k, 0) + int(v)
         sampled = (rollout.lengths.reshape(-1, n) > 0).all(1)

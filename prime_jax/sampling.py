@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -173,7 +174,8 @@ class Rollout:
     prompt_tokens, prompt_mask: [B*n, P] left-padded; tokens: [B*n, R] right-padded with pad_id;
     logprobs: [B*n, R] float32, log softmax(logits / temperature) of each sampled token (temperature 1
     when greedy), 0 on padding; mask: [B*n, R] int32, 1 up to and including the first stop token;
-    lengths: [B*n] int32 (0: not sampled, the call was stopped early).
+    lengths: [B*n] int32 (0: not sampled, the call was stopped early); callbacks_hidden_s: seconds spent in
+    `on_rows` / `stop` while the device was still decoding (they cost no wall time).
     """
 
     prompt_tokens: np.ndarray
@@ -182,6 +184,7 @@ class Rollout:
     logprobs: np.ndarray
     mask: np.ndarray
     lengths: np.ndarray
+    callbacks_hidden_s: float = 0.0
 
 
 @flax.struct.dataclass
@@ -486,6 +489,7 @@ class Sampler:
         out_logprobs = np.zeros((total, r), np.float32)
         lengths = np.zeros((total,), np.int32)
         slot_row = np.full(cfg.rows, -1)  # the row each slot decodes, -1: free
+        hidden_s = 0.0
         next_row = 0
         finished: list[np.ndarray] = []
         rng = jax.random.key(seed)
@@ -503,12 +507,15 @@ class Sampler:
                 if (slot_row < 0).all():
                     break
                 state = decode(self.graphdef, params, state)
+                t0 = time.perf_counter()
                 if on_rows is not None:  # the rows of the last round, while the device decodes
                     for rows in finished:
                         on_rows(rows, out_tokens[rows], lengths[rows])
                 finished = []
                 if stop is not None and stop():  # rows still decoding were never collected: length 0
                     break
+                if not state.done.is_ready():  # the device was decoding all along: the callbacks were hidden
+                    hidden_s += time.perf_counter() - t0
                 done = global_to_host(state.done)
                 stopped = np.flatnonzero(done & (slot_row >= 0))
                 if stopped.size:
@@ -527,7 +534,8 @@ class Sampler:
             prompt_tokens[i, width - len(p):], prompt_mask[i, width - len(p):] = p, 1
         return Rollout(prompt_tokens=np.repeat(prompt_tokens, n, axis=0), prompt_mask=np.repeat(prompt_mask, n, axis=0),
                        tokens=out_tokens, logprobs=out_logprobs,
-                       mask=(np.arange(r)[None, :] < lengths[:, None]).astype(np.int32), lengths=lengths)
+                       mask=(np.arange(r)[None, :] < lengths[:, None]).astype(np.int32), lengths=lengths,
+                       callbacks_hidden_s=hidden_s)
 
 
 def left_pad(x: np.ndarray, width: int, value: int) -> np.ndarray:

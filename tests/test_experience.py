@@ -51,6 +51,8 @@ def test_rows_stream_to_the_verifiers_while_decoding_and_score_as_one_batch(setu
     np.testing.assert_array_equal(acc, ref)
     assert counts == ref_counts and counts["unknown_ability"] == 2 * N  # prompts 0 and 4 are "poetry"
     assert 0 < acc.mean() < 1 and span >= 0 and verifier.exposed_s > 0
+    # The part of the verifiers' host time the sampler saw hidden behind decoding is a part of it.
+    assert 0 <= rollout.callbacks_hidden_s <= verifier.exposed_s
 
 
 def test_collect_keeps_the_scores_and_logs_exposed_verification(setup):
