@@ -203,8 +203,9 @@ def collect(sample: Sampler, next_prompts: Callable[[int], list[Prompt]], buffer
             pool: VerifierPool, cfg: CollectConfig, seed: int) -> tuple[Experience, list[Prompt], dict[str, float]]:
     """Collects exactly `cfg.batch_size` groups for one step. Returns (experience, new buffer, metrics).
 
-    Metrics: train_verify_score/{all,<ability>} over every generated row (pre-filter), counts of
-    rounds, kept and padding groups and verifier faults; timing/verify (first row handed to the verifiers
+    Metrics: train_verify_score/{all,<ability>} over every generated row (pre-filter), counts of rounds, kept,
+    padding and unsampled groups, response tokens generated (rows handed over; rows dropped by the early stop
+    not counted) and verifier faults; timing/verify (first row handed to the verifiers
     to last score, mostly overlapped with decoding) and timing/verify_exposed (the part that was not).
     """
     target, n = cfg.batch_size, cfg.n
@@ -212,7 +213,7 @@ def collect(sample: Sampler, next_prompts: Callable[[int], list[Prompt]], buffer
     rejected: list[Experience] = []
     scores: dict[str, list[float]] = {}
     faults: dict[str, int] = {}
-    num_kept = rounds = 0
+    num_kept = rounds = gen_tokens = 0
     unsampled: list[Prompt] = []
     verify_s = exposed_s = 0.0
     while num_kept < target and rounds < cfg.max_rounds:
@@ -226,6 +227,7 @@ def collect(sample: Sampler, next_prompts: Callable[[int], list[Prompt]], buffer
         exposed_s += verifier.exposed_s - rollout.callbacks_hidden_s
         for k, v in counts.items():
             faults[k] = faults.get(k, 0) + int(v)
+        gen_tokens += int(rollout.lengths.sum())
         sampled = (rollout.lengths.reshape(-1, n) > 0).all(1)
         unsampled += [prompts[g] for g in np.flatnonzero(~sampled)]
         exp = Experience(prompts, rollout.prompt_tokens, rollout.prompt_mask, rollout.tokens, rollout.mask,
@@ -247,7 +249,7 @@ def collect(sample: Sampler, next_prompts: Callable[[int], list[Prompt]], buffer
     metrics = {f"train_verify_score/{a}": float(np.mean(v)) for a, v in sorted(scores.items())}
     metrics["train_verify_score/all"] = float(np.mean([x for v in scores.values() for x in v]))
     metrics.update({"train/gen_rounds": rounds, "train/groups_kept": min(num_kept, target), "train/groups_padding": padded,
-                    "train/groups_unsampled": len(unsampled)})
+                    "train/groups_unsampled": len(unsampled), "train/gen_tokens": gen_tokens})
     metrics.update({f"verifier/{k}": v for k, v in sorted(faults.items())})
     metrics["timing/verify"] = verify_s
     metrics["timing/verify_exposed"] = exposed_s

@@ -565,13 +565,12 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, n: int = 1, ma
     sampling = SamplingParams(temperature=float(temperature), top_p=float(top_p), top_k=int(top_k),
                               stop_ids=tuple(stop_ids))
     dp = 1 if mesh is None else data_parallel_size(mesh)
+    graphdef, params = nnx.split(model)
+    platform = next(iter(jax.tree.leaves(params)[0].sharding.device_set)).platform
     cfg = SamplerConfig(n=n, max_new_tokens=max_new_tokens, sampling=sampling,
                         rows=rows_in_flight(prompts_per_call, max(len(prompts), 1), max(n, 1), dp), buckets=tuple(buckets),
                         pad_id=pad_id, steps_per_sync=steps_per_sync, kv_block=kv_block, data_parallel=dp,
-                        gather_params=gather_params)
-    graphdef, params = nnx.split(model)
-    platform = next(iter(jax.tree.leaves(params)[0].sharding.device_set)).platform
-    cfg = dataclasses.replace(cfg, hoist_layers=hoists_layers(platform))
+                        gather_params=gather_params, hoist_layers=hoists_layers(platform))
     if mesh is not None:
         devices = set(mesh.devices.flat)
         if any(x.sharding.device_set != devices for x in jax.tree.leaves(params)):
@@ -579,6 +578,6 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, n: int = 1, ma
     return Sampler(graphdef, model.cfg, cfg, mesh)(params, prompts, seed, on_rows, stop)
 
 
-__all__ = ["DEFAULT_BUCKETS", "Rollout", "Sampler", "SamplerConfig", "SamplerState", "SamplingParams", "StopCallback", "decode",
-           "empty_state", "filter_logits", "generate", "hoists_layers", "insert", "left_pad", "length_buckets", "rows_in_flight",
-           "sampler_state_shardings", "select_tokens"]
+__all__ = ["DEFAULT_BUCKETS", "Rollout", "Sampler", "SamplerConfig", "SamplerState", "SamplingParams", "StopCallback",
+           "decode", "empty_state", "filter_logits", "generate", "hoists_layers", "insert", "left_pad", "length_buckets",
+           "rows_in_flight", "sampler_state_shardings", "select_tokens"]

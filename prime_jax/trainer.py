@@ -93,8 +93,8 @@ class Trainer:
         metrics.update(t.seconds)
         metrics["timing/step"] = sum(t.seconds.values())
         metrics["timing/gen"] = metrics.pop("timing/collect") - metrics["timing/verify_exposed"]
+        metrics["throughput/gen_tokens_per_s"] = metrics["train/gen_tokens"] / max(metrics["timing/gen"], 1e-9)
         tokens = float(exp.mask.sum())
-        metrics["throughput/gen_tokens_per_s"] = tokens * metrics["train/gen_rounds"] / max(metrics["timing/gen"], 1e-9)
         train_s = metrics.get("timing/reward_model", 0.0) + metrics["timing/update_actor"]
         metrics["throughput/train_tokens_per_s"] = tokens / max(train_s, 1e-9)
         return metrics

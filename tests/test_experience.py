@@ -63,7 +63,7 @@ def test_collect_keeps_the_scores_and_logs_exposed_verification(setup):
     again = sample(prompts[:3], 1000, None)  # round 0 of seed 1 draws with seed 1 * 1000 + 0
     np.testing.assert_array_equal(exp.tokens, again.tokens)
     np.testing.assert_array_equal(exp.acc, verify(again, prompts[:3], N, _text, pool)[0])
-    assert buffer == [] and metrics["train/gen_rounds"] == 1
+    assert buffer == [] and metrics["train/gen_rounds"] == 1 and metrics["train/gen_tokens"] == again.lengths.sum()
     assert 0 <= metrics["timing/verify_exposed"] and 0 <= metrics["timing/verify"]
 
 
@@ -81,6 +81,8 @@ def test_collect_stops_sampling_once_the_filter_has_enough_groups(setup):
     np.testing.assert_array_equal(exp.tokens, full.tokens[:2 * N])
     np.testing.assert_array_equal(exp.acc, verify(full, prompts[:2], N, _text, pool)[0][:2 * N])
     assert metrics["train/groups_unsampled"] == 2 and metrics["train/groups_kept"] == 2
+    # Tokens of the rows handed over: the kept groups' and any finished rows of the unsampled prompts.
+    assert exp.mask.sum() <= metrics["train/gen_tokens"] < full.lengths.sum()
     assert buffer == [prompts[2], prompts[3], prompts[4]]
     np.testing.assert_array_equal(exp2.tokens, exp.tokens)
     assert buffer2 == buffer and metrics2["train/groups_unsampled"] == 2

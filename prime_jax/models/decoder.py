@@ -326,8 +326,8 @@ class Decoder(nnx.Module):
         remat (default `cfg.remat`): under differentiation, keep only each layer's input and recompute the layers and
         the final norm in the backward pass. The differentiated forward then saves nothing the undifferentiated one
         does not materialise, so it compiles to the same arithmetic (`make_prm_step` relies on this).
-        Without segment ids the attention mask serves as segment ids (real tokens see real tokens, padding sees padding, so padded
-        positions, whose values are undefined, stay finite).
+        Without segment ids the attention mask serves as segment ids (real tokens see real tokens, padding sees
+        padding, so padded positions, whose values are undefined, stay finite).
         """
         remat = self.cfg.remat if remat is None else remat
         if segment_ids is not None:
