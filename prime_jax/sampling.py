@@ -38,7 +38,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from prime_jax.mesh import (batch_sharding, data_parallel_size, global_to_host, host_to_global, logical_to_spec,
                             replicate)
 from prime_jax.models.config import ModelConfig
-from prime_jax.models.decoder import Decoder, KVCache
+from prime_jax.models.decoder import Decoder, KVCache, LayerKV
 
 Array = jax.Array
 
@@ -91,8 +91,9 @@ class SamplerConfig:
     steps between two host round trips (K >= 1); kv_block: cache slots per attention block; data_parallel:
     how many ways the batch is split; gather_params: `decode` gathers the params once per call, replicated in
     the compute dtype, instead of reading them with their own sharding (each layer's weights gathered each step);
-    hoist_layers: `decode` slices the stacked layer weights once per call instead of once per step
-    (`hoists_layers`).
+    per_layer: the CPU layout (`per_layer_decode`): one KV cache per layer (`LayerKV`) read whole, layers
+    unrolled over weights sliced once per decode call, instead of the stacked cache read in blocks of kv_block
+    by a scan over the stacked weights.
     """
 
     n: int
@@ -105,7 +106,7 @@ class SamplerConfig:
     kv_block: int = 256
     data_parallel: int = 1
     gather_params: bool = False
-    hoist_layers: bool = False
+    per_layer: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "buckets", tuple(sorted(int(b) for b in self.buckets)))
@@ -142,8 +143,9 @@ class SamplerConfig:
         return min(b for b in self.buckets if b >= length)
 
     def block(self, prompt_len: int) -> int:
-        """Cache slots per attention block (the prompt and the ring are padded to whole blocks)."""
-        return min(self.kv_block, self.max_new_tokens)
+        """Cache slots per attention block (the prompt and the ring are padded to whole blocks); 1 in the per-layer
+        layout, which reads the whole cache."""
+        return 1 if self.per_layer else min(self.kv_block, self.max_new_tokens)
 
     def prompt_slots(self, prompt_len: int) -> int:
         """Cache slots of a row's prompt: `prompt_len` rounded up to whole blocks."""
@@ -159,11 +161,12 @@ class SamplerConfig:
         return self.rows * self.cache_len(prompt_len) * per_slot * jnp.dtype(model_cfg.dtype).itemsize
 
 
-def hoists_layers(platform: str) -> bool:
-    """Whether `decode` should slice the layer weights out of their [L, ...] stack once per call, on `platform`.
-    XLA:CPU copies a dynamically sliced weight before the dot that reads it, so the layer scan copied every
-    weight at every decode step (about a third of a step at 8 rows in flight); TPU and GPU read the slice in
-    place, where hoisting would only add a copy of the weights per call."""
+def per_layer_decode(platform: str) -> bool:
+    """Whether the sampler should use the per-layer layout (`SamplerConfig.per_layer`) on `platform`: CPU.
+    XLA:CPU copies any dynamic slice before the dot that reads it: a layer scan copied every layer's weights at
+    every decode step (a third of a step at 8 rows in flight) and blocked attention copied every KV block it
+    read (half a step at 64 rows); with a per-layer cache and unrolled layers every dot reads its operands in
+    place. TPU and GPU read those slices in place, where the blocked read follows each row's filled length."""
     return platform == "cpu"
 
 
@@ -191,7 +194,8 @@ class Rollout:
 class SamplerState:
     """Everything the programs carry; N = cfg.rows slots, R = max_new_tokens, P = cfg.prompt_slots(prompt_len).
 
-    cache: KV of every layer [L, N, K, S, Dh], S = cfg.cache_len(prompt_len): row b's prompt in slots
+    cache: KV of every layer, S = cfg.cache_len(prompt_len) slots per row: `KVCache` [L, N, K, S, Dh], or with
+    cfg.per_layer one `LayerKV` per layer (k [N, K, Dh, S], v [N, K, S, Dh]); row b's prompt in slots
     0..prompt_lens[b]-1, its generated tokens in a ring over slots P..S-1, all rows writing at P + ring each
     step; prompt_lens [N] int32; ring: int32 scalar, the ring slot the next step writes; last [N] int32 the
     row's last drawn token, fed at the next step; keys [N] per-row PRNG keys; steps [N] int32 tokens drawn
@@ -199,7 +203,7 @@ class SamplerState:
     bool (a free slot is done). `cfg` and `prompt_len` (the largest prompt the cache holds) are static.
     """
 
-    cache: KVCache
+    cache: KVCache | tuple[LayerKV, ...]
     prompt_lens: Array
     ring: Array
     last: Array
@@ -284,18 +288,22 @@ def _is_stop(tokens: Array, stop_ids: tuple[int, ...]) -> Array:
 
 # --- sharding of the sampler state -------------------------------------------------------------------
 
-_KV_AXES = ("layers", "batch", "kv_heads", None, "head_dim")
-
-
 def _state_axes(state: SamplerState) -> SamplerState:
-    """The logical axes of every state array (same tree): batch over data/fsdp, KV heads over tensor."""
+    """The logical axes of every state array (its tree, an axes tuple per array): batch over data/fsdp, KV heads
+    over tensor."""
     b1, b2 = ("batch",), ("batch", None)
-    return state.replace(cache=KVCache(k=_KV_AXES, v=_KV_AXES), prompt_lens=b1, ring=(), last=b1, keys=b1, steps=b1,
-                         tokens=b2, logprobs=b2, done=b1)
+    if isinstance(state.cache, KVCache):
+        stacked = ("layers", "batch", "kv_heads", None, "head_dim")
+        cache = KVCache(k=stacked, v=stacked)
+    else:
+        cache = tuple(LayerKV(k=("batch", "kv_heads", "head_dim", None), v=("batch", "kv_heads", None, "head_dim"))
+                      for _ in state.cache)
+    return state.replace(cache=cache, prompt_lens=b1, ring=(), last=b1, keys=b1, steps=b1, tokens=b2, logprobs=b2,
+                         done=b1)
 
 
 def _map_state(fn: Callable[[Any, tuple[str | None, ...]], Any], state: SamplerState) -> SamplerState:
-    return jax.tree.map(fn, state, _state_axes(state), is_leaf=lambda x: isinstance(x, tuple))
+    return jax.tree.map(fn, state, _state_axes(state))  # the axes tree is the state's up to its arrays
 
 
 def sampler_state_shardings(state: SamplerState, mesh: Mesh) -> SamplerState:
@@ -319,8 +327,9 @@ def empty_state(model_cfg: ModelConfig, cfg: SamplerConfig, prompt_len: int) -> 
     """Every slot free (done) and a zero KV cache for prompts of at most `prompt_len` tokens."""
     n, r = cfg.rows, cfg.max_new_tokens
     zeros = jnp.zeros((n,), jnp.int32)
+    cache = (LayerKV if cfg.per_layer else KVCache).zeros(model_cfg, n, cfg.cache_len(prompt_len))
     return _constrain_state(SamplerState(
-        cache=KVCache.zeros(model_cfg, n, cfg.cache_len(prompt_len)), prompt_lens=jnp.ones((n,), jnp.int32),
+        cache=cache, prompt_lens=jnp.ones((n,), jnp.int32),
         ring=jnp.zeros((), jnp.int32), last=zeros, keys=jax.random.split(jax.random.key(0), n), steps=zeros,
         tokens=jnp.full((n, r), cfg.pad_id, jnp.int32), logprobs=jnp.zeros((n, r), jnp.float32),
         done=jnp.ones((n,), jnp.bool_), cfg=cfg, prompt_len=prompt_len))
@@ -343,9 +352,13 @@ def insert(graphdef: nnx.GraphDef, params: nnx.State, state: SamplerState, promp
     p = prompt_tokens.shape[1]
 
     def copy_sample(j, kv):  # the prompt cache into the slots of every prompt's sample j, in place
-        return tuple(c.at[:, slots[j], :, :p].set(src, mode="drop") for c, src in zip(kv, (cache.k, cache.v)))
+        if isinstance(kv, KVCache):
+            return KVCache(k=kv.k.at[:, slots[j], :, :p].set(cache.k, mode="drop"),
+                           v=kv.v.at[:, slots[j], :, :p].set(cache.v, mode="drop"))
+        return tuple(LayerKV(k=c.k.at[slots[j], :, :, :p].set(cache.k[i].transpose(0, 1, 3, 2), mode="drop"),
+                             v=c.v.at[slots[j], :, :p].set(cache.v[i], mode="drop")) for i, c in enumerate(kv))
 
-    k, v = jax.lax.fori_loop(0, cfg.n, copy_sample, (state.cache.k, state.cache.v))
+    kv = jax.lax.fori_loop(0, cfg.n, copy_sample, state.cache)
     flat = slots.reshape(-1)  # sample-major: (j, b) -> j * B + b, as the tiled logits below
     keys = jax.vmap(jax.random.fold_in, (None, 0))(rng, rows.reshape(-1).astype(jnp.uint32))
     tokens, logprobs = select_tokens(jnp.tile(logits, (cfg.n, 1)), keys, jnp.int32(0), cfg.sampling)
@@ -353,7 +366,7 @@ def insert(graphdef: nnx.GraphDef, params: nnx.State, state: SamplerState, promp
     put = lambda buf, val: buf.at[flat].set(val, mode="drop")  # noqa: E731
     first = lambda x, fill: jnp.full((flat.shape[0], r), fill, x.dtype).at[:, 0].set(x)  # noqa: E731
     state = state.replace(
-        cache=KVCache(k=k, v=v), prompt_lens=put(state.prompt_lens, jnp.tile(prompt_lens, cfg.n)),
+        cache=kv, prompt_lens=put(state.prompt_lens, jnp.tile(prompt_lens, cfg.n)),
         last=put(state.last, tokens), keys=put(state.keys, keys), steps=put(state.steps, jnp.ones_like(tokens)),
         tokens=put(state.tokens, first(tokens, cfg.pad_id)), logprobs=put(state.logprobs, first(logprobs, 0.0)),
         done=put(state.done, _is_stop(tokens, cfg.sampling.stop_ids) | (r == 1)))
@@ -374,9 +387,9 @@ def decode(graphdef: nnx.GraphDef, params: nnx.State, state: SamplerState) -> Sa
         cast = lambda x: x.astype(model.cfg.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x  # noqa: E731
         model = nnx.merge(graphdef, jax.tree.map(lambda x: replicate(cast(x)), params))
     r, block, prompt_slots = cfg.max_new_tokens, cfg.block(state.prompt_len), cfg.prompt_slots(state.prompt_len)
-    ring = state.cache.k.shape[3] - prompt_slots
+    ring = cfg.cache_len(state.prompt_len) - prompt_slots
     rows = jnp.arange(state.done.shape[0])
-    layers = model.layer_slices() if cfg.hoist_layers else None  # loop invariants, sliced outside the while loop
+    layers = model.layer_slices() if cfg.per_layer else None  # loop invariants, sliced outside the while loop
 
     def cond(carry) -> Array:
         i, s = carry
@@ -570,7 +583,7 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, n: int = 1, ma
     cfg = SamplerConfig(n=n, max_new_tokens=max_new_tokens, sampling=sampling,
                         rows=rows_in_flight(prompts_per_call, max(len(prompts), 1), max(n, 1), dp), buckets=tuple(buckets),
                         pad_id=pad_id, steps_per_sync=steps_per_sync, kv_block=kv_block, data_parallel=dp,
-                        gather_params=gather_params, hoist_layers=hoists_layers(platform))
+                        gather_params=gather_params, per_layer=per_layer_decode(platform))
     if mesh is not None:
         devices = set(mesh.devices.flat)
         if any(x.sharding.device_set != devices for x in jax.tree.leaves(params)):
@@ -579,5 +592,5 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, n: int = 1, ma
 
 
 __all__ = ["DEFAULT_BUCKETS", "Rollout", "Sampler", "SamplerConfig", "SamplerState", "SamplingParams", "StopCallback",
-           "decode", "empty_state", "filter_logits", "generate", "hoists_layers", "insert", "left_pad", "length_buckets",
+           "decode", "empty_state", "filter_logits", "generate", "insert", "left_pad", "length_buckets", "per_layer_decode",
            "rows_in_flight", "sampler_state_shardings", "select_tokens"]

@@ -2,6 +2,7 @@
 stop handling, sharded determinism, continuous batching (a row's tokens do not depend on its slot or on when
 it was inserted), rows streamed as they stop, and input errors."""
 
+import dataclasses
 import functools
 
 import jax
@@ -230,11 +231,14 @@ def test_sharded_mesh_gives_the_same_tokens(qwen2_dir, sampled):
     graphdef, params = nnx.split(model)
     cfg = SamplerConfig(n=2, max_new_tokens=4, sampling=SamplingParams(stop_ids=(3,)), rows=8, buckets=(8,),
                         data_parallel=4)
+    P = jax.sharding.PartitionSpec
     with jax.set_mesh(mesh):
-        state = decode(graphdef, params, empty_state(model.cfg, cfg, 8))
-    spec = jax.sharding.PartitionSpec(None, ("data", "fsdp"), "tensor", None, None)  # [L, N, K, S, Dh]
-    assert state.cache.k.sharding.is_equivalent_to(jax.sharding.NamedSharding(mesh, spec), 5)
-    assert state.tokens.sharding.is_equivalent_to(batch_sharding(mesh, 2), 2)
+        stacked = decode(graphdef, params, empty_state(model.cfg, cfg, 8))
+        per_layer = decode(graphdef, params, empty_state(model.cfg, dataclasses.replace(cfg, per_layer=True), 8))
+    for kv, spec in [(stacked.cache.k, P(None, ("data", "fsdp"), "tensor", None, None)),  # [L, N, K, S, Dh]
+                     (per_layer.cache[1].k, P(("data", "fsdp"), "tensor", None, None))]:  # [N, K, Dh, S]
+        assert kv.sharding.is_equivalent_to(jax.sharding.NamedSharding(mesh, spec), kv.ndim)
+    assert stacked.tokens.sharding.is_equivalent_to(batch_sharding(mesh, 2), 2)
 
 
 @pytest.mark.parametrize("kw", [{"prompts_per_call": 1}, {"prompts_per_call": 2, "steps_per_sync": 3},
@@ -257,11 +261,11 @@ def test_rows_draw_the_same_tokens_whatever_slot_and_insertion_time(qwen_model, 
     np.testing.assert_allclose(out.logprobs, sampled.logprobs, atol=1e-5, rtol=0)
 
 
-def test_layer_scan_and_hoisted_layer_weights_draw_the_same_rows(qwen_model, sampled, monkeypatch):
-    """TPU/GPU decode (a scan over the stacked layer weights) and CPU decode (weights sliced once per call,
-    layers unrolled; what `sampled` ran): the same tokens and log-probs."""
-    assert sampling.hoists_layers(jax.default_backend())
-    monkeypatch.setattr(sampling, "hoists_layers", lambda platform: False)
+def test_stacked_and_per_layer_cache_layouts_draw_the_same_rows(qwen_model, sampled, monkeypatch):
+    """TPU/GPU decode (stacked cache read in blocks, a scan over the stacked layer weights) and CPU decode (a
+    per-layer cache read whole, layers unrolled; what `sampled` ran): the same tokens and log-probs."""
+    assert sampling.per_layer_decode(jax.default_backend())
+    monkeypatch.setattr(sampling, "per_layer_decode", lambda platform: False)
     out = generate(qwen_model, PROMPTS, **{**SAMPLED, "prompts_per_call": 1})
     np.testing.assert_array_equal(out.tokens, sampled.tokens)
     np.testing.assert_allclose(out.logprobs, sampled.logprobs, atol=1e-5, rtol=0)
