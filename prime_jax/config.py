@@ -63,6 +63,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.rollout.kv_block = 256            # KV cache slots per attention block (decode reads the filled blocks only)
     c.rollout.kv_cache_gib = 0.0        # KV cache budget per device (0: unchecked); more rows in flight fail early
     c.rollout.gather_params = False     # decode gathers the policy once per call, replicated in the compute dtype
+    c.rollout.compact_tail = True       # once no prompt waits, live rows move into halved batches (a decode program each)
                                         # (+ 2 bytes a param a device at bf16), not every layer's weights every step
 
     c.train = ml_collections.ConfigDict()

@@ -51,7 +51,8 @@ def sampler_config(c: ml_collections.ConfigDict, mesh: Mesh, stop_ids: Sequence[
                          rows=rows_in_flight(sampler_prompts(c), sampler_prompts(c), r.n_samples, dp),
                          buckets=length_buckets(c.data.max_prompt_length), pad_id=pad_id,
                          steps_per_sync=r.steps_per_sync, kv_block=r.kv_block, data_parallel=dp,
-                         gather_params=r.gather_params, per_layer=per_layer_decode(mesh.devices.flat[0].platform))
+                         gather_params=r.gather_params, per_layer=per_layer_decode(mesh.devices.flat[0].platform),
+                         compact_tail=r.compact_tail)
 
 
 def check_kv_cache(c: ml_collections.ConfigDict, mesh: Mesh, model_cfg: ModelConfig) -> None:

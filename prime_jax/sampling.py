@@ -1,17 +1,18 @@
 """Rollout sampler with continuous batching: a fixed number of rows in flight, a row that stops frees its slot.
 
-Three jitted programs, pure functions of explicit state, which the trainer and the AOT compiler lower alike:
+Four jitted programs, pure functions of explicit state, which the trainer and the AOT compiler lower alike:
 - `empty_state(model_cfg, cfg, prompt_len)`: the sampler state with every slot free;
 - `insert(graphdef, params, state, prompt_tokens, prompt_lens, slots, rows, rng)`: runs a batch of
   right-padded prompts once (`Decoder.prefill`), copies each prompt's KV cache into the free slots its
   samples take, and samples their first tokens; `state` is donated;
 - `decode(graphdef, params, state)`: up to `steps_per_sync` decode steps of every live row (a
   `lax.while_loop`), each row at its own position; `state` (one KV cache) is donated and updated in place.
+- `compact(state, rows, keep)`: the live rows moved into a smaller batch, for the tail of a call.
 `generate` / `Sampler` is the host loop around them: insert the next waiting prompt-samples into the free
 slots, decode K steps, read which rows stopped (one host round trip per K steps), hand them to `on_rows`
-(e.g. the verifiers) and repeat. Under `jax.set_mesh(mesh)` every sampler-state array is constrained to
-the batch split over the data axes (KV heads over `tensor` where they divide), so in and out shardings of
-`insert` and `decode` are the same and the model params are read with their own sharding, in place (with
+(e.g. the verifiers) and repeat; once no prompt waits, shrink the batch to the live rows (halving sizes).
+Under `jax.set_mesh(mesh)` every sampler-state array is constrained to the batch split over the data axes
+(KV heads over `tensor` where they divide), so in and out shardings of `insert` and `decode` are the same and the model params are read with their own sharding, in place (with
 `SamplerConfig.gather_params`, decode gathers them once per call instead).
 
 Randomness: row r (= prompt i * n + sample j) draws its t-th token from `fold_in(fold_in(rng, r), t)`, so
@@ -93,7 +94,9 @@ class SamplerConfig:
     the compute dtype, instead of reading them with their own sharding (each layer's weights gathered each step);
     per_layer: the CPU layout (`per_layer_decode`): one KV cache per layer (`LayerKV`) read whole, layers
     unrolled over weights sliced once per decode call, instead of the stacked cache read in blocks of kv_block
-    by a scan over the stacked weights.
+    by a scan over the stacked weights; compact_tail: once no prompt waits and at most half the slots still
+    decode, the host loop moves the live rows into a smaller batch (`tail_sizes`, `compact`), so the tail of a
+    call, its longest rows, does not pay for the freed slots.
     """
 
     n: int
@@ -107,6 +110,7 @@ class SamplerConfig:
     data_parallel: int = 1
     gather_params: bool = False
     per_layer: bool = False
+    compact_tail: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "buckets", tuple(sorted(int(b) for b in self.buckets)))
@@ -137,6 +141,14 @@ class SamplerConfig:
             sizes.append(b)
             b *= 2
         return (*sizes, self.max_prefill)
+
+    def tail_sizes(self) -> tuple[int, ...]:
+        """Slot counts a call's tail shrinks through (`compact_tail`), largest first: rows halved, rounded up to the
+        data-parallel size, while that shrinks it; one compiled decode program each."""
+        sizes = [self.rows]
+        while self.compact_tail and (half := _round_up(sizes[-1] // 2, self.data_parallel)) < sizes[-1]:
+            sizes.append(half)
+        return tuple(sizes[1:])
 
     def bucket(self, length: int) -> int:
         """The smallest prompt bucket that holds `length` tokens."""
@@ -416,6 +428,15 @@ def decode(graphdef: nnx.GraphDef, params: nnx.State, state: SamplerState) -> Sa
     return _constrain_state(jax.lax.while_loop(cond, body, (jnp.int32(0), _constrain_state(state)))[1])
 
 
+@functools.partial(jax.jit, static_argnums=(1,))
+def compact(state: SamplerState, rows: int, keep: Array) -> SamplerState:
+    """The state of a `rows`-slot sampler whose slot i is slot keep[i] of `state` (keep: [rows] int32): every
+    array gathered along its batch axis, the rest (the ring index) as is. Decoding it draws the same tokens
+    (each row keeps its PRNG key, steps and cache)."""
+    take = lambda x, axes: jnp.take(x, keep, axis=axes.index("batch")) if "batch" in axes else x  # noqa: E731
+    return _constrain_state(_map_state(take, state).replace(cfg=dataclasses.replace(state.cfg, rows=rows)))
+
+
 # --- host loop ---------------------------------------------------------------------------------------
 
 RowsCallback = Callable[[np.ndarray, np.ndarray, np.ndarray], None]  # (row ids [k], tokens [k, R], lengths [k])
@@ -537,6 +558,12 @@ class Sampler:
                     out_tokens[rows], out_logprobs[rows], lengths[rows] = tokens[stopped], logprobs[stopped], steps[stopped]
                     slot_row[stopped] = -1
                     finished.append(rows)
+                live = np.flatnonzero(slot_row >= 0)
+                if next_row >= total and live.size:  # the tail: the live rows into the fewest slots that hold them
+                    size = min(s for s in (state.cfg.rows, *cfg.tail_sizes()) if s >= live.size)
+                    if size < state.cfg.rows:
+                        keep = np.concatenate([live, np.flatnonzero(slot_row < 0)])[:size].astype(np.int32)
+                        state, slot_row = compact(state, size, self._put(keep, False)), slot_row[keep]
         if on_rows is not None:
             for rows in finished:
                 on_rows(rows, out_tokens[rows], lengths[rows])
@@ -565,12 +592,12 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, n: int = 1, ma
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, stop_ids: Sequence[int], seed: int,
              pad_id: int = 0, mesh: Mesh | None = None, buckets: Sequence[int] = DEFAULT_BUCKETS,
              prompts_per_call: int = 0, steps_per_sync: int = 8, kv_block: int = 256, gather_params: bool = False,
-             on_rows: RowsCallback | None = None, stop: StopCallback | None = None) -> Rollout:
+             compact_tail: bool = True, on_rows: RowsCallback | None = None, stop: StopCallback | None = None) -> Rollout:
     """Samples n responses of at most `max_new_tokens` tokens for each prompt (token-id lists).
 
     At most `prompts_per_call` x n rows are in flight (0: all prompts at once), rounded up to the mesh's
-    data-parallel size; a row that stops frees its slot for the next waiting prompt-sample. Host round
-    trips every `steps_per_sync` decode steps. With `mesh`, the model must live on it (e.g.
+    data-parallel size; a row that stops frees its slot for the next waiting prompt-sample; once none waits,
+    `compact_tail` moves the live rows into smaller batches. Host round trips every `steps_per_sync` decode steps. With `mesh`, the model must live on it (e.g.
     `load_pretrained(path, mesh=mesh)`); its params are read in place. See `Sampler`.
     """
     if prompts_per_call < 0:
@@ -583,7 +610,7 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, n: int = 1, ma
     cfg = SamplerConfig(n=n, max_new_tokens=max_new_tokens, sampling=sampling,
                         rows=rows_in_flight(prompts_per_call, max(len(prompts), 1), max(n, 1), dp), buckets=tuple(buckets),
                         pad_id=pad_id, steps_per_sync=steps_per_sync, kv_block=kv_block, data_parallel=dp,
-                        gather_params=gather_params, per_layer=per_layer_decode(platform))
+                        gather_params=gather_params, per_layer=per_layer_decode(platform), compact_tail=compact_tail)
     if mesh is not None:
         devices = set(mesh.devices.flat)
         if any(x.sharding.device_set != devices for x in jax.tree.leaves(params)):
@@ -592,5 +619,5 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, n: int = 1, ma
 
 
 __all__ = ["DEFAULT_BUCKETS", "Rollout", "Sampler", "SamplerConfig", "SamplerState", "SamplingParams", "StopCallback",
-           "decode", "empty_state", "filter_logits", "generate", "insert", "left_pad", "length_buckets", "per_layer_decode",
+           "compact", "decode", "empty_state", "filter_logits", "generate", "insert", "left_pad", "length_buckets", "per_layer_decode",
            "rows_in_flight", "sampler_state_shardings", "select_tokens"]

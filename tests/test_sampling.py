@@ -271,6 +271,27 @@ def test_stacked_and_per_layer_cache_layouts_draw_the_same_rows(qwen_model, samp
     np.testing.assert_allclose(out.logprobs, sampled.logprobs, atol=1e-5, rtol=0)
 
 
+def test_the_tail_runs_in_smaller_batches_and_draws_the_same_rows(qwen_model, monkeypatch):
+    """Once no prompt waits, the live rows move into halved batches (12 slots -> 6, 3, 2, 1 as rows stop): the same
+    rows as the same call without compaction."""
+    sizes = []
+    real = sampling.compact
+
+    def recording(state, rows, keep):
+        sizes.append(rows)
+        return real(state, rows, keep)
+
+    monkeypatch.setattr(sampling, "compact", recording)
+    kw = {**SAMPLED, "max_new_tokens": 40, "steps_per_sync": 2}
+    out = generate(qwen_model, PROMPTS, **kw)
+    assert len(sizes) >= 2 and sizes == sorted(set(sizes), reverse=True) and set(sizes) <= {6, 3, 2, 1}, sizes
+    kept = generate(qwen_model, PROMPTS, **kw, compact_tail=False)
+    assert len(np.unique(kept.lengths)) > 3
+    np.testing.assert_array_equal(out.tokens, kept.tokens)
+    np.testing.assert_array_equal(out.lengths, kept.lengths)
+    np.testing.assert_allclose(out.logprobs, kept.logprobs, atol=1e-5, rtol=0)
+
+
 def test_stop_ends_the_call_and_drops_the_rows_still_decoding(qwen_model, sampled):
     """`stop` is asked once per decode round after `on_rows` saw the round before: once 3 rows are handed over,
     the call returns those rows as a full run draws them and length 0 (mask 0, pad tokens) for every other row."""
