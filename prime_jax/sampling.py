@@ -385,13 +385,22 @@ def insert(graphdef: nnx.GraphDef, params: nnx.State, state: SamplerState, promp
     return _constrain_state(state)
 
 
+@functools.partial(jax.jit, static_argnums=(0,))
+def layer_weights(graphdef: nnx.GraphDef, params: nnx.State) -> list[dict[str, Array]]:
+    """The stacked layer weights as one dict per layer (`Decoder.layer_slices`), copied out once: what `decode`
+    reads in the per-layer layout. The host loop slices them once per sampler call, not once per decode call."""
+    return nnx.merge(graphdef, params).layer_slices()
+
+
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnames=("state",))
-def decode(graphdef: nnx.GraphDef, params: nnx.State, state: SamplerState) -> SamplerState:
+def decode(graphdef: nnx.GraphDef, params: nnx.State, state: SamplerState,
+           layers: list[dict[str, Array]] | None = None) -> SamplerState:
     """Up to `cfg.steps_per_sync` decode steps of every live row; stops early once every row is done.
 
     One `lax.while_loop`; each iteration feeds each live row its last token at its own position, writes the
     keys/values of every row at one shared ring slot of the cache (in place), attends over each row's own
-    prompt and generated slots only, and draws the next token.
+    prompt and generated slots only, and draws the next token. layers: with `cfg.per_layer`, the layer weights
+    from `layer_weights(graphdef, params)` (sliced here when not given).
     """
     cfg = state.cfg
     model: Decoder = nnx.merge(graphdef, params)
@@ -401,7 +410,7 @@ def decode(graphdef: nnx.GraphDef, params: nnx.State, state: SamplerState) -> Sa
     r, block, prompt_slots = cfg.max_new_tokens, cfg.block(state.prompt_len), cfg.prompt_slots(state.prompt_len)
     ring = cfg.cache_len(state.prompt_len) - prompt_slots
     rows = jnp.arange(state.done.shape[0])
-    layers = model.layer_slices() if cfg.per_layer else None  # loop invariants, sliced outside the while loop
+    layers = (layers or model.layer_slices()) if cfg.per_layer else None  # loop invariants, outside the while loop
 
     def cond(carry) -> Array:
         i, s = carry
@@ -529,6 +538,7 @@ class Sampler:
         rng = jax.random.key(seed)
         with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
             state = empty_state(self.model_cfg, cfg, prompt_len)
+            layers = layer_weights(self.graphdef, params) if cfg.per_layer else None
             while True:
                 free = np.flatnonzero(slot_row < 0)
                 if next_row < total and free.size:
@@ -540,7 +550,7 @@ class Sampler:
                     next_row = end
                 if (slot_row < 0).all():
                     break
-                state = decode(self.graphdef, params, state)
+                state = decode(self.graphdef, params, state, layers)
                 t0 = time.perf_counter()
                 if on_rows is not None:  # the rows of the last round, while the device decodes
                     for rows in finished:
@@ -619,5 +629,5 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, n: int = 1, ma
 
 
 __all__ = ["DEFAULT_BUCKETS", "Rollout", "Sampler", "SamplerConfig", "SamplerState", "SamplingParams", "StopCallback",
-           "compact", "decode", "empty_state", "filter_logits", "generate", "insert", "left_pad", "length_buckets", "per_layer_decode",
+           "compact", "decode", "empty_state", "filter_logits", "generate", "insert", "layer_weights", "left_pad", "length_buckets", "per_layer_decode",
            "rows_in_flight", "sampler_state_shardings", "select_tokens"]
