@@ -131,11 +131,13 @@ class SamplerConfig:
 
     @property
     def max_prefill(self) -> int:
-        """The most prompts one `insert` prefills: enough for every slot (a multiple of data_parallel)."""
-        return _round_up(-(-self.rows // self.n) + 1, self.data_parallel)
+        """The most new prompts one `insert` prefills: enough for every slot (a multiple of data_parallel); a prompt
+        whose samples straddle two inserts is prefilled by the first and held for the second."""
+        return _round_up(-(-self.rows // self.n), self.data_parallel)
 
     def prefill_sizes(self) -> tuple[int, ...]:
-        """Prefill batch sizes (a bounded set of compiled shapes): data_parallel * 2^k, then max_prefill."""
+        """Prefill batch sizes (a bounded set of compiled shapes): data_parallel * 2^k, then max_prefill (and 0:
+        an insert of the held prompt's samples only)."""
         sizes, b = [], self.data_parallel
         while b < self.max_prefill:
             sizes.append(b)
@@ -212,10 +214,15 @@ class SamplerState:
     step; prompt_lens [N] int32; ring: int32 scalar, the ring slot the next step writes; last [N] int32 the
     row's last drawn token, fed at the next step; keys [N] per-row PRNG keys; steps [N] int32 tokens drawn
     (stop included); tokens [N, R] int32 (pad after stop); logprobs [N, R] float32 (0 after stop); done [N]
-    bool (a free slot is done). `cfg` and `prompt_len` (the largest prompt the cache holds) are static.
+    bool (a free slot is done); held: the KV cache [L, 1, K, prompt_len, Dh] of the held prompt (prefilled, not all
+    of its samples started yet; `insert`), held_logits [1, V] float32 its next-token logits, held_len [1] int32 its
+    length. `cfg` and `prompt_len` (the largest prompt the cache holds) are static.
     """
 
     cache: KVCache | tuple[LayerKV, ...]
+    held: KVCache
+    held_logits: Array
+    held_len: Array
     prompt_lens: Array
     ring: Array
     last: Array
@@ -310,7 +317,9 @@ def _state_axes(state: SamplerState) -> SamplerState:
     else:
         cache = tuple(LayerKV(k=("batch", "kv_heads", "head_dim", None), v=("batch", "kv_heads", None, "head_dim"))
                       for _ in state.cache)
-    return state.replace(cache=cache, prompt_lens=b1, ring=(), last=b1, keys=b1, steps=b1, tokens=b2, logprobs=b2,
+    held = ("layers", None, "kv_heads", None, "head_dim")
+    return state.replace(cache=cache, held=KVCache(k=held, v=held), held_logits=(None, None), held_len=(None,),
+                         prompt_lens=b1, ring=(), last=b1, keys=b1, steps=b1, tokens=b2, logprobs=b2,
                          done=b1)
 
 
@@ -341,44 +350,64 @@ def empty_state(model_cfg: ModelConfig, cfg: SamplerConfig, prompt_len: int) -> 
     zeros = jnp.zeros((n,), jnp.int32)
     cache = (LayerKV if cfg.per_layer else KVCache).zeros(model_cfg, n, cfg.cache_len(prompt_len))
     return _constrain_state(SamplerState(
-        cache=cache, prompt_lens=jnp.ones((n,), jnp.int32),
+        cache=cache, held=KVCache.zeros(model_cfg, 1, prompt_len),
+        held_logits=jnp.zeros((1, model_cfg.vocab_size), jnp.float32), held_len=jnp.ones((1,), jnp.int32),
+        prompt_lens=jnp.ones((n,), jnp.int32),
         ring=jnp.zeros((), jnp.int32), last=zeros, keys=jax.random.split(jax.random.key(0), n), steps=zeros,
         tokens=jnp.full((n, r), cfg.pad_id, jnp.int32), logprobs=jnp.zeros((n, r), jnp.float32),
         done=jnp.ones((n,), jnp.bool_), cfg=cfg, prompt_len=prompt_len))
 
 
+def _put_prompts(kv: KVCache | tuple[LayerKV, ...], idx: Array, prompt: KVCache) -> KVCache | tuple[LayerKV, ...]:
+    """`kv` (either layout) with the first p slots of rows idx [B] (out of range: dropped) set to the prompt keys and
+    values `prompt` [L, B or 1 (broadcast), K, p, Dh] (the prefill's layout)."""
+    p = prompt.k.shape[3]
+    if isinstance(kv, KVCache):
+        return KVCache(k=kv.k.at[:, idx, :, :p].set(prompt.k, mode="drop"),
+                       v=kv.v.at[:, idx, :, :p].set(prompt.v, mode="drop"))
+    return tuple(LayerKV(k=c.k.at[idx, :, :, :p].set(prompt.k[i].transpose(0, 1, 3, 2), mode="drop"),
+                         v=c.v.at[idx, :, :p].set(prompt.v[i], mode="drop")) for i, c in enumerate(kv))
+
+
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnames=("state",))
 def insert(graphdef: nnx.GraphDef, params: nnx.State, state: SamplerState, prompt_tokens: Array, prompt_lens: Array,
-           slots: Array, rows: Array, rng: Array) -> SamplerState:
-    """Prefills a batch of prompts once and starts their samples in the given slots.
+           slots: Array, rows: Array, hold: Array, rng: Array,
+           layers: list[dict[str, Array]] | None = None) -> SamplerState:
+    """Starts samples in free slots, each prompt prefilled once per sampler call.
 
-    prompt_tokens: [B, P] right-padded (P <= state.prompt_len); prompt_lens: [B] int32 >= 1;
-    slots: [n, B] int32, the slot sample j of prompt b starts in (cfg.rows or more: not started, e.g. the
-    dummy prompts padding B); rows: [n, B] int32, its row id (the RNG stream it draws from); rng: the
-    sampler's PRNG key. Each started slot gets the prompt's KV cache in slots 0..P-1 (one copy per sample,
-    straight from the prefill output) and its first token. -> state (donated in).
+    Sources: a batch of B new prompts, prefilled here, and (source B) the held prompt, prefilled by an earlier
+    insert that had too few free slots for all its samples. Each started sample gets its source's KV cache in
+    its slot's first prompt slots (one copy per sample) and draws its first token from its source's logits.
+    prompt_tokens: [B, P] right-padded (P <= state.prompt_len; B may be 0); prompt_lens: [B] int32 >= 1;
+    slots: [n, B + 1] int32, the slot sample j of source b starts in (cfg.rows or more: not started); rows:
+    [n, B + 1] int32, its row id (the RNG stream it draws from); hold: int32, the new prompt held from now on
+    (B: the held one stays); rng: the sampler's PRNG key; layers: with cfg.per_layer, `layer_weights`' output
+    (the prefill's layers then run unrolled over them). -> state (donated in).
     """
     model: Decoder = nnx.merge(graphdef, params)
     cfg = state.cfg
-    logits, cache = model.prefill(prompt_tokens, prompt_lens)
-    p = prompt_tokens.shape[1]
-
-    def copy_sample(j, kv):  # the prompt cache into the slots of every prompt's sample j, in place
-        if isinstance(kv, KVCache):
-            return KVCache(k=kv.k.at[:, slots[j], :, :p].set(cache.k, mode="drop"),
-                           v=kv.v.at[:, slots[j], :, :p].set(cache.v, mode="drop"))
-        return tuple(LayerKV(k=c.k.at[slots[j], :, :, :p].set(cache.k[i].transpose(0, 1, 3, 2), mode="drop"),
-                             v=c.v.at[slots[j], :, :p].set(cache.v[i], mode="drop")) for i, c in enumerate(kv))
-
-    kv = jax.lax.fori_loop(0, cfg.n, copy_sample, state.cache)
-    flat = slots.reshape(-1)  # sample-major: (j, b) -> j * B + b, as the tiled logits below
+    b = prompt_tokens.shape[0]
+    logits, cache = model.prefill(prompt_tokens, prompt_lens, layers if cfg.per_layer else None)
+    kv = jax.lax.fori_loop(0, cfg.n, lambda j, kv: _put_prompts(kv, slots[j, :b], cache), state.cache)  # sample j
+    kv = _put_prompts(kv, slots[:, b], state.held)
+    logits, prompt_lens = jnp.concatenate([logits, state.held_logits]), jnp.concatenate([prompt_lens, state.held_len])
+    held = (state.held, state.held_logits, state.held_len)
+    if b:  # the prompt to hold: slice it out of the batch, keep the held one where hold == B
+        at = jnp.minimum(hold, b - 1)
+        one = lambda x, axis: jax.lax.dynamic_slice_in_dim(x, at, 1, axis)  # noqa: E731
+        new = (KVCache(k=state.held.k.at[:, :, :, :cache.k.shape[3]].set(one(cache.k, 1)),
+                       v=state.held.v.at[:, :, :, :cache.v.shape[3]].set(one(cache.v, 1))),
+               one(logits, 0), one(prompt_lens, 0))
+        held = jax.tree.map(lambda new, old: jnp.where(hold < b, new, old), new, held)
+    flat = slots.reshape(-1)  # sample-major: (j, b) -> j * (B + 1) + b, as the tiled logits below
     keys = jax.vmap(jax.random.fold_in, (None, 0))(rng, rows.reshape(-1).astype(jnp.uint32))
     tokens, logprobs = select_tokens(jnp.tile(logits, (cfg.n, 1)), keys, jnp.int32(0), cfg.sampling)
     r = cfg.max_new_tokens
     put = lambda buf, val: buf.at[flat].set(val, mode="drop")  # noqa: E731
     first = lambda x, fill: jnp.full((flat.shape[0], r), fill, x.dtype).at[:, 0].set(x)  # noqa: E731
     state = state.replace(
-        cache=kv, prompt_lens=put(state.prompt_lens, jnp.tile(prompt_lens, cfg.n)),
+        cache=kv, held=held[0], held_logits=held[1], held_len=held[2],
+        prompt_lens=put(state.prompt_lens, jnp.tile(prompt_lens, cfg.n)),
         last=put(state.last, tokens), keys=put(state.keys, keys), steps=put(state.steps, jnp.ones_like(tokens)),
         tokens=put(state.tokens, first(tokens, cfg.pad_id)), logprobs=put(state.logprobs, first(logprobs, 0.0)),
         done=put(state.done, _is_stop(tokens, cfg.sampling.stop_ids) | (r == 1)))
@@ -497,25 +526,31 @@ class Sampler:
         sharding = batch_sharding(self.mesh, x.ndim) if batch else NamedSharding(self.mesh, PartitionSpec())
         return host_to_global(x, sharding)
 
-    def _insert(self, params: nnx.State, state: SamplerState, prompts: Sequence[Sequence[int]], first: int,
-                row_ids: np.ndarray, slots: np.ndarray, rng: Array) -> SamplerState:
-        """Starts rows `row_ids` (consecutive) in `slots`: one prefill of their prompts (first = the index of
-        the first of them), padded to a prefill size and to its smallest bucket."""
-        cfg = self.cfg
-        prompt_ids = row_ids // cfg.n - first
-        count = int(prompt_ids[-1]) + 1
-        batch = min(b for b in cfg.prefill_sizes() if b >= count)
-        width = cfg.bucket(max(len(prompts[first + i]) for i in range(count)))
-        tokens = np.full((batch, width), cfg.pad_id, np.int32)
+    def _insert(self, params: nnx.State, layers: list[dict[str, Array]] | None, state: SamplerState,
+                prompts: Sequence[Sequence[int]], held: int, row_ids: np.ndarray, slots: np.ndarray,
+                rng: Array) -> tuple[SamplerState, int]:
+        """Starts rows `row_ids` (consecutive) in `slots`: the rows of prompt `held` (the held prompt, -1: none)
+        from its held cache, the others from one prefill of their prompts, padded to a prefill size and to its
+        smallest bucket. -> (state, the prompt held from now on: the last one, if not all its samples started)"""
+        n = self.cfg.n
+        prompt_of = row_ids // n
+        new = np.unique(prompt_of[prompt_of != held])  # consecutive prompt ids
+        batch = min(b for b in (0, *self.cfg.prefill_sizes()) if b >= new.size)
+        width = self.cfg.bucket(max((len(prompts[i]) for i in new), default=1))
+        tokens = np.full((batch, width), self.cfg.pad_id, np.int32)
         lens = np.ones((batch,), np.int32)  # dummy prompts: one pad token, no slot
-        for i in range(count):
-            p = prompts[first + i]
-            tokens[i, :len(p)], lens[i] = p, len(p)
-        slot_of = np.full((cfg.n, batch), cfg.rows, np.int32)
-        row_of = np.zeros((cfg.n, batch), np.int32)
-        slot_of[row_ids % cfg.n, prompt_ids], row_of[row_ids % cfg.n, prompt_ids] = slots, row_ids
-        return insert(self.graphdef, params, state, self._put(tokens, True), self._put(lens, True),
-                      self._put(slot_of, False), self._put(row_of, False), rng)
+        for b, i in enumerate(new):
+            tokens[b, :len(prompts[i])], lens[b] = prompts[i], len(prompts[i])
+        source = np.where(prompt_of == held, batch, prompt_of - (new[0] if new.size else 0))
+        slot_of = np.full((n, batch + 1), self.cfg.rows, np.int32)
+        row_of = np.zeros((n, batch + 1), np.int32)
+        slot_of[row_ids % n, source], row_of[row_ids % n, source] = slots, row_ids
+        partial = (row_ids[-1] + 1) % n != 0  # the last prompt has samples left: hold it
+        hold = source[-1] if partial and prompt_of[-1] != held else batch
+        state = insert(self.graphdef, params, state, self._put(tokens, True), self._put(lens, True),
+                       self._put(slot_of, False), self._put(row_of, False), self._put(np.int32(hold), False), rng,
+                       layers)
+        return state, int(prompt_of[-1]) if partial else -1
 
     def __call__(self, params: nnx.State, prompts: Sequence[Sequence[int]], seed: int,
                  on_rows: RowsCallback | None = None, stop: StopCallback | None = None) -> Rollout:
@@ -532,6 +567,7 @@ class Sampler:
         out_logprobs = np.zeros((total, r), np.float32)
         lengths = np.zeros((total,), np.int32)
         slot_row = np.full(cfg.rows, -1)  # the row each slot decodes, -1: free
+        held = -1  # the prompt whose prefilled cache the state holds for its samples still to start
         hidden_s = 0.0
         next_row = 0
         finished: list[np.ndarray] = []
@@ -542,11 +578,11 @@ class Sampler:
             while True:
                 free = np.flatnonzero(slot_row < 0)
                 if next_row < total and free.size:
-                    # The next waiting samples, at most one per free slot and max_prefill prompts per prefill.
-                    end = min(total, next_row + free.size, (next_row // n + cfg.max_prefill) * n)
+                    # The next waiting samples, at most one per free slot and max_prefill new prompts per prefill.
+                    end = min(total, next_row + free.size, (-(-next_row // n) + cfg.max_prefill) * n)
                     row_ids = np.arange(next_row, end)
                     slot_row[free[:row_ids.size]] = row_ids
-                    state = self._insert(params, state, prompts, next_row // n, row_ids, free[:row_ids.size], rng)
+                    state, held = self._insert(params, layers, state, prompts, held, row_ids, free[:row_ids.size], rng)
                     next_row = end
                 if (slot_row < 0).all():
                     break

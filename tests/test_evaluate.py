@@ -85,9 +85,9 @@ def test_memory_estimate_matches_the_compiled_insert(b, p, r, n):
     sampler = SamplerConfig(n=n, max_new_tokens=r, sampling=SamplingParams(temperature=0.0), rows=b * n)
     state = empty_state(cfg, sampler, p)
     batch = sampler.max_prefill
-    index = jnp.zeros((n, batch), jnp.int32)
+    index = jnp.zeros((n, batch + 1), jnp.int32)
     compiled = insert.lower(graphdef, params, state, jnp.zeros((batch, p), jnp.int32), jnp.ones((batch,), jnp.int32),
-                            index, index, jax.random.key(0)).compile()
+                            index, index, jnp.int32(batch), jax.random.key(0)).compile()
     memory = compiled.memory_analysis()
     allocated = memory.temp_size_in_bytes + memory.output_size_in_bytes
     estimate = sampler_call_bytes(cfg, b, p, r, n)

@@ -245,17 +245,23 @@ def test_sharded_mesh_gives_the_same_tokens(qwen2_dir, sampled):
                                 {"prompts_per_call": 1, "n": 4, "steps_per_sync": 1, "kv_block": 8}])
 def test_rows_draw_the_same_tokens_whatever_slot_and_insertion_time(qwen_model, sampled, kw, monkeypatch):
     """All 12 rows in the first batch vs 4 or 8 slots where most rows are inserted into slots freed by rows that
-    stopped: identical rows. Every insert prefills a prompt at most once per call to `insert`."""
-    inserted = []
+    stopped: identical rows. Each prompt is prefilled once: samples that start after its first ones (too few free
+    slots then) start from its held cache."""
+    inserted, prefilled, from_held = [], [], []
     real = sampling.insert
 
-    def recording(graphdef, params, state, tokens, lens, slots, rows, rng):
-        inserted.append(np.asarray(rows)[np.asarray(slots) < state.done.shape[0]])
-        return real(graphdef, params, state, tokens, lens, slots, rows, rng)
+    def recording(graphdef, params, state, tokens, lens, slots, rows, *args):
+        started = np.asarray(slots) < state.done.shape[0]
+        rows = np.asarray(rows)
+        inserted.append(rows[started])
+        prefilled.extend(np.unique(rows[:, :-1][started[:, :-1]] // SAMPLED["n"]).tolist())
+        from_held.extend(rows[:, -1][started[:, -1]].tolist())
+        return real(graphdef, params, state, tokens, lens, slots, rows, *args)
 
     monkeypatch.setattr(sampling, "insert", recording)
     out = generate(qwen_model, PROMPTS, **{**SAMPLED, **kw})
     assert len(inserted) > 2 and sorted(np.concatenate(inserted).tolist()) == list(range(len(PROMPTS) * SAMPLED["n"]))
+    assert sorted(prefilled) == list(range(len(PROMPTS))) and from_held, (prefilled, from_held)
     for name in ("prompt_tokens", "prompt_mask", "tokens", "mask", "lengths"):
         np.testing.assert_array_equal(getattr(out, name), getattr(sampled, name), err_msg=name)
     np.testing.assert_allclose(out.logprobs, sampled.logprobs, atol=1e-5, rtol=0)
@@ -334,9 +340,10 @@ def test_programs_lower_from_abstract_inputs_and_donate_their_state():
     assert state.tokens.shape == (8, 8) and state.cache.k.shape == (2, 8, 2, 24, 8)  # [L, N, K, S, Dh], prompt 16 + ring 8
     prompt = jax.ShapeDtypeStruct((cfg.max_prefill, 16), jnp.int32)
     lens = jax.ShapeDtypeStruct((cfg.max_prefill,), jnp.int32)
-    slots = jax.ShapeDtypeStruct((2, cfg.max_prefill), jnp.int32)
+    slots = jax.ShapeDtypeStruct((2, cfg.max_prefill + 1), jnp.int32)
+    hold = jax.ShapeDtypeStruct((), jnp.int32)
     rng = jax.eval_shape(lambda: jax.random.key(0))
-    for text in (insert.trace(graphdef, params, state, prompt, lens, slots, slots, rng).lower().as_text(),
+    for text in (insert.trace(graphdef, params, state, prompt, lens, slots, slots, hold, rng).lower().as_text(),
                  decode.trace(graphdef, params, state).lower().as_text()):
         assert text.count("tf.aliasing_output") == len(jax.tree.leaves(state))
 

@@ -193,7 +193,8 @@ def compile_run(c: ml_collections.ConfigDict, topology: Topology, programs: Sequ
     prompts = sampler.max_prefill  # the largest prefill batch of the sampler
     prompt_batch = _batch(mesh, prompts, {"tokens": ((p_len,), jnp.int32), "lens": ((), jnp.int32)})
     replicated = NamedSharding(mesh, P())
-    slots = jax.ShapeDtypeStruct((sampler.n, prompts), jnp.int32, sharding=replicated)
+    slots = jax.ShapeDtypeStruct((sampler.n, prompts + 1), jnp.int32, sharding=replicated)  # + the held prompt
+    hold = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
     policy_rest = bytes_per_device((run.policy.opt_state, run.policy.step))
     prm_all, ref_all = bytes_per_device(run.prm), bytes_per_device(run.ref_params)
     policy_all = bytes_per_device(run.policy)
@@ -213,7 +214,7 @@ def compile_run(c: ml_collections.ConfigDict, topology: Topology, programs: Sequ
             if "sampler_prefill" in programs:
                 log("compiling sampler_prefill ...")
                 done(compile_program("sampler_prefill", insert, (run.graphdef, run.policy.params, state,
-                                     prompt_batch["tokens"], prompt_batch["lens"], slots, slots, key), {}, chip,
+                                     prompt_batch["tokens"], prompt_batch["lens"], slots, slots, hold, key), {}, chip,
                                      sampler_resident, hlo_dir=hlo_dir)[0])
             if "sampler_decode" in programs:
                 log("compiling sampler_decode ...")

@@ -329,6 +329,17 @@ class Decoder(nnx.Module):
         stacked = self._layer_params()
         return [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(self.cfg.num_layers)]
 
+    def _over_layers(self, fn: Callable, carry, layers: Sequence[dict[str, Array]] | None = None):
+        """carry, outs = fn(carry, p) over the layers: a scan over the stacked weights, or unrolled over `layers`
+        (per-layer weight dicts, `layer_slices`). -> (carry, outs stacked [L, ...])"""
+        if layers is None:
+            return jax.lax.scan(fn, carry, self._layer_params())
+        outs = []
+        for p in layers:
+            carry, out = fn(carry, p)
+            outs.append(out)
+        return carry, jax.tree.map(lambda *o: jnp.stack(o), *outs)
+
     def _embed(self, tokens: Array) -> Array:
         return constrain_batch(jnp.take(self.embed[...], tokens, axis=0).astype(self.cfg.dtype))
 
@@ -349,7 +360,7 @@ class Decoder(nnx.Module):
         if remat:
             layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.nothing_saveable)
             norm = jax.checkpoint(rms_norm, static_argnums=(2,))
-        x, _ = jax.lax.scan(layer, self._embed(tokens), self._layer_params())
+        x, _ = self._over_layers(layer, self._embed(tokens))
         return norm(x, self.final_norm[...], cfg.rms_norm_eps)
 
     def hidden_states(self, tokens: Array, *, attention_mask: Array | None = None, positions: Array | None = None,
@@ -380,8 +391,10 @@ class Decoder(nnx.Module):
         h = self.hidden_states(tokens, attention_mask=attention_mask, positions=positions)
         return jnp.einsum("btd,dv->btv", h, self.head_weight().astype(h.dtype), preferred_element_type=jnp.float32)
 
-    def prefill(self, tokens: Array, lengths: Array) -> tuple[Array, KVCache]:
-        """Runs right-padded prompts once: tokens [B, T], row b's real tokens at 0..lengths[b]-1 (lengths >= 1).
+    def prefill(self, tokens: Array, lengths: Array,
+                layers: Sequence[dict[str, Array]] | None = None) -> tuple[Array, KVCache]:
+        """Runs right-padded prompts once: tokens [B, T], row b's real tokens at 0..lengths[b]-1 (lengths >= 1);
+        with `layers` (already sliced, `layer_slices`) the layers run unrolled over them.
 
         -> logits after each row's last real token [B, V] float32, and the keys/values of all T positions of
         every layer, KVCache [L, B, K, T, Dh] (slot = position; slots past a row's length are never read).
@@ -396,7 +409,7 @@ class Decoder(nnx.Module):
             q, k, v = _qkv(cfg, p, x, positions, inv_freq)
             return _attend_and_mlp(cfg, p, x, q, k, v, attend), (k.astype(cfg.dtype), v.astype(cfg.dtype))
 
-        x, (k, v) = jax.lax.scan(layer, self._embed(tokens), self._layer_params())
+        x, (k, v) = self._over_layers(layer, self._embed(tokens), layers)
         last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]
         return self._logits(rms_norm(last, self.final_norm[...], cfg.rms_norm_eps)), KVCache(k=k, v=v)
 
@@ -430,7 +443,7 @@ class Decoder(nnx.Module):
                 attn = cached_attention(q, k_cache, v_cache, i, visible, counts, ring_index, prompt_slots, block)
                 return (_output_and_mlp(cfg, p, x, attn), k_cache, v_cache, i + 1), None
 
-            (x, k, v, _), _ = jax.lax.scan(layer, (x, cache.k, cache.v, jnp.int32(0)), self._layer_params())
+            (x, k, v, _), _ = self._over_layers(layer, (x, cache.k, cache.v, jnp.int32(0)))
             cache = KVCache(k=k, v=v)
         else:
             if layers is None or len(layers) != len(cache):
