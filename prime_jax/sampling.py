@@ -5,8 +5,9 @@ Four jitted programs, pure functions of explicit state, which the trainer and th
 - `insert(graphdef, params, state, prompt_tokens, prompt_lens, slots, rows, rng)`: runs a batch of
   right-padded prompts once (`Decoder.prefill`), copies each prompt's KV cache into the free slots its
   samples take, and samples their first tokens; `state` is donated;
-- `decode(graphdef, params, state)`: up to `steps_per_sync` decode steps of every live row (a
-  `lax.while_loop`), each row at its own position; `state` (one KV cache) is donated and updated in place.
+- `decode(graphdef, params, state, until_free)`: up to `steps_per_sync` decode steps of every live row (a
+  `lax.while_loop`, which also ends once `until_free` slots are free), each row at its own position; `state`
+  (one KV cache) is donated and updated in place.
 - `compact(state, rows, keep)`: the live rows moved into a smaller batch, for the tail of a call.
 `generate` / `Sampler` is the host loop around them: insert the next waiting prompt-samples into the free
 slots, decode K steps, read which rows stopped (one host round trip per K steps), hand them to `on_rows`
@@ -422,9 +423,10 @@ def layer_weights(graphdef: nnx.GraphDef, params: nnx.State) -> list[dict[str, A
 
 
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnames=("state",))
-def decode(graphdef: nnx.GraphDef, params: nnx.State, state: SamplerState,
+def decode(graphdef: nnx.GraphDef, params: nnx.State, state: SamplerState, until_free: Array,
            layers: list[dict[str, Array]] | None = None) -> SamplerState:
-    """Up to `cfg.steps_per_sync` decode steps of every live row; stops early once every row is done.
+    """Up to `cfg.steps_per_sync` decode steps of every live row; stops early once every row is done or once at
+    least `until_free` (int32 scalar) slots are free (done), so that waiting rows can take them.
 
     One `lax.while_loop`; each iteration feeds each live row its last token at its own position, writes the
     keys/values of every row at one shared ring slot of the cache (in place), attends over each row's own
@@ -443,7 +445,7 @@ def decode(graphdef: nnx.GraphDef, params: nnx.State, state: SamplerState,
 
     def cond(carry) -> Array:
         i, s = carry
-        return (i < cfg.steps_per_sync) & ~jnp.all(s.done)
+        return (i < cfg.steps_per_sync) & ~jnp.all(s.done) & (jnp.sum(s.done) < until_free)
 
     def body(carry):
         i, s = carry
@@ -586,7 +588,9 @@ class Sampler:
                     next_row = end
                 if (slot_row < 0).all():
                     break
-                state = decode(self.graphdef, params, state, layers)
+                # While samples wait, the round ends once an eighth of the slots are free (at least one).
+                until_free = max(1, state.cfg.rows // 8) if next_row < total else state.cfg.rows + 1
+                state = decode(self.graphdef, params, state, self._put(np.int32(until_free), False), layers)
                 t0 = time.perf_counter()
                 if on_rows is not None:  # the rows of the last round, while the device decodes
                     for rows in finished:

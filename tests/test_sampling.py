@@ -233,8 +233,9 @@ def test_sharded_mesh_gives_the_same_tokens(qwen2_dir, sampled):
                         data_parallel=4)
     P = jax.sharding.PartitionSpec
     with jax.set_mesh(mesh):
-        stacked = decode(graphdef, params, empty_state(model.cfg, cfg, 8))
-        per_layer = decode(graphdef, params, empty_state(model.cfg, dataclasses.replace(cfg, per_layer=True), 8))
+        stacked = decode(graphdef, params, empty_state(model.cfg, cfg, 8), jnp.int32(9))
+        per_layer = decode(graphdef, params, empty_state(model.cfg, dataclasses.replace(cfg, per_layer=True), 8),
+                           jnp.int32(9))
     for kv, spec in [(stacked.cache.k, P(None, ("data", "fsdp"), "tensor", None, None)),  # [L, N, K, S, Dh]
                      (per_layer.cache[1].k, P(("data", "fsdp"), "tensor", None, None))]:  # [N, K, Dh, S]
         assert kv.sharding.is_equivalent_to(jax.sharding.NamedSharding(mesh, spec), kv.ndim)
@@ -344,7 +345,7 @@ def test_programs_lower_from_abstract_inputs_and_donate_their_state():
     hold = jax.ShapeDtypeStruct((), jnp.int32)
     rng = jax.eval_shape(lambda: jax.random.key(0))
     for text in (insert.trace(graphdef, params, state, prompt, lens, slots, slots, hold, rng).lower().as_text(),
-                 decode.trace(graphdef, params, state).lower().as_text()):
+                 decode.trace(graphdef, params, state, hold).lower().as_text()):
         assert text.count("tf.aliasing_output") == len(jax.tree.leaves(state))
 
 

@@ -194,7 +194,7 @@ def compile_run(c: ml_collections.ConfigDict, topology: Topology, programs: Sequ
     prompt_batch = _batch(mesh, prompts, {"tokens": ((p_len,), jnp.int32), "lens": ((), jnp.int32)})
     replicated = NamedSharding(mesh, P())
     slots = jax.ShapeDtypeStruct((sampler.n, prompts + 1), jnp.int32, sharding=replicated)  # + the held prompt
-    hold = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
+    hold = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)  # insert's `hold`, decode's `until_free`
     policy_rest = bytes_per_device((run.policy.opt_state, run.policy.step))
     prm_all, ref_all = bytes_per_device(run.prm), bytes_per_device(run.ref_params)
     policy_all = bytes_per_device(run.policy)
@@ -224,7 +224,7 @@ def compile_run(c: ml_collections.ConfigDict, topology: Topology, programs: Sequ
                 # each is costed at the mean of their block counts).
                 block = sampler.block(p_len)
                 blocks = -(-(-(-p_len // block) + -(-r_len // (2 * block)) + 1) // 2)
-                report = compile_program("sampler_decode", decode, (run.graphdef, run.policy.params, state), {},
+                report = compile_program("sampler_decode", decode, (run.graphdef, run.policy.params, state, hold), {},
                                          chip, sampler_resident, (sampler.steps_per_sync, blocks), hlo_dir)[0]
                 if report.cost is not None:
                     calls = -(-(r_len - 1) // sampler.steps_per_sync)
