@@ -300,10 +300,12 @@ def test_compiler_bytes_match_hand_computed_sizes(compiled_shrunk):
     # Donated train states come back in place.
     assert near(r["prm_step"].alias_bytes, train_state) and near(r["ppo_step"].alias_bytes, train_state)
     # Sampler: the KV cache of every layer for all B*n rows in flight over prompt + response slots, bf16, plus
-    # tokens and log-probs; insert (prefill) and decode take it donated and give it back in place.
-    kv = 2 * cfg.num_layers * rows * (p_len + r_len) * cfg.num_kv_heads * cfg.head_dim * 2 / devices
-    state = kv + rows * r_len * 8 / devices
-    prefill_prompts = -(-(rows // c.rollout.n_samples + 1) // devices) * devices  # max_prefill
+    # tokens and log-probs, and the held prompt's cache and logits (replicated); insert (prefill) and decode take it
+    # donated and give it back in place.
+    per_slot = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2
+    held = p_len * per_slot + cfg.vocab_size * 4
+    state = rows * (p_len + r_len) * per_slot / devices + rows * r_len * 8 / devices + held
+    prefill_prompts = -(-(rows // c.rollout.n_samples) // devices) * devices  # max_prefill
     for name in ("sampler_prefill", "sampler_decode"):
         assert near(r[name].alias_bytes, state) and near(r[name].output_bytes, state), name
     assert near(r["sampler_decode"].argument_bytes, fp32_params + state)
@@ -319,7 +321,7 @@ def test_prefill_flops_match_the_hand_count(compiled_shrunk):
     c, topology, r = compiled_shrunk
     cfg = architecture(c)
     devices = topology.num_chips
-    b = -(-(c.train.batch_size + 1) // devices) * devices  # max_prefill: every slot's prompt, + 1 straddling
+    b = -(-c.train.batch_size // devices) * devices  # max_prefill: every slot's prompt
     t = c.data.max_prompt_length
     d, f, h, k, dh, v = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size
     per_token_layer = 2 * (d * (h + 2 * k) * dh + h * dh * d + 3 * d * f)
