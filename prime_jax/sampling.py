@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -482,6 +483,24 @@ def compact(state: SamplerState, rows: int, keep: Array) -> SamplerState:
 
 # --- host loop ---------------------------------------------------------------------------------------
 
+class _ReadyClock:
+    """When an array became ready, as a helper thread that waits for it sees it (`time`: waits for that too)."""
+
+    def __init__(self, x: Array):
+        self._at = float("inf")
+        self._thread = threading.Thread(target=self._wait, args=(x,), daemon=True)
+        self._thread.start()
+
+    def _wait(self, x: Array) -> None:
+        x.block_until_ready()
+        self._at = time.perf_counter()
+
+    def time(self) -> float:
+        """The perf_counter time at which the array was seen ready."""
+        self._thread.join()
+        return self._at
+
+
 RowsCallback = Callable[[np.ndarray, np.ndarray, np.ndarray], None]  # (row ids [k], tokens [k, R], lengths [k])
 StopCallback = Callable[[], bool]  # asked once per decode round: True ends the call early
 
@@ -594,15 +613,17 @@ class Sampler:
                 # While samples wait, the round ends once an eighth of the slots are free (at least one).
                 until_free = max(1, state.cfg.rows // 8) if next_row < total else state.cfg.rows + 1
                 state = decode(self.graphdef, params, state, self._put(np.int32(until_free), False), layers)
+                decoded = _ReadyClock(state.done) if on_rows is not None or stop is not None else None
                 t0 = time.perf_counter()
                 if on_rows is not None:  # the rows of the last round, while the device decodes
                     for rows in finished:
                         on_rows(rows, out_tokens[rows], lengths[rows])
                 finished = []
-                if stop is not None and stop():  # rows still decoding were never collected: length 0
+                stopping = stop is not None and stop()
+                if decoded is not None:  # the callbacks' seconds before the decode call had finished cost no wall time
+                    hidden_s += max(0.0, min(time.perf_counter(), decoded.time()) - t0)
+                if stopping:  # rows still decoding were never collected: length 0
                     break
-                if not state.done.is_ready():  # the device was decoding all along: the callbacks were hidden
-                    hidden_s += time.perf_counter() - t0
                 done = global_to_host(state.done)
                 stopped = np.flatnonzero(done & (slot_row >= 0))
                 if stopped.size:
