@@ -374,6 +374,13 @@ def _put_prompts(kv: KVCache | tuple[LayerKV, ...], idx: Array, prompt: KVCache)
                          v=c.v.at[idx, :, :p].set(prompt.v[i], mode="drop")) for i, c in enumerate(kv))
 
 
+def _row(x: Array, at: Array, axis: int) -> Array:
+    """Row `at` of x along `axis` (kept, size 1; zeros if out of range) as a masked sum: with x split over that
+    axis, each device reduces its part and one row crosses devices, where a dynamic slice would gather all of x."""
+    mask = jnp.expand_dims(jnp.arange(x.shape[axis]) == at, [d for d in range(x.ndim) if d != axis])
+    return jnp.sum(jnp.where(mask, x, jnp.zeros((), x.dtype)), axis=axis, keepdims=True, dtype=x.dtype)
+
+
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnames=("state",))
 def insert(graphdef: nnx.GraphDef, params: nnx.State, state: SamplerState, prompt_tokens: Array, prompt_lens: Array,
            slots: Array, rows: Array, hold: Array, rng: Array,
@@ -394,26 +401,31 @@ def insert(graphdef: nnx.GraphDef, params: nnx.State, state: SamplerState, promp
     b = prompt_tokens.shape[0]
     logits, cache = model.prefill(prompt_tokens, prompt_lens, layers if cfg.per_layer else None)
     kv = jax.lax.fori_loop(0, cfg.n, lambda j, kv: _put_prompts(kv, slots[j, :b], cache), state.cache)  # sample j
-    kv = _put_prompts(kv, slots[:, b], state.held)
-    logits, prompt_lens = jnp.concatenate([logits, state.held_logits]), jnp.concatenate([prompt_lens, state.held_len])
+    kv = _put_prompts(kv, slots[:, b], state.held)  # (a second loop here would copy the whole cache on TPU)
     held = (state.held, state.held_logits, state.held_len)
-    if b:  # the prompt to hold: slice it out of the batch, keep the held one where hold == B
-        at = jnp.minimum(hold, b - 1)
-        one = lambda x, axis: jax.lax.dynamic_slice_in_dim(x, at, 1, axis)  # noqa: E731
-        new = (KVCache(k=state.held.k.at[:, :, :, :cache.k.shape[3]].set(one(cache.k, 1)),
-                       v=state.held.v.at[:, :, :, :cache.v.shape[3]].set(one(cache.v, 1))),
-               one(logits, 0), one(prompt_lens, 0))
+    if b:  # the prompt to hold: taken out of the batch, the held one kept where hold == B
+        new = (KVCache(k=state.held.k.at[:, :, :, :cache.k.shape[3]].set(_row(cache.k, hold, 1)),
+                       v=state.held.v.at[:, :, :, :cache.v.shape[3]].set(_row(cache.v, hold, 1))),
+               _row(logits, hold, 0), _row(prompt_lens, hold, 0))
         held = jax.tree.map(lambda new, old: jnp.where(hold < b, new, old), new, held)
-    flat = slots.reshape(-1)  # sample-major: (j, b) -> j * (B + 1) + b, as the tiled logits below
-    keys = jax.vmap(jax.random.fold_in, (None, 0))(rng, rows.reshape(-1).astype(jnp.uint32))
-    tokens, logprobs = select_tokens(jnp.tile(logits, (cfg.n, 1)), keys, jnp.int32(0), cfg.sampling)
+
+    def draw(logits: Array, lens: Array, slots: Array, rows: Array) -> tuple[Array, ...]:
+        """First tokens of the samples of P prompts (logits [P, V], lens [P], slots, rows [n, P]), sample-major."""
+        keys = jax.vmap(jax.random.fold_in, (None, 0))(rng, rows.reshape(-1).astype(jnp.uint32))
+        tokens, logprobs = select_tokens(jnp.tile(logits, (cfg.n, 1)), keys, jnp.int32(0), cfg.sampling)
+        return slots.reshape(-1), jnp.tile(lens, cfg.n), keys, tokens, logprobs
+
+    # The batch's and the held prompt's draws apart, so the batch's [n * B, V] work stays split like the batch.
+    flat, prompt_lens, keys, tokens, logprobs = (jnp.concatenate(x) for x in zip(
+        draw(logits, prompt_lens, slots[:, :b], rows[:, :b]),
+        draw(state.held_logits, state.held_len, slots[:, b:], rows[:, b:])))
     r = cfg.max_new_tokens
     put = lambda buf, val: buf.at[flat].set(val, mode="drop")  # noqa: E731
     first = lambda x, fill: jnp.full((flat.shape[0], r), fill, x.dtype).at[:, 0].set(x)  # noqa: E731
     state = state.replace(
         cache=kv, held=held[0], held_logits=held[1], held_len=held[2],
-        prompt_lens=put(state.prompt_lens, jnp.tile(prompt_lens, cfg.n)),
-        last=put(state.last, tokens), keys=put(state.keys, keys), steps=put(state.steps, jnp.ones_like(tokens)),
+        prompt_lens=put(state.prompt_lens, prompt_lens), last=put(state.last, tokens), keys=put(state.keys, keys),
+        steps=put(state.steps, jnp.ones_like(tokens)),
         tokens=put(state.tokens, first(tokens, cfg.pad_id)), logprobs=put(state.logprobs, first(logprobs, 0.0)),
         done=put(state.done, _is_stop(tokens, cfg.sampling.stop_ids) | (r == 1)))
     return _constrain_state(state)
