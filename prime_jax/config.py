@@ -60,11 +60,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.rollout.max_response_length = 3072
     c.rollout.prompts_per_call = 0      # prompts in flight x n_samples = sampler rows, <= train.batch_size (0: all); bounds the KV cache
     c.rollout.steps_per_sync = 16       # most decode steps between host round trips (rows that stopped are replaced then)
-    c.rollout.kv_block = 256            # KV cache slots per attention block (decode reads the filled blocks only)
+    c.rollout.kv_block = 256            # KV cache slots per attention block (decode reads the filled blocks only; TPU/GPU)
     c.rollout.kv_cache_gib = 0.0        # KV cache budget per device (0: unchecked); more rows in flight fail early
     c.rollout.gather_params = False     # decode gathers the policy once per call, replicated in the compute dtype
-    c.rollout.compact_tail = True       # once no prompt waits, live rows move into halved batches (a decode program each)
                                         # (+ 2 bytes a param a device at bf16), not every layer's weights every step
+    c.rollout.compact_tail = "auto"     # once no prompt waits, live rows move into halved batches (a decode program
+                                        # each): auto (CPU only: not yet costed on TPU/GPU) | on | off
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 256            # prompts per step; the learner sees batch_size * n_samples rows
@@ -256,6 +257,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
         if c.train.packing and 0 < tokens < (c.train.pack_length or longest):
             _fail(f"{section}.micro_batch_tokens", f"{tokens} is smaller than the longest sequence "
                                                    f"(train.pack_length={c.train.pack_length or longest})")
+    if c.rollout.compact_tail not in ("auto", "on", "off"):
+        _fail("rollout.compact_tail", f"{c.rollout.compact_tail!r} is not one of auto, on, off")
     if c.model.attention not in ("auto", *CONFIG_ATTENTION):
         _fail("model.attention", f"{c.model.attention!r} is not one of auto, {', '.join(CONFIG_ATTENTION)}")
     for key in ("param_dtype", "ref_dtype", "compute_dtype"):

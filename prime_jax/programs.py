@@ -27,7 +27,7 @@ from prime_jax.rl.advantages import compute_advantages, validate_advantage_args
 from prime_jax.rl.optim import (OptimConfig, TrainState, init_train_state, make_lr_schedule, make_optimizer,
                                 train_state_shardings)
 from prime_jax.rl.ppo import PpoStepConfig, make_ppo_step, ppo_minibatches
-from prime_jax.sampling import Sampler, SamplerConfig, SamplingParams, length_buckets, per_layer_decode, rows_in_flight
+from prime_jax.sampling import Sampler, SamplerConfig, SamplingParams, compacts_tail, length_buckets, per_layer_decode, rows_in_flight
 
 
 def rows_per_step(c: ml_collections.ConfigDict) -> int:
@@ -45,14 +45,15 @@ def sampler_config(c: ml_collections.ConfigDict, mesh: Mesh, stop_ids: Sequence[
     """The rollout sampler's settings (stop ids and pad id come from the tokenizer)."""
     r = c.rollout
     dp = data_parallel_size(mesh)
+    platform = mesh.devices.flat[0].platform
     sampling = SamplingParams(temperature=float(r.temperature), top_p=float(r.top_p), top_k=int(r.top_k),
                               stop_ids=tuple(stop_ids))
     return SamplerConfig(n=r.n_samples, max_new_tokens=r.max_response_length, sampling=sampling,
                          rows=rows_in_flight(sampler_prompts(c), sampler_prompts(c), r.n_samples, dp),
                          buckets=length_buckets(c.data.max_prompt_length), pad_id=pad_id,
                          steps_per_sync=r.steps_per_sync, kv_block=r.kv_block, data_parallel=dp,
-                         gather_params=r.gather_params, per_layer=per_layer_decode(mesh.devices.flat[0].platform),
-                         compact_tail=r.compact_tail)
+                         gather_params=r.gather_params, per_layer=per_layer_decode(platform),
+                         compact_tail=compacts_tail(platform) if r.compact_tail == "auto" else r.compact_tail == "on")
 
 
 def check_kv_cache(c: ml_collections.ConfigDict, mesh: Mesh, model_cfg: ModelConfig) -> None:

@@ -1,20 +1,23 @@
 """Rollout sampler with continuous batching: a fixed number of rows in flight, a row that stops frees its slot.
 
-Four jitted programs, pure functions of explicit state, which the trainer and the AOT compiler lower alike:
+Jitted programs, pure functions of explicit state, which the trainer and the AOT compiler lower alike:
 - `empty_state(model_cfg, cfg, prompt_len)`: the sampler state with every slot free;
-- `insert(graphdef, params, state, prompt_tokens, prompt_lens, slots, rows, rng)`: runs a batch of
-  right-padded prompts once (`Decoder.prefill`), copies each prompt's KV cache into the free slots its
-  samples take, and samples their first tokens; `state` is donated;
-- `decode(graphdef, params, state, until_free)`: up to `steps_per_sync` decode steps of every live row (a
-  `lax.while_loop`, which also ends once `until_free` slots are free), each row at its own position; `state`
-  (one KV cache) is donated and updated in place.
-- `compact(state, rows, keep)`: the live rows moved into a smaller batch, for the tail of a call.
+- `insert(graphdef, params, state, prompt_tokens, prompt_lens, slots, rows, hold, rng, layers)`: runs a batch
+  of right-padded new prompts once (`Decoder.prefill`), copies each prompt's KV cache into the free slots its
+  samples take (a prompt with samples still to start is held in the state for a later insert), and samples
+  their first tokens; `state` is donated;
+- `decode(graphdef, params, state, until_free, layers)`: up to `steps_per_sync` decode steps of every live row
+  (a `lax.while_loop`, which also ends once `until_free` slots are free), each row at its own position;
+  `state` (one KV cache per layout) is donated and updated in place;
+- `compact(state, rows, keep)`: the live rows moved into a smaller batch, for the tail of a call;
+- `layer_weights(graphdef, params)`: the per-layer weights the CPU layout reads (`SamplerConfig.per_layer`).
 `generate` / `Sampler` is the host loop around them: insert the next waiting prompt-samples into the free
 slots, decode K steps, read which rows stopped (one host round trip per K steps), hand them to `on_rows`
 (e.g. the verifiers) and repeat; once no prompt waits, shrink the batch to the live rows (halving sizes).
 Under `jax.set_mesh(mesh)` every sampler-state array is constrained to the batch split over the data axes
-(KV heads over `tensor` where they divide), so in and out shardings of `insert` and `decode` are the same and the model params are read with their own sharding, in place (with
-`SamplerConfig.gather_params`, decode gathers them once per call instead).
+(KV heads over `tensor` where they divide), so in and out shardings of `insert` and `decode` are the same
+and the model params are read with their own sharding, in place (with `SamplerConfig.gather_params`,
+decode gathers them once per call instead).
 
 Randomness: row r (= prompt i * n + sample j) draws its t-th token from `fold_in(fold_in(rng, r), t)`, so
 a row's tokens do not depend on which slot it runs in, when it was inserted, batch padding, prompt-length
@@ -95,8 +98,8 @@ class SamplerConfig:
     how many ways the batch is split; gather_params: `decode` gathers the params once per call, replicated in
     the compute dtype, instead of reading them with their own sharding (each layer's weights gathered each step);
     per_layer: the CPU layout (`per_layer_decode`): one KV cache per layer (`LayerKV`) read whole, layers
-    unrolled over weights sliced once per decode call, instead of the stacked cache read in blocks of kv_block
-    by a scan over the stacked weights; compact_tail: once no prompt waits and at most half the slots still
+    unrolled over weights sliced once per sampler call (`layer_weights`), instead of the stacked cache read in
+    blocks of kv_block by a scan over the stacked weights; compact_tail: once no prompt waits and at most half the slots still
     decode, the host loop moves the live rows into a smaller batch (`tail_sizes`, `compact`), so the tail of a
     call, its longest rows, does not pay for the freed slots.
     """
@@ -112,7 +115,7 @@ class SamplerConfig:
     data_parallel: int = 1
     gather_params: bool = False
     per_layer: bool = False
-    compact_tail: bool = True
+    compact_tail: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "buckets", tuple(sorted(int(b) for b in self.buckets)))
@@ -134,12 +137,12 @@ class SamplerConfig:
     @property
     def max_prefill(self) -> int:
         """The most new prompts one `insert` prefills: enough for every slot (a multiple of data_parallel); a prompt
-        whose samples straddle two inserts is prefilled by the first and held for the second."""
+        whose samples straddle inserts is prefilled by the first and held until all its samples have started."""
         return _round_up(-(-self.rows // self.n), self.data_parallel)
 
     def prefill_sizes(self) -> tuple[int, ...]:
-        """Prefill batch sizes (a bounded set of compiled shapes): data_parallel * 2^k, then max_prefill (and 0:
-        an insert of the held prompt's samples only)."""
+        """Prefill batch sizes (a bounded set of compiled shapes): data_parallel * 2^k, then max_prefill. (An
+        insert of the held prompt's samples only has no prefill: batch 0.)"""
         sizes, b = [], self.data_parallel
         while b < self.max_prefill:
             sizes.append(b)
@@ -186,6 +189,13 @@ def per_layer_decode(platform: str) -> bool:
     every decode step (a third of a step at 8 rows in flight) and blocked attention copied every KV block it
     read (half a step at 64 rows); with a per-layer cache and unrolled layers every dot reads its operands in
     place. TPU and GPU read those slices in place, where the blocked read follows each row's filled length."""
+    return platform == "cpu"
+
+
+def compacts_tail(platform: str) -> bool:
+    """Whether the sampler moves a call's tail into halved batches by default (`SamplerConfig.compact_tail`) on
+    `platform`: CPU, where it is measured (`bench/sampler.py`). On TPU/GPU each tail size is one more decode
+    program to compile, and `compact`'s gather across the batch-split cache is not costed yet (`prime_jax.aot`)."""
     return platform == "cpu"
 
 
@@ -399,8 +409,12 @@ def insert(graphdef: nnx.GraphDef, params: nnx.State, state: SamplerState, promp
     model: Decoder = nnx.merge(graphdef, params)
     cfg = state.cfg
     b = prompt_tokens.shape[0]
-    logits, cache = model.prefill(prompt_tokens, prompt_lens, layers if cfg.per_layer else None)
-    kv = jax.lax.fori_loop(0, cfg.n, lambda j, kv: _put_prompts(kv, slots[j, :b], cache), state.cache)  # sample j
+    kv = state.cache
+    if b:
+        logits, cache = model.prefill(prompt_tokens, prompt_lens, layers if cfg.per_layer else None)
+        kv = jax.lax.fori_loop(0, cfg.n, lambda j, kv: _put_prompts(kv, slots[j, :b], cache), kv)  # sample j
+    else:  # the held prompt's samples only: nothing to prefill
+        logits = jnp.zeros((0, model.cfg.vocab_size), jnp.float32)
     kv = _put_prompts(kv, slots[:, b], state.held)  # (a second loop here would copy the whole cache on TPU)
     held = (state.held, state.held_logits, state.held_len)
     if b:  # the prompt to hold: taken out of the batch, the held one kept where hold == B
@@ -434,7 +448,8 @@ def insert(graphdef: nnx.GraphDef, params: nnx.State, state: SamplerState, promp
 @functools.partial(jax.jit, static_argnums=(0,))
 def layer_weights(graphdef: nnx.GraphDef, params: nnx.State) -> list[dict[str, Array]]:
     """The stacked layer weights as one dict per layer (`Decoder.layer_slices`), copied out once: what `decode`
-    reads in the per-layer layout. The host loop slices them once per sampler call, not once per decode call."""
+    and `insert`'s prefill read in the per-layer (CPU) layout. The host loop slices them once per sampler call,
+    not once per decode call. (`gather_params` does not apply to them: a CPU has nothing to gather.)"""
     return nnx.merge(graphdef, params).layer_slices()
 
 
@@ -496,7 +511,7 @@ def compact(state: SamplerState, rows: int, keep: Array) -> SamplerState:
 # --- host loop ---------------------------------------------------------------------------------------
 
 class _ReadyClock:
-    """When an array became ready, as a helper thread that waits for it sees it (`time`: waits for that too)."""
+    """When an array became ready, as a helper thread that waits for it sees it."""
 
     def __init__(self, x: Array):
         self._at = float("inf")
@@ -507,9 +522,8 @@ class _ReadyClock:
         x.block_until_ready()
         self._at = time.perf_counter()
 
-    def time(self) -> float:
-        """The perf_counter time at which the array was seen ready."""
-        self._thread.join()
+    def seen(self) -> float:
+        """The perf_counter time at which the array was seen ready; inf if not yet (does not wait)."""
         return self._at
 
 
@@ -614,16 +628,16 @@ class Sampler:
             while True:
                 free = np.flatnonzero(slot_row < 0)
                 if next_row < total and free.size:
-                    # The next waiting samples, at most one per free slot and max_prefill new prompts per prefill.
-                    end = min(total, next_row + free.size, (-(-next_row // n) + cfg.max_prefill) * n)
+                    # The next waiting samples, at most one per free slot (so at most max_prefill new prompts).
+                    end = min(total, next_row + free.size)
                     row_ids = np.arange(next_row, end)
                     slot_row[free[:row_ids.size]] = row_ids
                     state, held = self._insert(params, layers, state, prompts, held, row_ids, free[:row_ids.size], rng)
                     next_row = end
                 if (slot_row < 0).all():
                     break
-                # While samples wait, the round ends once an eighth of the slots are free (at least one).
-                until_free = max(1, state.cfg.rows // 8) if next_row < total else state.cfg.rows + 1
+                # While samples wait, the round ends once an eighth of the slots (at most as many as wait) are free.
+                until_free = max(1, min(total - next_row, state.cfg.rows // 8)) if next_row < total else state.cfg.rows + 1
                 state = decode(self.graphdef, params, state, self._put(np.int32(until_free), False), layers)
                 decoded = _ReadyClock(state.done) if on_rows is not None or stop is not None else None
                 t0 = time.perf_counter()
@@ -633,7 +647,7 @@ class Sampler:
                 finished = []
                 stopping = stop is not None and stop()
                 if decoded is not None:  # the callbacks' seconds before the decode call had finished cost no wall time
-                    hidden_s += max(0.0, min(time.perf_counter(), decoded.time()) - t0)
+                    hidden_s += max(0.0, min(time.perf_counter(), decoded.seen()) - t0)
                 if stopping:  # rows still decoding were never collected: length 0
                     break
                 done = global_to_host(state.done)
@@ -678,12 +692,12 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, n: int = 1, ma
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, stop_ids: Sequence[int], seed: int,
              pad_id: int = 0, mesh: Mesh | None = None, buckets: Sequence[int] = DEFAULT_BUCKETS,
              prompts_per_call: int = 0, steps_per_sync: int = 8, kv_block: int = 256, gather_params: bool = False,
-             compact_tail: bool = True, on_rows: RowsCallback | None = None, stop: StopCallback | None = None) -> Rollout:
+             compact_tail: bool | None = None, on_rows: RowsCallback | None = None, stop: StopCallback | None = None) -> Rollout:
     """Samples n responses of at most `max_new_tokens` tokens for each prompt (token-id lists).
 
     At most `prompts_per_call` x n rows are in flight (0: all prompts at once), rounded up to the mesh's
     data-parallel size; a row that stops frees its slot for the next waiting prompt-sample; once none waits,
-    `compact_tail` moves the live rows into smaller batches. Host round trips every `steps_per_sync` decode steps. With `mesh`, the model must live on it (e.g.
+    `compact_tail` (None: `compacts_tail` of the platform) moves the live rows into smaller batches. Host round trips every `steps_per_sync` decode steps. With `mesh`, the model must live on it (e.g.
     `load_pretrained(path, mesh=mesh)`); its params are read in place. See `Sampler`.
     """
     if prompts_per_call < 0:
@@ -696,7 +710,8 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, n: int = 1, ma
     cfg = SamplerConfig(n=n, max_new_tokens=max_new_tokens, sampling=sampling,
                         rows=rows_in_flight(prompts_per_call, max(len(prompts), 1), max(n, 1), dp), buckets=tuple(buckets),
                         pad_id=pad_id, steps_per_sync=steps_per_sync, kv_block=kv_block, data_parallel=dp,
-                        gather_params=gather_params, per_layer=per_layer_decode(platform), compact_tail=compact_tail)
+                        gather_params=gather_params, per_layer=per_layer_decode(platform),
+                        compact_tail=compacts_tail(platform) if compact_tail is None else compact_tail)
     if mesh is not None:
         devices = set(mesh.devices.flat)
         if any(x.sharding.device_set != devices for x in jax.tree.leaves(params)):
@@ -705,5 +720,5 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, n: int = 1, ma
 
 
 __all__ = ["DEFAULT_BUCKETS", "Rollout", "Sampler", "SamplerConfig", "SamplerState", "SamplingParams", "StopCallback",
-           "compact", "decode", "empty_state", "filter_logits", "generate", "insert", "layer_weights", "left_pad", "length_buckets", "per_layer_decode",
+           "compact", "compacts_tail", "decode", "empty_state", "filter_logits", "generate", "insert", "layer_weights", "left_pad", "length_buckets", "per_layer_decode",
            "rows_in_flight", "sampler_state_shardings", "select_tokens"]

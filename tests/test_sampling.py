@@ -17,7 +17,8 @@ from flax import nnx
 from prime_jax import sampling
 from prime_jax.mesh import batch_sharding, make_mesh
 from prime_jax.models import Decoder, abstract_model, load_pretrained, response_logprobs
-from prime_jax.sampling import SamplerConfig, SamplingParams, decode, empty_state, filter_logits, generate, insert
+from prime_jax.sampling import (SamplerConfig, SamplingParams, decode, empty_state, filter_logits, generate, insert,
+                                layer_weights)
 from tests.fixtures import tiny_config
 
 PAD = 0
@@ -339,20 +340,27 @@ def test_rows_are_handed_over_as_they_stop(qwen_model, sampled):
     assert [sampled.lengths[r] for r in first_prompt] == sorted(sampled.lengths[r] for r in first_prompt)
 
 
-def test_programs_lower_from_abstract_inputs_and_donate_their_state():
-    """What the AOT compiler does: lower insert and decode from shapes only; both alias every state input."""
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_programs_lower_from_abstract_inputs_and_donate_their_state(per_layer):
+    """What the AOT compiler does: lower insert (with a prefill batch, and of the held prompt alone) and decode from
+    shapes only, in either cache layout; all alias every state input."""
     graphdef, params = nnx.split(abstract_model(tiny_config()))
     cfg = SamplerConfig(n=2, max_new_tokens=8, sampling=SamplingParams(temperature=0.7, top_p=0.9, stop_ids=(3,)),
-                        rows=8, buckets=(16,), kv_block=8, pad_id=PAD)
+                        rows=8, buckets=(16,), kv_block=8, pad_id=PAD, per_layer=per_layer)
     state = jax.eval_shape(lambda: empty_state(tiny_config(), cfg, 16))
-    assert state.tokens.shape == (8, 8) and state.cache.k.shape == (2, 8, 2, 24, 8)  # [L, N, K, S, Dh], prompt 16 + ring 8
-    prompt = jax.ShapeDtypeStruct((cfg.max_prefill, 16), jnp.int32)
-    lens = jax.ShapeDtypeStruct((cfg.max_prefill,), jnp.int32)
-    slots = jax.ShapeDtypeStruct((2, cfg.max_prefill + 1), jnp.int32)
-    hold = jax.ShapeDtypeStruct((), jnp.int32)
+    kv = state.cache[1] if per_layer else state.cache
+    # [L, N, K, S, Dh], prompt 16 + ring 8; per layer: k [N, K, Dh, S], v [N, K, S, Dh], no block padding
+    assert state.tokens.shape == (8, 8) and (kv.k.shape, kv.v.shape) == (
+        ((8, 2, 8, 24), (8, 2, 24, 8)) if per_layer else ((2, 8, 2, 24, 8),) * 2)
+    layers = jax.eval_shape(layer_weights, graphdef, params) if per_layer else None
+    scalar = jax.ShapeDtypeStruct((), jnp.int32)
     rng = jax.eval_shape(lambda: jax.random.key(0))
-    for text in (insert.trace(graphdef, params, state, prompt, lens, slots, slots, hold, rng).lower().as_text(),
-                 decode.trace(graphdef, params, state, hold).lower().as_text()):
+    texts = [decode.trace(graphdef, params, state, scalar, layers).lower().as_text()]
+    for b in (cfg.max_prefill, 0):
+        prompt, lens = jax.ShapeDtypeStruct((b, 16), jnp.int32), jax.ShapeDtypeStruct((b,), jnp.int32)
+        slots = jax.ShapeDtypeStruct((2, b + 1), jnp.int32)
+        texts.append(insert.trace(graphdef, params, state, prompt, lens, slots, slots, scalar, rng, layers).lower().as_text())
+    for text in texts:
         assert text.count("tf.aliasing_output") == len(jax.tree.leaves(state))
 
 

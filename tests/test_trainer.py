@@ -123,6 +123,7 @@ def test_dry_run_validates_and_prints_the_memory_plan(capsys):
     ("length_mix.clipped_fraction", 1.5, "config.length_mix.clipped_fraction: must be in "),
     ("rollout.steps_per_sync", 0, "config.rollout.steps_per_sync: must be a positive integer"),
     ("rollout.kv_block", 0, "config.rollout.kv_block: must be a positive integer"),
+    ("rollout.compact_tail", "yes", "config.rollout.compact_tail: 'yes' is not one of auto, on, off"),
     ("model.attention", "splash", "config.model.attention='splash': the Pallas splash kernel needs a TPU backend"),
     ("rollout.kv_cache_gib", 16.0, "config.rollout.prompts_per_call: 1024 rows in flight .* need a 28.00 GiB/device KV "
                                    "cache, above rollout.kv_cache_gib=16.0"),

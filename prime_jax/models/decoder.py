@@ -2,18 +2,20 @@
 
 Every weight is an `nnx.Param` carrying `axes`, a tuple of logical axis names that
 `prime_jax.mesh` maps onto mesh axes. Per-layer weights are stacked with a leading `layers`
-axis and the blocks run in one `lax.scan`, so compile time does not grow with depth.
+axis and the blocks run in one `lax.scan`, so compile time does not grow with depth (the CPU sampler runs them
+unrolled over per-layer slices instead: XLA:CPU copies a dynamically sliced weight before each dot).
 
 Three entry points share the layer functions:
 - `model(tokens, attention_mask=..., positions=...)` / `model.hidden_states(..., segment_ids=...)`: full-sequence
   forward (training, scoring), attention by `cfg.attention` (`causal_attention`: the splash kernel on TPU, cuDNN on
   GPU, XLA elsewhere); with `segment_ids` several sequences share a row (packing).
-- `model.prefill(tokens, lengths)`: right-padded prompts once (the same attention); returns the
-  keys/values of every layer in the sampler's cache layout (`KVCache`, row b's sequence from slot 0).
+- `model.prefill(tokens, lengths, layers)`: right-padded prompts once (the same attention); returns the
+  keys/values of every layer stacked (`KVCache`, row b's sequence from slot 0), which the sampler copies
+  into its cache.
 - `model.decode_step(tokens, positions, cache, ...)`: one token per row, written into the cache at one
   shared slot. Two cache layouts: `KVCache` (stacked [L, ...], layers scanned; attention reads each row's own
   filled slots in place, block by block, `cached_attention`) and a tuple of per-layer `LayerKV` (layers
-  unrolled over weights sliced once per decode call; attention reads the layer's whole cache,
+  unrolled over weights sliced once per sampler call; attention reads the layer's whole cache,
   `whole_cache_attention`), which is what XLA:CPU runs fastest.
 """
 
@@ -421,10 +423,10 @@ class Decoder(nnx.Module):
 
         A row's prompt is in slots 0..prompt_slots-1 of its cache and its generated tokens in a ring after them;
         row b attends its first prompt_lens[b] slots and the counts[b] ring slots written last (this one included).
-        cache: `KVCache` [L, B, K, S, Dh]: the layers run in a scan over the stacked weights and read the cache in
-        place in blocks of `block` (`cached_attention`); or a tuple of per-layer `LayerKV`, with `layers`, the layer
-        weights already sliced (`layer_slices`, once outside a decode loop): the layers run unrolled and read each
-        layer's whole cache (`whole_cache_attention`; see `prime_jax.sampling.per_layer_decode` for when that pays).
+        cache: `KVCache` [L, B, K, S, Dh], read in place in blocks of `block` (`cached_attention`); or a tuple of
+        per-layer `LayerKV`, each read whole (`whole_cache_attention`; see `prime_jax.sampling.per_layer_decode` for
+        when that pays), which needs `layers`. layers: the layer weights already sliced (`layer_slices`, once
+        outside a decode loop): the layers run unrolled over them; without, a scan over the stacked weights.
         -> (logits [B, V] float32, cache).
         """
         cfg = self.cfg
@@ -443,7 +445,7 @@ class Decoder(nnx.Module):
                 attn = cached_attention(q, k_cache, v_cache, i, visible, counts, ring_index, prompt_slots, block)
                 return (_output_and_mlp(cfg, p, x, attn), k_cache, v_cache, i + 1), None
 
-            (x, k, v, _), _ = self._over_layers(layer, (x, cache.k, cache.v, jnp.int32(0)))
+            (x, k, v, _), _ = self._over_layers(layer, (x, cache.k, cache.v, jnp.int32(0)), layers)
             cache = KVCache(k=k, v=v)
         else:
             if layers is None or len(layers) != len(cache):
