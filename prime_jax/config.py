@@ -59,8 +59,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.rollout.top_k = 0
     c.rollout.max_response_length = 3072
     c.rollout.prompts_per_call = 0      # prompts in flight x n_samples = sampler rows, <= train.batch_size (0: all); bounds the KV cache
-    c.rollout.steps_per_sync = 16       # most decode steps between host round trips (rows that stopped are replaced then)
-    c.rollout.kv_block = 256            # KV cache slots per attention block (decode reads the filled blocks only; TPU/GPU)
+    c.rollout.steps_per_sync = 16       # most decode steps between host round trips (stopped rows replaced then)
+    c.rollout.kv_block = 256            # KV cache slots per attention block (TPU/GPU decode reads the filled ones)
     c.rollout.kv_cache_gib = 0.0        # KV cache budget per device (0: unchecked); more rows in flight fail early
     c.rollout.gather_params = False     # decode gathers the policy once per call, replicated in the compute dtype
                                         # (+ 2 bytes a param a device at bf16), not every layer's weights every step

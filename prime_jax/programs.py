@@ -27,7 +27,8 @@ from prime_jax.rl.advantages import compute_advantages, validate_advantage_args
 from prime_jax.rl.optim import (OptimConfig, TrainState, init_train_state, make_lr_schedule, make_optimizer,
                                 train_state_shardings)
 from prime_jax.rl.ppo import PpoStepConfig, make_ppo_step, ppo_minibatches
-from prime_jax.sampling import Sampler, SamplerConfig, SamplingParams, compacts_tail, length_buckets, per_layer_decode, rows_in_flight
+from prime_jax.sampling import (Sampler, SamplerConfig, SamplingParams, compacts_tail, length_buckets, per_layer_decode,
+                                rows_in_flight)
 
 
 def rows_per_step(c: ml_collections.ConfigDict) -> int:

@@ -99,8 +99,8 @@ class SamplerConfig:
     the compute dtype, instead of reading them with their own sharding (each layer's weights gathered each step);
     per_layer: the CPU layout (`per_layer_decode`): one KV cache per layer (`LayerKV`) read whole, layers
     unrolled over weights sliced once per sampler call (`layer_weights`), instead of the stacked cache read in
-    blocks of kv_block by a scan over the stacked weights; compact_tail: once no prompt waits and at most half the slots still
-    decode, the host loop moves the live rows into a smaller batch (`tail_sizes`, `compact`), so the tail of a
+    blocks of kv_block by a scan over the stacked weights; compact_tail: once no prompt waits, the host loop
+    moves the live rows into the fewest slots of `tail_sizes` that hold them (`compact`), so the tail of a
     call, its longest rows, does not pay for the freed slots.
     """
 
@@ -637,7 +637,8 @@ class Sampler:
                 if (slot_row < 0).all():
                     break
                 # While samples wait, the round ends once an eighth of the slots (at most as many as wait) are free.
-                until_free = max(1, min(total - next_row, state.cfg.rows // 8)) if next_row < total else state.cfg.rows + 1
+                waiting = total - next_row
+                until_free = max(1, min(waiting, state.cfg.rows // 8)) if waiting else state.cfg.rows + 1
                 state = decode(self.graphdef, params, state, self._put(np.int32(until_free), False), layers)
                 decoded = _ReadyClock(state.done) if on_rows is not None or stop is not None else None
                 t0 = time.perf_counter()
@@ -692,12 +693,14 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, n: int = 1, ma
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, stop_ids: Sequence[int], seed: int,
              pad_id: int = 0, mesh: Mesh | None = None, buckets: Sequence[int] = DEFAULT_BUCKETS,
              prompts_per_call: int = 0, steps_per_sync: int = 8, kv_block: int = 256, gather_params: bool = False,
-             compact_tail: bool | None = None, on_rows: RowsCallback | None = None, stop: StopCallback | None = None) -> Rollout:
+             compact_tail: bool | None = None, on_rows: RowsCallback | None = None,
+             stop: StopCallback | None = None) -> Rollout:
     """Samples n responses of at most `max_new_tokens` tokens for each prompt (token-id lists).
 
     At most `prompts_per_call` x n rows are in flight (0: all prompts at once), rounded up to the mesh's
     data-parallel size; a row that stops frees its slot for the next waiting prompt-sample; once none waits,
-    `compact_tail` (None: `compacts_tail` of the platform) moves the live rows into smaller batches. Host round trips every `steps_per_sync` decode steps. With `mesh`, the model must live on it (e.g.
+    `compact_tail` (None: `compacts_tail` of the platform) moves the live rows into smaller batches. Host round
+    trips every `steps_per_sync` decode steps. With `mesh`, the model must live on it (e.g.
     `load_pretrained(path, mesh=mesh)`); its params are read in place. See `Sampler`.
     """
     if prompts_per_call < 0:
@@ -720,5 +723,6 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, n: int = 1, ma
 
 
 __all__ = ["DEFAULT_BUCKETS", "Rollout", "Sampler", "SamplerConfig", "SamplerState", "SamplingParams", "StopCallback",
-           "compact", "compacts_tail", "decode", "empty_state", "filter_logits", "generate", "insert", "layer_weights", "left_pad", "length_buckets", "per_layer_decode",
-           "rows_in_flight", "sampler_state_shardings", "select_tokens"]
+           "compact", "compacts_tail", "decode", "empty_state", "filter_logits", "generate", "insert", "layer_weights",
+           "left_pad", "length_buckets", "per_layer_decode", "rows_in_flight", "sampler_state_shardings",
+           "select_tokens"]

@@ -280,8 +280,10 @@ def test_stacked_and_per_layer_cache_layouts_draw_the_same_rows(qwen_model, samp
 
 
 def test_tail_sizes_halve_at_most_three_times_in_whole_data_parallel_groups():
-    sizes = lambda rows, dp=1, on=True: SamplerConfig(n=4, max_new_tokens=8, sampling=SamplingParams(), rows=rows,  # noqa: E731
-                                                      data_parallel=dp, compact_tail=on).tail_sizes()
+    def sizes(rows: int, dp: int = 1, on: bool = True) -> tuple[int, ...]:
+        return SamplerConfig(n=4, max_new_tokens=8, sampling=SamplingParams(), rows=rows, data_parallel=dp,
+                             compact_tail=on).tail_sizes()
+
     assert sizes(64) == (32, 16, 8) and sizes(8) == (4, 2, 1) and sizes(12) == (6, 3, 1)
     assert sizes(12, dp=4) == (8, 4) and sizes(4, dp=4) == () and sizes(64, on=False) == ()
 
@@ -359,7 +361,8 @@ def test_programs_lower_from_abstract_inputs_and_donate_their_state(per_layer):
     for b in (cfg.max_prefill, 0):
         prompt, lens = jax.ShapeDtypeStruct((b, 16), jnp.int32), jax.ShapeDtypeStruct((b,), jnp.int32)
         slots = jax.ShapeDtypeStruct((2, b + 1), jnp.int32)
-        texts.append(insert.trace(graphdef, params, state, prompt, lens, slots, slots, scalar, rng, layers).lower().as_text())
+        lowered = insert.trace(graphdef, params, state, prompt, lens, slots, slots, scalar, rng, layers).lower()
+        texts.append(lowered.as_text())
     for text in texts:
         assert text.count("tf.aliasing_output") == len(jax.tree.leaves(state))
 

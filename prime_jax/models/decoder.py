@@ -453,7 +453,8 @@ class Decoder(nnx.Module):
             new = []
             for p, kv in zip(layers, cache):
                 q, k, v = qkv(p, x)
-                kv = LayerKV(k=jax.lax.dynamic_update_slice(kv.k, k.transpose(0, 1, 3, 2).astype(kv.k.dtype), (0, 0, 0, slot)),
+                k = k.transpose(0, 1, 3, 2)  # [B, K, Dh, 1], the per-layer keys' layout
+                kv = LayerKV(k=jax.lax.dynamic_update_slice(kv.k, k.astype(kv.k.dtype), (0, 0, 0, slot)),
                              v=jax.lax.dynamic_update_slice(kv.v, v.astype(kv.v.dtype), (0, 0, slot, 0)))
                 x = _output_and_mlp(cfg, p, x, whole_cache_attention(q, kv, visible))
                 new.append(kv)
