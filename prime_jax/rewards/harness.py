@@ -16,6 +16,7 @@ import io
 import json
 import os
 import resource
+import shutil
 import signal
 import sys
 import threading
@@ -203,18 +204,64 @@ def _import_header(header: str) -> None:
     exec(compile(header, "<header>", "exec"), {"__builtins__": dict(builtins.__dict__)})
 
 
+def _remove_tree(path: str) -> None:
+    """rmtree of a directory the run made, after giving its owner (us, now) write and search rights on every
+    directory in it: a run may lock them (chmod 0) to leave files to the next run."""
+    stack = [path]
+    while stack:
+        directory = stack.pop()
+        try:
+            os.chmod(directory, 0o700)
+            stack += [e.path for e in os.scandir(directory) if e.is_dir(follow_symlinks=False)]
+        except OSError:
+            pass
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _reap(uid: int | None) -> None:
+    """After a run in a zygote: SIGKILL every process the run left and empty /tmp and /dev/shm, with the
+    run's own permissions. A root zygote (bwrap leaves it no CAP_KILL) takes the run's uid as its effective
+    uid for the while: root stays its real and saved uid, so the run's processes can neither signal nor
+    ptrace it, and it can switch back. Saves forking a helper of that uid per run."""
+    if uid is not None:
+        os.setresgid(-1, uid, -1)
+        os.setresuid(-1, uid, -1)
+    try:
+        try:  # every process this uid may signal but the zygote (and the PID namespace's init, bwrap)
+            os.kill(-1, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        for directory in ("/tmp", "/dev/shm"):
+            for entry in os.scandir(directory) if os.path.isdir(directory) else ():
+                if entry.stat(follow_symlinks=False).st_dev != os.stat(directory).st_dev:
+                    continue  # a read-only bind inside it (the code or the venv under /tmp): not the program's
+                if entry.is_dir(follow_symlinks=False):
+                    _remove_tree(entry.path)
+                else:
+                    try:
+                        os.unlink(entry.path)
+                    except OSError:
+                        pass
+    finally:
+        if uid is not None:
+            os.setresuid(-1, 0, -1)
+            os.setresgid(-1, 0, -1)
+
+
 def _zygote_main() -> None:
     """Sandbox entry of a reusable sandbox (bubblewrap only): for each payload frame on stdin
     (`<length>\\n<json>`), fork a child that runs it (`_harness_main`); once it has exited, kill
     every process it left and empty the temp dirs, then write `done\\n` on stdout. Children close
     stdin and stdout first, so no program sees the next payload or can fake `done`."""
     import ctypes
-    import shutil
 
     # Not dumpable: a child of the same uid (bwrap without root) can then neither ptrace this
     # process nor open its /proc fds and memory; it can at most kill it, which ends the sandbox.
     pr_set_dumpable = 4
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_dumpable, 0, 0, 0, 0)
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    prctl(pr_set_dumpable, 0, 0, 0, 0)
+    if os.geteuid() == 0:  # the runs' uid takes no supplementary group of ours while reaping (`_reap`)
+        os.setgroups([])
     read_line, read, write = sys.stdin.buffer.readline, sys.stdin.buffer.read, os.write
     while True:
         size = read_line()
@@ -226,32 +273,8 @@ def _zygote_main() -> None:
         if child == 0:
             _harness_main(payload)
         os.waitpid(child, 0)
-        uid = payload["uid"]
-        reaper = os.fork() if uid is not None else 0  # root: a helper of the children's uid may signal them
-        if reaper == 0:
-            if uid is not None:
-                os.setgroups([])
-                os.setresgid(uid, uid, uid)
-                os.setresuid(uid, uid, uid)
-            try:  # every process this uid may signal but the caller (and the PID namespace's init, bwrap)
-                os.kill(-1, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            for directory in ("/tmp", "/dev/shm"):
-                for entry in os.scandir(directory) if os.path.isdir(directory) else ():
-                    if entry.stat(follow_symlinks=False).st_dev != os.stat(directory).st_dev:
-                        continue  # a read-only bind inside it (the code or the venv under /tmp): not the program's
-                    if entry.is_dir(follow_symlinks=False):
-                        shutil.rmtree(entry.path, ignore_errors=True)
-                    else:
-                        try:
-                            os.unlink(entry.path)
-                        except OSError:
-                            pass
-            if uid is not None:
-                os._exit(0)
-        else:
-            os.waitpid(reaper, 0)
+        _reap(payload["uid"])
+        prctl(pr_set_dumpable, 0, 0, 0, 0)  # a change of effective uid resets it to fs.suid_dumpable
         write(1, b"done\n")
 
 

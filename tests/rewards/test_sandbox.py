@@ -182,6 +182,39 @@ def test_reading_then_deleting_files(tmp_path: Path) -> None:
         canaries[1].unlink()
 
 
+LEAVE_BEHIND = (
+    "import os, time\n"
+    "def f():\n"
+    "    for d in [d for d in ('/tmp', '/dev/shm') if os.access(d, os.W_OK)]:\n"
+    "        open(d + '/left', 'w').write('x')\n"
+    "        os.makedirs(d + '/locked/in')\n"
+    "        open(d + '/locked/in/file', 'w').write('x')\n"
+    "        os.chmod(d + '/locked/in', 0o000)\n"
+    "        os.chmod(d + '/locked', 0o500)\n"
+    "    if os.fork() == 0:\n"
+    "        os.setsid()\n"
+    "        time.sleep(60)\n"
+    "        os._exit(0)\n"
+    "    return True\n"
+)
+FIND_LEFTOVERS = (
+    "import os\n"
+    "def f():\n"
+    "    files = [d + '/' + n for d in ('/tmp', '/dev/shm') for n in ('left', 'locked') if os.path.lexists(d + '/' + n)]\n"
+    "    mine = [p for p in os.listdir('/proc') if p.isdigit() and int(p) not in (os.getpid(), os.getppid())\n"
+    "            and os.stat('/proc/' + p).st_uid == os.getuid()]\n"
+    "    return files, mine\n"
+)
+
+
+def test_a_run_leaves_nothing_to_the_next() -> None:
+    """Files a run leaves in /tmp and /dev/shm (locked directories included) and processes it leaves running
+    (in a session of their own) are gone when the next run starts, in the same reused sandbox."""
+    assert score(LEAVE_BEHIND, ["assert f()"]) == 1.0
+    results = run_tests(Program("call", FIND_LEFTOVERS, [[]], fn_name="f"), LIMITS)
+    assert results[0].status == "output" and json.loads(results[0].output) == [[], []]
+
+
 def test_network_connection_to_host_listener() -> None:
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.bind(("127.0.0.1", 0))
