@@ -141,6 +141,8 @@ class StreamingVerifier:
         self.limit = 0  # R, from the first rows handed over
         self.exposed_s = 0.0
         self.started: float | None = None
+        self.local_acc = np.zeros(self.share.stop - self.share.start, np.float32)  # this process's rows' scores
+        self.local_known = np.zeros(self.share.stop - self.share.start, bool)  # ... that have come back
 
     def __call__(self, rows: np.ndarray, tokens: np.ndarray, lengths: np.ndarray) -> None:
         t0 = time.perf_counter()
@@ -153,8 +155,16 @@ class StreamingVerifier:
                 items.append(VerifyItem(self.decode(toks[:int(length)]), ex.ability, ex.ground_truth))
                 self.rows.append(row)
         self.stream.add(items)
-        self.stream.poll()
+        self._take(self.stream.poll())
         self.exposed_s += time.perf_counter() - t0
+
+    def _take(self, finished: list[int]) -> None:
+        """Records the scores of the stream's items `finished` (final since the last poll or wait)."""
+        if finished:
+            index = np.asarray(finished, np.int64)
+            rows = np.asarray(self.rows, np.int64)[index] - self.share.start
+            self.local_acc[rows] = np.asarray(self.stream.scores, np.float32)[index]
+            self.local_known[rows] = True
 
     def _scores(self) -> tuple[np.ndarray, dict[str, int]]:
         """Waits for the score of every row handed over so far -> (acc [rows] float32 on every host, 0 for rows
@@ -169,14 +179,25 @@ class StreamingVerifier:
 
     def enough(self, cfg: CollectConfig, needed: int) -> bool:
         """Whether the online filter keeps at least `needed` of the groups whose n rows have all been handed
-        over. Waits for the scores of the rows handed over so far (only once that many groups are complete), so
-        the answer depends on which rows those are, not on timing (the sampler asks once per decode round, every
-        host at the same round)."""
+        over. The answer is the one all their scores give, whatever the timing (the sampler asks once per decode
+        round, every host at the same round), but it waits for scores only until they settle it: until the
+        accepted groups reach `needed`, or the groups still unscored could no longer make up the difference.
+        Waits for 1, 2, 4, ... more scores at a time (multi-host: a collective per wait, every host alike)."""
         complete = self.handed.reshape(-1, self.n).all(1)
         if complete.sum() < needed:
             return False
-        acc, _ = self._scores()
-        return int((complete & accepted_groups(acc, self.lengths, self.n, cfg, self.limit)).sum()) >= needed
+        t0 = time.perf_counter()
+        more = 1
+        while True:
+            scores = allgather_rows(np.stack([self.local_acc, self.local_known], 1), len(self.prompts) * self.n)
+            scored = complete & (scores[:, 1] > 0).reshape(-1, self.n).all(1)
+            kept = int((scored & accepted_groups(scores[:, 0], self.lengths, self.n, cfg, self.limit)).sum())
+            if kept >= needed or kept + int((complete & ~scored).sum()) < needed:
+                break
+            self._take(self.stream.wait(more))
+            more *= 2
+        self.exposed_s += time.perf_counter() - t0
+        return kept >= needed
 
     def finish(self) -> tuple[np.ndarray, dict[str, int], float]:
         """Waits for the remaining scores -> (acc [rows] float32 on every host, pool counts, span seconds)."""

@@ -1,11 +1,14 @@
 """Streaming verification: the sampler hands rows to the verifier pool as they stop; the scores equal those of
 verifying the finished rollout in one batch, and `collect` logs the verification time decoding did not hide."""
 
+import json
+import time
+
 import numpy as np
 import pytest
 
 from prime_jax.data.example import Example
-from prime_jax.experience import CollectConfig, Prompt, StreamingVerifier, collect, verify
+from prime_jax.experience import CollectConfig, Prompt, StreamingVerifier, accepted_groups, collect, verify
 from prime_jax.models import load_pretrained
 from prime_jax.rewards.pool import VerifierPool
 from prime_jax.sampling import generate
@@ -86,3 +89,30 @@ def test_collect_stops_sampling_once_the_filter_has_enough_groups(setup):
     assert buffer == [prompts[2], prompts[3], prompts[4]]
     np.testing.assert_array_equal(exp2.tokens, exp.tokens)
     assert buffer2 == buffer and metrics2["train/groups_unsampled"] == 2
+
+
+SLOW_CODE = "```python\nimport time\ndef f():\n    time.sleep(3)\n    return True\n```"
+
+
+def test_enough_waits_only_until_the_scores_settle_its_answer(setup):
+    """Group 0 (math, one row right: accepted) scores at once, group 1 (code whose rows sleep 3 s) later.
+    `enough(1)` answers True without waiting for group 1; `enough(2)` waits for it (both rows pass: rejected, all
+    right) and answers False; every answer is the one all the scores give."""
+    pool = setup[3]
+    prompts = [Prompt(Example([], "math", "1", "test", "m"), (5,)),
+               Prompt(Example([], "code", json.dumps({"prelude": "", "asserts": ["assert f()"]}), "test", "c"), (6,))]
+    texts = {0: "\\boxed{1}", 1: "\\boxed{0}", 2: SLOW_CODE}
+    verifier = StreamingVerifier(prompts, N, lambda ids: texts[int(ids[0])], pool)
+    tokens = np.array([[0, 9], [1, 9], [2, 9], [2, 9]])
+    cfg = CollectConfig(batch_size=2, n=N)
+    verifier(np.arange(4), tokens, np.full(4, 2))
+    start = time.perf_counter()
+    first = verifier.enough(cfg, 1)
+    early = time.perf_counter() - start
+    answers = [first] + [verifier.enough(cfg, k) for k in (2, 3, 0)]
+    late = time.perf_counter() - start
+    acc, _, _ = verifier.finish()
+    kept = int(accepted_groups(acc, np.full(4, 2), N, cfg, 2).sum())
+    assert acc.tolist() == [1, 0, 1, 1] and kept == 1
+    assert answers == [True, False, False, True] == [k <= kept for k in (1, 2, 3, 0)]
+    assert early < 1.5 < late

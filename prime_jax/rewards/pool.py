@@ -321,7 +321,7 @@ class VerifierPool:
 
 class ScoreStream:
     """Items of one batch scored while more are added: `add` queues items and hands them to idle workers
-    at once, `poll` takes the scores that came back without waiting, `finish` waits for the rest.
+    at once, `poll` takes the scores that came back without waiting, `wait` waits for some, `finish` for the rest.
     The per-batch deadline (`batch_timeout_s`) runs from `finish`; per-item deadlines are enforced
     whenever the stream is polled or finished. One stream per pool at a time."""
 
@@ -353,6 +353,13 @@ class ScoreStream:
         self.pool._step(self, time.monotonic())
         out, self.finished = self.finished, []
         return out
+
+    def wait(self, count: int) -> list[int]:
+        """Waits until at least `count` items are final since the last poll, or none is left to wait for (item
+        deadlines apply) -> their indices, as `poll`."""
+        while len(self.finished) < count and (self.queue or any(w.pending for w in self.pool._workers)):
+            self.pool._step(self, None)
+        return self.poll()
 
     def finish(self) -> BatchResult:
         """Waits for every item (at most `batch_timeout_s` from now) -> scores [N] float32 and failure counts."""
