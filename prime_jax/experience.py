@@ -136,6 +136,7 @@ class StreamingVerifier:
         self.share = process_rows(len(prompts) * n)
         self.stream = pool.stream()
         self.rows: list[int] = []  # stream index -> row
+        self.index = np.full(self.share.stop - self.share.start, -1, np.int64)  # this process's rows -> stream index
         self.handed = np.zeros(len(prompts) * n, bool)
         self.lengths = np.zeros(len(prompts) * n, np.int64)
         self.limit = 0  # R, from the first rows handed over
@@ -153,6 +154,7 @@ class StreamingVerifier:
             if self.share.start <= row < self.share.stop:
                 ex = self.prompts[row // self.n].example
                 items.append(VerifyItem(self.decode(toks[:int(length)]), ex.ability, ex.ground_truth))
+                self.index[row - self.share.start] = len(self.rows)
                 self.rows.append(row)
         self.stream.add(items)
         self._take(self.stream.poll())
@@ -182,7 +184,8 @@ class StreamingVerifier:
         over. The answer is the one all their scores give, whatever the timing (the sampler asks once per decode
         round, every host at the same round), but it waits for scores only until they settle it: until the
         accepted groups reach `needed`, or the groups still unscored could no longer make up the difference.
-        Waits for 1, 2, 4, ... more scores at a time (multi-host: a collective per wait, every host alike)."""
+        Waits for one more of those rows' scores at a time (multi-host: 1, 2, 4, ... a process, a collective
+        after each wait, every host alike)."""
         complete = self.handed.reshape(-1, self.n).all(1)
         if complete.sum() < needed:
             return False
@@ -194,8 +197,9 @@ class StreamingVerifier:
             kept = int((scored & accepted_groups(scores[:, 0], self.lengths, self.n, cfg, self.limit)).sum())
             if kept >= needed or kept + int((complete & ~scored).sum()) < needed:
                 break
-            self._take(self.stream.wait(more))
-            more *= 2
+            unscored = np.repeat(complete, self.n)[self.share] & ~self.local_known & (self.index >= 0)
+            self._take(self.stream.wait(self.index[unscored].tolist(), more))
+            more = more * 2 if jax.process_count() > 1 else 1
         self.exposed_s += time.perf_counter() - t0
         return kept >= needed
 

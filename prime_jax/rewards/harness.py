@@ -218,14 +218,25 @@ def _remove_tree(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _reap(uid: int | None) -> None:
+def _scheduling() -> tuple:
+    """This process's scheduling (policy, priority, nice, CPUs): what Linux's setpriority and sched_setaffinity
+    permission checks may let a process whose effective uid equals ours change, where signals, ptrace and
+    rlimits check our real and saved uids. (Linux 6.18 here refuses even that: checked, not relied on.)"""
+    return (os.sched_getscheduler(0), os.sched_getparam(0).sched_priority, os.getpriority(os.PRIO_PROCESS, 0),
+            os.sched_getaffinity(0))
+
+
+def _reap(uid: int | None, undumpable) -> None:
     """After a run in a zygote: SIGKILL every process the run left and empty /tmp and /dev/shm, with the
     run's own permissions. A root zygote (bwrap leaves it no CAP_KILL) takes the run's uid as its effective
     uid for the while: root stays its real and saved uid, so the run's processes can neither signal nor
-    ptrace it, and it can switch back. Saves forking a helper of that uid per run."""
+    ptrace it, and it can switch back. Saves forking a helper of that uid per run. While the uids are
+    equal, a leftover could change our scheduling: the caller checks `_scheduling` afterwards.
+    `undumpable()`: a change of effective uid resets dumpable to fs.suid_dumpable; called right after."""
     if uid is not None:
         os.setresgid(-1, uid, -1)
         os.setresuid(-1, uid, -1)
+        undumpable()
     try:
         try:  # every process this uid may signal but the zygote (and the PID namespace's init, bwrap)
             os.kill(-1, signal.SIGKILL)
@@ -233,8 +244,11 @@ def _reap(uid: int | None) -> None:
             pass
         for directory in ("/tmp", "/dev/shm"):
             for entry in os.scandir(directory) if os.path.isdir(directory) else ():
-                if entry.stat(follow_symlinks=False).st_dev != os.stat(directory).st_dev:
-                    continue  # a read-only bind inside it (the code or the venv under /tmp): not the program's
+                try:
+                    if entry.stat(follow_symlinks=False).st_dev != os.stat(directory).st_dev:
+                        continue  # a read-only bind inside it (the code or the venv under /tmp): not the program's
+                except OSError:  # removed meanwhile by a process finishing its last call
+                    continue
                 if entry.is_dir(follow_symlinks=False):
                     _remove_tree(entry.path)
                 else:
@@ -259,9 +273,11 @@ def _zygote_main() -> None:
     # process nor open its /proc fds and memory; it can at most kill it, which ends the sandbox.
     pr_set_dumpable = 4
     prctl = ctypes.CDLL(None, use_errno=True).prctl
-    prctl(pr_set_dumpable, 0, 0, 0, 0)
+    undumpable = lambda: prctl(pr_set_dumpable, 0, 0, 0, 0)  # noqa: E731
+    undumpable()
     if os.geteuid() == 0:  # the runs' uid takes no supplementary group of ours while reaping (`_reap`)
         os.setgroups([])
+    scheduling = _scheduling()
     read_line, read, write = sys.stdin.buffer.readline, sys.stdin.buffer.read, os.write
     imported = None
     while True:
@@ -276,8 +292,10 @@ def _zygote_main() -> None:
         if child == 0:
             _harness_main(payload)
         os.waitpid(child, 0)
-        _reap(payload["uid"])
-        prctl(pr_set_dumpable, 0, 0, 0, 0)  # a change of effective uid resets it to fs.suid_dumpable
+        _reap(payload["uid"], undumpable)
+        undumpable()
+        if _scheduling() != scheduling:  # a leftover changed it while we reaped as its uid: this sandbox ends here
+            os._exit(1)
         write(1, b"done\n")
 
 

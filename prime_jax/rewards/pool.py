@@ -354,11 +354,16 @@ class ScoreStream:
         out, self.finished = self.finished, []
         return out
 
-    def wait(self, count: int) -> list[int]:
-        """Waits until at least `count` items are final since the last poll, or none is left to wait for (item
-        deadlines apply) -> their indices, as `poll`."""
-        while len(self.finished) < count and (self.queue or any(w.pending for w in self.pool._workers)):
+    def wait(self, indices: Sequence[int], count: int) -> list[int]:
+        """Waits until at least `count` of the items `indices` are final since the last poll, or all of them are
+        (item deadlines apply) -> every index final since the last poll, as `poll`."""
+        wanted = set(indices)
+        count = min(count, len(wanted))
+        got = len(wanted.intersection(self.finished))
+        while got < count and (self.queue or any(w.pending for w in self.pool._workers)):
+            seen = len(self.finished)
             self.pool._step(self, None)
+            got += len(wanted.intersection(self.finished[seen:]))
         return self.poll()
 
     def finish(self) -> BatchResult:
