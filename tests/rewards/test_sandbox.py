@@ -26,8 +26,9 @@ def score(program: str, asserts: list[str], prelude: str = "", allow_unsandboxed
     return code.score(f"```python\n{program}\n```", truth, LIMITS, allow_unsandboxed=allow_unsandboxed)
 
 
-def _sandbox_processes() -> list[int]:
-    """Live processes started by sandboxes of this process (harness, bwrap, anything they forked)."""
+def _sandbox_processes(zombies: bool = False) -> list[int]:
+    """Live (and with `zombies`, dead but not yet reaped) processes started by sandboxes of this process (harness,
+    bwrap, anything they forked)."""
     uid = sandbox._SANDBOX_UID_BASE + os.getpid()
     harness = os.path.abspath(sandbox.__file__).encode()
     found = []
@@ -40,7 +41,7 @@ def _sandbox_processes() -> list[int]:
         except OSError:
             continue
         fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-        if "Z" in fields["State"]:
+        if "Z" in fields["State"] and not zombies:
             continue
         ours = str(uid) in fields["Uid"].split() or (harness in cmdline and int(fields["PPid"]) == os.getpid())
         if ours:
@@ -56,7 +57,8 @@ def host_unaffected():
     processes_before = len([e for e in os.scandir("/proc") if e.name.isdigit()])
     yield
     deadline = time.monotonic() + 5
-    while _sandbox_processes() and time.monotonic() < deadline:
+    # Zombies too: until reaped they count against the sandbox uid's process limit in the next test.
+    while _sandbox_processes(zombies=True) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert _sandbox_processes() == []
     processes_after = len([e for e in os.scandir("/proc") if e.name.isdigit()])
