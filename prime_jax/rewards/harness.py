@@ -232,7 +232,7 @@ def _reap(uid: int | None, undumpable) -> None:
     uid for the while: root stays its real and saved uid, so the run's processes can neither signal nor
     ptrace it, and it can switch back. Saves forking a helper of that uid per run. While the uids are
     equal, a leftover could change our scheduling: the caller checks `_scheduling` afterwards.
-    `undumpable()`: a change of effective uid resets dumpable to fs.suid_dumpable; called right after."""
+    `undumpable()`: a change of effective uid resets dumpable to fs.suid_dumpable; called after each."""
     if uid is not None:
         os.setresgid(-1, uid, -1)
         os.setresuid(-1, uid, -1)
@@ -260,6 +260,7 @@ def _reap(uid: int | None, undumpable) -> None:
         if uid is not None:
             os.setresuid(-1, 0, -1)
             os.setresgid(-1, 0, -1)
+            undumpable()
 
 
 def _zygote_main() -> None:
@@ -293,7 +294,6 @@ def _zygote_main() -> None:
             _harness_main(payload)
         os.waitpid(child, 0)
         _reap(payload["uid"], undumpable)
-        undumpable()
         if _scheduling() != scheduling:  # a leftover changed it while we reaped as its uid: this sandbox ends here
             os._exit(1)
         write(1, b"done\n")

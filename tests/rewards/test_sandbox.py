@@ -202,9 +202,11 @@ LEAVE_BEHIND = (
 FIND_LEFTOVERS = (
     "import os\n"
     "def f():\n"
-    "    files = [d + '/' + n for d in ('/tmp', '/dev/shm') for n in ('left', 'locked') if os.path.lexists(d + '/' + n)]\n"
+    "    files = [d + '/' + n for d in ('/tmp', '/dev/shm') for n in ('left', 'locked')\n"
+    "             if os.path.lexists(d + '/' + n)]\n"
     "    mine = [p for p in os.listdir('/proc') if p.isdigit() and int(p) not in (1, os.getpid(), os.getppid())\n"
-    "            and os.stat('/proc/' + p).st_uid == os.getuid() and 'Z' not in open(f'/proc/{p}/stat').read().split()[2]]\n"
+    "            and os.stat('/proc/' + p).st_uid == os.getuid()\n"
+    "            and 'Z' not in open(f'/proc/{p}/stat').read().split()[2]]\n"
     "    return files, mine\n"
 )
 
