@@ -471,12 +471,11 @@ def decode(graphdef: nnx.GraphDef, params: nnx.State, state: SamplerState, until
         model = nnx.merge(graphdef, jax.tree.map(lambda x: replicate(cast(x)), params))
     r, block, prompt_slots = cfg.max_new_tokens, cfg.block(state.prompt_len), cfg.prompt_slots(state.prompt_len)
     ring = cfg.cache_len(state.prompt_len) - prompt_slots
-    rows = jnp.arange(state.done.shape[0])
     layers = (layers or model.layer_slices()) if cfg.per_layer else None  # loop invariants, outside the while loop
 
-    def cond(carry) -> Array:
+    def cond(carry) -> Array:  # one reduction over the batch: one all-reduce a step when the batch is split
         i, s = carry
-        return (i < cfg.steps_per_sync) & ~jnp.all(s.done) & (jnp.sum(s.done) < until_free)
+        return (i < cfg.steps_per_sync) & (jnp.sum(s.done) < jnp.minimum(until_free, s.done.shape[0]))
 
     def body(carry):
         i, s = carry
@@ -488,11 +487,13 @@ def decode(graphdef: nnx.GraphDef, params: nnx.State, state: SamplerState, until
                                           counts=jnp.where(live, s.steps, 0), ring_index=s.ring,
                                           prompt_slots=prompt_slots, block=block, layers=layers)
         tokens, logprobs = select_tokens(logits, s.keys, s.steps, cfg.sampling)
-        col = jnp.where(live, s.steps, r)  # column r: dropped
+        # Each row's new token goes to its column s.steps (none when not live) by a select, not a scatter: a
+        # scatter into a batch-split array all-gathers its indices across the data-parallel devices every step.
+        at = live[:, None] & (jnp.arange(r)[None, :] == s.steps[:, None])  # [B, R]
         steps = s.steps + live
         s = s.replace(cache=cache, ring=(s.ring + 1) % ring, last=jnp.where(live, tokens, s.last), steps=steps,
-                      tokens=s.tokens.at[rows, col].set(tokens, mode="drop"),
-                      logprobs=s.logprobs.at[rows, col].set(logprobs, mode="drop"),
+                      tokens=jnp.where(at, tokens[:, None], s.tokens),
+                      logprobs=jnp.where(at, logprobs[:, None], s.logprobs),
                       done=s.done | _is_stop(tokens, cfg.sampling.stop_ids) | (steps >= r))
         return i + 1, _constrain_state(s)
 

@@ -4,6 +4,7 @@ it was inserted), rows streamed as they stop, and input errors."""
 
 import dataclasses
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -241,6 +242,23 @@ def test_sharded_mesh_gives_the_same_tokens(qwen2_dir, sampled):
                      (per_layer.cache[1].k, P(("data", "fsdp"), "tensor", None, None))]:  # [N, K, Dh, S]
         assert kv.sharding.is_equivalent_to(jax.sharding.NamedSharding(mesh, spec), kv.ndim)
     assert stacked.tokens.sharding.is_equivalent_to(batch_sharding(mesh, 2), 2)
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_a_data_split_decode_step_syncs_the_devices_once(qwen_model, per_layer):
+    """On a batch split 4 ways, a decode step's only collective is the loop condition's one all-reduce: writing
+    the new tokens gathers no indices across the devices (a scatter would all-gather them every step)."""
+    mesh = make_mesh({"data": 4}, jax.devices()[:4])
+    graphdef, params = nnx.split(qwen_model)
+    params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    cfg = SamplerConfig(n=2, max_new_tokens=8, sampling=SamplingParams(stop_ids=(3,)), rows=8, buckets=(8,),
+                        data_parallel=4, per_layer=per_layer)
+    with jax.set_mesh(mesh):
+        state = empty_state(qwen_model.cfg, cfg, 8)
+        layers = layer_weights(graphdef, params) if per_layer else None
+        hlo = decode.lower(graphdef, params, state, jnp.int32(9), layers).compile().as_text()
+    collectives = re.findall(r"= \S+ (all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter)\(", hlo)
+    assert collectives == ["all-reduce"], collectives
 
 
 @pytest.mark.parametrize("kw", [{"prompts_per_call": 1}, {"prompts_per_call": 2, "steps_per_sync": 3},
