@@ -10,8 +10,11 @@ return sequences (each call runs until its longest row stops). Prints, per R, ea
 (up to and including the stop token) per second and the ratio. Compile time is excluded (prime_jax is run
 once untimed with the timed shapes; transformers with a short call); figures are medians of `--repeats`
 runs. transformers is timed with each of `--torch-threads` and the ratio is taken against its fastest.
+prime_jax is timed with its rows on one device and split over D devices for each D of `--data-parallel` (a
+data-parallel mesh; on CPU the host is split into D XLA devices, each decoding its share of the rows on its own
+core, which is how a multi-core host runs prime_jax's mesh; default: 1 and the core count).
 On a GPU machine (JAX_PLATFORMS=cuda) transformers runs on the GPU too.
-Run: `python bench/sampler.py [--in-flight 64 8 --prompts 64 --n 4 --new 256 --vocab 64]`.
+Run: `python bench/sampler.py [--in-flight 64 8 --prompts 64 --n 4 --new 256 --vocab 64 --data-parallel 1 2]`.
 """
 
 from __future__ import annotations
@@ -21,23 +24,8 @@ import os
 import sys
 import tempfile
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import transformers  # noqa: E402
-
-from bench.common import median_seconds, torch_device  # noqa: E402
-from prime_jax.models import load_pretrained  # noqa: E402
-from prime_jax.sampling import generate  # noqa: E402
-from tests.fixtures import tiny_config, write_hf_checkpoint  # noqa: E402
-
-STOP = 1
-
-
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser()
     ap.add_argument("--in-flight", type=int, nargs="+", default=[64, 8], help="most rows decoded at once")
     ap.add_argument("--prompts", type=int, default=64)
@@ -48,16 +36,49 @@ def main() -> None:
     ap.add_argument("--steps-per-sync", type=int, default=8)
     ap.add_argument("--kv-block", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--torch-threads", type=int, nargs="+", default=[torch.get_num_threads(), 1],
+    ap.add_argument("--data-parallel", type=int, nargs="+", default=None,
+                    help="prime_jax is timed with its rows split over each of these numbers of devices (a data-parallel "
+                         "mesh); on CPU the host is split into that many XLA devices. Default: 1 and, on a CPU with "
+                         "several cores, the core count")
+    ap.add_argument("--torch-threads", type=int, nargs="+", default=[os.cpu_count() or 1, 1],
                     help="transformers is timed at each; the ratio uses the fastest (OpenMP with all cores can be "
                          "10x slower than 1 thread when other processes load the CPU)")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+ARGS = parse_args() if __name__ == "__main__" else None
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if ARGS is not None and os.environ["JAX_PLATFORMS"] == "cpu":  # one XLA device per core, before jax is imported
+    ARGS.data_parallel = ARGS.data_parallel or sorted({1, os.cpu_count() or 1})
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_force_host_platform_device_count={max(ARGS.data_parallel)}")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+from bench.common import median_seconds, torch_device  # noqa: E402
+from prime_jax.mesh import make_mesh  # noqa: E402
+from prime_jax.models import load_pretrained  # noqa: E402
+from prime_jax.sampling import generate  # noqa: E402
+from tests.fixtures import tiny_config, write_hf_checkpoint  # noqa: E402
+
+STOP = 1
+
+
+def main(args: argparse.Namespace) -> None:
+    args.data_parallel = args.data_parallel or [1]
+    if max(args.data_parallel) > jax.device_count():
+        raise SystemExit(f"--data-parallel {max(args.data_parallel)}: only {jax.device_count()} devices")
     cfg = tiny_config(vocab_size=args.vocab, hidden_size=256, intermediate_size=1024, num_layers=4, num_heads=4,
                       num_kv_heads=2, head_dim=64, max_position_embeddings=4096, logits_chunk=1024)
     with tempfile.TemporaryDirectory() as d:
         write_hf_checkpoint(cfg, d)
         hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).to(torch_device()).eval()
-        model = load_pretrained(d)
+        meshes = {dp: make_mesh({"data": dp}, jax.devices()[:dp]) if dp > 1 else None for dp in args.data_parallel}
+        models = {dp: load_pretrained(d, mesh=mesh) for dp, mesh in meshes.items()}
     rows = args.prompts * args.n
     prompts = np.random.default_rng(0).integers(2, cfg.vocab_size, (args.prompts, args.prompt))
     print(f"model: qwen2 d={cfg.hidden_size} L={cfg.num_layers} heads {cfg.num_heads}/{cfg.num_kv_heads} "
@@ -65,17 +86,19 @@ def main() -> None:
           f"{args.prompts} prompts of {args.prompt} tokens x {args.n} samples = {rows} rows, at most {args.new} new "
           f"tokens, stop id {STOP}, temperature 1.0; jax on {jax.devices()[0].platform}, transformers on {hf.device}, "
           f"{os.cpu_count()} CPUs; "
-          f"steps_per_sync {args.steps_per_sync}, kv_block {args.kv_block}")
+          f"steps_per_sync {args.steps_per_sync}, kv_block {args.kv_block}; prime_jax's rows split over "
+          f"{' / '.join(map(str, args.data_parallel))} device(s)")
     print(f"compile and warm-up excluded; median of {args.repeats} timed runs")
     for in_flight in args.in_flight:
-        if in_flight % args.n or args.prompts % (in_flight // args.n):
-            raise SystemExit(f"--in-flight {in_flight}: must be a multiple of --n whose prompts divide --prompts")
+        if in_flight % args.n or args.prompts % (in_flight // args.n) or any(in_flight % dp for dp in args.data_parallel):
+            raise SystemExit(f"--in-flight {in_flight}: must be a multiple of --n and of each --data-parallel, whose "
+                             f"prompts divide --prompts")
         per_call = in_flight // args.n
         seeds = iter(range(1_000_000))
         counts: dict[str, list[int]] = {"prime_jax": [], "transformers": []}
 
-        def ours() -> None:
-            out = generate(model, prompts.tolist(), n=args.n, max_new_tokens=args.new, temperature=1.0, stop_ids=(STOP,),
+        def ours(dp: int) -> None:
+            out = generate(models[dp], prompts.tolist(), mesh=meshes[dp], n=args.n, max_new_tokens=args.new, temperature=1.0, stop_ids=(STOP,),
                            seed=next(seeds), buckets=(args.prompt,), prompts_per_call=per_call,
                            steps_per_sync=args.steps_per_sync, kv_block=args.kv_block)
             counts["prime_jax"].append(int(out.lengths.sum()))
@@ -93,11 +116,15 @@ def main() -> None:
             if new == args.new:
                 counts["transformers"].append(total)
 
-        t_ours = median_seconds(ours, args.repeats)
-        ours_tps = np.median(counts["prime_jax"][1:]) / t_ours
-        lengths = np.asarray(counts["prime_jax"][1:]) / rows
-        line = (f"{in_flight:3d} rows in flight: mean length {lengths.mean():.0f} of {args.new} | "
-                f"prime_jax {ours_tps:8.0f} tokens/s")
+        line = f"{in_flight:3d} rows in flight"
+        ours_tps = {}
+        for dp in args.data_parallel:
+            counts["prime_jax"].clear()
+            t = median_seconds(lambda: ours(dp), args.repeats)
+            ours_tps[dp] = np.median(counts["prime_jax"][1:]) / t
+            lengths = np.asarray(counts["prime_jax"][1:]) / rows
+            line += f" | prime_jax ({dp} dev) {ours_tps[dp]:7.0f} tokens/s"
+        line += f" (mean length {lengths.mean():.0f} of {args.new})"
         best = 0.0
         for threads in args.torch_threads:
             torch.set_num_threads(threads)
@@ -106,8 +133,9 @@ def main() -> None:
             tps = np.median(counts["transformers"]) / t
             best = max(best, tps)
             line += f" | transformers ({threads} thr) {tps:7.0f} tokens/s"
-        print(f"{line} | ratio vs the faster transformers {ours_tps / best:.2f}x", flush=True)
+        ratios = ", ".join(f"{ours_tps[dp] / best:.2f}x ({dp} dev)" for dp in args.data_parallel)
+        print(f"{line} | ratio vs the faster transformers {ratios}", flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    main(ARGS)
