@@ -28,7 +28,7 @@ from prime_jax.rl.optim import (OptimConfig, TrainState, init_train_state, make_
                                 train_state_shardings)
 from prime_jax.rl.ppo import PpoStepConfig, make_ppo_step, ppo_minibatches
 from prime_jax.sampling import (Sampler, SamplerConfig, SamplingParams, compacts_tail, length_buckets, per_layer_decode,
-                                rows_in_flight)
+                                refills_on_device, rows_in_flight)
 
 
 def rows_per_step(c: ml_collections.ConfigDict) -> int:
@@ -54,7 +54,8 @@ def sampler_config(c: ml_collections.ConfigDict, mesh: Mesh, stop_ids: Sequence[
                          buckets=length_buckets(c.data.max_prompt_length), pad_id=pad_id,
                          steps_per_sync=r.steps_per_sync, kv_block=r.kv_block, data_parallel=dp,
                          gather_params=r.gather_params, per_layer=per_layer_decode(platform),
-                         compact_tail=compacts_tail(platform) if r.compact_tail == "auto" else r.compact_tail == "on")
+                         compact_tail=compacts_tail(platform) if r.compact_tail == "auto" else r.compact_tail == "on",
+                         refill=refills_on_device(platform, dp))
 
 
 def check_kv_cache(c: ml_collections.ConfigDict, mesh: Mesh, model_cfg: ModelConfig) -> None:

@@ -8,7 +8,9 @@ Jitted programs, pure functions of explicit state, which the trainer and the AOT
   their first tokens; `state` is donated;
 - `decode(graphdef, params, state, until_free, layers)`: up to `steps_per_sync` decode steps of every live row
   (a `lax.while_loop`, which also ends once `until_free` slots are free), each row at its own position;
-  `state` (one KV cache per layout) is donated and updated in place;
+  `state` (one KV cache per layout) is donated and updated in place; with `SamplerConfig.refill`, a slot freed
+  mid-round takes the held prompt's next sample right there, on the device (the row that stopped is kept for
+  the host in the state's `fin_*` buffers);
 - `compact(state, rows, keep)`: the live rows moved into a smaller batch, for the tail of a call;
 - `layer_weights(graphdef, params)`: the per-layer weights the CPU layout reads (`SamplerConfig.per_layer`).
 `generate` / `Sampler` is the host loop around them: insert the next waiting prompt-samples into the free
@@ -101,7 +103,8 @@ class SamplerConfig:
     unrolled over weights sliced once per sampler call (`layer_weights`), instead of the stacked cache read in
     blocks of kv_block by a scan over the stacked weights; compact_tail: once no prompt waits, the host loop
     moves the live rows into the fewest slots of `tail_sizes` that hold them (`compact`), so the tail of a
-    call, its longest rows, does not pay for the freed slots.
+    call, its longest rows, does not pay for the freed slots; refill: `decode` itself starts the held prompt's next
+    samples in slots freed mid-round (`refills_on_device`), so only a prompt that needs a prefill ends a round.
     """
 
     n: int
@@ -116,6 +119,7 @@ class SamplerConfig:
     gather_params: bool = False
     per_layer: bool = False
     compact_tail: bool = False
+    refill: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "buckets", tuple(sorted(int(b) for b in self.buckets)))
@@ -130,6 +134,9 @@ class SamplerConfig:
             raise ValueError(f"sampler: kv_block must be >= 1, got {self.kv_block}")
         if not self.buckets or self.buckets[0] < 1:
             raise ValueError(f"sampler: buckets must be a non-empty list of positive lengths, got {self.buckets}")
+        if self.refill and self.data_parallel > 1:
+            raise ValueError("sampler: refill (on-device starts of the held prompt's samples) needs an unsplit batch "
+                             f"(data_parallel 1, got {self.data_parallel})")
         if self.rows < 1 or self.rows % self.data_parallel:
             raise ValueError(f"sampler: rows in flight ({self.rows}) must be a positive multiple of the "
                              f"{self.data_parallel}-way data-parallel size")
@@ -192,6 +199,14 @@ def per_layer_decode(platform: str) -> bool:
     return platform == "cpu"
 
 
+def refills_on_device(platform: str, data_parallel: int) -> bool:
+    """Whether `decode` starts the held prompt's samples in freed slots itself (`SamplerConfig.refill`) by default:
+    on one CPU device, where it is measured (`bench/sampler.py`: at 8 rows in flight a row stops every ~5 steps,
+    and a host round trip plus an `insert` call per stop cost about a decode step each). On a batch split over
+    devices the refill's choice of slot and copy of the stopped row would be collectives at every step."""
+    return platform == "cpu" and data_parallel == 1
+
+
 def compacts_tail(platform: str) -> bool:
     """Whether the sampler moves a call's tail into halved batches by default (`SamplerConfig.compact_tail`) on
     `platform`: CPU, where it is measured (`bench/sampler.py`). On TPU/GPU each tail size is one more decode
@@ -231,7 +246,12 @@ class SamplerState:
     (stop included); tokens [N, R] int32 (pad after stop); logprobs [N, R] float32 (0 after stop); done [N]
     bool (a free slot is done); held: the KV cache [L, 1, K, prompt_len, Dh] of the held prompt (prefilled, not all
     of its samples started yet; `insert`), held_logits [1, V] float32 its next-token logits, held_len [1] int32 its
-    length. `cfg` and `prompt_len` (the largest prompt the cache holds) are static.
+    length; slot_row [N] int32 the row each slot started last (-1: none yet); next_row: int32 scalar, the row the
+    next start takes (the held prompt has samples left to start while next_row % n != 0); rng: the call's PRNG key
+    (a row's key is fold_in(rng, row)); fin_rows [F], fin_tokens [F, R], fin_logprobs [F, R], fin_lens [F]: the rows
+    (slot_row values, -1 or already collected ones included) whose slots `decode` refilled in its current call,
+    fin_count of them (F = N with cfg.refill, else 0). `cfg` and `prompt_len` (the largest prompt the cache holds)
+    are static.
     """
 
     cache: KVCache | tuple[LayerKV, ...]
@@ -246,6 +266,14 @@ class SamplerState:
     tokens: Array
     logprobs: Array
     done: Array
+    slot_row: Array
+    next_row: Array
+    rng: Array
+    fin_rows: Array
+    fin_tokens: Array
+    fin_logprobs: Array
+    fin_lens: Array
+    fin_count: Array
     cfg: SamplerConfig = flax.struct.field(pytree_node=False)
     prompt_len: int = flax.struct.field(pytree_node=False)
 
@@ -335,7 +363,8 @@ def _state_axes(state: SamplerState) -> SamplerState:
     held = ("layers", None, "kv_heads", None, "head_dim")
     return state.replace(cache=cache, held=KVCache(k=held, v=held), held_logits=(None, None), held_len=(None,),
                          prompt_lens=b1, ring=(), last=b1, keys=b1, steps=b1, tokens=b2, logprobs=b2,
-                         done=b1)
+                         done=b1, slot_row=b1, next_row=(), rng=(), fin_rows=(None,), fin_tokens=(None, None),
+                         fin_logprobs=(None, None), fin_lens=(None,), fin_count=())
 
 
 def _map_state(fn: Callable[[Any, tuple[str | None, ...]], Any], state: SamplerState) -> SamplerState:
@@ -362,6 +391,7 @@ def _constrain_state(state: SamplerState) -> SamplerState:
 def empty_state(model_cfg: ModelConfig, cfg: SamplerConfig, prompt_len: int) -> SamplerState:
     """Every slot free (done) and a zero KV cache for prompts of at most `prompt_len` tokens."""
     n, r = cfg.rows, cfg.max_new_tokens
+    f = n if cfg.refill else 0
     zeros = jnp.zeros((n,), jnp.int32)
     cache = (LayerKV if cfg.per_layer else KVCache).zeros(model_cfg, n, cfg.cache_len(prompt_len))
     return _constrain_state(SamplerState(
@@ -370,7 +400,10 @@ def empty_state(model_cfg: ModelConfig, cfg: SamplerConfig, prompt_len: int) -> 
         prompt_lens=jnp.ones((n,), jnp.int32),
         ring=jnp.zeros((), jnp.int32), last=zeros, keys=jax.random.split(jax.random.key(0), n), steps=zeros,
         tokens=jnp.full((n, r), cfg.pad_id, jnp.int32), logprobs=jnp.zeros((n, r), jnp.float32),
-        done=jnp.ones((n,), jnp.bool_), cfg=cfg, prompt_len=prompt_len))
+        done=jnp.ones((n,), jnp.bool_), slot_row=jnp.full((n,), -1, jnp.int32), next_row=jnp.zeros((), jnp.int32),
+        rng=jax.random.key(0), fin_rows=jnp.zeros((f,), jnp.int32), fin_tokens=jnp.zeros((f, r), jnp.int32),
+        fin_logprobs=jnp.zeros((f, r), jnp.float32), fin_lens=jnp.zeros((f,), jnp.int32),
+        fin_count=jnp.zeros((), jnp.int32), cfg=cfg, prompt_len=prompt_len))
 
 
 def _put_prompts(kv: KVCache | tuple[LayerKV, ...], idx: Array, prompt: KVCache) -> KVCache | tuple[LayerKV, ...]:
@@ -423,26 +456,38 @@ def insert(graphdef: nnx.GraphDef, params: nnx.State, state: SamplerState, promp
                _row(logits, hold, 0), _row(prompt_lens, hold, 0))
         held = jax.tree.map(lambda new, old: jnp.where(hold < b, new, old), new, held)
 
-    def draw(logits: Array, lens: Array, slots: Array, rows: Array) -> tuple[Array, ...]:
-        """First tokens of the samples of P prompts (logits [P, V], lens [P], slots, rows [n, P]), sample-major."""
-        keys = jax.vmap(jax.random.fold_in, (None, 0))(rng, rows.reshape(-1).astype(jnp.uint32))
-        tokens, logprobs = select_tokens(jnp.tile(logits, (cfg.n, 1)), keys, jnp.int32(0), cfg.sampling)
-        return slots.reshape(-1), jnp.tile(lens, cfg.n), keys, tokens, logprobs
-
     # The batch's and the held prompt's draws apart, so the batch's [n * B, V] work stays split like the batch.
-    flat, prompt_lens, keys, tokens, logprobs = (jnp.concatenate(x) for x in zip(
-        draw(logits, prompt_lens, slots[:, :b], rows[:, :b]),
-        draw(state.held_logits, state.held_len, slots[:, b:], rows[:, b:])))
-    r = cfg.max_new_tokens
-    put = lambda buf, val: buf.at[flat].set(val, mode="drop")  # noqa: E731
-    first = lambda x, fill: jnp.full((flat.shape[0], r), fill, x.dtype).at[:, 0].set(x)  # noqa: E731
-    state = state.replace(
-        cache=kv, held=held[0], held_logits=held[1], held_len=held[2],
-        prompt_lens=put(state.prompt_lens, prompt_lens), last=put(state.last, tokens), keys=put(state.keys, keys),
-        steps=put(state.steps, jnp.ones_like(tokens)),
-        tokens=put(state.tokens, first(tokens, cfg.pad_id)), logprobs=put(state.logprobs, first(logprobs, 0.0)),
-        done=put(state.done, _is_stop(tokens, cfg.sampling.stop_ids) | (r == 1)))
+    started = [_start_rows(state.replace(rng=rng), logits, prompt_lens, slots[:, :b], rows[:, :b]),
+               _start_rows(state.replace(rng=rng), state.held_logits, state.held_len, slots[:, b:], rows[:, b:])]
+    first_row = jnp.max(jnp.where(slots < cfg.rows, rows, -1))  # the last row started here, + 1: the next to start
+    state = _put_rows(state.replace(cache=kv, held=held[0], held_logits=held[1], held_len=held[2], rng=rng,
+                                    next_row=jnp.maximum(state.next_row, first_row + 1)),
+                      *(jnp.concatenate(x) for x in zip(*started)))
     return _constrain_state(state)
+
+
+def _start_rows(state: SamplerState, logits: Array, lens: Array, slots: Array, rows: Array) -> tuple[Array, ...]:
+    """First draws of samples of P prompts: logits [P, V] float32 and lens [P] of each prompt, slots and rows
+    [k, P] int32 (sample j of prompt p starts row rows[j, p] in slot slots[j, p]); row r's key is
+    fold_in(state.rng, r). -> (slots, rows, prompt lens, keys, tokens, logprobs), each [k * P], sample-major."""
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(state.rng, rows.reshape(-1).astype(jnp.uint32))
+    k = slots.shape[0]
+    tokens, logprobs = select_tokens(jnp.tile(logits, (k, 1)), keys, jnp.int32(0), state.cfg.sampling)
+    return slots.reshape(-1), rows.reshape(-1), jnp.tile(lens, k), keys, tokens, logprobs
+
+
+def _put_rows(state: SamplerState, slots: Array, rows: Array, prompt_lens: Array, keys: Array, tokens: Array,
+              logprobs: Array) -> SamplerState:
+    """`state` with rows [k] started in slots [k] (cfg.rows or more: dropped), having drawn their first tokens [k]
+    (`_start_rows`); their prompts' keys/values must already be in those slots."""
+    r = state.cfg.max_new_tokens
+    put = lambda buf, val: buf.at[slots].set(val, mode="drop")  # noqa: E731
+    first = lambda x, fill: jnp.full((slots.shape[0], r), fill, x.dtype).at[:, 0].set(x)  # noqa: E731
+    return state.replace(
+        prompt_lens=put(state.prompt_lens, prompt_lens), last=put(state.last, tokens), keys=put(state.keys, keys),
+        steps=put(state.steps, jnp.ones_like(tokens)), slot_row=put(state.slot_row, rows),
+        tokens=put(state.tokens, first(tokens, state.cfg.pad_id)), logprobs=put(state.logprobs, first(logprobs, 0.0)),
+        done=put(state.done, _is_stop(tokens, state.cfg.sampling.stop_ids) | (r == 1)))
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
@@ -461,8 +506,10 @@ def decode(graphdef: nnx.GraphDef, params: nnx.State, state: SamplerState, until
 
     One `lax.while_loop`; each iteration feeds each live row its last token at its own position, writes the
     keys/values of every row at one shared ring slot of the cache (in place), attends over each row's own
-    prompt and generated slots only, and draws the next token. layers: with `cfg.per_layer`, the layer weights
-    from `layer_weights(graphdef, params)` (sliced here when not given).
+    prompt and generated slots only, and draws the next token. With `cfg.refill`, done slots then take the held
+    prompt's next samples (`refill`), so `until_free` counts the done slots left once it has none to start.
+    layers: with `cfg.per_layer`, the layer weights from `layer_weights(graphdef, params)` (sliced here when not
+    given).
     """
     cfg = state.cfg
     model: Decoder = nnx.merge(graphdef, params)
@@ -476,6 +523,23 @@ def decode(graphdef: nnx.GraphDef, params: nnx.State, state: SamplerState, until
     def cond(carry) -> Array:  # one reduction over the batch: one all-reduce a step when the batch is split
         i, s = carry
         return (i < cfg.steps_per_sync) & (jnp.sum(s.done) < jnp.minimum(until_free, s.done.shape[0]))
+
+    def refill(s: SamplerState) -> SamplerState:
+        """Done slots take the held prompt's next samples, one by one while it has any (and fin has room): the row
+        that was in the slot goes to the fin buffers, the held cache into the slot, and the new row draws its first
+        token as `insert` would have drawn it."""
+        def has_work(s: SamplerState) -> Array:
+            return jnp.any(s.done) & (s.next_row % cfg.n != 0) & (s.fin_count < s.fin_rows.shape[0])
+
+        def start_one(s: SamplerState) -> SamplerState:
+            slot, at = jnp.argmax(s.done).astype(jnp.int32), s.fin_count
+            s = s.replace(fin_rows=s.fin_rows.at[at].set(s.slot_row[slot]), fin_tokens=s.fin_tokens.at[at].set(s.tokens[slot]),
+                          fin_logprobs=s.fin_logprobs.at[at].set(s.logprobs[slot]),
+                          fin_lens=s.fin_lens.at[at].set(s.steps[slot]), fin_count=at + 1,
+                          cache=_put_prompts(s.cache, slot[None], s.held), next_row=s.next_row + 1)
+            return _put_rows(s, *_start_rows(s, s.held_logits, s.held_len, slot[None, None], s.next_row[None, None] - 1))
+
+        return jax.lax.while_loop(has_work, start_one, s) if cfg.refill else s
 
     def body(carry):
         i, s = carry
@@ -495,9 +559,10 @@ def decode(graphdef: nnx.GraphDef, params: nnx.State, state: SamplerState, until
                       tokens=jnp.where(at, tokens[:, None], s.tokens),
                       logprobs=jnp.where(at, logprobs[:, None], s.logprobs),
                       done=s.done | _is_stop(tokens, cfg.sampling.stop_ids) | (steps >= r))
-        return i + 1, _constrain_state(s)
+        return i + 1, _constrain_state(refill(s))
 
-    return _constrain_state(jax.lax.while_loop(cond, body, (jnp.int32(0), _constrain_state(state)))[1])
+    state = refill(_constrain_state(state).replace(fin_count=jnp.zeros((), jnp.int32)))  # the host has read fin
+    return _constrain_state(jax.lax.while_loop(cond, body, (jnp.int32(0), state))[1])
 
 
 @functools.partial(jax.jit, static_argnums=(1,))
@@ -653,6 +718,17 @@ class Sampler:
                 if stopping:  # rows still decoding were never collected: length 0
                     break
                 done = global_to_host(state.done)
+                if cfg.refill:  # the device started rows itself: its slot map, and the rows whose slots they took
+                    slot_row, next_row, count = (np.array(global_to_host(x)) for x in (state.slot_row, state.next_row,
+                                                                                        state.fin_count))
+                    next_row, held = int(next_row), int(next_row) // n if next_row % n else -1
+                    rows, tokens, logprobs, steps = (global_to_host(x)[:count] for x in (
+                        state.fin_rows, state.fin_tokens, state.fin_logprobs, state.fin_lens))
+                    new = np.flatnonzero((rows >= 0) & (lengths[np.maximum(rows, 0)] == 0))  # not collected before
+                    if new.size:
+                        out_tokens[rows[new]], out_logprobs[rows[new]], lengths[rows[new]] = tokens[new], logprobs[new], steps[new]
+                        finished.append(rows[new])
+                    slot_row[done & (slot_row >= 0) & (lengths[np.maximum(slot_row, 0)] > 0)] = -1  # collected before
                 stopped = np.flatnonzero(done & (slot_row >= 0))
                 if stopped.size:
                     rows = slot_row[stopped]
@@ -715,7 +791,8 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, n: int = 1, ma
                         rows=rows_in_flight(prompts_per_call, max(len(prompts), 1), max(n, 1), dp), buckets=tuple(buckets),
                         pad_id=pad_id, steps_per_sync=steps_per_sync, kv_block=kv_block, data_parallel=dp,
                         gather_params=gather_params, per_layer=per_layer_decode(platform),
-                        compact_tail=compacts_tail(platform) if compact_tail is None else compact_tail)
+                        compact_tail=compacts_tail(platform) if compact_tail is None else compact_tail,
+                        refill=refills_on_device(platform, dp))
     if mesh is not None:
         devices = set(mesh.devices.flat)
         if any(x.sharding.device_set != devices for x in jax.tree.leaves(params)):
@@ -725,5 +802,5 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, n: int = 1, ma
 
 __all__ = ["DEFAULT_BUCKETS", "Rollout", "Sampler", "SamplerConfig", "SamplerState", "SamplingParams", "StopCallback",
            "compact", "compacts_tail", "decode", "empty_state", "filter_logits", "generate", "insert", "layer_weights",
-           "left_pad", "length_buckets", "per_layer_decode", "rows_in_flight", "sampler_state_shardings",
-           "select_tokens"]
+           "left_pad", "length_buckets", "per_layer_decode", "refills_on_device", "rows_in_flight",
+           "sampler_state_shardings", "select_tokens"]
