@@ -73,7 +73,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.accuracy_lower_bound = 0.2
     c.train.accuracy_upper_bound = 0.8
     c.train.filter_truncated = False
-    c.train.max_rounds = 8              # generation rounds per step before training on what was collected
+    c.train.max_rounds = 8              # prompts offered per step, in batches: the sampler stops once the filter has a batch
     c.train.packing = True              # PRM / reference / PPO passes on packed rows; False: one padded row per sequence
     c.train.pack_length = 0             # slots per packed row (0: data.max_prompt_length + rollout.max_response_length)
 
@@ -189,7 +189,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
         _fail("model.path", "empty; give a local Hugging Face model directory")
     for key in ("train.batch_size", "rollout.max_response_length", "data.max_prompt_length", "total_steps",
                 "actor.mini_batch_size", "actor.micro_batch_size", "prm.mini_batch_size", "prm.micro_batch_size",
-                "actor.ppo_epochs", "verifier.num_workers"):
+                "actor.ppo_epochs", "verifier.num_workers", "train.max_rounds"):
         section, name = key.split(".") if "." in key else (None, key)
         value = c[section][name] if section else c[name]
         if not isinstance(value, int) or value < 1:

@@ -83,9 +83,10 @@ class Experience:
 
 @dataclasses.dataclass(frozen=True)
 class CollectConfig:
-    """batch_size: groups per step. If `max_rounds` generation rounds do not yield enough accepted groups,
-    the batch is padded with rejected groups that carry no loss, so every step has the same static shape
-    (the reference instead keeps generating until the batch is full)."""
+    """batch_size: groups per step. A step offers the sampler `max_rounds` x `batch_size` prompts (the reference's
+    generation rounds, as one continuous call); if they do not yield enough accepted groups, the batch is padded
+    with rejected groups that carry no loss, so every step has the same static shape (the reference instead keeps
+    generating until the batch is full)."""
 
     batch_size: int
     n: int
@@ -122,8 +123,10 @@ def _gather_scores(local: np.ndarray, counts: dict[str, int], rows: int) -> tupl
 
 
 class StreamingVerifier:
-    """Scores one round's rows in the verifier pool as the sampler hands them over (`on_rows`), while it decodes,
-    and tells the sampler when the online filter has accepted enough groups (`enough`).
+    """Scores one sampler call's rows in the verifier pool as the sampler hands them over (`on_rows`), while it decodes,
+    and tells the sampler when the online filter has accepted enough groups (`enough`). The decision looks at the
+    groups that were complete one decode round earlier, so their rows had that round to be scored behind decoding;
+    once it says enough, only those groups are kept (`finish`): later rows are not waited for.
 
     Multi-host: each process scores its own share of the rows (`process_rows`); every host sees every handed
     row's length; scores are gathered on every host. `exposed_s`: host seconds spent in verification (handing
@@ -144,6 +147,8 @@ class StreamingVerifier:
         self.started: float | None = None
         self.local_acc = np.zeros(self.share.stop - self.share.start, np.float32)  # this process's rows' scores
         self.local_known = np.zeros(self.share.stop - self.share.start, bool)  # ... that have come back
+        self.complete_before = np.zeros(len(prompts), bool)  # groups all handed over at the last `enough` call
+        self.decided: np.ndarray | None = None  # [G] bool: the groups `enough` said were enough from
 
     def __call__(self, rows: np.ndarray, tokens: np.ndarray, lengths: np.ndarray) -> None:
         t0 = time.perf_counter()
@@ -169,9 +174,13 @@ class StreamingVerifier:
             self.local_known[rows] = True
 
     def _scores(self) -> tuple[np.ndarray, dict[str, int]]:
-        """Waits for the score of every row handed over so far -> (acc [rows] float32 on every host, 0 for rows
-        not handed over; pool counts summed over processes). A collective: every process calls it together."""
+        """Waits for the score of every row handed over so far that can enter the batch (after an early stop: the
+        decided groups' rows; the others still queued are dropped) -> (acc [rows] float32 on every host, 0 for
+        rows not scored; pool counts summed over processes). A collective: every process calls it together."""
         t0 = time.perf_counter()
+        if self.decided is not None:
+            dropped = ~np.repeat(self.decided, self.n)[self.share] & (self.index >= 0)
+            self.stream.cancel(self.index[dropped].tolist())
         result = self.stream.finish()
         local = np.zeros(self.share.stop - self.share.start, np.float32)
         local[np.asarray(self.rows, np.int64) - self.share.start] = result.scores
@@ -180,13 +189,14 @@ class StreamingVerifier:
         return out
 
     def enough(self, cfg: CollectConfig, needed: int) -> bool:
-        """Whether the online filter keeps at least `needed` of the groups whose n rows have all been handed
-        over. The answer is the one all their scores give, whatever the timing (the sampler asks once per decode
-        round, every host at the same round), but it waits for scores only until they settle it: until the
-        accepted groups reach `needed`, or the groups still unscored could no longer make up the difference.
-        Waits for one more of those rows' scores at a time (multi-host: 1, 2, 4, ... a process, a collective
-        after each wait, every host alike)."""
-        complete = self.handed.reshape(-1, self.n).all(1)
+        """Whether the online filter keeps at least `needed` of the groups whose n rows had all been handed over
+        at the previous call (one decode round ago: their scores had that round to come back). The answer is the
+        one all their scores give, whatever the timing (the sampler asks once per decode round, every host at
+        the same round), but it waits for scores only until they settle it: until the accepted groups reach
+        `needed`, or the groups still unscored could no longer make up the difference. Waits for one more of
+        those rows' scores at a time (multi-host: 1, 2, 4, ... a process, a collective after each wait, every
+        host alike). True also fixes the call's groups: those (`sampled`)."""
+        complete, self.complete_before = self.complete_before, self.handed.reshape(-1, self.n).all(1)
         if complete.sum() < needed:
             return False
         t0 = time.perf_counter()
@@ -201,10 +211,17 @@ class StreamingVerifier:
             self._take(self.stream.wait(self.index[unscored].tolist(), more))
             more = more * 2 if jax.process_count() > 1 else 1
         self.exposed_s += time.perf_counter() - t0
+        if kept >= needed:
+            self.decided = complete
         return kept >= needed
 
+    @property
+    def sampled(self) -> np.ndarray:
+        """[G] bool: the groups the call yields: those `enough` decided from, else every group fully handed over."""
+        return self.handed.reshape(-1, self.n).all(1) if self.decided is None else self.decided
+
     def finish(self) -> tuple[np.ndarray, dict[str, int], float]:
-        """Waits for the remaining scores -> (acc [rows] float32 on every host, pool counts, span seconds)."""
+        """Waits for the scores the call needs -> (acc [rows] float32 on every host, pool counts, span seconds)."""
         acc, counts = self._scores()
         end = time.perf_counter()
         return acc, counts, end - (end if self.started is None else self.started)
@@ -228,54 +245,44 @@ def collect(sample: Sampler, next_prompts: Callable[[int], list[Prompt]], buffer
             pool: VerifierPool, cfg: CollectConfig, seed: int) -> tuple[Experience, list[Prompt], dict[str, float]]:
     """Collects exactly `cfg.batch_size` groups for one step. Returns (experience, new buffer, metrics).
 
-    Metrics: train_verify_score/{all,<ability>} over every generated row (pre-filter), counts of rounds, kept,
-    padding and unsampled groups, response tokens generated (rows handed over; rows dropped by the early stop
-    not counted) and verifier faults; timing/verify (first row handed to the verifiers
-    to last score, mostly overlapped with decoding) and timing/verify_exposed (the part that was not).
+    One sampler call is offered `max_rounds` x `batch_size` prompts (the buffer's first, then fresh ones) and
+    decodes them with continuous batching while the verifiers score its rows; it stops once the online filter
+    has accepted `batch_size` groups (`StreamingVerifier.enough`). The batch is the first `batch_size` accepted
+    groups, padded with rejected ones (no loss) if the offer ran out first. The prompts of surplus accepted groups
+    and of groups the call did not finish go back to the buffer, in their order (responses discarded, as the
+    reference re-queues its surplus); rejected groups are used up.
+
+    Metrics: train_verify_score/{all,<ability>} over the rows of the finished groups (pre-filter), counts of
+    finished, kept, padding and unsampled groups, response tokens generated (rows handed over; rows dropped by
+    the early stop not counted) and verifier faults; timing/verify (first row handed to the verifiers to last
+    score, mostly overlapped with decoding) and timing/verify_exposed (the part that was not).
     """
     target, n = cfg.batch_size, cfg.n
-    kept: list[Experience] = []
-    rejected: list[Experience] = []
-    scores: dict[str, list[float]] = {}
-    faults: dict[str, int] = {}
-    num_kept = rounds = gen_tokens = 0
-    unsampled: list[Prompt] = []
-    verify_s = exposed_s = 0.0
-    while num_kept < target and rounds < cfg.max_rounds:
-        prompts = buffer[:target] + next_prompts(target) if rounds == 0 else next_prompts(target)
-        verifier = StreamingVerifier(prompts, n, decode, pool)
-        needed = target - num_kept
-        # Stops sampling once the filter has accepted the groups still needed; unsampled prompts are re-queued.
-        rollout = sample(prompts, seed * 1000 + rounds, verifier, lambda v=verifier, k=needed: v.enough(cfg, k))
-        acc, counts, span = verifier.finish()
-        verify_s += span
-        exposed_s += verifier.exposed_s - rollout.callbacks_hidden_s
-        for k, v in counts.items():
-            faults[k] = faults.get(k, 0) + int(v)
-        gen_tokens += int(rollout.lengths.sum())
-        sampled = (rollout.lengths.reshape(-1, n) > 0).all(1)
-        unsampled += [prompts[g] for g in np.flatnonzero(~sampled)]
-        exp = Experience(prompts, rollout.prompt_tokens, rollout.prompt_mask, rollout.tokens, rollout.mask,
-                         rollout.logprobs, acc, np.ones(len(acc), bool), n).groups(np.flatnonzero(sampled))
-        for p, a in zip(np.repeat(exp.prompts, n), exp.acc):
-            scores.setdefault(p.example.ability, []).append(float(a))
-        ok = accepted_groups(exp.acc, exp.mask.sum(1), n, cfg, rollout.mask.shape[1])
-        kept.append(exp.groups(np.flatnonzero(ok)))
-        padding = exp.groups(np.flatnonzero(~ok))
-        padding.trained[:] = False
-        rejected.append(padding)
-        num_kept += int(ok.sum())
-        rounds += 1
-    batch = Experience.concat(kept + rejected, cfg.pad_id)
-    padded = max(0, target - num_kept)
-    # Surplus accepted groups: their prompts are re-queued (responses discarded), as the reference does; so are
-    # the prompts left unsampled when the sampler stopped early.
-    new_buffer = buffer[target:] + batch.prompts[target:num_kept] + unsampled
-    metrics = {f"train_verify_score/{a}": float(np.mean(v)) for a, v in sorted(scores.items())}
-    metrics["train_verify_score/all"] = float(np.mean([x for v in scores.values() for x in v]))
-    metrics.update({"train/gen_rounds": rounds, "train/groups_kept": min(num_kept, target), "train/groups_padding": padded,
-                    "train/groups_unsampled": len(unsampled), "train/gen_tokens": gen_tokens})
-    metrics.update({f"verifier/{k}": v for k, v in sorted(faults.items())})
-    metrics["timing/verify"] = verify_s
-    metrics["timing/verify_exposed"] = exposed_s
-    return batch.groups(np.arange(target)), new_buffer, metrics
+    offer = cfg.max_rounds * target
+    prompts = buffer[:offer] + next_prompts(max(0, offer - len(buffer)))
+    verifier = StreamingVerifier(prompts, n, decode, pool)
+    rollout = sample(prompts, seed, verifier, lambda: verifier.enough(cfg, target))
+    acc, counts, span = verifier.finish()
+    sampled = verifier.sampled
+    exp = Experience(prompts, rollout.prompt_tokens, rollout.prompt_mask, rollout.tokens, rollout.mask,
+                     rollout.logprobs, acc, np.ones(len(acc), bool), n)
+    ok = sampled & accepted_groups(acc, rollout.lengths, n, cfg, rollout.mask.shape[1])
+    kept = np.flatnonzero(ok)[:target]
+    padding = np.flatnonzero(sampled & ~ok)[:target - kept.size]
+    batch = exp.groups(np.concatenate([kept, padding]))
+    batch.trained[kept.size * n:] = False
+    used = np.zeros(len(prompts), bool)
+    used[kept] = True
+    used[sampled & ~ok] = True  # rejected groups are used up, batch padding or not
+    new_buffer = [p for p, u in zip(prompts, used) if not u] + buffer[offer:]
+    rows = np.repeat(sampled, n)
+    abilities = np.array([p.example.ability for p in prompts])[np.flatnonzero(rows) // n]
+    metrics = {f"train_verify_score/{a}": float(acc[rows][abilities == a].mean()) for a in sorted(set(abilities))}
+    metrics["train_verify_score/all"] = float(acc[rows].mean()) if rows.any() else 0.0
+    metrics.update({"train/groups_sampled": int(sampled.sum()), "train/groups_kept": int(kept.size),
+                    "train/groups_padding": int(target - kept.size), "train/groups_unsampled": int((~sampled).sum()),
+                    "train/gen_tokens": int(rollout.lengths.sum())})
+    metrics.update({f"verifier/{k}": int(v) for k, v in sorted(counts.items())})
+    metrics["timing/verify"] = span
+    metrics["timing/verify_exposed"] = verifier.exposed_s - rollout.callbacks_hidden_s
+    return batch, new_buffer, metrics

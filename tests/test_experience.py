@@ -63,30 +63,30 @@ def test_collect_keeps_the_scores_and_logs_exposed_verification(setup):
     stream = iter(prompts * 10)
     cfg = CollectConfig(batch_size=3, n=N, filter_accuracy=False, max_rounds=1)
     exp, buffer, metrics = collect(sample, lambda k: [next(stream) for _ in range(k)], [], _text, pool, cfg, seed=1)
-    again = sample(prompts[:3], 1000, None)  # round 0 of seed 1 draws with seed 1 * 1000 + 0
+    again = sample(prompts[:3], 1, None)  # the step's one sampler call, seed 1
     np.testing.assert_array_equal(exp.tokens, again.tokens)
     np.testing.assert_array_equal(exp.acc, verify(again, prompts[:3], N, _text, pool)[0])
-    assert buffer == [] and metrics["train/gen_rounds"] == 1 and metrics["train/gen_tokens"] == again.lengths.sum()
+    assert buffer == [] and metrics["train/groups_sampled"] == 3 and metrics["train/gen_tokens"] == again.lengths.sum()
     assert 0 <= metrics["timing/verify_exposed"] and 0 <= metrics["timing/verify"]
 
 
 def test_collect_stops_sampling_once_the_filter_has_enough_groups(setup):
-    """4 prompts sampled for 2 needed groups, 2 prompts in flight: the sampler stops once 2 groups are complete and
-    accepted (here: the first 2 prompts, no accuracy filter); the rows still decoding are dropped and the prompts
-    not fully sampled go back to the buffer, after the buffer's own surplus. Deterministic: a second run agrees."""
+    """4 prompts offered (3 from the buffer) for 2 needed groups, 2 prompts in flight: the sampler stops once 2
+    groups are complete and accepted (here: the first 2 prompts, no accuracy filter); the rows still decoding are
+    dropped and the prompts not used go back to the buffer, in order. Deterministic: a second run agrees."""
     prompts, sample, _, pool = setup
-    cfg = CollectConfig(batch_size=2, n=N, filter_accuracy=False, max_rounds=1)
+    cfg = CollectConfig(batch_size=2, n=N, filter_accuracy=False, max_rounds=2)
     runs = [collect(sample, lambda k: list(prompts[3:3 + k]), list(prompts[:3]), _text, pool, cfg, seed=2)
             for _ in range(2)]
     (exp, buffer, metrics), (exp2, buffer2, metrics2) = runs
-    full = sample(prompts[:2] + prompts[3:5], 2000, None)  # what the round would have drawn without stopping
+    full = sample(prompts[:4], 2, None)  # what the call would have drawn without stopping
     assert exp.prompts == prompts[:2]
     np.testing.assert_array_equal(exp.tokens, full.tokens[:2 * N])
     np.testing.assert_array_equal(exp.acc, verify(full, prompts[:2], N, _text, pool)[0][:2 * N])
     assert metrics["train/groups_unsampled"] == 2 and metrics["train/groups_kept"] == 2
     # Tokens of the rows handed over: the kept groups' and any finished rows of the unsampled prompts.
     assert exp.mask.sum() <= metrics["train/gen_tokens"] < full.lengths.sum()
-    assert buffer == [prompts[2], prompts[3], prompts[4]]
+    assert buffer == [prompts[2], prompts[3]]
     np.testing.assert_array_equal(exp2.tokens, exp.tokens)
     assert buffer2 == buffer and metrics2["train/groups_unsampled"] == 2
 
@@ -106,6 +106,7 @@ def test_enough_waits_only_until_the_scores_settle_its_answer(setup):
     tokens = np.array([[0, 9], [1, 9], [2, 9], [2, 9]])
     cfg = CollectConfig(batch_size=2, n=N)
     verifier(np.arange(4), tokens, np.full(4, 2))
+    assert not verifier.enough(cfg, 1)  # decides on the groups complete one call (a decode round) before: none
     start = time.perf_counter()
     first = verifier.enough(cfg, 1)
     early = time.perf_counter() - start
@@ -116,3 +117,23 @@ def test_enough_waits_only_until_the_scores_settle_its_answer(setup):
     assert acc.tolist() == [1, 0, 1, 1] and kept == 1
     assert answers == [True, False, False, True] == [k <= kept for k in (1, 2, 3, 0)]
     assert early < 1.5 < late
+
+
+def test_an_early_stop_keeps_the_decided_groups_and_waits_for_no_later_row(setup):
+    """Group 0 (math, one row right: accepted) is handed over; the rows of groups 1 and 2 (code that sleeps 3 s)
+    come a decode round later. `enough(1)` then decides on group 0 alone and says True; `finish` keeps group 0
+    only, drops the code rows no worker has started and waits for the two that are running (3 s, not 6 s)."""
+    pool = setup[3]
+    code = Example([], "code", json.dumps({"prelude": "", "asserts": ["assert f()"]}), "test", "c")
+    prompts = [Prompt(Example([], "math", "1", "test", "m"), (5,)), Prompt(code, (6,)), Prompt(code, (7,))]
+    texts = {0: "\\boxed{1}", 1: "\\boxed{0}", 2: SLOW_CODE}
+    verifier = StreamingVerifier(prompts, N, lambda ids: texts[int(ids[0])], pool)
+    cfg = CollectConfig(batch_size=1, n=N)
+    verifier(np.arange(2), np.array([[0, 9], [1, 9]]), np.full(2, 2))
+    assert not verifier.enough(cfg, 1)
+    verifier(np.arange(2, 6), np.full((4, 2), 2), np.full(4, 2))
+    start = time.perf_counter()
+    assert verifier.enough(cfg, 1)
+    acc, _, _ = verifier.finish()
+    assert time.perf_counter() - start < 4.5
+    assert verifier.sampled.tolist() == [True, False, False] and acc[:2].tolist() == [1, 0]

@@ -50,7 +50,7 @@ def qwen7b_run(tmp_path_factory):
     overrides = {  # the model, data and sizes shrink; every code path stays qwen7b's
         "model.path": model_dir, "data.train_files": str(tmp / "train.parquet"), "data.val_files": str(tmp / "val.parquet"),
         "workdir": str(tmp / "run"), "total_steps": 2, "train.batch_size": 4, "rollout.max_response_length": 12,
-        "rollout.prompts_per_call": 2,  # each round in two sampler calls, as the v5p-8 plan samples
+        "rollout.prompts_per_call": 2,  # 2 of the offered prompts in flight, as the v5p-8 plan samples
         "actor.mini_batch_size": 8, "actor.micro_batch_size": 8, "prm.mini_batch_size": 16, "prm.micro_batch_size": 8,
         "verifier.num_workers": 2, "eval.batch_size": 16, "checkpoint.freq": 1,
     }
@@ -121,6 +121,7 @@ def test_dry_run_validates_and_prints_the_memory_plan(capsys):
     ("data.train_files", "", "config.data.train_files: empty"),
     ("length_mix.response_tokens", -1, "config.length_mix.response_tokens: must be >= 0"),
     ("length_mix.clipped_fraction", 1.5, "config.length_mix.clipped_fraction: must be in "),
+    ("train.max_rounds", 0, "config.train.max_rounds: must be a positive integer"),
     ("rollout.steps_per_sync", 0, "config.rollout.steps_per_sync: must be a positive integer"),
     ("rollout.kv_block", 0, "config.rollout.kv_block: must be a positive integer"),
     ("rollout.compact_tail", "yes", "config.rollout.compact_tail: 'yes' is not one of auto, on, off"),

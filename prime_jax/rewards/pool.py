@@ -366,6 +366,11 @@ class ScoreStream:
             got += len(wanted.intersection(self.finished[seen:]))
         return self.poll()
 
+    def cancel(self, indices: Sequence[int]) -> None:
+        """Drops the items among `indices` that no worker has taken yet: they score 0, counted nowhere."""
+        drop = set(indices)
+        self.queue = deque(i for i in self.queue if i not in drop)
+
     def finish(self) -> BatchResult:
         """Waits for every item (at most `batch_timeout_s` from now) -> scores [N] float32 and failure counts."""
         self.deadline = time.monotonic() + self.pool.batch_timeout_s
