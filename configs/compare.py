@@ -37,7 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.warm_start.steps = 400
 
     c.train.batch_size = 16
-    c.train.max_rounds = 8   # sampling is cheap here (~0.3 s a round); fill the batch with groups that carry signal
+    c.train.max_rounds = 8   # up to 8 x 16 prompts offered a step (sampling is cheap here); fill the batch with groups that carry signal
     # verifier.literal_numbers stays on: `\boxed{17 + 5}` would copy the question (see configs/tiny.py).
     # Held-out score: avg@k at the sampling temperature (tiny's eval.k, eval.temperature) every eval.freq steps.
     c.eval.freq = 5

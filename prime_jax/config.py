@@ -58,7 +58,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.rollout.top_p = 1.0
     c.rollout.top_k = 0
     c.rollout.max_response_length = 3072
-    c.rollout.prompts_per_call = 0      # prompts in flight x n_samples = sampler rows, <= train.batch_size (0: all); bounds the KV cache
+    c.rollout.prompts_per_call = 0      # prompts in flight x n_samples = sampler rows, <= train.batch_size (0: train.batch_size); bounds the KV cache
     c.rollout.steps_per_sync = 16       # most decode steps between host round trips (stopped rows replaced then)
     c.rollout.kv_block = 256            # KV cache slots per attention block (TPU/GPU decode reads the filled ones)
     c.rollout.kv_cache_gib = 0.0        # KV cache budget per device (0: unchecked); more rows in flight fail early
@@ -73,7 +73,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.accuracy_lower_bound = 0.2
     c.train.accuracy_upper_bound = 0.8
     c.train.filter_truncated = False
-    c.train.max_rounds = 8              # prompts offered per step, in batches: the sampler stops once the filter has a batch
+    c.train.max_rounds = 8              # max_rounds x batch_size prompts offered to a step's sampler call, which stops once the filter has a batch
     c.train.packing = True              # PRM / reference / PPO passes on packed rows; False: one padded row per sequence
     c.train.pack_length = 0             # slots per packed row (0: data.max_prompt_length + rollout.max_response_length)
 

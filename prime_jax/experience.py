@@ -1,10 +1,10 @@
 """Rollouts on the host: sample, verify, filter, and "collect until full" with a prompt buffer (PRIME_SPEC §1.1-1.3).
 
 An `Experience` is a batch of prompt groups (n contiguous rows per prompt) as numpy arrays plus
-the examples they came from. `collect` draws prompts (leftover buffer first), samples n responses
-each, scores them in the verifier pool (each row as soon as the sampler stops it, while decoding goes
-on), keeps the groups the online filter accepts, and repeats until `batch_size` groups are in hand;
-the prompts of surplus groups go back to the buffer.
+the examples they came from. `collect` offers one sampler call up to `max_rounds` batches of prompts (the
+leftover buffer first), scores the responses in the verifier pool (each row as soon as the sampler stops it,
+while decoding goes on) and stops the call once the online filter has accepted `batch_size` groups; the
+prompts it did not use go back to the buffer.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from prime_jax.data.example import Example
 from prime_jax.mesh import allgather_rows, process_rows
 from prime_jax.rewards.pool import COUNT_KEYS, VerifierPool, VerifyItem
 from prime_jax.rl.filter import accuracy_filter
-from prime_jax.sampling import Rollout, RowsCallback, StopCallback, left_pad
+from prime_jax.sampling import Rollout, RowsCallback, StopCallback
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,18 +59,6 @@ class Experience:
                           self.tokens[rows], self.mask[rows], self.old_logp[rows], self.acc[rows], self.trained[rows],
                           self.n)
 
-    @staticmethod
-    def concat(parts: Sequence[Experience], pad_id: int) -> Experience:
-        """Joins batches, re-left-padding prompts to the longest prompt width among them."""
-        width = max(p.prompt_tokens.shape[1] for p in parts)
-        cat = lambda f: np.concatenate([f(p) for p in parts])  # noqa: E731
-        return Experience(
-            prompts=[q for p in parts for q in p.prompts],
-            prompt_tokens=cat(lambda p: left_pad(p.prompt_tokens, width, pad_id)),
-            prompt_mask=cat(lambda p: left_pad(p.prompt_mask, width, 0)),
-            tokens=cat(lambda p: p.tokens), mask=cat(lambda p: p.mask), old_logp=cat(lambda p: p.old_logp),
-            acc=cat(lambda p: p.acc), trained=cat(lambda p: p.trained), n=parts[0].n)
-
     def device_batch(self) -> dict[str, np.ndarray]:
         """The arrays the PRM and PPO programs and their layouts (`Programs.prm_layout` / `ppo_layout`) read.
         Padding rows get an all-zero response mask, so they enter no loss, no advantage statistics and no
@@ -95,7 +83,6 @@ class CollectConfig:
     upper: float = 0.8
     filter_truncated: bool = False
     max_rounds: int = 8
-    pad_id: int = 0
 
 
 # (prompts, seed, on_rows, stop) -> Rollout of n rows each (`prime_jax.sampling.Sampler.__call__`)
@@ -137,16 +124,17 @@ class StreamingVerifier:
     def __init__(self, prompts: Sequence[Prompt], n: int, decode: Decoder, pool: VerifierPool) -> None:
         self.prompts, self.n, self.decode = prompts, n, decode
         self.share = process_rows(len(prompts) * n)
+        self.here = range(len(prompts) * n)[self.share]  # this process's rows; position = (row - start) // step
         self.stream = pool.stream()
-        self.rows: list[int] = []  # stream index -> row
-        self.index = np.full(self.share.stop - self.share.start, -1, np.int64)  # this process's rows -> stream index
+        self.slots: list[int] = []  # stream index -> position among this process's rows
+        self.index = np.full(len(self.here), -1, np.int64)  # position -> stream index
         self.handed = np.zeros(len(prompts) * n, bool)
         self.lengths = np.zeros(len(prompts) * n, np.int64)
         self.limit = 0  # R, from the first rows handed over
         self.exposed_s = 0.0
         self.started: float | None = None
-        self.local_acc = np.zeros(self.share.stop - self.share.start, np.float32)  # this process's rows' scores
-        self.local_known = np.zeros(self.share.stop - self.share.start, bool)  # ... that have come back
+        self.local_acc = np.zeros(len(self.here), np.float32)  # this process's rows' scores
+        self.local_known = np.zeros(len(self.here), bool)  # ... that have come back
         self.complete_before = np.zeros(len(prompts), bool)  # groups all handed over at the last `enough` call
         self.decided: np.ndarray | None = None  # [G] bool: the groups `enough` said were enough from
 
@@ -156,11 +144,12 @@ class StreamingVerifier:
         self.handed[rows], self.lengths[rows], self.limit = True, lengths, tokens.shape[1]
         items = []
         for row, toks, length in zip(rows.tolist(), tokens, lengths):
-            if self.share.start <= row < self.share.stop:
+            if row in self.here:
                 ex = self.prompts[row // self.n].example
                 items.append(VerifyItem(self.decode(toks[:int(length)]), ex.ability, ex.ground_truth))
-                self.index[row - self.share.start] = len(self.rows)
-                self.rows.append(row)
+                position = self.here.index(row)
+                self.index[position] = len(self.slots)
+                self.slots.append(position)
         self.stream.add(items)
         self._take(self.stream.poll())
         self.exposed_s += time.perf_counter() - t0
@@ -169,21 +158,21 @@ class StreamingVerifier:
         """Records the scores of the stream's items `finished` (final since the last poll or wait)."""
         if finished:
             index = np.asarray(finished, np.int64)
-            rows = np.asarray(self.rows, np.int64)[index] - self.share.start
-            self.local_acc[rows] = np.asarray(self.stream.scores, np.float32)[index]
-            self.local_known[rows] = True
+            positions = np.asarray(self.slots, np.int64)[index]
+            self.local_acc[positions] = np.asarray(self.stream.scores, np.float32)[index]
+            self.local_known[positions] = True
 
     def _scores(self) -> tuple[np.ndarray, dict[str, int]]:
         """Waits for the score of every row handed over so far that can enter the batch (after an early stop: the
-        decided groups' rows; the others still queued are dropped) -> (acc [rows] float32 on every host, 0 for
+        decided groups' rows; the others no worker has taken yet are dropped) -> (acc [rows] float32 on every host, 0 for
         rows not scored; pool counts summed over processes). A collective: every process calls it together."""
         t0 = time.perf_counter()
         if self.decided is not None:
             dropped = ~np.repeat(self.decided, self.n)[self.share] & (self.index >= 0)
             self.stream.cancel(self.index[dropped].tolist())
         result = self.stream.finish()
-        local = np.zeros(self.share.stop - self.share.start, np.float32)
-        local[np.asarray(self.rows, np.int64) - self.share.start] = result.scores
+        local = np.zeros(len(self.here), np.float32)
+        local[np.asarray(self.slots, np.int64)] = result.scores
         out = _gather_scores(local, result.counts, len(self.prompts) * self.n)
         self.exposed_s += time.perf_counter() - t0
         return out
@@ -253,8 +242,9 @@ def collect(sample: Sampler, next_prompts: Callable[[int], list[Prompt]], buffer
     reference re-queues its surplus); rejected groups are used up.
 
     Metrics: train_verify_score/{all,<ability>} over the rows of the finished groups (pre-filter), counts of
-    finished, kept, padding and unsampled groups, response tokens generated (rows handed over; rows dropped by
-    the early stop not counted) and verifier faults; timing/verify (first row handed to the verifiers to last
+    finished, kept, padding and unsampled groups, the new buffer's size, response tokens generated (rows handed
+    over; rows dropped by the early stop not counted) and verifier faults (of every row scored, rows outside the
+    batch included); timing/verify (first row handed to the verifiers to last
     score, mostly overlapped with decoding) and timing/verify_exposed (the part that was not).
     """
     target, n = cfg.batch_size, cfg.n
@@ -281,7 +271,7 @@ def collect(sample: Sampler, next_prompts: Callable[[int], list[Prompt]], buffer
     metrics["train_verify_score/all"] = float(acc[rows].mean()) if rows.any() else 0.0
     metrics.update({"train/groups_sampled": int(sampled.sum()), "train/groups_kept": int(kept.size),
                     "train/groups_padding": int(target - kept.size), "train/groups_unsampled": int((~sampled).sum()),
-                    "train/gen_tokens": int(rollout.lengths.sum())})
+                    "train/prompt_buffer": len(new_buffer), "train/gen_tokens": int(rollout.lengths.sum())})
     metrics.update({f"verifier/{k}": int(v) for k, v in sorted(counts.items())})
     metrics["timing/verify"] = span
     metrics["timing/verify_exposed"] = verifier.exposed_s - rollout.callbacks_hidden_s

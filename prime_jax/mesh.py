@@ -142,18 +142,18 @@ def global_to_host(x: jax.Array) -> np.ndarray:
 
 
 def process_rows(num_rows: int) -> slice:
-    """This process's contiguous share of `num_rows` host-side rows (e.g. responses to verify)."""
-    per = -(-num_rows // jax.process_count())
-    start = min(num_rows, jax.process_index() * per)
-    return slice(start, min(num_rows, start + per))
+    """This process's share of `num_rows` host-side rows (e.g. responses to verify): every P-th row from its
+    process index, so that any prefix of the rows (what a sampler call stopped early hands over) splits evenly."""
+    return slice(jax.process_index(), num_rows, jax.process_count())
 
 
 def allgather_rows(local: np.ndarray, num_rows: int) -> np.ndarray:
-    """Concatenates every process's `process_rows` share back into all `num_rows` rows, on every host."""
+    """Interleaves every process's `process_rows` share back into all `num_rows` rows, on every host."""
     if jax.process_count() == 1:
         return local
     from jax.experimental import multihost_utils
     per = -(-num_rows // jax.process_count())
     padded = np.zeros((per, *local.shape[1:]), local.dtype)
     padded[: len(local)] = local
-    return np.asarray(multihost_utils.process_allgather(padded)).reshape(-1, *local.shape[1:])[:num_rows]
+    gathered = np.asarray(multihost_utils.process_allgather(padded))  # [P, per, ...]: process p's j-th is row p + P*j
+    return gathered.swapaxes(0, 1).reshape(-1, *local.shape[1:])[:num_rows]

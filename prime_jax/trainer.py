@@ -55,7 +55,7 @@ class Trainer:
         self.collect_cfg = CollectConfig(
             batch_size=c.train.batch_size, n=c.rollout.n_samples, filter_accuracy=c.train.filter_accuracy,
             lower=c.train.accuracy_lower_bound, upper=c.train.accuracy_upper_bound,
-            filter_truncated=c.train.filter_truncated, max_rounds=c.train.max_rounds, pad_id=parts.tokenizer.pad_id)
+            filter_truncated=c.train.filter_truncated, max_rounds=c.train.max_rounds)
         self.ckpt = Checkpointer(c.workdir, keep=c.checkpoint.keep)
         self.writer = MetricWriter(c.workdir, total_steps=c.total_steps, tensorboard=c.log.tensorboard,
                                    wandb_project=c.log.wandb_project, config=c.to_dict(), enabled=jax.process_index() == 0)
@@ -66,8 +66,10 @@ class Trainer:
         """One PRIME step (PRIME_SPEC §1.9); returns its metrics."""
         t = Timer()
         with t("collect"):
+            # The step's rollout seed: a stream of its own, never validation's (`seed` + c * SEED_STRIDE).
+            seed = int(np.random.SeedSequence((self.c.seed, self.step)).generate_state(1)[0])
             exp, self.buffer, metrics = collect(self.sample, self.next_prompts, self.buffer, self.p.tokenizer.decode,
-                                                self.p.pool, self.collect_cfg, seed=self.c.seed + self.step)
+                                                self.p.pool, self.collect_cfg, seed=seed)
         host = exp.device_batch()
         with t("pack"):
             prm_slots = self.p.programs.prm_layout(host) if runs_prm(self.c) else None

@@ -11,7 +11,7 @@ from prime_jax.data.example import Example
 from prime_jax.experience import CollectConfig, Prompt, StreamingVerifier, accepted_groups, collect, verify
 from prime_jax.models import load_pretrained
 from prime_jax.rewards.pool import VerifierPool
-from prime_jax.sampling import generate
+from prime_jax.sampling import Rollout, generate
 
 N = 2
 
@@ -122,7 +122,7 @@ def test_enough_waits_only_until_the_scores_settle_its_answer(setup):
 def test_an_early_stop_keeps_the_decided_groups_and_waits_for_no_later_row(setup):
     """Group 0 (math, one row right: accepted) is handed over; the rows of groups 1 and 2 (code that sleeps 3 s)
     come a decode round later. `enough(1)` then decides on group 0 alone and says True; `finish` keeps group 0
-    only, drops the code rows no worker has started and waits for the two that are running (3 s, not 6 s)."""
+    only, drops the code rows no worker has taken yet and waits for the two that are running (3 s, not 6 s)."""
     pool = setup[3]
     code = Example([], "code", json.dumps({"prelude": "", "asserts": ["assert f()"]}), "test", "c")
     prompts = [Prompt(Example([], "math", "1", "test", "m"), (5,)), Prompt(code, (6,)), Prompt(code, (7,))]
@@ -137,3 +137,60 @@ def test_an_early_stop_keeps_the_decided_groups_and_waits_for_no_later_row(setup
     acc, _, _ = verifier.finish()
     assert time.perf_counter() - start < 4.5
     assert verifier.sampled.tolist() == [True, False, False] and acc[:2].tolist() == [1, 0]
+
+
+def _scripted_sampler(right: list[list[int]], per_call: int):
+    """A sampler without a model: group g's row j answers `right[g][j]` (1: right); each decode round hands the
+    next `per_call` groups' rows to `on_rows`, then asks `stop`, as `Sampler.__call__` does."""
+
+    def sample(prompts, seed, on_rows, stop):
+        rows = len(prompts) * N
+        tokens = np.tile(np.array([[0, 9]]), (rows, 1))
+        tokens[:, 0] = np.asarray(right[:len(prompts)]).reshape(-1)
+        lengths = np.zeros(rows, np.int32)
+        for first in range(0, len(prompts), per_call):
+            handed = np.arange(first * N, min(len(prompts), first + per_call) * N)
+            lengths[handed] = 2
+            on_rows(handed, tokens[handed], lengths[handed])
+            if stop():
+                break
+        mask = (np.arange(2)[None] < lengths[:, None]).astype(np.int32)
+        return Rollout(np.ones((rows, 1), np.int32), np.ones((rows, 1), np.int32), tokens,
+                       np.zeros((rows, 2), np.float32), mask, lengths)
+
+    return sample
+
+
+def _math_prompts(names: str) -> list[Prompt]:
+    return [Prompt(Example([], "math", "1", "test", name), (i + 5,)) for i, name in enumerate(names)]
+
+
+def test_collect_takes_the_first_accepted_groups_and_requeues_the_rest_in_order(setup):
+    """6 prompts offered (1 from the buffer) for 2 groups, 2 groups handed over per decode round. Groups 0, 2, 3
+    are accepted (one row of two right), group 1 rejected (both right). The third round's decision sees groups
+    0-3: the batch is groups 0 and 2; group 1 is used up; surplus group 3 and groups 4-5, handed over after the
+    decision, go back to the buffer in order."""
+    pool = setup[3]
+    prompts = _math_prompts("abcdef")
+    right = [[1, 0], [1, 1], [0, 1], [1, 0], [0, 1], [1, 0]]
+    cfg = CollectConfig(batch_size=2, n=N, max_rounds=3)
+    exp, buffer, metrics = collect(_scripted_sampler(right, 2), lambda k: prompts[1:1 + k], prompts[:1],
+                                   lambda ids: "\\boxed{%d}" % ids[0], pool, cfg, seed=0)
+    assert exp.prompts == [prompts[0], prompts[2]] and exp.acc.tolist() == [1, 0, 0, 1] and exp.trained.all()
+    assert exp.tokens[:, 0].tolist() == [1, 0, 0, 1]
+    assert buffer == prompts[3:]
+    assert (metrics["train/groups_sampled"], metrics["train/groups_kept"], metrics["train/groups_padding"],
+            metrics["train/groups_unsampled"], metrics["train/prompt_buffer"]) == (4, 2, 0, 2, 3)
+    assert metrics["train_verify_score/all"] == 5 / 8
+
+
+def test_collect_pads_with_rejected_groups_when_the_offer_runs_out(setup):
+    """2 prompts offered for 2 groups, one accepted: the call decodes both; the batch is the accepted group, then
+    the rejected one as padding that carries no loss; nothing goes back to the buffer."""
+    pool = setup[3]
+    prompts = _math_prompts("ab")
+    cfg = CollectConfig(batch_size=2, n=N, max_rounds=1)
+    exp, buffer, metrics = collect(_scripted_sampler([[1, 0], [0, 0]], 1), lambda k: prompts[:k], [],
+                                   lambda ids: "\\boxed{%d}" % ids[0], pool, cfg, seed=0)
+    assert exp.prompts == prompts and exp.trained.tolist() == [True, True, False, False] and buffer == []
+    assert metrics["train/groups_kept"] == 1 and metrics["train/groups_padding"] == 1

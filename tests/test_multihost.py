@@ -67,9 +67,9 @@ if __name__ == "__main__":
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"], num_processes=2,
                                process_id=int(os.environ["JAX_PROCESS_ID"]))
-    abilities = ["math", "poetry", "math", "poetry", "poetry", "math"]  # rows 0-2 on process 0, 3-5 on process 1
+    abilities = ["math", "poetry", "math", "poetry", "poetry", "math"]  # rows 0, 2, 4 on process 0; 1, 3, 5 on 1
     prompts = [Prompt(Example([], a, "7", "test", str(i)), (1,)) for i, a in enumerate(abilities)]
-    tokens = np.array([[7], [7], [3], [7], [7], [7]], np.int32)  # response text: \boxed{<token>}
+    tokens = np.array([[7], [7], [7], [7], [7], [3]], np.int32)  # response text: \boxed{<token>}
     rollout = Rollout(prompt_tokens=tokens, prompt_mask=np.ones_like(tokens), tokens=tokens,
                       logprobs=np.zeros((6, 1), np.float32), mask=np.ones_like(tokens), lengths=np.ones(6, np.int32))
     with VerifierPool(1, item_timeout_s=30.0, batch_timeout_s=120.0) as pool:
@@ -92,7 +92,7 @@ def test_verify_gathers_scores_and_sums_failure_counts_over_processes(tmp_path):
         assert p.returncode == 0, err[-3000:]
     results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
     for r in results:  # process 0 met 1 unknown ability, process 1 met 2: both hosts log 3
-        assert r["acc"] == [1.0, 0.0, 0.0, 0.0, 0.0, 1.0]
+        assert r["acc"] == [1.0, 0.0, 1.0, 0.0, 0.0, 0.0]
         assert r["counts"]["unknown_ability"] == 3 and r["counts"]["errors"] == 0
 
 

@@ -1,7 +1,8 @@
 """Roofline seconds of one whole PRIME step at the config's length mix (`length_mix`), from the compiled
-programs' loop-aware costs: one generation round (train.batch_size prompts x n samples in sampler calls of
-rollout.prompts_per_call prompts), then one PRM step (reference + PRM passes, PRM update) and one PPO step.
-Host work (verification, filtering, logging) and further generation rounds are not counted."""
+programs' loop-aware costs: the decode of train.batch_size prompts x n samples (rollout.prompts_per_call prompts
+in flight), then one PRM step (reference + PRM passes, PRM update) and one PPO step. Host work (verification,
+filtering, logging) and the further prompts a step's sampler call decodes until the filter has its batch are not
+counted."""
 
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ class LengthMix:
 
 
 def decode_steps(c: ml_collections.ConfigDict, mix: LengthMix) -> float:
-    """Decode steps of one generation round at this mix with continuous batching: the batch's responses
+    """Decode steps of train.batch_size prompts' samples at this mix with continuous batching: the batch's responses
     (rows x mean length) spread over the rows in flight (a slot takes the next sample when its row stops), but no
     fewer than the longest response, which reaches max_response_length - 1 when any row is clipped (probability
     1 - (1 - f)^rows) and at least the mean otherwise. A lower bound: slots idle in the last wave are not counted."""

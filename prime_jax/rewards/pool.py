@@ -226,11 +226,11 @@ class VerifierPool:
                 pass
 
     def _fail_head(self, worker: _Worker, s: ScoreStream, kind: str) -> None:
-        """The worker's running item fails as `kind` (scores 0); the rest of its chunk is queued again; the
-        worker is replaced."""
+        """The worker's running item fails as `kind` (scores 0); the rest of its chunk is queued again (but for
+        cancelled items); the worker is replaced."""
         s.counts[kind] += 1
         s.finished.append(worker.pending.popleft())
-        s.queue.extendleft(reversed(worker.pending))
+        s.queue.extendleft(reversed([i for i in worker.pending if i not in s.cancelled]))
         worker.pending.clear()
         self._replace(worker, kill=True)
 
@@ -332,6 +332,7 @@ class ScoreStream:
         self.counts = dict.fromkeys(COUNT_KEYS, 0)
         self.queue: deque = deque()
         self.finished: list[int] = []  # indices finished (scored or failed) and not yet returned by poll
+        self.cancelled: set[int] = set()  # indices never to be (re)dispatched
         self.deadline: float | None = None
 
     def add(self, items: Sequence[VerifyItem]) -> range:
@@ -367,9 +368,10 @@ class ScoreStream:
         return self.poll()
 
     def cancel(self, indices: Sequence[int]) -> None:
-        """Drops the items among `indices` that no worker has taken yet: they score 0, counted nowhere."""
-        drop = set(indices)
-        self.queue = deque(i for i in self.queue if i not in drop)
+        """Drops the items among `indices` that no worker has taken yet (a worker finishes the chunk it holds):
+        they score 0, counted nowhere."""
+        self.cancelled.update(indices)
+        self.queue = deque(i for i in self.queue if i not in self.cancelled)
 
     def finish(self) -> BatchResult:
         """Waits for every item (at most `batch_timeout_s` from now) -> scores [N] float32 and failure counts."""
