@@ -29,6 +29,22 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: Callable[[], 
     return first_and_median(fn, repeats, warmup)[1]
 
 
+def interleaved_rates(fns: dict[str, Callable[[], int]], repeats: int,
+                      warmups: dict[str, Callable[[], object]] | None = None) -> dict[str, float]:
+    """Median units per second of each `fns[k]()`, which returns the units it processed (e.g. tokens): one untimed
+    warm-up of each (`warmups[k]`, default the fn), then `repeats` rounds that time every fn once in turn, so that a
+    slow spell of a shared machine hits every variant alike and their ratios stay comparable."""
+    for name, fn in fns.items():
+        (warmups or {}).get(name, fn)()
+    rates: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            units = fn()
+            rates[name].append(units / (time.perf_counter() - t0))
+    return {name: float(np.median(r)) for name, r in rates.items()}
+
+
 def torch_device() -> str:
     """Where the PyTorch side of a bench runs: "cuda" when PyTorch sees a GPU, else "cpu"."""
     import torch

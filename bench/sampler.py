@@ -9,7 +9,7 @@ probabilities, so a response stops at each step with probability ~1/vocab: lengt
 return sequences (each call runs until its longest row stops). Prints, per R, each side's generated tokens
 (up to and including the stop token) per second and the ratio. Compile time is excluded (prime_jax is run
 once untimed with the timed shapes; transformers with a short call); figures are medians of `--repeats`
-runs. transformers is timed with each of `--torch-threads` and the ratio is taken against its fastest.
+rounds, each of which times every variant once in turn (a slow spell of the machine hits both sides). transformers is timed with each of `--torch-threads` and the ratio is taken against its fastest.
 prime_jax is timed with its rows on one device and split over D devices for each D of `--data-parallel` (a
 data-parallel mesh; on CPU the host is split into D XLA devices, each decoding its share of the rows on its own
 core, which is how a multi-core host runs prime_jax's mesh; default: 1 and the core count).
@@ -20,6 +20,7 @@ Run: `python bench/sampler.py [--in-flight 64 8 --prompts 64 --n 4 --new 256 --v
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import tempfile
@@ -59,7 +60,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from bench.common import median_seconds, torch_device  # noqa: E402
+from bench.common import interleaved_rates, torch_device  # noqa: E402
 from prime_jax.mesh import make_mesh  # noqa: E402
 from prime_jax.models import load_pretrained  # noqa: E402
 from prime_jax.sampling import generate  # noqa: E402
@@ -88,22 +89,24 @@ def main(args: argparse.Namespace) -> None:
           f"{os.cpu_count()} CPUs; "
           f"steps_per_sync {args.steps_per_sync}, kv_block {args.kv_block}; prime_jax's rows split over "
           f"{' / '.join(map(str, args.data_parallel))} device(s)")
-    print(f"compile and warm-up excluded; median of {args.repeats} timed runs")
+    print(f"compile and warm-up excluded; median of {args.repeats} rounds, each timing every variant once in turn")
     for in_flight in args.in_flight:
         if in_flight % args.n or args.prompts % (in_flight // args.n) or any(in_flight % dp for dp in args.data_parallel):
             raise SystemExit(f"--in-flight {in_flight}: must be a multiple of --n and of each --data-parallel, whose "
                              f"prompts divide --prompts")
         per_call = in_flight // args.n
         seeds = iter(range(1_000_000))
-        counts: dict[str, list[int]] = {"prime_jax": [], "transformers": []}
+        lengths: list[float] = []
 
-        def ours(dp: int) -> None:
+        def ours(dp: int) -> int:
             out = generate(models[dp], prompts.tolist(), mesh=meshes[dp], n=args.n, max_new_tokens=args.new, temperature=1.0, stop_ids=(STOP,),
                            seed=next(seeds), buckets=(args.prompt,), prompts_per_call=per_call,
                            steps_per_sync=args.steps_per_sync, kv_block=args.kv_block)
-            counts["prime_jax"].append(int(out.lengths.sum()))
+            lengths.append(float(out.lengths.mean()))
+            return int(out.lengths.sum())
 
-        def theirs(new: int) -> None:
+        def theirs(new: int, threads: int) -> int:
+            torch.set_num_threads(threads)
             total = 0
             with torch.inference_mode():
                 for i in range(0, args.prompts, per_call):
@@ -113,27 +116,16 @@ def main(args: argparse.Namespace) -> None:
                                       pad_token_id=0, num_return_sequences=args.n)[:, args.prompt:]
                     done = (out == STOP).cumsum(1) - (out == STOP).int() > 0  # after the first stop token
                     total += int((~done).sum())
-            if new == args.new:
-                counts["transformers"].append(total)
+            return total
 
-        line = f"{in_flight:3d} rows in flight"
-        ours_tps = {}
-        for dp in args.data_parallel:
-            counts["prime_jax"].clear()
-            t = median_seconds(lambda: ours(dp), args.repeats)
-            ours_tps[dp] = np.median(counts["prime_jax"][1:]) / t
-            lengths = np.asarray(counts["prime_jax"][1:]) / rows
-            line += f" | prime_jax ({dp} dev) {ours_tps[dp]:7.0f} tokens/s"
-        line += f" (mean length {lengths.mean():.0f} of {args.new})"
-        best = 0.0
-        for threads in args.torch_threads:
-            torch.set_num_threads(threads)
-            counts["transformers"].clear()
-            t = median_seconds(lambda: theirs(args.new), args.repeats, warmup=lambda: theirs(4))
-            tps = np.median(counts["transformers"]) / t
-            best = max(best, tps)
-            line += f" | transformers ({threads} thr) {tps:7.0f} tokens/s"
-        ratios = ", ".join(f"{ours_tps[dp] / best:.2f}x ({dp} dev)" for dp in args.data_parallel)
+        fns = {f"prime_jax ({dp} dev)": functools.partial(ours, dp) for dp in args.data_parallel}
+        fns.update({f"transformers ({t} thr)": functools.partial(theirs, args.new, t) for t in args.torch_threads})
+        warmups = {f"transformers ({t} thr)": functools.partial(theirs, 4, t) for t in args.torch_threads}
+        rates = interleaved_rates(fns, args.repeats, warmups)
+        line = f"{in_flight:3d} rows in flight | " + " | ".join(f"{k} {v:7.0f} tokens/s" for k, v in rates.items())
+        line += f" | prime_jax mean length {np.mean(lengths):.0f} of {args.new}"
+        best = max(v for k, v in rates.items() if k.startswith("transformers"))
+        ratios = ", ".join(f"{rates[f'prime_jax ({dp} dev)'] / best:.2f}x ({dp} dev)" for dp in args.data_parallel)
         print(f"{line} | ratio vs the faster transformers {ratios}", flush=True)
 
 
