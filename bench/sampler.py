@@ -9,7 +9,8 @@ probabilities, so a response stops at each step with probability ~1/vocab: lengt
 return sequences (each call runs until its longest row stops). Prints, per R, each side's generated tokens
 (up to and including the stop token) per second and the ratio. Compile time is excluded (prime_jax is run
 once untimed with the timed shapes; transformers with a short call); figures are medians of `--repeats`
-rounds, each of which times every variant once in turn (a slow spell of the machine hits both sides). transformers is timed with each of `--torch-threads` and the ratio is taken against its fastest.
+rounds, each of which times every variant once in turn (a slow spell of the machine hits both sides).
+transformers is timed with each of `--torch-threads` and the ratio is taken against its fastest.
 prime_jax is timed with its rows on one device and split over D devices for each D of `--data-parallel` (a
 data-parallel mesh; on CPU the host is split into D XLA devices, each decoding its share of the rows on its own
 core, which is how a multi-core host runs prime_jax's mesh; default: 1 and the core count).

@@ -261,14 +261,13 @@ def collect(sample: Sampler, next_prompts: Callable[[int], list[Prompt]], buffer
     padding = np.flatnonzero(sampled & ~ok)[:target - kept.size]
     batch = exp.groups(np.concatenate([kept, padding]))
     batch.trained[kept.size * n:] = False
-    used = np.zeros(len(prompts), bool)
+    used = sampled & ~ok  # rejected groups are used up, batch padding or not
     used[kept] = True
-    used[sampled & ~ok] = True  # rejected groups are used up, batch padding or not
     new_buffer = [p for p, u in zip(prompts, used) if not u] + buffer[offer:]
     rows = np.repeat(sampled, n)
     abilities = np.array([p.example.ability for p in prompts])[np.flatnonzero(rows) // n]
     metrics = {f"train_verify_score/{a}": float(acc[rows][abilities == a].mean()) for a in sorted(set(abilities))}
-    metrics["train_verify_score/all"] = float(acc[rows].mean()) if rows.any() else 0.0
+    metrics["train_verify_score/all"] = float(acc[rows].mean())  # rows: at least batch_size groups
     metrics.update({"train/groups_sampled": int(sampled.sum()), "train/groups_kept": int(kept.size),
                     "train/groups_padding": int(target - kept.size), "train/groups_unsampled": int((~sampled).sum()),
                     "train/prompt_buffer": len(new_buffer), "train/gen_tokens": int(rollout.lengths.sum())})
