@@ -8,7 +8,7 @@ frozen-reference forward + PRM forward, CE on beta * sum_t q, clip 10, AdamW, ba
 The batch has long-tailed lengths (prompts uniform, responses log-normal with 5% at the limit) and is cut
 to its longest prompt and response, as TRL pads a batch. PyTorch runs micro-batches of `--micro` padded
 rows; prime_jax padded the same (one sequence per row); prime_jax packed a token budget of `--micro` full
-rows per micro-batch, several sequences per row (`prime_jax.packing`).
+rows per micro-batch, several sequences per row (`prime_jax.rl.packing`).
 Prints tokens/s (real prompt + response tokens of the batch per second) for each and the ratios.
 Compile time is excluded (one warm-up iteration each) and reported; figures are medians of `--repeats`.
 PyTorch runs on the GPU when it sees one (JAX then too, with JAX_PLATFORMS=cuda); `--dtype bfloat16` computes in
@@ -35,9 +35,9 @@ from flax import nnx  # noqa: E402
 
 from prime_jax.mesh import make_mesh  # noqa: E402
 from prime_jax.models import load_pretrained  # noqa: E402
-from prime_jax.models.decoder import resolve_attention  # noqa: E402
-from prime_jax.packing import PackSpec, lay_out  # noqa: E402
-from prime_jax.rewards.implicit_prm import PrmStepConfig, make_prm_step, prm_minibatches  # noqa: E402
+from prime_jax.models.attention import resolve_attention  # noqa: E402
+from prime_jax.rl.packing import PackSpec, lay_out  # noqa: E402
+from prime_jax.rl.prm import PrmStepConfig, make_prm_step, prm_minibatches  # noqa: E402
 from prime_jax.rl.optim import (OptimConfig, init_train_state, make_lr_schedule, make_optimizer,  # noqa: E402
                                 shard_train_state)
 from prime_jax.rl.ppo import PpoStepConfig, make_ppo_step, ppo_minibatches  # noqa: E402

@@ -9,7 +9,9 @@ two paths alternate over `--slices` slices of the rows so that both see the same
 Code start-up: the same code rows, direct, in this process's reused sandbox (a waiting interpreter
 that forks per item, the default) against a fresh sandbox and interpreter per item (`reuse_sandbox=False`,
 how every item ran before), alternating slices likewise; prints ms per item for both and their ratio.
-Run: `python bench/verifiers.py [--workers 2 --math-rows 1000 --code-rows 563]`.
+Run: `python bench/verifiers.py [--workers 2 --math-rows 1000 --code-rows 563] [--startup-only]` (`--startup-only`:
+the code start-up comparison alone). Prints which interpreter ran (`sys.prefix`): one under /tmp (e.g. a fresh
+clone's .venv there) shows that its runs still fork from the reused sandbox.
 """
 
 from __future__ import annotations
@@ -27,9 +29,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from prime_jax.rewards import code as code_verifier  # noqa: E402
-from prime_jax.rewards import math as math_verifier  # noqa: E402
-from prime_jax.rewards.pool import VerifierPool, VerifyItem  # noqa: E402
+from prime_jax.verifiers import code as code_verifier  # noqa: E402
+from prime_jax.verifiers import math as math_verifier  # noqa: E402
+from prime_jax.verifiers.pool import VerifierPool, VerifyItem  # noqa: E402
 
 BENCH = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "benchmarks"
 
@@ -82,21 +84,17 @@ def pooled(pool: VerifierPool, items: list[VerifyItem]) -> tuple[float, np.ndarr
     return seconds, result.scores
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--math-rows", type=int, default=1000)
-    ap.add_argument("--code-rows", type=int, default=563)
-    ap.add_argument("--slices", type=int, default=5, help="pool and direct alternate over this many slices")
-    args = ap.parse_args()
-    sets = {"math": math_items()[: args.math_rows], "code": code_items()[: args.code_rows]}
-    with VerifierPool(args.workers, item_timeout_s=120.0, batch_timeout_s=3600.0) as pool:
+def pool_vs_direct(sets: dict[str, list[VerifyItem]], workers: int, slices: int) -> None:
+    """Prints verifications/s through the pool and through the direct call, for each set of items."""
+    with VerifierPool(workers, item_timeout_s=120.0, batch_timeout_s=3600.0) as pool:
         for name, items in sets.items():
-            pool.score_batch(items[: args.workers])  # warm-up: every worker has scored once
+            if not items:
+                continue
+            pool.score_batch(items[:workers])  # warm-up: every worker has scored once
             direct(items[:1])
             # Alternating slices make both paths see the same background load on a shared host.
             times, scores = {"pool": 0.0, "direct": 0.0}, {"pool": [], "direct": []}
-            for part in np.array_split(np.arange(len(items)), args.slices):
+            for part in np.array_split(np.arange(len(items)), slices):
                 chunk = [items[i] for i in part]
                 for path, (seconds, got) in (("pool", pooled(pool, chunk)), ("direct", direct(chunk))):
                     times[path] += seconds
@@ -104,11 +102,24 @@ def main() -> None:
             pool_scores, direct_scores = np.concatenate(scores["pool"]), np.concatenate(scores["direct"])
             pool_rate, direct_rate = len(items) / times["pool"], len(items) / times["direct"]
             print(
-                f"{name}: {pool_rate:7.1f} verifications/s through VerifierPool({args.workers} workers) | "
+                f"{name}: {pool_rate:7.1f} verifications/s through VerifierPool({workers} workers) | "
                 f"single-process direct {name}.score: {direct_rate:7.1f}/s | ratio {pool_rate / direct_rate:.2f}x "
                 f"({len(items)} rows, mean score {pool_scores.mean():.3f}, "
                 f"{int((pool_scores != direct_scores).sum())} scores differ between the two, {os.cpu_count()} CPUs)"
             )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--math-rows", type=int, default=1000)
+    ap.add_argument("--code-rows", type=int, default=563)
+    ap.add_argument("--slices", type=int, default=5, help="pool and direct alternate over this many slices")
+    ap.add_argument("--startup-only", action="store_true", help="only the code start-up comparison (reused vs fresh)")
+    args = ap.parse_args()
+    sets = {"math": math_items()[: args.math_rows], "code": code_items()[: args.code_rows]}
+    if not args.startup_only:
+        pool_vs_direct(sets, args.workers, args.slices)
     code = sets["code"]
     if code:
         times, scores = {"reused": 0.0, "fresh": 0.0}, {"reused": [], "fresh": []}
@@ -121,6 +132,7 @@ def main() -> None:
                 scores[path].append(got)
         reused, fresh = (1000 * times[p] / len(code) for p in ("reused", "fresh"))
         differ = int((np.concatenate(scores["reused"]) != np.concatenate(scores["fresh"])).sum())
+        print(f"interpreter: {sys.prefix}")
         print(f"code start-up: {reused:6.1f} ms/item in the reused sandbox | {fresh:6.1f} ms/item with a fresh sandbox "
               f"per item | ratio {fresh / reused:.2f}x faster ({len(code)} rows, {differ} scores differ)")
 

@@ -1,17 +1,12 @@
-"""Run configuration: the defaults of the PRIME recipe (PRIME_SPEC.md §3) and their validation.
+"""Run configuration: every key and its default, the PRIME recipe (docs/prime_spec.md §3).
 
-Every `configs/*.py` starts from `base_config()` and overrides what differs. `validate` runs before
-any weights are loaded or programs compiled; a bad value is a one-line `ValueError` naming its key.
+Every `configs/*.py` starts from `base_config()` and overrides what differs. The keys are read and checked in
+one place, `prime_jax.settings.resolve`, before any weights are loaded or programs compiled.
 """
 
 from __future__ import annotations
 
 import ml_collections
-
-from prime_jax.models.config import CONFIG_ATTENTION
-
-ESTIMATORS = ("rloo", "grpo", "reinforce")
-PRM_UPDATES = ("after", "before", "none")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -140,7 +135,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint.export_hf = True      # export policy and PRM as HF safetensors at the end
 
     c.log = ml_collections.ConfigDict()
-    c.log.every = 1
     c.log.tensorboard = True
     c.log.wandb_project = ""
     c.log.plot = True
@@ -164,103 +158,3 @@ def base_config() -> ml_collections.ConfigDict:
     c.length_mix.clipped_fraction = 0.0
     return c
 
-
-def _fail(key: str, msg: str) -> None:
-    raise ValueError(f"config.{key}: {msg}")
-
-
-def validate(c: ml_collections.ConfigDict) -> None:
-    """Checks values and their combinations; raises ValueError('config.<key>: ...') on the first problem."""
-    n = c.rollout.n_samples
-    rows = c.train.batch_size * n
-    if c.data.source not in ("files", "tfds", "synthetic"):
-        _fail("data.source", f"{c.data.source!r} is not one of files, tfds, synthetic")
-    if c.data.source == "files" and not c.data.train_files:
-        _fail("data.train_files", "empty; give JSONL/Parquet paths (or data.source=synthetic|tfds)")
-    if c.data.source == "tfds" and not c.data.tfds_dir:
-        _fail("data.tfds_dir", "empty while data.source=tfds")
-    if c.data.source == "tfds" and "://" in c.data.tfds_dir:
-        _fail("data.tfds_dir", f"{c.data.tfds_dir} is remote; its array_record files are read from local disk only: "
-              f"stage it first (gcloud storage cp -r {c.data.tfds_dir} /local/dir) and pass the local directory, "
-              "or read Parquet from the bucket (data.source=files)")
-    if c.synthetic.max_operand < 0 or c.synthetic.max_operand == 1:
-        _fail("synthetic.max_operand", f"must be 0 (grow with difficulty) or >= 2, got {c.synthetic.max_operand}")
-    if c.data.source != "synthetic" and not c.model.path:
-        _fail("model.path", "empty; give a local Hugging Face model directory")
-    for key in ("train.batch_size", "rollout.max_response_length", "data.max_prompt_length", "total_steps",
-                "actor.mini_batch_size", "actor.micro_batch_size", "prm.mini_batch_size", "prm.micro_batch_size",
-                "actor.ppo_epochs", "verifier.num_workers", "train.max_rounds"):
-        section, name = key.split(".") if "." in key else (None, key)
-        value = c[section][name] if section else c[name]
-        if not isinstance(value, int) or value < 1:
-            _fail(key, f"must be a positive integer, got {value!r}")
-    if n < 1:
-        _fail("rollout.n_samples", f"must be >= 1, got {n}")
-    if c.algorithm.adv_estimator not in ESTIMATORS:
-        _fail("algorithm.adv_estimator", f"{c.algorithm.adv_estimator!r} is not one of {ESTIMATORS}")
-    if c.algorithm.adv_estimator in ("rloo", "grpo") and n < 2:
-        _fail("rollout.n_samples", f"{c.algorithm.adv_estimator} needs at least 2 samples per prompt, got {n}")
-    if c.algorithm.process_formula not in ("reference", "paper"):
-        _fail("algorithm.process_formula", f"{c.algorithm.process_formula!r} is not one of reference, paper")
-    if c.algorithm.process_credit not in ("sum", "min"):
-        _fail("algorithm.process_credit", f"{c.algorithm.process_credit!r} is not one of sum, min")
-    if c.algorithm.process_credit == "min" and c.algorithm.gamma_process != 1.0:
-        _fail("algorithm.gamma_process", f"min-form process credit needs gamma_process=1, got {c.algorithm.gamma_process}")
-    if c.rollout.prompts_per_call < 0:
-        _fail("rollout.prompts_per_call", f"must be >= 0 (0: train.batch_size), got {c.rollout.prompts_per_call}")
-    for key in ("steps_per_sync", "kv_block"):
-        if not isinstance(c.rollout[key], int) or c.rollout[key] < 1:
-            _fail(f"rollout.{key}", f"must be a positive integer, got {c.rollout[key]!r}")
-    if c.rollout.kv_cache_gib < 0:
-        _fail("rollout.kv_cache_gib", f"must be >= 0 (0: unchecked), got {c.rollout.kv_cache_gib}")
-    if c.rollout.temperature < 0:
-        _fail("rollout.temperature", f"must be >= 0, got {c.rollout.temperature}")
-    if not 0 < c.rollout.top_p <= 1:
-        _fail("rollout.top_p", f"must be in (0, 1], got {c.rollout.top_p}")
-    if not 0 <= c.train.accuracy_lower_bound <= c.train.accuracy_upper_bound <= 1:
-        _fail("train.accuracy_lower_bound", "need 0 <= accuracy_lower_bound <= accuracy_upper_bound <= 1")
-    for section in ("actor", "prm"):
-        mini, micro = c[section].mini_batch_size, c[section].micro_batch_size
-        if rows % mini:
-            _fail(f"{section}.mini_batch_size", f"{mini} does not divide the {rows} rows of a step (train.batch_size * rollout.n_samples)")
-        if mini % micro:
-            _fail(f"{section}.micro_batch_size", f"{micro} does not divide {section}.mini_batch_size={mini}")
-        if c[section].lr < 0:
-            _fail(f"{section}.lr", f"must be >= 0, got {c[section].lr}")
-    if c.prm.update_mode not in PRM_UPDATES:
-        _fail("prm.update_mode", f"{c.prm.update_mode!r} is not one of {PRM_UPDATES}")
-    if c.prm.granularity not in ("token", "whole"):
-        _fail("prm.granularity", f"{c.prm.granularity!r} is not one of token, whole")
-    if c.prm.norm_scope not in ("global", "shard"):
-        _fail("prm.norm_scope", f"{c.prm.norm_scope!r} is not one of global, shard")
-    if c.actor.loss_agg not in ("token", "seq-mean-token-mean"):
-        _fail("actor.loss_agg", f"{c.actor.loss_agg!r} is not one of token, seq-mean-token-mean")
-    for key, value in c.mesh.items():
-        if not isinstance(value, int) or (value < 1 and value != -1):
-            _fail(f"mesh.{key}", f"must be a positive integer or -1, got {value!r}")
-    mix = c.length_mix
-    for key in ("prompt_tokens", "response_tokens"):
-        if not mix[key] >= 0:
-            _fail(f"length_mix.{key}", f"must be >= 0 (0: at the limit), got {mix[key]!r}")
-    if not 0 <= mix.clipped_fraction <= 1:
-        _fail("length_mix.clipped_fraction", f"must be in [0, 1], got {mix.clipped_fraction!r}")
-    longest = c.data.max_prompt_length + c.rollout.max_response_length
-    if not isinstance(c.train.pack_length, int) or c.train.pack_length < 0:
-        _fail("train.pack_length", f"must be an integer >= 0, got {c.train.pack_length!r}")
-    if c.train.packing and 0 < c.train.pack_length < longest:
-        _fail("train.pack_length", f"{c.train.pack_length} is shorter than the longest sequence, data.max_prompt_length "
-                                   f"+ rollout.max_response_length = {longest}")
-    for section in ("actor", "prm"):
-        tokens = c[section].micro_batch_tokens
-        if not isinstance(tokens, int) or tokens < 0:
-            _fail(f"{section}.micro_batch_tokens", f"must be an integer >= 0, got {tokens!r}")
-        if c.train.packing and 0 < tokens < (c.train.pack_length or longest):
-            _fail(f"{section}.micro_batch_tokens", f"{tokens} is smaller than the longest sequence "
-                                                   f"(train.pack_length={c.train.pack_length or longest})")
-    if c.rollout.compact_tail not in ("auto", "on", "off"):
-        _fail("rollout.compact_tail", f"{c.rollout.compact_tail!r} is not one of auto, on, off")
-    if c.model.attention not in ("auto", *CONFIG_ATTENTION):
-        _fail("model.attention", f"{c.model.attention!r} is not one of auto, {', '.join(CONFIG_ATTENTION)}")
-    for key in ("param_dtype", "ref_dtype", "compute_dtype"):
-        if c.model[key] not in ("float32", "bfloat16", "float16"):
-            _fail(f"model.{key}", f"{c.model[key]!r} is not one of float32, bfloat16, float16")

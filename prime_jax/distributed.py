@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import os
 
-import ml_collections
 
-
-def init_distributed(c: ml_collections.ConfigDict) -> None:
-    """Joins the multi-host runtime: TPU pods auto-detect; GPU hosts read JAX_COORDINATOR_ADDRESS,
-    JAX_NUM_PROCESSES and JAX_PROCESS_ID (set by launch/gpu.sh)."""
+def init_distributed() -> None:
+    """Joins the multi-host runtime (`distributed=True`): TPU pods auto-detect; GPU hosts read
+    JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID (set by launch/gpu.sh)."""
     import jax
 
-    if not c.distributed:
-        return
     if os.environ.get("JAX_PLATFORMS", "") == "cpu":  # CPU processes (tests) talk over gloo
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     addr = os.environ.get("JAX_COORDINATOR_ADDRESS")

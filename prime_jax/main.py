@@ -1,55 +1,48 @@
 """Entry point: `python -m prime_jax.main --config=configs/X.py [--config.a.b=value ...]`.
 
-Validates the config before anything is loaded or compiled, joins the multi-host runtime when
-asked, builds the run (warm-starting the built-in synthetic run's SFT model if needed) and trains.
-`--config.dry_run=True` prints the resolved config and the memory plan and loads no weights.
+Resolves the config into run settings (every key checked before anything is loaded or compiled), joins the
+multi-host runtime when asked, warm-starts the built-in synthetic run's SFT model if it has none, builds the
+run and trains. `--config.dry_run=True` prints the config, the settings' shape and the memory plan, loading nothing.
 """
 
 from __future__ import annotations
 
-import sys
+from prime_jax import cli
 
-from absl import app, flags, logging
-from ml_collections import config_flags
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "path to a configs/*.py file", lock_config=True)
+_CONFIG = cli.config_flag()
 
 
 def run(c) -> dict[str, float]:
-    """Validates, builds and trains; returns the last step's metrics."""
-    from prime_jax import paths
-    from prime_jax.config import validate
+    """Resolves, builds and trains; returns the last step's metrics."""
+    from prime_jax import settings as settings_lib
     from prime_jax.distributed import init_distributed
-    from prime_jax.memory_plan import print_plan
 
-    validate(c)
-    init_distributed(c)
+    settings_lib.check(c)  # the rules that need no devices: a bad value fails before the runtime starts
+    if settings_lib.wants_distributed(c):
+        init_distributed()
+    s = settings_lib.resolve(c)
+    if s.dry_run:
+        from prime_jax.memory_plan import print_plan
+
+        print(c)
+        print_plan(s)
+        return {}
     import jax
 
-    from prime_jax.mesh import make_mesh
-    from prime_jax.programs import validate_programs
-
-    validate_programs(c, make_mesh(dict(c.mesh)))
-    if c.dry_run:
-        print(c)
-        print_plan(c)
-        return {}
-    if c.data.source == "synthetic" and not c.model.path:
-        from prime_jax.warm_start import warm_start
-
+    if s.warm_start.needed:
         from jax.experimental import multihost_utils
 
-        sft_dir = paths.join(c.workdir, "sft")
+        from prime_jax.warm_start import warm_start
+
         if jax.process_index() == 0:
-            warm_start(c, sft_dir)
+            warm_start(s, s.model.path)
         multihost_utils.sync_global_devices("warm_start")
-        with c.unlocked():
-            c.model.path = sft_dir
-            c.model.tokenizer = c.model.tokenizer or paths.join(c.model.path, "tokenizer.model")
+        s = settings_lib.resolve(c, s.mesh)  # now with the warm-start model's own architecture
+    settings_lib.check_paths(s)
     from prime_jax.components import build
     from prime_jax.trainer import Trainer
 
-    parts = build(c)
+    parts = build(s)
     try:
         metrics = Trainer(parts).fit()
     finally:
@@ -60,18 +53,8 @@ def run(c) -> dict[str, float]:
 
 
 def main(argv) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if flags.FLAGS.verbosity <= 0:  # orbax and absl are chatty at INFO; -v 1 brings it back
-        logging.set_verbosity(logging.WARNING)
-    try:
-        run(_CONFIG.value)
-    except ValueError as e:
-        if str(e).startswith("config."):
-            sys.exit(f"error: {e}")
-        raise
+    run(cli.load_config(_CONFIG))
 
 
 if __name__ == "__main__":
-    flags.mark_flag_as_required("config")
-    app.run(main)
+    cli.run(main)

@@ -7,8 +7,9 @@ line, `PASS`/`FAIL`, prefixed by the process index; a FAIL line ends with the fi
 if any check failed on this process, so the launchers stop before training starts.
 
 Checks (in order; a check that needs what an earlier one found missing is skipped with its FAIL):
-- config:    the config validates (the same one-line errors as `main`);
+- config:    the config's values check out (the same one-line errors as `main`);
 - devices:   the config's mesh fits the devices JAX sees, on every process;
+- settings:  the config resolves on that mesh (model paths, batching over the mesh, KV-cache budget);
 - workdir:   write, list, read back and delete a file under the workdir (local or gs://);
 - model:     the policy / PRM / reference directories hold a readable config.json, the tokenizer loads;
 - data:      the train/validation globs match files and their first rows parse;
@@ -31,11 +32,9 @@ from collections.abc import Iterator
 
 import jax
 import ml_collections
-from absl import app, flags, logging
-from ml_collections import config_flags
+from jax.sharding import Mesh
 
-from prime_jax import aot, paths
-from prime_jax.config import validate
+from prime_jax import aot, cli, paths, settings
 from prime_jax.data.eurus import read_eurus
 from prime_jax.data.tfds_reader import iter_tfds_rows
 from prime_jax.distributed import init_distributed
@@ -43,8 +42,8 @@ from prime_jax.memory_plan import plan
 from prime_jax.mesh import make_mesh
 from prime_jax.models import read_hf_config
 from prime_jax.models.tokenizer import load_tokenizer
-from prime_jax.rewards import code, math
-from prime_jax.rewards.sandbox import bwrap_available
+from prime_jax.verifiers import code, math
+from prime_jax.verifiers.sandbox import bwrap_available
 
 GIB = 2**30
 BWRAP_FIX = "install bubblewrap on this host: sudo apt-get install -y bubblewrap (launch/*.sh install does it)"
@@ -70,24 +69,24 @@ def _fail(name: str, e: BaseException, fix: str) -> Check:
 
 # --- the checks --------------------------------------------------------------------------------------
 
-def check_devices(c: ml_collections.ConfigDict) -> Check:
+def check_devices(c: ml_collections.ConfigDict) -> tuple[Check, Mesh | None]:
     """The config's mesh can be built over every device of the run."""
     seen = (f"{jax.device_count()} {jax.default_backend()} devices ({jax.local_device_count()} local), "
             f"{jax.process_count()} processes")
     try:
-        mesh = make_mesh(dict(c.mesh))
+        mesh = make_mesh(settings.mesh_axes(c))
     except ValueError as e:
         return Check("devices", False, f"{seen}; {e}",
                      "set --config.mesh.* so that data * fsdp * tensor equals the device count (fsdp=-1 takes the rest), "
-                     "or run on the slice the config was written for")
-    return Check("devices", True, f"{seen}; mesh {dict(mesh.shape)}")
+                     "or run on the slice the config was written for"), None
+    return Check("devices", True, f"{seen}; mesh {dict(mesh.shape)}"), mesh
 
 
-def check_workdir(c: ml_collections.ConfigDict) -> Check:
+def check_workdir(s: settings.RunSettings) -> Check:
     """The workdir can be written, listed, read back and cleaned (each process its own file)."""
-    fix = f"make {c.workdir} writable by this host (for gs://: the VM's service account needs storage.objects.create/get/list/delete on the bucket)"
+    fix = f"make {s.workdir} writable by this host (for gs://: the VM's service account needs storage.objects.create/get/list/delete on the bucket)"
     try:
-        probe = paths.path(c.workdir) / "preflight" / f"process{jax.process_index()}-{uuid.uuid4().hex}.txt"
+        probe = paths.path(s.workdir) / "preflight" / f"process{jax.process_index()}-{uuid.uuid4().hex}.txt"
         probe.parent.mkdir(parents=True, exist_ok=True)
         probe.write_text("prime_jax preflight")
         listed = probe.name in {p.name for p in probe.parent.iterdir()}
@@ -97,34 +96,32 @@ def check_workdir(c: ml_collections.ConfigDict) -> Check:
         return _fail("workdir", e, fix)
     if not listed or back != "prime_jax preflight":
         return Check("workdir", False, f"{probe} did not list or read back what was written", fix)
-    return Check("workdir", True, f"{c.workdir} writable, listable, readable")
+    return Check("workdir", True, f"{s.workdir} writable, listable, readable")
 
 
-def check_models(c: ml_collections.ConfigDict) -> list[Check]:
+def check_models(s: settings.RunSettings) -> list[Check]:
     """config.json of policy / PRM / reference and the tokenizer load (the built-in run makes its own)."""
-    m = c.model
-    if not m.path:
-        if c.data.source == "synthetic":
-            return [Check("model", True, "built-in synthetic run: main trains the warm-start model itself")]
-        return [Check("model", False, "config.model.path is empty", "pass --config.model.path=<HF directory of the SFT policy>")]
+    m = s.model
+    if s.warm_start.needed:
+        return [Check("model", True, "built-in synthetic run: main trains the warm-start model itself")]
     checks = []
-    for name, path in (("model.path", m.path), ("model.prm_path", m.prm_path or m.path), ("model.ref_path", m.ref_path or m.path)):
+    for name, path in (("model.path", m.path), ("model.prm_path", m.prm_path), ("model.ref_path", m.ref_path)):
         try:
             cfg = read_hf_config(path)
             checks.append(Check(name, True, f"{path}: {cfg.model_type}, {cfg.num_params / 1e9:.2f}B params"))
         except Exception as e:  # noqa: BLE001
             checks.append(_fail(name, e, f"point --config.{name} at an HF model directory (config.json + *.safetensors) this host can read"))
     try:
-        tok = load_tokenizer(m.tokenizer or m.path)
-        checks.append(Check("model.tokenizer", True, f"{m.tokenizer or m.path}: vocabulary {tok.vocab_size}"))
+        tok = load_tokenizer(m.tokenizer)
+        checks.append(Check("model.tokenizer", True, f"{m.tokenizer}: vocabulary {tok.vocab_size}"))
     except Exception as e:  # noqa: BLE001
         checks.append(_fail("model.tokenizer", e, "point --config.model.tokenizer (or model.path) at a tokenizer this host can read"))
     return checks
 
 
-def check_data(c: ml_collections.ConfigDict, rows: int = 8) -> list[Check]:
+def check_data(s: settings.RunSettings, rows: int = 8) -> list[Check]:
     """Each configured split's files exist and their first `rows` rows parse into examples."""
-    d = c.data
+    d = s.data
     if d.source == "synthetic":
         return [Check("data", True, "synthetic tasks (generated in process)")]
     if d.source == "tfds":
@@ -140,7 +137,7 @@ def check_data(c: ml_collections.ConfigDict, rows: int = 8) -> list[Check]:
                 checks.append(Check(key, False, "no training data configured", f"pass --config.{key}=<JSONL/Parquet glob>"))
             continue
         try:
-            result = read_eurus(globs.split(","), max_rows_per_file=rows)
+            result = read_eurus(list(globs), max_rows_per_file=rows)
         except Exception as e:  # noqa: BLE001
             checks.append(_fail(key, e, f"fix --config.{key}: every glob must match readable .jsonl/.parquet files"))
             continue
@@ -148,7 +145,7 @@ def check_data(c: ml_collections.ConfigDict, rows: int = 8) -> list[Check]:
             checks.append(Check(key, False, f"none of the first {rows} rows per file parse (skipped: {dict(result.skipped)})",
                                 "the files must follow the Eurus-2-RL-Data schema (README: data)"))
         else:
-            checks.append(Check(key, True, f"{globs}: {len(result.examples)} of the first rows parse"
+            checks.append(Check(key, True, f"{','.join(globs)}: {len(result.examples)} of the first rows parse"
                                 f"{f', skipped {dict(result.skipped)}' if result.skipped else ''}"))
     return checks
 
@@ -227,18 +224,18 @@ def aot_memory_check(topology: aot.Topology, reports: list[aot.ProgramReport]) -
                  f"{topology.chip.hbm_bytes / GIB:.0f} GiB HBM", MEMORY_FIX)
 
 
-def check_memory(c: ml_collections.ConfigDict, topology: aot.Topology | None = None) -> Check:
+def check_memory(c: ml_collections.ConfigDict, s: settings.RunSettings, topology: aot.Topology | None = None) -> Check:
     """On a TPU slice (`topology`): every program of the run compiled ahead of time for it (`prime_jax.aot`, the
     compiler's own peak per device) fits HBM. Elsewhere: the analytic resident state per device (params, Adam,
     reference, one sampler call's KV cache) fits the memory JAX reports for device 0 (`bytes_limit`; on CPU the
     host memory over the local devices)."""
     if topology is not None:
         try:
-            return aot_memory_check(topology, aot.compile_run(c, topology))
+            return aot_memory_check(topology, aot.compile_run(aot.topology_settings(c, topology), topology))
         except Exception as e:  # noqa: BLE001
             return _fail("memory", e, MEMORY_FIX)
     try:
-        need = sum(plan(c, jax.device_count()).values()) * GIB
+        need = sum(plan(s).values()) * GIB
     except Exception as e:  # noqa: BLE001
         return _fail("memory", e, "give --config.model.path (config.json) or model.arch so the plan knows the architecture")
     if jax.default_backend() == "cpu":  # CPU devices share the host's memory
@@ -255,22 +252,28 @@ def check_memory(c: ml_collections.ConfigDict, topology: aot.Topology | None = N
 def run_checks(c: ml_collections.ConfigDict) -> Iterator[Check]:
     """All checks in order; stops after a failed config or devices check (the rest would not mean much)."""
     try:
-        validate(c)
-    except ValueError as e:
+        settings.check(c)
+    except settings.ConfigError as e:
         yield Check("config", False, str(e), "fix the named config value")
         return
-    yield Check("config", True, f"valid ({c.workdir})")
-    devices = check_devices(c)
+    yield Check("config", True, "valid")
+    devices, mesh = check_devices(c)
     yield devices
-    if not devices.ok:
+    if mesh is None:
         return
-    yield check_workdir(c)
-    models = check_models(c)
+    try:
+        s = settings.resolve(c, mesh)
+    except settings.ConfigError as e:
+        yield Check("settings", False, str(e), "fix the named config value")
+        return
+    yield Check("settings", True, settings.describe(s))
+    yield check_workdir(s)
+    models = check_models(s)
     yield from models
-    yield from check_data(c)
+    yield from check_data(s)
     yield from check_verifiers()
     if all(m.ok for m in models):
-        yield check_memory(c, tpu_topology(jax.devices()))
+        yield check_memory(c, s, tpu_topology(jax.devices()))
     else:
         yield Check("memory", False, "not checked: the plan needs the model's config.json", "fix the model lines above")
 
@@ -286,16 +289,13 @@ def preflight(c: ml_collections.ConfigDict) -> bool:
 
 
 def main(argv) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if flags.FLAGS.verbosity <= 0:
-        logging.set_verbosity(logging.ERROR)
-    c = flags.FLAGS.config
-    init_distributed(c)
+    del argv
+    c = cli.load_config(_CONFIG)
+    if settings.wants_distributed(c):
+        init_distributed()
     sys.exit(0 if preflight(c) else 1)
 
 
 if __name__ == "__main__":  # the flag is defined here only, so this module imports beside prime_jax.main
-    config_flags.DEFINE_config_file("config", None, "path to a configs/*.py file", lock_config=True)
-    flags.mark_flag_as_required("config")
-    app.run(main)
+    _CONFIG = cli.config_flag()
+    cli.run(main)

@@ -21,12 +21,11 @@ from prime_jax import paths
 from prime_jax.checkpointing import Checkpointer, StopOnSignal
 from prime_jax.components import Components
 from prime_jax.data.example import Example
-from prime_jax.evaluate import score_examples, summarize
-from prime_jax.experience import CollectConfig, Experience, Prompt, collect
+from prime_jax.eval.scoring import score_examples, summarize
 from prime_jax.mesh import batch_sharding, host_to_global
 from prime_jax.metrics import MetricWriter, plot_curves
 from prime_jax.models import save_pretrained
-from prime_jax.programs import runs_prm
+from prime_jax.rl.collect import Experience, Prompt, collect
 from prime_jax.rl.optim import layout_sharding
 from prime_jax.sampling import Rollout, RowsCallback, StopCallback
 
@@ -47,18 +46,14 @@ class Timer:
 class Trainer:
     def __init__(self, parts: Components):
         self.p = parts
-        c = parts.config
-        self.c = c
+        self.s = s = parts.settings
         self.policy, self.prm = parts.policy, parts.prm
         self.buffer: list[Prompt] = []
         self.step = 0
-        self.collect_cfg = CollectConfig(
-            batch_size=c.train.batch_size, n=c.rollout.n_samples, filter_accuracy=c.train.filter_accuracy,
-            lower=c.train.accuracy_lower_bound, upper=c.train.accuracy_upper_bound,
-            filter_truncated=c.train.filter_truncated, max_rounds=c.train.max_rounds)
-        self.ckpt = Checkpointer(c.workdir, keep=c.checkpoint.keep)
-        self.writer = MetricWriter(c.workdir, total_steps=c.total_steps, tensorboard=c.log.tensorboard,
-                                   wandb_project=c.log.wandb_project, config=c.to_dict(), enabled=jax.process_index() == 0)
+        self.ckpt = Checkpointer(s.workdir, keep=s.checkpoint_keep)
+        self.writer = MetricWriter(s.workdir, total_steps=s.total_steps, tensorboard=s.tensorboard,
+                                   wandb_project=s.wandb_project, config=dict(s.config),
+                                   enabled=jax.process_index() == 0)
 
     # --- the iteration ------------------------------------------------------------------------------
 
@@ -67,13 +62,13 @@ class Trainer:
         t = Timer()
         with t("collect"):
             # The step's rollout seed: a stream of its own, never validation's (`seed` + c * SEED_STRIDE).
-            seed = int(np.random.SeedSequence((self.c.seed, self.step)).generate_state(1)[0])
+            seed = int(np.random.SeedSequence((self.s.seed, self.step)).generate_state(1)[0])
             exp, self.buffer, metrics = collect(self.sample, self.next_prompts, self.buffer, self.p.tokenizer.decode,
-                                                self.p.pool, self.collect_cfg, seed=seed)
+                                                self.p.pool, self.s.collect, seed=seed)
         host = exp.device_batch()
         with t("pack"):
-            prm_slots = self.p.programs.prm_layout(host) if runs_prm(self.c) else None
-            ppo_slots = self.p.programs.ppo_layout(host, (self.c.seed, self.step))
+            prm_slots = self.p.programs.prm_layout(host) if self.s.runs_prm else None
+            ppo_slots = self.p.programs.ppo_layout(host, (self.s.seed, self.step))
         batch = self.to_device({k: host[k] for k in ("mask", "old_logp", "acc")})
         rm_scores, prm_metrics = jnp.zeros(batch["mask"].shape, jnp.float32), {}  # outcome-only RL: no PRM work
         if prm_slots is not None:
@@ -103,21 +98,25 @@ class Trainer:
 
     def fit(self) -> dict[str, float]:
         """Runs (or resumes) to `total_steps`; returns the last step's metrics."""
+        s = self.s
         stop = StopOnSignal()
         self.restore()
         last: dict[str, float] = {}
+        if self.step >= s.total_steps:
+            print(f"run in {s.workdir} is complete: step {self.step} of total_steps={s.total_steps}; "
+                  f"to train further, raise it (--config.total_steps={s.total_steps + s.checkpoint_freq})", flush=True)
         if self.step == 0:
-            self.writer.write(0, {**self.p.data_skipped, **(self.validate() if self.c.eval.before_train else {})})
-        while self.step < self.c.total_steps and not stop.requested:
+            self.writer.write(0, {**self.p.data_skipped, **(self.validate() if s.eval.before_train else {})})
+        while self.step < s.total_steps and not stop.requested:
             last = self.iteration()
             self.step += 1
-            if self.step % self.c.eval.freq == 0 or self.step == self.c.total_steps:
+            if self.step % s.eval.freq == 0 or self.step == s.total_steps:
                 last.update(self.validate())
             self.writer.write(self.step, last)
-            if self.step % self.c.checkpoint.freq == 0 or self.step == self.c.total_steps or stop.requested:
+            if self.step % s.checkpoint_freq == 0 or self.step == s.total_steps or stop.requested:
                 self.save()
         self.ckpt.close()
-        if self.step == self.c.total_steps and not stop.requested:
+        if self.step == s.total_steps and not stop.requested and last:
             self.finish()
         stop.restore()
         self.writer.close()
@@ -133,10 +132,10 @@ class Trainer:
         return [Prompt(ex, tuple(ids)) for ex, ids in self.p.train_data.next_prompts(k)]
 
     def to_device(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        return {k: host_to_global(v, batch_sharding(self.p.mesh, v.ndim)) for k, v in batch.items()}
+        return {k: host_to_global(v, batch_sharding(self.s.mesh, v.ndim)) for k, v in batch.items()}
 
     def slots_to_device(self, slots: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        return {k: host_to_global(v, layout_sharding(self.p.mesh)) for k, v in slots.items()}
+        return {k: host_to_global(v, layout_sharding(self.s.mesh)) for k, v in slots.items()}
 
     def validate(self) -> dict[str, float]:
         """Validation score per data source (`val/test_score/<source>`, `.../all`): greedy pass@1 by default,
@@ -144,11 +143,11 @@ class Trainer:
         (`val/skipped_too_long`)."""
         if not self.p.val_examples:
             return {}
-        e = self.c.eval
-        scored = score_examples(nnx.merge(self.p.graphdef, self.policy.params), self.p.tokenizer, self.p.val_examples,
-                                self.p.pool, max_new_tokens=e.max_response_length or self.c.rollout.max_response_length,
-                                k=e.k, temperature=e.temperature, seed=self.c.seed, batch_size=e.batch_size,
-                                mesh=self.p.mesh)
+        e, params = self.s.eval, self.policy.params
+        scored = score_examples(lambda ids, **kw: self.p.programs.eval_sample(params, ids, **kw),
+                                self.s.model.arch, self.p.tokenizer, self.p.val_examples, self.p.pool,
+                                max_new_tokens=e.max_response_length, k=e.k, temperature=e.temperature,
+                                seed=self.s.seed, batch_size=e.batch_size)
         skipped = {"val/skipped_too_long": float(scored.skipped)} if scored.skipped else {}
         return {**summarize(scored.examples, scored.scores), **skipped}
 
@@ -169,11 +168,11 @@ class Trainer:
 
     def finish(self) -> None:
         """Exports policy and PRM as HF directories and renders the curves."""
-        if self.c.checkpoint.export_hf:
+        if self.s.export_hf:
             for name, state in (("policy", self.policy), ("prm", self.prm)):
-                save_pretrained(nnx.merge(self.p.graphdef, state.params), paths.join(self.c.workdir, "export", name))
-        if self.c.log.plot and jax.process_index() == 0:
-            print(f"curves: {plot_curves(self.c.workdir)}", flush=True)
+                save_pretrained(nnx.merge(self.p.graphdef, state.params), paths.join(self.s.workdir, "export", name))
+        if self.s.plot and jax.process_index() == 0:
+            print(f"curves: {plot_curves(self.s.workdir)}", flush=True)
 
 
 def response_length_metrics(exp: Experience) -> dict[str, float]:

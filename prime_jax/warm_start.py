@@ -17,7 +17,6 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from flax import nnx
@@ -27,22 +26,23 @@ from prime_jax.data.example import Example
 from prime_jax.data.synthetic import make_tasks, reference_solution
 from prime_jax.models import Decoder, ModelConfig, response_logprobs, save_pretrained
 from prime_jax.models.tokenizer import train_sentencepiece
+from prime_jax.settings import RunSettings
 
 
-def sft_tasks(c: ml_collections.ConfigDict) -> list[Example]:
+def sft_tasks(rs: RunSettings) -> list[Example]:
     """The warm start's supervised tasks: `warm_start.num_examples` synthetic tasks from seed + 3."""
-    s = c.synthetic
-    return make_tasks(c.warm_start.num_examples, c.seed + 3, math_frac=s.math_frac, difficulty=s.difficulty,
+    s = rs.data.synthetic
+    return make_tasks(rs.warm_start.num_examples, rs.seed + 3, math_frac=s.math_frac, difficulty=s.difficulty,
                       max_operand=s.max_operand)
 
 
-def warm_start(c: ml_collections.ConfigDict, out_dir: str, tasks: Sequence[Example] | None = None) -> str:
-    """Writes the SFT model trained on `tasks` (default `sft_tasks(c)`) to `out_dir`, local or gs:// (skipped
+def warm_start(rs: RunSettings, out_dir: str, tasks: Sequence[Example] | None = None) -> str:
+    """Writes the SFT model trained on `tasks` (default `sft_tasks(rs)`) to `out_dir`, local or gs:// (skipped
     when it already exists); returns `out_dir`."""
     if (paths.path(out_dir) / "config.json").exists():
         return out_dir
-    w, s = c.warm_start, c.synthetic
-    tasks = sft_tasks(c) if tasks is None else tasks
+    w, s = rs.warm_start, rs.data.synthetic
+    tasks = sft_tasks(rs) if tasks is None else tasks
     tmp = tempfile.mkdtemp(prefix="prime_jax_sft_") if paths.is_remote(out_dir) else out_dir + ".partial"
     os.makedirs(tmp, exist_ok=True)
     corpus = [m["content"] for t in tasks for m in t.prompt] + [reference_solution(t) for t in tasks]
@@ -59,8 +59,8 @@ def warm_start(c: ml_collections.ConfigDict, out_dir: str, tasks: Sequence[Examp
 
     pt, pm, rt, rm = map(jnp.asarray, (pt, pm, rt, rm))
     cfg = ModelConfig(model_type="qwen2", vocab_size=tok.vocab_size, attention_bias=True,
-                      eos_token_id=tok.eos_ids[0], **w.arch.to_dict())
-    model = Decoder(cfg, rngs=nnx.Rngs(c.seed))
+                      eos_token_id=tok.eos_ids[0], **w.arch)
+    model = Decoder(cfg, rngs=nnx.Rngs(rs.seed))
     graphdef, params = nnx.split(model)
     tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, w.lr, max(1, w.steps // 10), w.steps), weight_decay=0.0)
     opt = tx.init(params)
@@ -75,7 +75,7 @@ def warm_start(c: ml_collections.ConfigDict, out_dir: str, tasks: Sequence[Examp
         updates, opt = tx.update(grads, opt, params)
         return optax.apply_updates(params, updates), opt, loss
 
-    rng = np.random.default_rng(c.seed)
+    rng = np.random.default_rng(rs.seed)
     t0 = time.perf_counter()
     for i in range(w.steps):
         params, opt, loss = step(params, opt, rng.integers(0, n, w.batch_size))

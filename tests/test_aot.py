@@ -17,13 +17,12 @@ import pytest
 
 from prime_jax import aot
 from prime_jax.aot.compile import _oom_temp_bytes
-from prime_jax.memory_plan import architecture
-from prime_jax.models.decoder import causal_attention
+from prime_jax.models.attention import causal_attention
 from prime_jax.aot.compile import mix_shape
-from prime_jax.aot.step import LengthMix, decode_steps, step_seconds
-from prime_jax.packing import PackSpec
+from prime_jax.aot.step import decode_steps, step_seconds
 from prime_jax.preflight import aot_memory_check
-from prime_jax.programs import sampler_prompts
+from prime_jax.rl.packing import PackSpec
+from prime_jax.settings import LengthMix
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QWEN7B = os.path.join(ROOT, "configs", "qwen7b.py")
@@ -188,15 +187,20 @@ def test_plans_and_program_names_are_checked():
     assert (c.mesh.data, c.mesh.fsdp, c.prm.micro_batch_size, c.actor.micro_batch_size) == (2, 8, 16, 32)  # flags win
     with pytest.raises(ValueError, match="'mesh.nope'"):
         aot.config_for(base, {"mesh.nope": 2}, {})
+    v5p8 = aot.parse_topology("v5p-8")
     with pytest.raises(ValueError, match="--programs: unknown"):
-        aot.compile_run(base, aot.parse_topology("v5p-8"), ["sampler"])
+        aot.compile_run(aot.topology_settings(aot.config_for(base, plans["v5p-8"], {}), v5p8), v5p8, ["sampler"])
 
 
 def test_prompts_per_sampler_call_follow_the_plan_and_never_exceed_the_batch():
     base, plans = aot.load_config_file(QWEN7B)
-    assert sampler_prompts(base) == base.train.batch_size == 256
-    assert sampler_prompts(aot.config_for(base, plans["v5p-8"], {})) == 64
-    assert sampler_prompts(aot.config_for(base, {}, {"rollout.prompts_per_call": 1024})) == 256
+    v5p8 = aot.parse_topology("v5p-8")
+    plan = plans["v5p-8"]
+    assert aot.topology_settings(aot.config_for(base, {**plan, "rollout.prompts_per_call": 0}, {}), v5p8
+                                 ).prompts_per_call == base.train.batch_size == 256
+    assert aot.topology_settings(aot.config_for(base, plan, {}), v5p8).prompts_per_call == 64
+    assert aot.topology_settings(aot.config_for(base, plan, {"rollout.prompts_per_call": 1024}), v5p8
+                                 ).prompts_per_call == 256
 
 
 # --- the shrunk qwen7b programs on a v5p-8 -----------------------------------------------------------
@@ -207,11 +211,17 @@ def _shrunk_qwen7b() -> ml_collections.ConfigDict:
     return aot.config_for(base, plans.get("v5p-8", {}), SHRINK)
 
 
+def _shrunk_settings(overrides=None):
+    c = _shrunk_qwen7b()
+    c.update_from_flattened_dict(overrides or {})
+    return aot.topology_settings(c, aot.parse_topology("v5p:2x2x1"))
+
+
 @pytest.fixture(scope="module")
 def compiled_shrunk():
-    c = _shrunk_qwen7b()
+    s = _shrunk_settings()
     topology = aot.parse_topology("v5p:2x2x1")
-    return c, topology, {r.name: r for r in aot.compile_run(c, topology)}
+    return s, topology, {r.name: r for r in aot.compile_run(s, topology)}
 
 
 def test_shrunk_qwen7b_compiles_and_fits(compiled_shrunk):
@@ -242,9 +252,8 @@ def test_step_seconds_add_the_programs_at_the_length_mix(compiled_shrunk):
     ({"length_mix.response_tokens": 8, "length_mix.clipped_fraction": 0.0, "rollout.prompts_per_call": 2}, 32),
 ])  # 8 rows in flight: 32 rows x 8 tokens / 8
 def test_decode_steps_of_the_continuous_batching_sampler(overrides, steps):
-    c = _shrunk_qwen7b()
-    c.update_from_flattened_dict(overrides)
-    assert decode_steps(c, LengthMix.from_config(c)) == pytest.approx(steps)
+    s = _shrunk_settings(overrides)
+    assert decode_steps(s, s.length_mix) == pytest.approx(steps)
 
 
 def test_training_steps_at_the_length_mix_take_the_packed_shape_of_its_tokens():
@@ -280,10 +289,10 @@ def test_compiler_bytes_match_hand_computed_sizes(compiled_shrunk):
     """Argument, output and alias bytes per device against the architecture's parameter count and the
     batch / KV-cache shapes (4 devices, params fsdp-sharded, batch split over the devices)."""
     c, topology, r = compiled_shrunk
-    cfg = architecture(c)
+    cfg = c.model.arch
     devices = topology.num_chips
     n_params = cfg.num_params
-    rows, p_len, r_len = c.train.batch_size * c.rollout.n_samples, c.data.max_prompt_length, c.rollout.max_response_length
+    rows, p_len, r_len = c.rows_per_step, c.data.max_prompt_length, c.sampler.max_new_tokens
     fp32_params = 4 * n_params / devices
     train_state = 3 * fp32_params  # params + Adam mu, nu
     ref = 2 * n_params / devices
@@ -305,7 +314,7 @@ def test_compiler_bytes_match_hand_computed_sizes(compiled_shrunk):
     per_slot = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2
     held = p_len * per_slot + cfg.vocab_size * 4
     state = rows * (p_len + r_len) * per_slot / devices + rows * r_len * 8 / devices + held
-    prefill_prompts = -(-(rows // c.rollout.n_samples) // devices) * devices  # max_prefill
+    prefill_prompts = -(-(rows // c.collect.n) // devices) * devices  # max_prefill
     for name in ("sampler_prefill", "sampler_decode"):
         assert near(r[name].alias_bytes, state) and near(r[name].output_bytes, state), name
     assert near(r["sampler_decode"].argument_bytes, fp32_params + state)
@@ -319,9 +328,9 @@ def test_prefill_flops_match_the_hand_count(compiled_shrunk):
     """Prefill matmuls: every prompt token of the largest prefill batch through each layer's projections and
     MLP, causal attention over the prompt, the LM head on each prompt's last position only."""
     c, topology, r = compiled_shrunk
-    cfg = architecture(c)
+    cfg = c.model.arch
     devices = topology.num_chips
-    b = -(-c.train.batch_size // devices) * devices  # max_prefill: every slot's prompt
+    b = -(-c.collect.batch_size // devices) * devices  # max_prefill: every slot's prompt
     t = c.data.max_prompt_length
     d, f, h, k, dh, v = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size
     per_token_layer = 2 * (d * (h + 2 * k) * dh + h * dh * d + 3 * d * f)
@@ -351,8 +360,8 @@ def test_out_of_hbm_is_reported_not_raised():
     c = aot.config_for(_shrunk_qwen7b(), {}, {"train.batch_size": 4096, "rollout.prompts_per_call": 4096,
                                                "data.max_prompt_length": 1024, "rollout.max_response_length": 1024})
     topology = aot.parse_topology("v5e:2x2")
-    prefill, decode = aot.compile_run(c, topology, ["sampler_prefill", "sampler_decode"])
-    cfg = architecture(c)
+    prefill, decode = aot.compile_run(aot.topology_settings(c, topology), topology, ["sampler_prefill", "sampler_decode"])
+    cfg = aot.topology_settings(c, topology).model.arch
     params = 4 * cfg.num_params / 4
     kv = 2 * cfg.num_layers * 4096 * 4 * 2048 * cfg.num_kv_heads * cfg.head_dim * 2 / 4
     for report in (prefill, decode):

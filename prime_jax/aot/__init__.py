@@ -14,7 +14,7 @@ resident; it fits when peak <= HBM), and a loop-aware roofline cost (`hlo_cost`)
 - `report`: printed lines and markdown rows;                  - `__main__`: the command line.
 """
 
-from prime_jax.aot.compile import PROGRAMS, compile_run
+from prime_jax.aot.compile import PROGRAMS, compile_run, topology_settings
 from prime_jax.aot.report import ProgramReport
 from prime_jax.aot.hlo_cost import ProgramCost, program_cost
 from prime_jax.aot.plans import config_for, load_config_file
@@ -23,4 +23,4 @@ from prime_jax.aot.topology import CHIPS, GIB, Chip, Topology, parse_topology, s
 
 __all__ = ["CHIPS", "GIB", "PROGRAMS", "TABLE_HEADER", "Chip", "ProgramCost", "ProgramReport", "Topology",
            "compile_run", "config_for", "format_report", "load_config_file", "markdown_rows", "parse_topology",
-           "program_cost", "slice_dims", "summary_line"]
+           "program_cost", "slice_dims", "summary_line", "topology_settings"]

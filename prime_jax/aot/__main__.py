@@ -15,35 +15,37 @@ from typing import Any
 
 import jax
 import ml_collections
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from prime_jax.aot.compile import PROGRAMS, compile_run
+from prime_jax import cli
+from prime_jax.aot.compile import PROGRAMS, compile_run, topology_settings
 from prime_jax.aot.plans import config_for, load_config_file
 from prime_jax.aot.report import TABLE_HEADER, ProgramReport, markdown_rows, summary_line
-from prime_jax.aot.step import LengthMix, step_seconds
+from prime_jax.aot.step import step_seconds
 from prime_jax.aot.topology import CHIPS, GIB, Topology, parse_topology, slice_dims
-from prime_jax.programs import sampler_prompts
+from prime_jax.settings import RunSettings
 
 def run_topology(base: ml_collections.ConfigDict, plans: dict[str, dict[str, Any]], overrides: dict[str, Any],
                  topology: Topology, programs: Sequence[str], use_plan: bool = True, hlo_dir: str = "",
-                 log: Callable[[str], None] = print) -> tuple[ml_collections.ConfigDict, list[ProgramReport], float | None]:
+                 log: Callable[[str], None] = print) -> tuple[RunSettings, list[ProgramReport], float | None]:
     """Compiles the programs for one slice (with its SHARDING plan when there is one) and logs them; returns the
-    config used, the reports and the whole step's roofline seconds at the length mix (None without every program)."""
+    settings used, the reports and the whole step's roofline seconds at the length mix (None without every
+    program)."""
     plan = plans.get(topology.slice_name, {}) if use_plan else {}
-    c = config_for(base, plan, overrides)
+    s = topology_settings(config_for(base, plan, overrides), topology)
     chip = topology.chip
     log(f"AOT {topology.slice_name} ({topology.name}: {topology.num_chips} chips, {chip.hbm_bytes / GIB:.0f} GiB HBM, "
-        f"{chip.peak_flops / 1e12:.0f} TFLOP/s bf16 each); mesh {dict(c.mesh)}; plan {plan or 'none'}")
-    log(f"  {sampler_prompts(c)} prompts x {c.rollout.n_samples} samples per sampler call, "
-        f"prompt {c.data.max_prompt_length} + response {c.rollout.max_response_length}; "
-        f"micro-batch PRM {c.prm.micro_batch_size} / actor {c.actor.micro_batch_size}")
-    reports = compile_run(c, topology, programs, hlo_dir, log=lambda s: log("  " + s))
-    step = step_seconds(c, reports)
+        f"{chip.peak_flops / 1e12:.0f} TFLOP/s bf16 each); mesh {dict(s.mesh.shape)}; plan {plan or 'none'}")
+    log(f"  {s.prompts_per_call} prompts x {s.collect.n} samples per sampler call, "
+        f"prompt {s.data.max_prompt_length} + response {s.sampler.max_new_tokens}; "
+        f"micro-batch PRM {s.prm.micro_batch_size} / actor {s.ppo.micro_batch_size}")
+    reports = compile_run(s, topology, programs, hlo_dir, log=lambda line: log("  " + line))
+    step = step_seconds(s, reports)
     if step is not None:
         parts = " + ".join(f"{name} {seconds:.1f}" for name, seconds in step.items() if name != "step")
-        log(f"  one step at the length mix ({LengthMix.from_config(c).describe()}): {parts} = {step['step']:.1f} s")
-    return c, reports, None if step is None else step["step"]
+        log(f"  one step at the length mix ({s.length_mix.describe()}): {parts} = {step['step']:.1f} s")
+    return s, reports, None if step is None else step["step"]
 
 
 def main(argv: Sequence[str]) -> None:
@@ -56,7 +58,7 @@ def main(argv: Sequence[str]) -> None:
     programs = [p for p in FLAGS.programs.split(",") if p]
 
     def run(topology: Topology, log: Callable[[str], None] = print
-            ) -> tuple[ml_collections.ConfigDict, list[ProgramReport], float | None]:
+            ) -> tuple[RunSettings, list[ProgramReport], float | None]:
         hlo_dir = os.path.join(FLAGS.hlo_dir, topology.slice_name) if FLAGS.hlo_dir else ""
         return run_topology(FLAGS.config, plans, overrides, topology, programs, FLAGS.plan, hlo_dir, log)
 
@@ -64,8 +66,8 @@ def main(argv: Sequence[str]) -> None:
         print(TABLE_HEADER, flush=True)
         for name in FLAGS.table.split(","):
             topology = parse_topology(name)
-            c, reports, _ = run(topology, log=lambda s: print(s, file=sys.stderr, flush=True))
-            print("\n".join(markdown_rows(c, topology, reports)), flush=True)
+            s, reports, _ = run(topology, log=lambda line: print(line, file=sys.stderr, flush=True))
+            print("\n".join(markdown_rows(s, topology, reports)), flush=True)
         return
     if FLAGS.smallest:
         if FLAGS.smallest not in CHIPS:
@@ -86,7 +88,7 @@ def main(argv: Sequence[str]) -> None:
 
 
 def _define_flags() -> None:
-    config_flags.DEFINE_config_file("config", None, "path to a configs/*.py file", lock_config=True)
+    cli.config_flag()
     flags.DEFINE_string("topology", "v5p:2x2x2", "libtpu topology ('v5p:2x2x2', 'v4:2x4x4') or slice name ('v5p-16')")
     flags.DEFINE_string("programs", ",".join(PROGRAMS), f"comma-separated subset of {','.join(PROGRAMS)}")
     flags.DEFINE_bool("plan", True, "apply the config's SHARDING plan for the slice, when it has one "
@@ -100,4 +102,4 @@ def _define_flags() -> None:
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    cli.run(main)

@@ -13,32 +13,22 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from prime_jax.aot.hlo_cost import program_cost
 from prime_jax.aot.report import ProgramReport, format_report
-from prime_jax.aot.step import LengthMix
 from prime_jax.aot.topology import Chip, Topology
-from prime_jax.memory_plan import architecture
 from prime_jax.mesh import batch_sharding, make_mesh, state_shardings
 from prime_jax.models import ModelConfig, abstract_model
-from prime_jax.packing import LAYOUT_KEYS, PackSpec
-from prime_jax.programs import (attention_implementation, make_programs, optimizers, pack_spec, ppo_step_config,
-                                rows_per_step, validate_programs)
+from prime_jax.programs import make_programs, optimizers
 from prime_jax.rl.optim import TrainState, init_train_state, layout_sharding, train_state_shardings
+from prime_jax.rl.packing import LAYOUT_KEYS, PackSpec
 from prime_jax.sampling import decode, empty_state, insert, sampler_state_shardings
+from prime_jax.settings import LengthMix, RunSettings, mesh_axes, resolve
 
 PROGRAMS = ("sampler_prefill", "sampler_decode", "prm_step", "ppo_step")
 
-
-
-def model_config(c: ml_collections.ConfigDict, param_dtype: str) -> ModelConfig:
-    """The architecture with the run's dtypes and memory knobs, as `components.build` loads it."""
-    m = c.model
-    return architecture(c).replace(param_dtype=param_dtype, dtype=m.compute_dtype, remat=m.remat,
-                                   logits_chunk=m.logits_chunk, attention=attention_implementation(c, "tpu"))
 
 
 def _with_shardings(tree: Any, shardings: Any) -> Any:
@@ -62,13 +52,14 @@ class AbstractRun:
     ref_params: nnx.State
 
 
-def abstract_run(c: ml_collections.ConfigDict, mesh: Mesh) -> AbstractRun:
+def abstract_run(s: RunSettings) -> AbstractRun:
     """Policy and PRM train states (params + Adam) and the frozen reference, sharded as `components.build`
     shards them."""
-    graphdef, params = nnx.split(abstract_model(model_config(c, c.model.param_dtype)))
-    _, ref = nnx.split(abstract_model(model_config(c, c.model.ref_dtype)))
+    mesh = s.mesh
+    graphdef, params = nnx.split(abstract_model(s.model.config(s.model.param_dtype)))
+    _, ref = nnx.split(abstract_model(s.model.config(s.model.ref_dtype)))
     params = _with_shardings(params, state_shardings(params, mesh))
-    policy_tx, prm_tx, _ = optimizers(c, mesh)
+    policy_tx, prm_tx, _ = optimizers(s)
 
     def train_state(tx):
         state = jax.eval_shape(lambda p: init_train_state(p, tx), params)
@@ -87,12 +78,12 @@ def bytes_per_device(tree: Any) -> int:
     return total
 
 
-def _key(mesh: Mesh) -> jax.ShapeDtypeStruct:
+def _key(mesh: Any) -> jax.ShapeDtypeStruct:
     key = jax.eval_shape(lambda: jax.random.key(0))
     return jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=NamedSharding(mesh, P()))
 
 
-def _slots(mesh: Mesh, spec: PackSpec, num_minibatches: int, padded_width: int,
+def _slots(mesh: Any, spec: PackSpec, num_minibatches: int, padded_width: int,
            shape: tuple[int, int] | None = None) -> dict[str, jax.ShapeDtypeStruct]:
     """A step's slots [M, k, r, L] at the packed (k, r) `shape`, by default the largest `spec` allows."""
     k, r = shape or (spec.shapes()[-1] if spec.packed else
@@ -108,7 +99,7 @@ def mix_shape(spec: PackSpec, mix: LengthMix) -> tuple[int, int]:
     return spec.shape_for(rows)
 
 
-def _batch(mesh: Mesh, rows: int, shapes: dict[str, tuple[tuple[int, ...], Any]]) -> dict[str, jax.ShapeDtypeStruct]:
+def _batch(mesh: Any, rows: int, shapes: dict[str, tuple[tuple[int, ...], Any]]) -> dict[str, jax.ShapeDtypeStruct]:
     """{name: (row shape, dtype)} -> [rows, *row shape] arrays split over the data axes."""
     return {k: jax.ShapeDtypeStruct((rows, *s), d, sharding=batch_sharding(mesh, 1 + len(s)))
             for k, (s, d) in shapes.items()}
@@ -173,19 +164,24 @@ def stand_in_stop_ids(cfg: ModelConfig) -> tuple[int, ...]:
     return tuple(eos) if isinstance(eos, tuple) else (int(eos),)
 
 
-def compile_run(c: ml_collections.ConfigDict, topology: Topology, programs: Sequence[str] = PROGRAMS,
+def topology_settings(c: Any, topology: Topology) -> RunSettings:
+    """The run's settings on a mesh over the slice's devices (the TPU platform: its attention kernels)."""
+    return resolve(c, make_mesh(mesh_axes(c), devices=topology.devices()))
+
+
+def compile_run(s: RunSettings, topology: Topology, programs: Sequence[str] = PROGRAMS,
                 hlo_dir: str = "", log: Callable[[str], None] = lambda s: None) -> list[ProgramReport]:
-    """Compiles the run's programs for `topology`; one report per program (in PROGRAMS order)."""
+    """Compiles the run's programs (settings resolved on the slice's mesh, `topology_settings`) for `topology`;
+    one report per program (in PROGRAMS order)."""
     unknown = [p for p in programs if p not in PROGRAMS]
     if unknown:
         raise ValueError(f"--programs: unknown {unknown} (known: {list(PROGRAMS)})")
-    mesh = make_mesh(dict(c.mesh), devices=topology.devices())
-    validate_programs(c, mesh)
-    run = abstract_run(c, mesh)
-    cfg = model_config(c, c.model.param_dtype)
-    progs = make_programs(c, mesh, run.graphdef, run.policy, run.prm, run.ref_params, stop_ids=stand_in_stop_ids(cfg),
+    mesh = s.mesh
+    run = abstract_run(s)
+    cfg = s.model.config(s.model.param_dtype)
+    progs = make_programs(s, run.graphdef, run.policy, run.prm, run.ref_params, stop_ids=stand_in_stop_ids(cfg),
                           pad_id=0)
-    rows, p_len, r_len = rows_per_step(c), c.data.max_prompt_length, c.rollout.max_response_length
+    rows, p_len, r_len = s.rows_per_step, s.data.max_prompt_length, s.sampler.max_new_tokens
     train_batch = _batch(mesh, rows, {"mask": ((r_len,), jnp.float32), "acc": ((), jnp.float32),
                                       "unpack": ((r_len,), jnp.int32)})
     ppo_batch = _batch(mesh, rows, {k: ((r_len,), jnp.float32) for k in ("mask", "old_logp", "advantages")})
@@ -233,15 +229,14 @@ def compile_run(c: ml_collections.ConfigDict, topology: Topology, programs: Sequ
                 done(report)
     # The training steps at their largest packed shape (memory), and, packed, again at the length mix's shape
     # (what a typical step computes: `<name>@mix`, for the whole-step seconds).
-    mix = LengthMix.from_config(c)
-    steps = (("prm_step", "prm", rows // c.prm.mini_batch_size, lambda slots: (run.prm, run.ref_params, train_batch, slots),
-              policy_all),
-             ("ppo_step", "actor", ppo_step_config(c).updates_per_iteration(rows),
+    mix = s.length_mix
+    steps = (("prm_step", s.prm_pack, rows // s.prm.mini_batch_size,
+              lambda slots: (run.prm, run.ref_params, train_batch, slots), policy_all),
+             ("ppo_step", s.ppo_pack, s.ppo.updates_per_iteration(rows),
               lambda slots: (run.policy, ppo_batch, slots), prm_all + ref_all))
-    for name, section, minibatches, args, resident in steps:
+    for name, spec, minibatches, args, resident in steps:
         if name not in programs:
             continue
-        spec = pack_spec(c, mesh, section)
         largest = spec.shapes()[-1] if spec.packed else None
         for label, shape in ((name, largest), (f"{name}@mix", mix_shape(spec, mix) if spec.packed else largest)):
             if label != name and shape == largest:

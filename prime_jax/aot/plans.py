@@ -9,7 +9,6 @@ from typing import Any
 import ml_collections
 
 from prime_jax.aot.topology import parse_topology
-from prime_jax.config import validate
 
 
 def load_config_file(path: str) -> tuple[ml_collections.ConfigDict, dict[str, dict[str, Any]]]:
@@ -39,5 +38,4 @@ def config_for(base: ml_collections.ConfigDict, plan: dict[str, Any],
             raise ValueError(f"SHARDING plan: config key {key!r} does not exist")
     c.update_from_flattened_dict(dict(plan))
     c.update_from_flattened_dict(dict(overrides))
-    validate(c)
     return c

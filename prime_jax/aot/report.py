@@ -6,11 +6,10 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-import ml_collections
 
 from prime_jax.aot.hlo_cost import ProgramCost
 from prime_jax.aot.topology import GIB, Chip, Topology
-from prime_jax.programs import sampler_prompts
+from prime_jax.settings import RunSettings
 
 
 @dataclasses.dataclass
@@ -84,14 +83,14 @@ def summary_line(topology: Topology, reports: Sequence[ProgramReport], step_s: f
     return f"AOT {topology.name}: fits={'yes' if fits else 'no'} peak_bytes_per_device={worst} hbm_bytes={hbm}{step}"
 
 
-def markdown_rows(c: ml_collections.ConfigDict, topology: Topology, reports: Sequence[ProgramReport]) -> list[str]:
+def markdown_rows(s: RunSettings, topology: Topology, reports: Sequence[ProgramReport]) -> list[str]:
     """One markdown table row per program (columns: see TABLE_HEADER)."""
     chip = topology.chip
-    mesh = ", ".join(f"{k}={v}" for k, v in c.mesh.items())
-    micro = f"{c.prm.micro_batch_size}/{c.actor.micro_batch_size}"
+    mesh = ", ".join(f"{k}={v}" for k, v in s.mesh.shape.items())
+    micro = f"{s.prm.micro_batch_size}/{s.ppo.micro_batch_size}"
     rows = []
     for r in reports:
-        cells = [topology.slice_name, f"`{topology.name}`", mesh, micro, str(sampler_prompts(c)), r.name,
+        cells = [topology.slice_name, f"`{topology.name}`", mesh, micro, str(s.prompts_per_call), r.name,
                  _gib(r.argument_bytes), _gib(r.temp_bytes), _gib(r.resident_bytes)]
         if r.error:
             why = "compiler: out of HBM" if "RESOURCE_EXHAUSTED" in r.error else r.error

@@ -6,63 +6,41 @@ counted."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Sequence
 
-import ml_collections
-
 from prime_jax.aot.report import ProgramReport
-from prime_jax.programs import sampler_prompts
+from prime_jax.settings import LengthMix, RunSettings
 
 STEP_PROGRAMS = ("sampler_prefill", "sampler_decode", "prm_step", "ppo_step")
 
 
-@dataclasses.dataclass(frozen=True)
-class LengthMix:
-    """Mean prompt and response tokens of a step and the fraction of responses cut at the response limit."""
-
-    prompt_tokens: float
-    response_tokens: float
-    clipped_fraction: float
-
-    @classmethod
-    def from_config(cls, c: ml_collections.ConfigDict) -> LengthMix:
-        """`length_mix` with 0 read as the limit and each mean capped at its limit."""
-        m, p, r = c.length_mix, c.data.max_prompt_length, c.rollout.max_response_length
-        return cls(min(m.prompt_tokens or p, p), min(m.response_tokens or r, r), m.clipped_fraction)
-
-    def describe(self) -> str:
-        return (f"prompt {self.prompt_tokens:g} + response {self.response_tokens:g} tokens on average, "
-                f"{100 * self.clipped_fraction:g}% of responses at the limit")
-
-
-def decode_steps(c: ml_collections.ConfigDict, mix: LengthMix) -> float:
+def decode_steps(s: RunSettings, mix: LengthMix) -> float:
     """Decode steps of train.batch_size prompts' samples at this mix with continuous batching: the batch's responses
     (rows x mean length) spread over the rows in flight (a slot takes the next sample when its row stops), but no
     fewer than the longest response, which reaches max_response_length - 1 when any row is clipped (probability
     1 - (1 - f)^rows) and at least the mean otherwise. A lower bound: slots idle in the last wave are not counted."""
-    rows = c.train.batch_size * c.rollout.n_samples
-    in_flight = min(rows, sampler_prompts(c) * c.rollout.n_samples)
-    r = c.rollout.max_response_length
+    rows = s.rows_per_step
+    in_flight = min(rows, s.prompts_per_call * s.collect.n)
+    r = s.sampler.max_new_tokens
     p_clipped = 1.0 - (1.0 - mix.clipped_fraction) ** rows
     longest = p_clipped * (r - 1) + (1.0 - p_clipped) * mix.response_tokens
     return max(rows * mix.response_tokens / in_flight, longest)
 
 
-def step_seconds(c: ml_collections.ConfigDict, reports: Sequence[ProgramReport]) -> dict[str, float] | None:
+def step_seconds(s: RunSettings, reports: Sequence[ProgramReport]) -> dict[str, float] | None:
     """{program: roofline seconds it takes in one step, "step": their sum}; None unless every program of a step
     was compiled (and fitted). Packed training steps count at the mix's shape (`<name>@mix`) when compiled."""
     by_name = {r.name: r for r in reports}
     if any(p not in by_name or by_name[p].error for p in STEP_PROGRAMS):
         return None
-    mix = LengthMix.from_config(c)
-    waves = math.ceil(c.train.batch_size / sampler_prompts(c))  # prefills of the largest insert, at least
+    mix = s.length_mix
+    waves = math.ceil(s.collect.batch_size / s.prompts_per_call)  # prefills of the largest insert, at least
     # The decode report is one whole response of every row: ceil((R - 1) / K) calls of K steps.
-    k = c.rollout.steps_per_sync
-    per_step = by_name["sampler_decode"].seconds / (math.ceil((c.rollout.max_response_length - 1) / k) * k)
+    k = s.sampler.steps_per_sync
+    per_step = by_name["sampler_decode"].seconds / (math.ceil((s.sampler.max_new_tokens - 1) / k) * k)
     train = {name: by_name.get(f"{name}@mix", by_name[name]).seconds for name in ("prm_step", "ppo_step")}
     out = {"sampler_prefill": waves * by_name["sampler_prefill"].seconds,
-           "sampler_decode": per_step * decode_steps(c, mix), **train}
+           "sampler_decode": per_step * decode_steps(s, mix), **train}
     out["step"] = sum(out.values())
     return out

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from prime_jax import paths
 from prime_jax.data.example import ABILITIES, Example
 from prime_jax.data.prompts import SUFFIXES
-from prime_jax.rewards.code import parse_tests
+from prime_jax.verifiers.code import parse_tests
 
 _ROLES = ("system", "user", "assistant")
 _PARQUET_BATCH_ROWS = 4096

@@ -14,17 +14,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 import time
 
 import ml_collections
-from absl import app, flags, logging
-from ml_collections import config_flags
 
+from prime_jax import cli, settings
 from prime_jax.data.example import Example
 from prime_jax.data.synthetic import make_tasks
 from prime_jax.experiments import report
 from prime_jax.metrics import read_metrics
+from prime_jax.settings import ExperimentSettings, RunSettings
 
 # name -> (what it is, config overrides on top of the shared config)
 ARMS: dict[str, tuple[str, dict[str, object]]] = {
@@ -43,26 +42,14 @@ ARMS: dict[str, tuple[str, dict[str, object]]] = {
 }
 
 
-def parse_list(text: str, key: str, cast=str) -> list:
-    items = [cast(x.strip()) for x in text.split(",") if x.strip()]
-    if not items:
-        raise ValueError(f"config.{key}: empty")
-    return items
-
-
-def arm_config(c: ml_collections.ConfigDict, arm: str, seed: int) -> ml_collections.ConfigDict:
-    """The run config of one arm and seed: the shared config, the arm's overrides, its own workdir."""
-    if arm not in ARMS:
-        raise ValueError(f"config.compare.arms: {arm!r} is not one of {', '.join(ARMS)}")
-    rc = ml_collections.ConfigDict(c.to_dict())
-    del rc["compare"]
+def arm_config(x: ExperimentSettings, shared: RunSettings, arm: str, seed: int) -> ml_collections.ConfigDict:
+    """The run config of one arm and seed: the shared config, the arm's overrides, its own workdir, the shared
+    warm-start model."""
+    rc = ml_collections.ConfigDict(x.base.to_dict())
+    rc.update_from_flattened_dict(dict(ARMS[arm][1]))
     rc.seed = seed
-    rc.workdir = os.path.join(c.workdir, arm, f"seed{seed}")
-    rc.model.path = rc.model.path or os.path.join(c.workdir, "sft")
-    rc.model.tokenizer = rc.model.tokenizer or os.path.join(rc.model.path, "tokenizer.model")
-    for key, value in ARMS[arm][1].items():
-        section, name = key.split(".")
-        rc[section][name] = value
+    rc.workdir = os.path.join(x.workdir, arm, f"seed{seed}")
+    rc.model.path, rc.model.tokenizer = shared.model.path, shared.model.tokenizer
     return rc
 
 
@@ -74,13 +61,14 @@ def finished(workdir: str, total_steps: int) -> bool:
     return last["step"] >= total_steps and "val/test_score/all" in last
 
 
-def task_sets(c: ml_collections.ConfigDict):
+def task_sets(shared: RunSettings, heldout_seed: int):
     """(training pool, held-out set): synthetic tasks of the configured difficulty; the held-out questions
     (seed `compare.heldout_seed`) are removed from the pool (and from the warm start's tasks)."""
-    s = c.synthetic
-    heldout = make_tasks(s.val_size, c.compare.heldout_seed, math_frac=s.math_frac, difficulty=s.difficulty,
+    s = shared.data.synthetic
+    heldout = make_tasks(s.val_size, heldout_seed, math_frac=s.math_frac, difficulty=s.difficulty,
                          max_operand=s.max_operand)
-    pool = make_tasks(s.train_size, c.seed + 1, math_frac=s.math_frac, difficulty=s.difficulty, max_operand=s.max_operand)
+    pool = make_tasks(s.train_size, shared.seed + 1, math_frac=s.math_frac, difficulty=s.difficulty,
+                      max_operand=s.max_operand)
     return without(pool, heldout), heldout
 
 
@@ -90,19 +78,14 @@ def without(tasks: list[Example], heldout: list[Example]) -> list[Example]:
     return [ex for ex in tasks if ex.question() not in questions]
 
 
-def run_one(rc: ml_collections.ConfigDict, train, heldout) -> None:
+def run_one(rs: RunSettings, train, heldout) -> None:
     """Trains one arm/seed to `total_steps` (resuming from its checkpoint), evaluating on `heldout`."""
     from prime_jax.components import build
-    from prime_jax.config import validate
     from prime_jax.data.dataset import PromptDataset
-    from prime_jax.mesh import make_mesh
-    from prime_jax.programs import validate_programs
     from prime_jax.trainer import Trainer
 
-    validate(rc)
-    validate_programs(rc, make_mesh(dict(rc.mesh)))
-    parts = build(rc)
-    data = PromptDataset(train, parts.tokenizer, max_prompt_len=rc.data.max_prompt_length, seed=rc.seed)
+    parts = build(rs)
+    data = PromptDataset(train, parts.tokenizer, max_prompt_len=rs.data.max_prompt_length, seed=rs.seed)
     parts = dataclasses.replace(parts, train_data=data, val_examples=heldout)
     try:
         Trainer(parts).fit()
@@ -116,63 +99,58 @@ def run(c: ml_collections.ConfigDict) -> dict:
 
     from prime_jax.warm_start import sft_tasks, warm_start
 
-    arms = parse_list(c.compare.arms, "compare.arms")
-    seeds = parse_list(c.compare.seeds, "compare.seeds", int)
-    for arm in arms:  # every arm's config is checked before the warm start spends any time
-        arm_config(c, arm, seeds[0])
-    os.makedirs(c.workdir, exist_ok=True)
+    x = settings.resolve_experiment(c, tuple(ARMS))
+    shared = settings.resolve(x.base)
+    for arm in x.arms:  # every arm's config is checked before the warm start spends any time
+        settings.check(arm_config(x, shared, arm, x.seeds[0]))
+    os.makedirs(x.workdir, exist_ok=True)
     # Runs of one experiment compile the same programs; keep them on disk for the next run (and a resume).
-    jax.config.update("jax_compilation_cache_dir", os.path.join(c.workdir, "jax_cache"))
+    jax.config.update("jax_compilation_cache_dir", os.path.join(x.workdir, "jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
-    train, heldout = task_sets(c)
-    if not c.model.path:
-        warm_start(c, os.path.join(c.workdir, "sft"), tasks=without(sft_tasks(c), heldout))
-    for seed in seeds:  # seed-major: a cut-short experiment still compares every arm on its first seeds
-        for arm in arms:
-            rc = arm_config(c, arm, seed)
-            if finished(rc.workdir, rc.total_steps):
+    train, heldout = task_sets(shared, x.heldout_seed)
+    sft = without(sft_tasks(shared), heldout)
+    if shared.warm_start.needed:
+        warm_start(shared, shared.model.path, tasks=sft)
+        shared = settings.resolve(x.base, shared.mesh)
+    for seed in x.seeds:  # seed-major: a cut-short experiment still compares every arm on its first seeds
+        for arm in x.arms:
+            rs = settings.resolve(arm_config(x, shared, arm, seed), shared.mesh)
+            if finished(rs.workdir, rs.total_steps):
                 print(f"compare: {arm} seed {seed} already finished, skipped", flush=True)
                 continue
             t0 = time.perf_counter()
-            print(f"compare: {arm} seed {seed} -> {rc.workdir}", flush=True)
-            run_one(rc, train, heldout)
+            print(f"compare: {arm} seed {seed} -> {rs.workdir}", flush=True)
+            run_one(rs, train, heldout)
             print(f"compare: {arm} seed {seed} done in {time.perf_counter() - t0:.0f}s", flush=True)
-    runs = {arm: {seed: read_metrics(arm_config(c, arm, seed).workdir) for seed in seeds} for arm in arms}
+    runs = {arm: {seed: read_metrics(os.path.join(x.workdir, arm, f"seed{seed}")) for seed in x.seeds}
+            for arm in x.arms}
+    e = shared.eval
     setup = {
-        "task": f"synthetic math, {c.synthetic.difficulty}-operation chains, step-by-step warm-start solutions",
-        "total_steps": c.total_steps, "prompts_per_step": c.train.batch_size, "samples_per_prompt": c.rollout.n_samples,
-        "max_response_length": c.rollout.max_response_length, "train_pool": len(train),
-        "heldout": {"prompts": len(heldout), "seed": c.compare.heldout_seed, "k": c.eval.k,
-                    "temperature": c.eval.temperature, "every": c.eval.freq,
-                    "measure": f"avg@{c.eval.k} at temperature {c.eval.temperature}: mean verifier score of "
-                               f"{c.eval.k} samples per held-out prompt (sampler seed = run seed)"},
-        "warm_start": {"steps": c.warm_start.steps, "examples": c.warm_start.num_examples,
-                       "heldout_questions_removed_from_sft_data": len(sft_tasks(c)) - len(without(sft_tasks(c), heldout))},
-        "beta": c.prm.beta, "prm_lr": c.prm.lr, "actor_lr": c.actor.lr,
-        "arms": {arm: {"description": ARMS[arm][0], "overrides": ARMS[arm][1]} for arm in arms},
-        "seeds": seeds,
+        "task": f"synthetic math, {shared.data.synthetic.difficulty}-operation chains, step-by-step warm-start solutions",
+        "total_steps": shared.total_steps, "prompts_per_step": shared.collect.batch_size,
+        "samples_per_prompt": shared.collect.n, "max_response_length": shared.sampler.max_new_tokens,
+        "train_pool": len(train),
+        "heldout": {"prompts": len(heldout), "seed": x.heldout_seed, "k": e.k, "temperature": e.temperature,
+                    "every": e.freq, "measure": f"avg@{e.k} at temperature {e.temperature}: mean verifier score of "
+                                                f"{e.k} samples per held-out prompt (sampler seed = run seed)"},
+        "warm_start": {"steps": shared.warm_start.steps, "examples": shared.warm_start.num_examples,
+                       "heldout_questions_removed_from_sft_data": len(sft_tasks(shared)) - len(sft)},
+        "beta": shared.prm.beta, "prm_lr": shared.prm_optim.lr, "actor_lr": shared.actor_optim.lr,
+        "arms": {arm: {"description": ARMS[arm][0], "overrides": ARMS[arm][1]} for arm in x.arms},
+        "seeds": list(x.seeds),
     }
     results = report.build_results(runs, setup)
-    report.write_outputs(results, c.compare.out_dir, c.compare.name)
+    report.write_outputs(results, x.out_dir, x.name)
     return results
 
 
 def main(argv) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if flags.FLAGS.verbosity <= 0:
-        logging.set_verbosity(logging.WARNING)
-    try:
-        results = run(flags.FLAGS.config)
-    except ValueError as e:
-        if str(e).startswith("config."):
-            sys.exit(f"error: {e}")
-        raise
+    del argv
+    results = run(cli.load_config(_CONFIG))
     print(json.dumps(report.final_summary(results), indent=1))
 
 
 if __name__ == "__main__":  # the flag is defined here only, so this module imports beside prime_jax.main
-    config_flags.DEFINE_config_file("config", None, "path to configs/compare.py (or a variant)", lock_config=True)
-    flags.mark_flag_as_required("config")
-    app.run(main)
+    _CONFIG = cli.config_flag("path to configs/compare.py (or a variant)")
+    cli.run(main)

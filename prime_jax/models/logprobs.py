@@ -73,7 +73,7 @@ def response_logprobs(model: Decoder, prompt_tokens: Array, prompt_mask: Array, 
 def packed_logprobs(model: Decoder, tokens: Array, segment_ids: Array, positions: Array, targets: Array, *,
                     temperature: float = 1.0, with_entropy: bool = False,
                     remat: bool | None = None) -> Array | tuple[Array, Array]:
-    """Log-prob of `targets` at every slot of packed rows (several sequences per row, see `prime_jax.packing`).
+    """Log-prob of `targets` at every slot of packed rows (several sequences per row, see `prime_jax.rl.packing`).
 
     tokens, segment_ids, positions, targets: [N, L] int32; targets[n, t] is the token predicted at slot t
     (the next token of the same segment; any id where nothing is predicted). -> logp [N, L] float32

@@ -8,7 +8,6 @@ PRM AdamW lr 1e-6, weight_decay 0.0, clip 10.0; both constant lr, no warmup. The
 stepped once per RL iteration (ORIG), so it is a function of iteration = update // updates_per_iteration.
 """
 import dataclasses
-import math
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
@@ -18,10 +17,9 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from prime_jax.mesh import BATCH_AXES, data_parallel_size, state_shardings
-from prime_jax.packing import LAYOUT_KEYS
+from prime_jax.mesh import BATCH_AXES, state_shardings
+from prime_jax.rl.packing import LAYOUT_KEYS
 
-SCHEDULES = ("constant", "cosine")
 
 
 class TrainState(NamedTuple):
@@ -51,23 +49,6 @@ class OptimConfig:
     min_lr_ratio: float = 0.0
     zero_lr_first_iteration: bool = False
 
-    def validate(self, name: str = "optim") -> None:
-        """Raise ValueError naming the bad key."""
-        if not (self.lr >= 0 and math.isfinite(self.lr)):
-            raise ValueError(f"{name}.lr={self.lr}: must be a finite number >= 0")
-        if not 0 <= self.b1 < 1 or not 0 <= self.b2 < 1:
-            raise ValueError(f"{name}.b1/b2=({self.b1}, {self.b2}): must be in [0, 1)")
-        if self.grad_clip <= 0:
-            raise ValueError(f"{name}.grad_clip={self.grad_clip}: must be > 0")
-        if self.weight_decay < 0:
-            raise ValueError(f"{name}.weight_decay={self.weight_decay}: must be >= 0")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"{name}.schedule={self.schedule!r}: expected one of {SCHEDULES}")
-        if self.warmup_iterations < 0:
-            raise ValueError(f"{name}.warmup_iterations={self.warmup_iterations}: must be >= 0")
-        if self.schedule == "cosine" and self.total_iterations <= self.warmup_iterations:
-            raise ValueError(f"{name}.total_iterations={self.total_iterations}: cosine needs more "
-                             f"iterations than warmup_iterations={self.warmup_iterations}")
 
 
 def make_lr_schedule(cfg: OptimConfig, updates_per_iteration: int) -> optax.Schedule:
@@ -92,7 +73,6 @@ def make_lr_schedule(cfg: OptimConfig, updates_per_iteration: int) -> optax.Sche
 
 def make_optimizer(cfg: OptimConfig, updates_per_iteration: int) -> optax.GradientTransformation:
     """clip_by_global_norm(grad_clip) then AdamW(schedule, b1, b2, eps, weight_decay) on every param."""
-    cfg.validate()
     return optax.chain(
         optax.clip_by_global_norm(cfg.grad_clip),
         optax.adamw(make_lr_schedule(cfg, updates_per_iteration), b1=cfg.b1, b2=cfg.b2,
@@ -133,20 +113,6 @@ def batch_prefix_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(tuple(a for a in BATCH_AXES if a in mesh.shape) or None))
 
 
-def validate_batching(prefix: str, *, mini_batch_size: int, micro_batch_size: int, mesh: Mesh) -> None:
-    """Mini-batches must split into whole micro-batches, and micro-batches over the data axes."""
-    if micro_batch_size < 1 or mini_batch_size < 1:
-        raise ValueError(f"{prefix}.mini_batch_size={mini_batch_size}, {prefix}.micro_batch_size="
-                         f"{micro_batch_size}: must be >= 1")
-    if mini_batch_size % micro_batch_size:
-        raise ValueError(f"{prefix}.mini_batch_size={mini_batch_size} is not divisible by "
-                         f"{prefix}.micro_batch_size={micro_batch_size}")
-    dp = data_parallel_size(mesh)
-    if micro_batch_size % dp:
-        raise ValueError(f"{prefix}.micro_batch_size={micro_batch_size} is not divisible by the "
-                         f"data-parallel size {dp} of mesh {dict(mesh.shape)}")
-
-
 def check_batch(prefix: str, batch: dict[str, jax.Array], keys: tuple[str, ...], mini_batch_size: int) -> int:
     """Trace-time check of a step's batch: required keys present, one leading size, whole mini-batches.
     Returns the batch size B."""
@@ -164,13 +130,13 @@ def check_batch(prefix: str, batch: dict[str, jax.Array], keys: tuple[str, ...],
 
 
 def layout_sharding(mesh: Mesh) -> NamedSharding:
-    """Sharding of a pass's slots [M, k, r, L] (`prime_jax.packing`): the rows r of each micro-batch over the
+    """Sharding of a pass's slots [M, k, r, L] (`prime_jax.rl.packing`): the rows r of each micro-batch over the
     data axes, so every device runs its share of every micro-batch."""
     return NamedSharding(mesh, P(None, None, tuple(a for a in BATCH_AXES if a in mesh.shape) or None, None))
 
 
 def check_layout(prefix: str, layout: dict[str, jax.Array], num_minibatches: int) -> None:
-    """Trace-time check of a step's slots: every `prime_jax.packing.LAYOUT_KEYS` array, one [M, k, r, L] shape
+    """Trace-time check of a step's slots: every `prime_jax.rl.packing.LAYOUT_KEYS` array, one [M, k, r, L] shape
     with M = the step's mini-batch count."""
     missing = [k for k in LAYOUT_KEYS if k not in layout]
     if missing:

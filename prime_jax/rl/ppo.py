@@ -1,10 +1,9 @@
 """PPO-clip policy loss and the jitted policy step (PRIME_SPEC §1.7).
 
 All arrays are [B, R] over response tokens; the policy's forward-backward runs on the slots of
-`prime_jax.packing` (packed rows), the loss terms are gathered there from the [B, R] layout.
+`prime_jax.rl.packing` (packed rows), the loss terms are gathered there from the [B, R] layout.
 """
 import dataclasses
-import math
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -16,9 +15,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from prime_jax.models import packed_logprobs
-from prime_jax.packing import to_slots
+from prime_jax.rl.packing import to_slots
 from prime_jax.rl.optim import (TrainState, accumulate_gradients, apply_gradients, batch_prefix_sharding,
-                                check_batch, check_layout, layout_sharding, train_state_shardings, validate_batching)
+                                check_batch, check_layout, layout_sharding, train_state_shardings)
 
 Aggregation = Literal["token", "seq-mean-token-mean"]
 AGGREGATIONS = ("token", "seq-mean-token-mean")
@@ -105,23 +104,6 @@ class PpoStepConfig:
     temperature: float = 1.0
     shuffle: bool = True
 
-    def validate(self, mesh: Mesh) -> None:
-        """Raise ValueError naming the bad key, before anything is traced."""
-        if self.epochs < 1:
-            raise ValueError(f"actor.epochs={self.epochs}: must be >= 1")
-        if not 0 < self.clip < 1:
-            raise ValueError(f"actor.clip={self.clip}: must be in (0, 1)")
-        if self.clip_high is not None and self.clip_high <= 0:
-            raise ValueError(f"actor.clip_high={self.clip_high}: must be > 0")
-        if self.agg not in AGGREGATIONS:
-            raise ValueError(f"actor.agg={self.agg!r}: expected one of {AGGREGATIONS}")
-        if self.entropy_coef < 0 or self.kl_coef < 0:
-            raise ValueError(f"actor.entropy_coef={self.entropy_coef}, actor.kl_coef={self.kl_coef}: must be >= 0")
-        if not (self.temperature > 0 and math.isfinite(self.temperature)):
-            raise ValueError(f"actor.temperature={self.temperature}: must be > 0")
-        validate_batching("actor", mini_batch_size=self.mini_batch_size,
-                          micro_batch_size=self.micro_batch_size, mesh=mesh)
-
     def updates_per_iteration(self, batch_size: int) -> int:
         """Optimiser steps per call (for the lr schedule): epochs * B / mini_batch_size."""
         return self.epochs * (batch_size // self.mini_batch_size)
@@ -147,7 +129,7 @@ def make_ppo_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg:
     """The jitted policy program: (state, batch, layout) -> (new state, metrics).
 
     batch: mask [B, R], old_logp [B, R] f32, advantages [B, R] f32 (+ ref_logp [B, R] if kl_coef > 0);
-    layout: the sequences' slots [M, k, r, L] from `prime_jax.packing.lay_out` with the rows of
+    layout: the sequences' slots [M, k, r, L] from `prime_jax.rl.packing.lay_out` with the rows of
     `ppo_minibatches` (M = epochs * B / mini_batch_size mini-batches of k micro-batches). Each
     mini-batch's gradient is accumulated exactly over its micro-batches, then clipped and applied by
     `tx`. `state` (real or abstract) fixes the shardings (params and Adam moments by logical axes); it
@@ -155,7 +137,6 @@ def make_ppo_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg:
     actor/pg_loss, actor/pg_clipfrac, actor/ppo_kl (old_logp - logp), actor/entropy, actor/grad_norm
     (pre-clip), actor/lr, and actor/kl_loss when kl_coef > 0.
     """
-    cfg.validate(mesh)
     state_sh = train_state_shardings(state, mesh)
     batch_sh = batch_prefix_sharding(mesh)
     replicated = NamedSharding(mesh, P())

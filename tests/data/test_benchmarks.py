@@ -202,7 +202,7 @@ def test_unknown_benchmark():
 
 
 def test_code_truths_parse_with_the_code_verifier():
-    from prime_jax.rewards.code import parse_tests
+    from prime_jax.verifiers.code import parse_tests
 
     for name in ("humaneval", "mbpp", "leetcode"):
         for e in _load(name):

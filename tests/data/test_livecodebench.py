@@ -12,7 +12,7 @@ import pytest
 from prime_jax.data.benchmarks import load_benchmark
 from prime_jax.data.livecodebench import decode_private_tests, encode_private_tests, release_files
 from prime_jax.data.prompts import CODE_SUFFIX
-from prime_jax.rewards import code
+from prime_jax.verifiers import code
 
 
 def _tests(pairs, kind):

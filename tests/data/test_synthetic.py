@@ -65,7 +65,7 @@ def test_reference_solution_is_short(sp_tokenizer):
 
 
 def test_reference_solutions_pass_the_real_verifiers():
-    from prime_jax.rewards import code, math
+    from prime_jax.verifiers import code, math
 
     tasks = make_tasks(16, seed=6, difficulty=3)
     for t in tasks:

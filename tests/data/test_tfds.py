@@ -4,7 +4,6 @@ import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 
 from prime_jax.data.eurus import EURUS_ARROW_SCHEMA, example_to_row, read_eurus, write_eurus
 from prime_jax.data.prompts import SYSTEM_PROMPT
@@ -75,14 +74,3 @@ def test_prepare_downloads_the_listed_parquet_files(tmp_path, monkeypatch):
         server.server_close()
     assert _fields(read_tfds(dataset_dir, "train").examples) == _fields(tasks[:4])
     assert _fields(read_tfds(dataset_dir, "validation").examples) == _fields(tasks[4:])
-
-
-def test_a_bucket_tfds_dir_is_a_config_error_with_the_staging_command():
-    """array_record files are read from local disk: a gs:// data.tfds_dir stops the run before anything loads."""
-    from prime_jax.config import base_config, validate
-
-    c = base_config()
-    c.model.path, c.data.source, c.data.tfds_dir = "/models/sft", "tfds", "gs://b/eurus2"
-    with pytest.raises(ValueError, match=r"^config\.data\.tfds_dir: gs://b/eurus2 is remote.*"
-                                         r"\(gcloud storage cp -r gs://b/eurus2 /local/dir\)"):
-        validate(c)

@@ -9,7 +9,7 @@ from flax import nnx
 
 from prime_jax.mesh import make_mesh, shard_state
 from prime_jax.models import Decoder, packed_logprobs
-from prime_jax.models.decoder import causal_attention
+from prime_jax.models.attention import causal_attention
 from tests.fixtures import tiny_config
 
 

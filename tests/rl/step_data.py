@@ -8,7 +8,7 @@ from flax import nnx
 
 from prime_jax.mesh import make_mesh
 from prime_jax.models import Decoder, response_logprobs
-from prime_jax.packing import Layout, PackSpec, lay_out
+from prime_jax.rl.packing import Layout, PackSpec, lay_out
 from tests.fixtures import tiny_config
 
 PROMPT_LEN, RESPONSE_LEN = 5, 6

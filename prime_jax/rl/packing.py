@@ -58,20 +58,6 @@ class PackSpec:
         """Rows per micro-batch at the full token budget (packed)."""
         return self.micro_batch_tokens // self.row_length
 
-    def validate(self) -> None:
-        """Raise ValueError naming the config key, before anything is traced."""
-        if not self.packed:
-            return
-        t, length, dp = self.micro_batch_tokens, self.row_length, self.data_parallel
-        if length < 1:
-            raise ValueError(f"config.train.pack_length={length}: must be >= 1")
-        if t < length:
-            raise ValueError(f"config.{self.name}.micro_batch_tokens={t} is smaller than the longest sequence "
-                             f"(train.pack_length={length})")
-        if t % (length * dp):
-            raise ValueError(f"config.{self.name}.micro_batch_tokens={t}: must be a multiple of train.pack_length="
-                             f"{length} times the data-parallel size {dp}")
-
     def shapes(self) -> list[tuple[int, int]]:
         """Every (k, r) a packed step may take, smallest first."""
         dp, r_max = self.data_parallel, self.max_rows

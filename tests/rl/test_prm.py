@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from prime_jax.rewards import implicit_prm as prm
+from prime_jax.rl import prm
 from tests.rl import numpy_reference as ref
 
 N = 4

@@ -1,5 +1,5 @@
 """Evaluation: prompts longer than a tiny Qwen2's context are skipped and counted while short ones are sampled
-and scored as they are alone; the memory estimate against the compiled prefill; `python -m prime_jax.evaluate`
+and scored as they are alone; the memory estimate against the compiled prefill; `python -m prime_jax.eval.scoring`
 end to end on real benchmark rows (progress, results JSON, Table-1 markdown equal to the JSON); bad input
 stops before the model is loaded; `summarize` groups by source."""
 
@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 
 from prime_jax.data.example import Example
-from prime_jax.evaluate import (
+from prime_jax.eval.scoring import (
     check_request,
     prompts_per_call,
     render_tables,
@@ -27,7 +27,7 @@ from prime_jax.evaluate import (
 )
 from prime_jax.models import Decoder, load_pretrained
 from prime_jax.models.tokenizer import load_tokenizer
-from prime_jax.rewards.pool import VerifierPool
+from prime_jax.verifiers.pool import VerifierPool
 from prime_jax.sampling import SamplerConfig, SamplingParams, empty_state, generate, insert
 from tests.fixtures import tiny_config, write_tiny_model_dir
 
@@ -102,7 +102,7 @@ def test_memory_estimate_matches_the_compiled_insert(b, p, r, n):
 
 def _run(*args, timeout=900):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    return subprocess.run([sys.executable, "-m", "prime_jax.evaluate", *args], cwd=ROOT, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "prime_jax.eval.scoring", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 

@@ -6,11 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from prime_jax import config as config_lib
-from prime_jax.mesh import make_mesh
 from prime_jax.models import packed_logprobs, resolve_attention
-from prime_jax.packing import PackSpec, first_fit_decreasing, from_slots, lay_out, segment_cumsum
-from prime_jax.programs import validate_programs
+from prime_jax.rl.packing import PackSpec, first_fit_decreasing, from_slots, lay_out, segment_cumsum
 from tests.rl.step_data import logp_fn, tiny_model
 
 P, R = 4, 5
@@ -128,16 +125,6 @@ def test_packed_logprobs_equal_padded_and_segments_are_isolated():
     assert np.abs(changed[2] - ours[2]).max() > 1e-3
 
 
-@pytest.mark.parametrize("bad, key", [
-    (dict(tokens=ROW - 1), "actor.micro_batch_tokens=8 is smaller than the longest sequence"),
-    (dict(tokens=3 * ROW, dp=2), "actor.micro_batch_tokens=27: must be a multiple of train.pack_length=9"),
-    (dict(row=0), "train.pack_length=0"),
-])
-def test_bad_budget_is_named(bad, key):
-    with pytest.raises(ValueError, match=key):
-        spec(**bad).validate()
-
-
 def test_bad_batches_are_named():
     batch = batch_of(PROMPTS, RESPONSES)
     with pytest.raises(ValueError, match="train.pack_length=8: row 1 has a sequence of 9 tokens"):
@@ -160,24 +147,3 @@ def test_attention_implementation_the_backend_lacks_is_named():
             resolve_attention("splash", platform, dtype)
     with pytest.raises(ValueError, match="config.model.attention='splash_interpret'"):
         resolve_attention("splash_interpret", "cpu", "float32")  # the tests' interpret mode is no config value
-    c = config_lib.base_config()
-    c.data.source = "synthetic"
-    c.train.batch_size, c.actor.mini_batch_size, c.prm.mini_batch_size = 64, 256, 256
-    for name in ("cudnn", "splash"):
-        c.model.attention = name
-        with pytest.raises(ValueError, match=f"config.model.attention='{name}'"):
-            validate_programs(c, make_mesh({"data": 1, "fsdp": 1}, jax.devices()[:1]))
-
-
-@pytest.mark.parametrize("key, value, message", [
-    ("train.pack_length", 100, "config.train.pack_length: 100 is shorter than the longest sequence"),
-    ("actor.micro_batch_tokens", 1000, "config.actor.micro_batch_tokens: 1000 is smaller than the longest sequence"),
-    ("model.attention", "flash", "config.model.attention: 'flash'"),
-])
-def test_bad_config_is_named(key, value, message):
-    c = config_lib.base_config()
-    c.data.source = "synthetic"
-    section, name = key.split(".")
-    c[section][name] = value
-    with pytest.raises(ValueError, match=message):
-        config_lib.validate(c)

@@ -1,6 +1,6 @@
 """pass@1 (greedy) and avg@k (sampled) of a checkpoint on PRIME's benchmarks, printed in the paper's Table 1 layout.
 
-    python -m prime_jax.evaluate --model=DIR --benchmarks=math500,aime24 --data_root=../shared/data/benchmarks \
+    python -m prime_jax.eval.scoring --model=DIR --benchmarks=math500,aime24 --data_root=../shared/data/benchmarks \
         [--k=16 --temperature=0.3 --top_p=0.95] [--max_new_tokens=0 --limit=0 --memory_gb=4]
 
 `--k=16 --temperature=0.3 --top_p=0.95` is the avg@16 mode PRIME's authors recommend next to greedy pass@1.
@@ -36,10 +36,10 @@ from jax.sharding import Mesh
 
 from prime_jax.data.benchmarks import MAX_NEW_TOKENS, TABLE1, benchmark_path
 from prime_jax.data.example import Example
-from prime_jax.experience import Prompt, verify
+from prime_jax.rl.collect import Prompt, verify
 from prime_jax.models import Decoder, ModelConfig
 from prime_jax.models.tokenizer import Tokenizer
-from prime_jax.rewards.pool import VerifierPool
+from prime_jax.verifiers.pool import VerifierPool
 from prime_jax.sampling import SamplerConfig, SamplingParams, generate, length_buckets
 
 GIB = 2**30

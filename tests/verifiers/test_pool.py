@@ -12,8 +12,8 @@ import time
 import numpy as np
 import pytest
 
-from prime_jax.rewards.pool import COUNT_KEYS, VerifierPool, VerifyItem
-from prime_jax.rewards.sandbox import Limits
+from prime_jax.verifiers.pool import COUNT_KEYS, VerifierPool, VerifyItem
+from prime_jax.verifiers.sandbox import Limits
 
 
 def code_item(program: str, asserts: list[str]) -> VerifyItem:

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from prime_jax.rewards import code
-from prime_jax.rewards.pool import VerifierPool, VerifyItem
-from prime_jax.rewards.sandbox import Limits
+from prime_jax.verifiers import code
+from prime_jax.verifiers.pool import VerifierPool, VerifyItem
+from prime_jax.verifiers.sandbox import Limits
 
 BENCH = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "benchmarks"
 FAST = Limits(timeout_s=5.0)

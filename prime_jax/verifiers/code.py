@@ -26,7 +26,7 @@ import json
 import math
 from typing import Any
 
-from prime_jax.rewards.sandbox import Limits, Program, TestResult, run_tests
+from prime_jax.verifiers.sandbox import Limits, Program, TestResult, run_tests
 
 MAX_SCORED_TESTS = 10
 _FENCE_OPEN, _FENCE_CLOSE = "```python", "```"

@@ -18,7 +18,7 @@ import numpy as np
 
 from prime_jax.data.example import Example
 from prime_jax.mesh import allgather_rows, process_rows
-from prime_jax.rewards.pool import COUNT_KEYS, VerifierPool, VerifyItem
+from prime_jax.verifiers.pool import COUNT_KEYS, VerifierPool, VerifyItem
 from prime_jax.rl.filter import accuracy_filter
 from prime_jax.sampling import Rollout, RowsCallback, StopCallback
 

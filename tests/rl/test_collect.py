@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from prime_jax.data.example import Example
-from prime_jax.experience import CollectConfig, Prompt, StreamingVerifier, accepted_groups, collect, verify
+from prime_jax.rl.collect import CollectConfig, Prompt, StreamingVerifier, accepted_groups, collect, verify
 from prime_jax.models import load_pretrained
-from prime_jax.rewards.pool import VerifierPool
+from prime_jax.verifiers.pool import VerifierPool
 from prime_jax.sampling import Rollout, generate
 
 N = 2

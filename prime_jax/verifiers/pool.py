@@ -31,12 +31,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from prime_jax.rewards.sandbox import BWRAP_INSTALL, Limits, SandboxUnavailable, sandbox_problem
+from prime_jax.verifiers.sandbox import BWRAP_INSTALL, Limits, SandboxUnavailable, sandbox_problem
 
 log = logging.getLogger(__name__)
 ABILITIES = ("math", "code")
 COUNT_KEYS = ("timeouts", "batch_timeouts", "errors", "crashes", "unknown_ability", "unsandboxed")
-_PRELOAD = ["prime_jax.rewards.math", "prime_jax.rewards.code"]
+_PRELOAD = ["prime_jax.verifiers.math", "prime_jax.verifiers.code"]
 _WORKER_START_TIMEOUT_S = 120.0
 _MAX_CHUNK = 64
 
@@ -62,8 +62,8 @@ def _score_item(ability: str, response: str, ground_truth: str, code_limits: Lim
                 code_mode: str) -> float:
     # Imported here, not at module level: the trainer process that owns the pool never needs
     # sympy; the workers get these modules preloaded by the forkserver.
-    from prime_jax.rewards import code as code_verifier
-    from prime_jax.rewards import math as math_verifier
+    from prime_jax.verifiers import code as code_verifier
+    from prime_jax.verifiers import math as math_verifier
 
     if ability == "math":
         return math_verifier.score(response, ground_truth, literal_numbers=literal_numbers)

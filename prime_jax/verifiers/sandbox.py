@@ -57,7 +57,7 @@ import threading
 import time
 from collections.abc import Sequence
 
-from prime_jax.rewards import harness as _harness_module
+from prime_jax.verifiers import harness as _harness_module
 
 MODES = ("stdio", "call", "assert")
 BWRAP_INSTALL = "sudo apt-get install -y bubblewrap"

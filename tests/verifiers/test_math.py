@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from prime_jax.rewards import math as math_verifier
-from prime_jax.rewards.pool import VerifierPool, VerifyItem
+from prime_jax.verifiers import math as math_verifier
+from prime_jax.verifiers.pool import VerifierPool, VerifyItem
 
 BENCH = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "benchmarks"
 

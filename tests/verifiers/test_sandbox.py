@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from prime_jax.rewards import code, sandbox
-from prime_jax.rewards.pool import VerifierPool, VerifyItem
-from prime_jax.rewards.sandbox import Limits, Program, SandboxUnavailable, TestResult, run_tests
+from prime_jax.verifiers import code, sandbox
+from prime_jax.verifiers.pool import VerifierPool, VerifyItem
+from prime_jax.verifiers.sandbox import Limits, Program, SandboxUnavailable, TestResult, run_tests
 
 LIMITS = Limits(timeout_s=2.0)
 REPO = Path(__file__).resolve().parents[2]

@@ -6,7 +6,7 @@ All arrays are [B, R] over response tokens, rows of one prompt contiguous (n per
 
 `make_prm_step` builds the one jitted program of §1.4: reference log-probs, the PRM's
 mini-batch updates in order with micro-batch gradient accumulation, and the token rewards.
-The model passes run on the slots of `prime_jax.packing` (packed rows); their log-probs come
+The model passes run on the slots of `prime_jax.rl.packing` (packed rows); their log-probs come
 back in the [B, R] layout, where the loss, rewards and metrics are computed.
 """
 import dataclasses
@@ -21,10 +21,10 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from prime_jax.models import packed_logprobs
-from prime_jax.packing import from_slots, segment_cumsum, to_slots
+from prime_jax.rl.packing import from_slots, segment_cumsum, to_slots
 from prime_jax.rl.advantages import last_token_mask
 from prime_jax.rl.optim import (TrainState, accumulate_gradients, apply_gradients, batch_prefix_sharding,
-                                check_batch, check_layout, layout_sharding, train_state_shardings, validate_batching)
+                                check_batch, check_layout, layout_sharding, train_state_shardings)
 
 Granularity = Literal["token", "whole"]
 GRANULARITIES = ("token", "whole")
@@ -145,22 +145,6 @@ class PrmStepConfig:
     include_eos: bool = True
     granularity: Granularity = "token"
 
-    def validate(self, mesh: Mesh) -> None:
-        """Raise ValueError naming the bad key, before anything is traced."""
-        if self.n < 1:
-            raise ValueError(f"prm.n={self.n}: must be >= 1")
-        if self.update not in UPDATE_MODES:
-            raise ValueError(f"prm.update={self.update!r}: expected one of {UPDATE_MODES}")
-        if self.norm_scope not in NORM_SCOPES:
-            raise ValueError(f"prm.norm_scope={self.norm_scope!r}: expected one of {NORM_SCOPES}")
-        if self.granularity not in GRANULARITIES:
-            raise ValueError(f"prm.granularity={self.granularity!r}: expected one of {GRANULARITIES}")
-        if self.num_shards < 1 or self.mini_batch_size % self.num_shards:
-            raise ValueError(f"prm.num_shards={self.num_shards}: must be >= 1 and divide "
-                             f"prm.mini_batch_size={self.mini_batch_size}")
-        validate_batching("prm", mini_batch_size=self.mini_batch_size,
-                          micro_batch_size=self.micro_batch_size, mesh=mesh)
-
     def updates_per_iteration(self, batch_size: int) -> int:
         """PRM optimiser steps per call (for the lr schedule): B / mini_batch_size, or 0 for "none"."""
         return 0 if self.update == "none" else batch_size // self.mini_batch_size
@@ -194,7 +178,7 @@ def make_prm_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg:
     """The jitted PRM program: (state, ref_params, batch, layout) -> (new state, PrmStepOutput).
 
     batch: mask [B, R] float32, acc [B] float32, unpack [B, R] int32; layout: the sequences' slots
-    [M, k, r, L] from `prime_jax.packing.lay_out` (and its `unpack`) with the rows of `prm_minibatches`
+    [M, k, r, L] from `prime_jax.rl.packing.lay_out` (and its `unpack`) with the rows of `prm_minibatches`
     (M mini-batches of k micro-batches).
     `state` / `ref_params` (real or abstract) fix the shardings: params and Adam moments by their logical
     axes, the batch over the data axes, the layout's rows (r) too; the state is donated. PRM log-probs use
@@ -202,7 +186,6 @@ def make_prm_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg:
     micro-batch's), reward_model/grad_norm (pre-clip, mean over mini-batches), reward_model/dpo_acc_before,
     and reward_model/dpo_acc_after for update="before".
     """
-    cfg.validate(mesh)
     state_sh = train_state_shardings(state, mesh)
     ref_sh = train_state_shardings(ref_params, mesh)
     batch_sh = batch_prefix_sharding(mesh)
