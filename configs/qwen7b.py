@@ -1,4 +1,4 @@
-"""The paper's recipe (Eurus-2-7B-PRIME, PRIME_SPEC.md §3.1-3.2) for Qwen2.5-Math-7B / Eurus-2-7B-SFT.
+"""The paper's recipe (Eurus-2-7B-PRIME, docs/prime_spec.md §3.1-3.2) for Qwen2.5-Math-7B / Eurus-2-7B-SFT.
 
 256 prompts x 4 samples per step, prompt 1024 / response 3072 tokens, beta 0.05, policy lr 5e-7,
 PRM lr 1e-6, RLOO on process + outcome rewards, online filter 0.2-0.8, 592 steps.
@@ -33,7 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
     # The lengths of a real step, for the AOT whole-step roofline (docs/aot.md, step_s):
     # - response 1435 tokens: response_length/mean of the reference run's log (PRIME issue #57, step 3;
-    #   PRIME_SPEC.md §metrics); the SFT data it starts from averages 1,390 (PAPER App. D).
+    #   docs/prime_spec.md §metrics); the SFT data it starts from averages 1,390 (PAPER App. D).
     # - prompt 256 tokens: the PRIME system prompt + question + suffix in the chat template measure 718
     #   characters on MATH-500 and 2216 on LeetCode (shared/data/benchmarks); weighted 94.4% math / 5.6% code
     #   as Eurus-2-RL-Data (455,261 / 26,758 rows) and at ~3.5 characters per Qwen2.5 token: ~229, rounded up.

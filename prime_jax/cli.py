@@ -35,11 +35,15 @@ def config_flag(help_text: str = "path to a configs/*.py file") -> Any:
 
 def load_config(flag: Any) -> Any:
     """The parsed config, or one line naming the file that could not be loaded."""
+    name = config_flags.get_config_filename(flags.FLAGS["config"])
+    if not os.path.isfile(name):
+        fail(f"--config: no such file {name!r} (the configs are in configs/, e.g. --config=configs/tiny.py)")
     try:
-        return flag.value
-    except (OSError, ImportError, SyntaxError, AttributeError) as e:
-        fail(f"--config: cannot load {flags.FLAGS['config'].config_filename!r}: "
-             f"{str(e).strip().splitlines()[-1]}")
+        value = flag.value
+        value.to_dict()  # a file that failed to load gives a stand-in that raises on first use
+        return value
+    except Exception as e:  # noqa: BLE001 - any error in the user's config file is one line naming it
+        fail(f"--config: cannot load {name!r}: {str(e).strip().splitlines()[-1].strip()}")
 
 
 def fail(message: str) -> None:
@@ -54,7 +58,11 @@ def run(main: Callable[[list[str]], None], *, needs_config: bool = True) -> None
     if needs_config:
         flags.mark_flag_as_required("config")
 
+    started = False
+
     def wrapped(argv: list[str]) -> None:
+        nonlocal started
+        started = True
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {argv[1:]}")
         if flags.FLAGS.verbosity <= 0:
@@ -68,8 +76,18 @@ def run(main: Callable[[list[str]], None], *, needs_config: bool = True) -> None
 
     try:
         app.run(wrapped)
-    except flags.Error as e:  # a bad flag or override (--config.no.such.key=1)
-        fail(str(e).strip().splitlines()[0])
+    except Exception as e:  # noqa: BLE001
+        if started:
+            raise
+        # Parsing the command line failed: the config file does not load, an unknown flag, or an override of a
+        # key the config does not have (--config.no.such.key=1).
+        if isinstance(e, (AttributeError, KeyError)):
+            detail = f"no such config key {str(e).strip(chr(34) + chr(39))!r}"
+        elif isinstance(e, SyntaxError):
+            detail = f"{e.msg} in {e.filename}, line {e.lineno}"
+        else:
+            detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        fail(f"command line {' '.join(sys.argv[1:])!r}: {detail}")
 
 
 def _users_mistake(e: ValueError) -> bool:

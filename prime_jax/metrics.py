@@ -1,6 +1,6 @@
 """Metric writers (stdout progress line, `metrics.jsonl`, TensorBoard events, W&B) and the curve plot.
 
-Metric names follow the reference implementation (DESIGN.md "Metrics") so curves can be compared.
+Metric names follow the reference implementation (docs/design.md "Metrics") so curves can be compared.
 `python -m prime_jax.metrics WORKDIR` renders a run's curves to `WORKDIR/curves.png`.
 WORKDIR may be local or `gs://` (prime_jax.paths): there, `metrics.jsonl` is rewritten whole at each
 record (objects cannot be appended to; each upload replaces it atomically) and TensorBoard writes to a

@@ -24,7 +24,7 @@ from prime_jax import paths
 from prime_jax.mesh import data_parallel_size, make_mesh
 from prime_jax.models import ModelConfig, read_hf_config, resolve_attention
 from prime_jax.models.config import CONFIG_ATTENTION
-from prime_jax.rl.advantages import ESTIMATORS, PROCESS_CREDITS, RLOO_FORMULAS
+from prime_jax.rl.advantages import check_advantage_args
 from prime_jax.rl.collect import CollectConfig
 from prime_jax.rl.optim import OptimConfig
 from prime_jax.rl.packing import PackSpec
@@ -36,6 +36,7 @@ from prime_jax.sampling import (SamplerConfig, SamplingParams, compacts_tail, le
 SOURCES = ("files", "tfds", "synthetic")
 DTYPES = ("float32", "bfloat16", "float16")
 ON_OFF_AUTO = ("auto", "on", "off")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")  # any one makes a tokenizer dir
 
 
 class ConfigError(ValueError):
@@ -447,7 +448,8 @@ def check_paths(s: RunSettings) -> None:
         if not (paths.path(path) / "config.json").exists():
             key = key if key in named else "path"
             _fail(f"model.{key}", f"no config.json in {path!r}: give a Hugging Face model directory")
-    if not paths.path(s.model.tokenizer).exists():
+    tok = paths.path(s.model.tokenizer)
+    if not (tok.is_file() or any((tok / name).exists() for name in TOKENIZER_FILES)):
         _fail("model.tokenizer" if "tokenizer" in named else "model.path",
               f"no tokenizer at {s.model.tokenizer!r}: give a Hugging Face tokenizer directory or a sentencepiece "
               ".model file")
@@ -516,14 +518,17 @@ def _check_values(c: ml_collections.ConfigDict) -> None:
         _fail("train.pack_length", f"{pack_length} is shorter than the longest sequence, data.max_prompt_length + "
                                    f"rollout.max_response_length = {longest}")
 
-    estimator = _choice(c, "algorithm.adv_estimator", ESTIMATORS)
-    if estimator in ("rloo", "grpo") and n < 2:
-        _fail("rollout.n_samples", f"{estimator} needs at least 2 samples per prompt, got {n}")
-    _choice(c, "algorithm.process_formula", RLOO_FORMULAS)
-    credit = _choice(c, "algorithm.process_credit", PROCESS_CREDITS)
+    a = c.algorithm
     gamma_process = _number(c, "algorithm.gamma_process", 0, 1)
-    if credit == "min" and gamma_process != 1.0:
-        _fail("algorithm.gamma_process", f"min-form process credit needs gamma_process=1, got {gamma_process}")
+    try:  # the estimator's own rules (rl.advantages), named by their config keys
+        check_advantage_args(n=n, estimator=a.adv_estimator, rloo_formula=a.process_formula,
+                             process_credit=a.process_credit, gamma_process=gamma_process)
+    except ValueError as e:
+        arg, _, rest = str(e).partition(": ")
+        key = {"estimator": "algorithm.adv_estimator", "n": "rollout.n_samples", "rloo_formula":
+               "algorithm.process_formula", "process_credit": "algorithm.process_credit",
+               "gamma_process": "algorithm.gamma_process"}[arg.split("=")[0]]
+        _fail(key, f"{arg.split('=', 1)[1]} {rest}")
     _number(c, "algorithm.gamma_outcome", 0, 1)
     for key in ("process_coef", "rm_coef", "verifier_coef"):
         _number(c, f"algorithm.{key}")

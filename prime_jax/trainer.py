@@ -1,4 +1,4 @@
-"""The PRIME iteration (DESIGN.md, PRIME_SPEC.md §1): a host loop around three jitted programs.
+"""The PRIME iteration (docs/design.md, docs/prime_spec.md §1): a host loop around three jitted programs.
 
     collect prompts -> sample n each -> decode -> verify -> online filter (+ prompt buffer)
     -> PRM kernel (token rewards, online PRM update) -> advantages -> PPO step
@@ -58,7 +58,7 @@ class Trainer:
     # --- the iteration ------------------------------------------------------------------------------
 
     def iteration(self) -> dict[str, float]:
-        """One PRIME step (PRIME_SPEC §1.9); returns its metrics."""
+        """One PRIME step (docs/prime_spec.md §1.9); returns its metrics."""
         t = Timer()
         with t("collect"):
             # The step's rollout seed: a stream of its own, never validation's (`seed` + c * SEED_STRIDE).

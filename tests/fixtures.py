@@ -1,8 +1,10 @@
-"""Tiny model configs and checkpoints, and a local GCS emulator, shared by the tests (one place, many users)."""
+"""Tiny model configs and checkpoints, a local GCS emulator, and the sampler tests' references, shared by the tests
+(one place, many users)."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from pathlib import Path
 
@@ -147,3 +149,153 @@ def gcs_emulator(bucket: str = "prime-jax-test"):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+# --- references for the sampler tests (tests/sampling) ------------------------------------------------------------
+
+def random_prompts(vocab: int, lengths, seed: int = 0) -> list[list[int]]:
+    """Prompts of the given lengths, token ids drawn uniformly from 1..vocab-1 (0 is the tests' pad id)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return [rng.integers(1, vocab, size=k).tolist() for k in lengths]
+
+
+# One sampled rollout shared by the sampler's log-prob, stop, padding, sharding and batching tests (one compile).
+SAMPLED_PROMPTS = random_prompts(97, (7, 3, 12), seed=4)
+SAMPLED = dict(n=4, max_new_tokens=10, temperature=0.7, top_p=0.9, stop_ids=(3, 17, 50, 71, 88), seed=5, pad_id=96,
+               buckets=(16,))
+
+
+def hf_greedy(path, prompts, max_new_tokens: int, stop_ids, pad_id: int = 0):
+    """transformers greedy generate on the same left-padded batch; [B, max_new_tokens], pad after a stop."""
+    import numpy as np
+    import torch
+    import transformers
+
+    p = max(map(len, prompts))
+    ids = np.zeros((len(prompts), p), np.int64)
+    mask = np.zeros_like(ids)
+    for i, q in enumerate(prompts):
+        ids[i, p - len(q):], mask[i, p - len(q):] = q, 1
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    out = hf.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False, num_beams=1,
+                      max_new_tokens=max_new_tokens, eos_token_id=list(stop_ids) or None, pad_token_id=pad_id)
+    out = out[:, p:].numpy()
+    return np.pad(out, ((0, 0), (0, max_new_tokens - out.shape[1])), constant_values=pad_id)  # HF stops when all did
+
+
+def chi_square_p(samples, probs) -> float:
+    """Pearson goodness of fit; cells expecting < 5 counts are pooled; any sample where probs is 0 -> p = 0."""
+    import numpy as np
+    import scipy.stats
+
+    counts = np.bincount(samples, minlength=probs.size)
+    if counts[probs == 0].sum():
+        return 0.0
+    expected = probs * samples.size
+    big = expected >= 5
+    obs = np.append(counts[big], counts[~big & (probs > 0)].sum())
+    exp = np.append(expected[big], expected[~big & (probs > 0)].sum())
+    if exp[-1] == 0:
+        obs, exp = obs[:-1], exp[:-1]
+    return float(scipy.stats.chisquare(obs, exp * obs.sum() / exp.sum()).pvalue)
+
+
+def softmax(x):
+    """numpy softmax over the last axis."""
+    import numpy as np
+
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def numpy_keep_set(logits, top_k: int, top_p: float):
+    """Spec reference, one row: top-k first, then the smallest prefix of the renormalised rest with mass >= top_p."""
+    import numpy as np
+
+    order = np.argsort(-logits, kind="stable")
+    k = top_k if top_k > 0 else logits.size
+    probs = softmax(logits[order[:k]].astype(np.float64))
+    before = np.cumsum(probs) - probs
+    keep = np.zeros(logits.size, bool)
+    keep[order[:k][before < top_p]] = True
+    return keep
+
+
+@functools.cache
+def _jitted_references():
+    """(full-sequence logits, response log-probs) of (graphdef, params, ...), jitted once per test session."""
+    import jax
+    from flax import nnx
+
+    from prime_jax.models import response_logprobs
+
+    logits = jax.jit(lambda graphdef, params, tokens, mask: nnx.merge(graphdef, params)(tokens, attention_mask=mask),
+                     static_argnums=0)
+    logprobs = jax.jit(lambda graphdef, params, prompt_tokens, prompt_mask, tokens, mask, temperature: response_logprobs(
+        nnx.merge(graphdef, params), prompt_tokens, prompt_mask, tokens, mask, temperature=temperature),
+        static_argnums=(0, 6))
+    return logits, logprobs
+
+
+def model_logits(model, tokens, mask=None):
+    """Full-sequence logits [B, T, V] as float64 (the independent reference for the sampler's draws)."""
+    import numpy as np
+    from flax import nnx
+
+    graphdef, params = nnx.split(model)
+    mask = np.ones_like(tokens) if mask is None else mask
+    return np.asarray(_jitted_references()[0](graphdef, params, tokens, mask), np.float64)
+
+
+def reference_logprobs(model, rollout, temperature: float = 1.0):
+    """The model's own `response_logprobs` of a sampler `Rollout` at `temperature`, 0 on padding. [B*n, R]"""
+    import numpy as np
+    from flax import nnx
+
+    graphdef, params = nnx.split(model)
+    lp = _jitted_references()[1](graphdef, params, rollout.prompt_tokens, rollout.prompt_mask, rollout.tokens,
+                                 rollout.mask, temperature)
+    return np.asarray(lp) * rollout.mask
+
+
+# --- rollouts for the streaming-verifier and collect tests (tests/verifiers, tests/rl) ----------------------------
+
+def answer_text(ids) -> str:
+    """Response text whose answer depends on the sampled tokens: about a third of the rows are right (truth "1")."""
+    return "\\boxed{%d}" % (int(ids[0]) % 3)
+
+
+def toy_sampler(model_dir: str | os.PathLike, n: int):
+    """(prompts, sample, calls): 6 prompts of 3-7 random tokens (math, but prompts 0 and 4 are "poetry", ground truth
+    "1"), and a sampler of the tiny model at `model_dir` with `Sampler.__call__`'s signature (n rows per prompt, up
+    to 8 new tokens, 2 prompts in flight, stop and decide once per decode round) that appends to `calls` how many
+    rows each `on_rows` call hands over."""
+    import numpy as np
+
+    from prime_jax.data.example import Example
+    from prime_jax.models import load_pretrained
+    from prime_jax.rl.collect import Prompt
+    from prime_jax.sampling import generate
+
+    model = load_pretrained(model_dir)
+    rng = np.random.default_rng(0)
+    prompts = [Prompt(Example([], "math" if i % 4 else "poetry", "1", "test", str(i)),
+                      tuple(rng.integers(1, 90, size=3 + i % 5).tolist())) for i in range(6)]
+    calls: list[int] = []
+
+    def sample(ps, seed, on_rows=None, stop=None):
+        def counted(rows, tokens, lengths):
+            calls.append(len(rows))
+            on_rows(rows, tokens, lengths)
+
+        return generate(model, [list(p.ids) for p in ps], n=n, max_new_tokens=8, stop_ids=(3, 17, 50, 71, 88),
+                        seed=seed, buckets=(8,), prompts_per_call=2, steps_per_sync=1,
+                        on_rows=counted if on_rows else None, stop=stop)
+
+    return prompts, sample, calls
+
+
+# The tokenizer corpus of the eval tests' tiny models (tests/eval).
+EVAL_CORPUS = ["\\boxed{42} def f(x): return x + 1", "Compute 7 * 3. What is 12 + 5? Write a function f(x)."] * 50

@@ -78,6 +78,10 @@ def test_sigterm_then_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path)
     assert stable(read_metrics(b)) == stable(read_metrics(a))
     assert [r["step"] for r in read_metrics(b)] == [0, 1, 2, 3, 4, 5]
 
+    out = finish(start(b))  # 4) once more: the run says it is complete and which key extends it; nothing changes
+    assert "is complete: step 5 of total_steps=5" in out and "--config.total_steps=6" in out
+    assert [r["step"] for r in read_metrics(b)] == [0, 1, 2, 3, 4, 5]
+
 
 def test_built_in_run_on_a_gs_workdir_stores_and_resumes_in_the_bucket(gcs_bucket, tmp_path):
     """configs/tiny.py with --config.workdir=gs://... against the local GCS emulator: checkpoints, metrics,

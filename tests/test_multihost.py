@@ -59,8 +59,9 @@ import json, os
 import jax
 import numpy as np
 from prime_jax.data.example import Example
-from prime_jax.rl.collect import Prompt, verify
+from prime_jax.rl.collect import Prompt
 from prime_jax.verifiers.pool import VerifierPool
+from prime_jax.verifiers.streaming import verify
 from prime_jax.sampling import Rollout
 
 if __name__ == "__main__":

@@ -38,12 +38,12 @@ BENCHMARK_FILES = {
     "lcb_v2": ("livecodebench", "code"),
 }
 
-# Response token limit of PRIME's evaluation (PRIME_SPEC §6.1): Minerva and OlympiadBench through the
+# Response token limit of PRIME's evaluation (docs/prime_spec.md §6.1): Minerva and OlympiadBench through the
 # Qwen2.5-Math harness (4096); LiveCodeBench through lcb_runner, whose default PRIME's eval/run.sh keeps.
 MAX_NEW_TOKENS = {"math500": 8192, "leetcode": 8192, "aime24": 4096, "aime": 4096, "amc": 4096, "minerva": 4096,
                   "olympiadbench": 4096, "humaneval": 4096, "mbpp": 4096, "lcb_v2": 2000}
 
-# The columns of the paper's Table 1 (PRIME_SPEC §6.2): (heading, benchmark name).
+# The columns of the paper's Table 1 (docs/prime_spec.md §6.2): (heading, benchmark name).
 TABLE1 = (("AIME24", "aime24"), ("AMC", "amc"), ("MATH-500", "math500"), ("Minerva", "minerva"),
           ("OlympiadBench", "olympiadbench"), ("LeetCode", "leetcode"), ("LCB v2", "lcb_v2"))
 

@@ -1,6 +1,6 @@
 """PRIME prompt templates: the short action-centric system prompt and the math / code task suffixes.
 
-Text as in the Eurus-2-RL-Data `prompt` column and PRIME's `eval/` scripts (PRIME_SPEC §4.1-4.2).
+Text as in the Eurus-2-RL-Data `prompt` column and PRIME's `eval/` scripts (docs/prime_spec.md §4.1-4.2).
 """
 
 from __future__ import annotations

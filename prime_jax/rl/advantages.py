@@ -1,6 +1,6 @@
 """Advantage estimators for PRIME: RLOO (reference), GRPO and REINFORCE over process + outcome rewards.
 
-PRIME computes a return for each reward source separately and sums them (PRIME_SPEC §1.6):
+PRIME computes a return for each reward source separately and sums them (docs/prime_spec.md §1.6):
 the process source is the implicit-PRM token reward on every valid token, the outcome source
 is the verifier accuracy placed on the last valid token with a mask of that one token. The sum
 of returns is whitened over all valid tokens of the batch to give the advantages.
@@ -81,7 +81,7 @@ def rloo_returns(rewards: jax.Array, mask: jax.Array, *, n: int, gamma: float = 
     """RLOO returns of one reward source: rewards, mask [B, R] -> returns [B, R] float32.
 
     With m_i the mean of response i's masked rewards and g its group of n:
-    - "reference" (ORIG `compute_rloo_returns`, default): r~ = r * n/(n-1) - sum_{j in g} m_j / (n-1)
+    - "reference" (reference `compute_rloo_returns`, default): r~ = r * n/(n-1) - sum_{j in g} m_j / (n-1)
       on masked tokens. Equals the paper's term plus (r - m_i)/(n-1), which sums to 0 over a
       response's tokens but changes intermediate returns.
     - "paper" (PAPER Eq. 5): r~ = r - sum_{j in g, j != i} m_j / (n-1).
@@ -142,7 +142,7 @@ def reinforce_returns(rewards: jax.Array, mask: jax.Array, *, gamma: float = 1.0
 def whiten(x: jax.Array, mask: jax.Array) -> jax.Array:
     """(x - mu) / sqrt(var + 1e-8) with mu, Bessel-corrected var over all valid tokens: [B, R] -> [B, R].
 
-    Padding positions are returned as 0 (ORIG leaves them unmasked; the loss masks them anyway).
+    Padding positions are returned as 0 (reference leaves them unmasked; the loss masks them anyway).
     """
     mask = mask.astype(jnp.float32)
     x = x.astype(jnp.float32)
@@ -162,6 +162,21 @@ def _source_returns(rewards: jax.Array, mask: jax.Array, *, n: int, estimator: s
     return reinforce_returns(rewards, mask, gamma=gamma)
 
 
+def check_advantage_args(*, n: int, estimator: str, rloo_formula: str = "reference",
+                         process_credit: str = "sum", gamma_process: float = 1.0) -> None:
+    """The estimator settings' rules (settings.resolve names the config key): ValueError('<arg>=<value>: ...')."""
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator={estimator!r}: is not one of {', '.join(ESTIMATORS)}")
+    if estimator in ("rloo", "grpo") and n < 2:
+        raise ValueError(f"n={n}: {estimator} needs at least 2 samples per prompt")
+    if rloo_formula not in RLOO_FORMULAS:
+        raise ValueError(f"rloo_formula={rloo_formula!r}: is not one of {', '.join(RLOO_FORMULAS)}")
+    if process_credit not in PROCESS_CREDITS:
+        raise ValueError(f"process_credit={process_credit!r}: is not one of {', '.join(PROCESS_CREDITS)}")
+    if process_credit == "min" and gamma_process != 1.0:
+        raise ValueError(f"gamma_process={gamma_process}: min-form process credit needs gamma_process=1")
+
+
 def compute_advantages(process_rewards: jax.Array, acc: jax.Array, mask: jax.Array, *, n: int,
                        estimator: Estimator = "rloo", gamma_process: float = 1.0,
                        gamma_outcome: float = 1.0, process_coef: float = 1.0,
@@ -173,11 +188,13 @@ def compute_advantages(process_rewards: jax.Array, acc: jax.Array, mask: jax.Arr
     returns = process_coef * G(process_rewards, mask) + outcome_coef * G(acc on last token,
     last-token mask), each G from `estimator` with its own gamma; advantages = whiten(returns)
     over all valid tokens (or returns * mask if `whiten_advantages` is False).
-    ORIG applies no coefficients (1, 1); VERL uses 5, 5 (same after whitening); process_coef=0
+    The reference applies no coefficients (1, 1); VERL uses 5, 5 (same after whitening); process_coef=0
     gives the paper's "RLOO w/ outcome verifier only" baseline. process_credit "min" replaces the
     process rewards by `min_form_rewards` (PURE: a token's process return is the min of the future
     process rewards instead of their sum).
     """
+    check_advantage_args(n=n, estimator=estimator, rloo_formula=rloo_formula, process_credit=process_credit,
+                         gamma_process=gamma_process)
     mask = mask.astype(jnp.float32)
     if process_credit == "min":
         process_rewards = min_form_rewards(process_rewards, mask)

@@ -1,4 +1,4 @@
-"""Online accuracy filter (PRIME_SPEC §1.2): keep prompt groups whose mean accuracy is in [lo, hi]."""
+"""Online accuracy filter (docs/prime_spec.md §1.2): keep prompt groups whose mean accuracy is in [lo, hi]."""
 import numpy as np
 
 
@@ -6,7 +6,7 @@ def accuracy_filter(acc: np.ndarray, n: int, *, lo: float = 0.2, hi: float = 0.8
     """Indices of the kept groups: acc [B] (rows of one prompt contiguous, n per group) -> int64 [K].
 
     A group is kept iff lo <= mean(acc of its n rows) <= hi (both inclusive); all-or-nothing
-    per group (ORIG `filter`). With binary acc and n=4 this keeps 1/4, 2/4 and 3/4 correct.
+    per group (reference `filter`). With binary acc and n=4 this keeps 1/4, 2/4 and 3/4 correct.
     Means and bounds are compared in float32, as the reference's float32 tensors are: in float64 a
     code group whose float32 mean is 0.8 (four 0.8 scores) reads 0.8000000119 and would be dropped.
     Host-side numpy: it decides which rows go to the device, so it never runs under jit.

@@ -3,9 +3,9 @@
 Global-norm clip + AdamW + per-iteration lr schedule, the explicit `TrainState`, its shardings
 (optimiser moments sharded like the params), and exact gradient accumulation over micro-batches.
 
-PRIME_SPEC §1.4/§1.7/§3: policy AdamW lr 5e-7, betas (0.9, 0.999), weight_decay 0.01, clip 1.0;
+docs/prime_spec.md §1.4/§1.7/§3: policy AdamW lr 5e-7, betas (0.9, 0.999), weight_decay 0.01, clip 1.0;
 PRM AdamW lr 1e-6, weight_decay 0.0, clip 10.0; both constant lr, no warmup. The schedule is
-stepped once per RL iteration (ORIG), so it is a function of iteration = update // updates_per_iteration.
+stepped once per RL iteration (the reference), so it is a function of iteration = update // updates_per_iteration.
 """
 import dataclasses
 from collections.abc import Callable
@@ -31,9 +31,9 @@ class TrainState(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    """AdamW + clip + schedule hyper-parameters (all per PRIME_SPEC §3; no defaults for lr).
+    """AdamW + clip + schedule hyper-parameters (all per docs/prime_spec.md §3; no defaults for lr).
 
-    zero_lr_first_iteration reproduces ORIG's `get_constant_schedule_with_warmup(0)`, whose
+    zero_lr_first_iteration reproduces the reference's `get_constant_schedule_with_warmup(0)`, whose
     factor min(1, it / max(1, warmup)) is 0 on iteration 0 (the optimiser only accumulates
     Adam moments then); False gives the paper's constant lr from the first update.
     """

@@ -1,4 +1,4 @@
-"""PPO-clip policy loss and the jitted policy step (PRIME_SPEC §1.7).
+"""PPO-clip policy loss and the jitted policy step (docs/prime_spec.md §1.7).
 
 All arrays are [B, R] over response tokens; the policy's forward-backward runs on the slots of
 `prime_jax.rl.packing` (packed rows), the loss terms are gathered there from the [B, R] layout.
@@ -29,7 +29,7 @@ def policy_loss_terms(logp: jax.Array, old_logp: jax.Array, advantages: jax.Arra
 
     ratio = exp(logp - old_logp); loss = max(-A * ratio, -A * clip(ratio, 1 - clip, 1 + clip_high))
     with clip_high = clip unless given (DAPO-style asymmetric clip). The indicator is 1 where
-    the clipped branch is strictly larger (ORIG `pg_clipfrac`).
+    the clipped branch is strictly larger (reference `pg_clipfrac`).
     """
     high = clip if clip_high is None else clip_high
     adv = advantages.astype(jnp.float32)
@@ -62,7 +62,7 @@ def aggregate_count(mask: jax.Array, agg: Aggregation) -> jax.Array:
 
 def aggregate(x: jax.Array, mask: jax.Array, agg: Aggregation) -> jax.Array:
     """Masked mean of x [B, R]: "token" = over all valid tokens; "seq-mean-token-mean" = per-row
-    token mean, then mean over rows (ORIG with 1 sequence per micro-batch). -> scalar."""
+    token mean, then mean over rows (reference with 1 sequence per micro-batch). -> scalar."""
     return aggregate_sum(x, mask, agg) / aggregate_count(mask, agg)
 
 
@@ -71,7 +71,7 @@ def policy_loss(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, mas
                 agg: Aggregation = "token") -> tuple[jax.Array, jax.Array]:
     """PPO-clip loss and clip fraction: logp, old_logp, advantages, mask [B, R] -> (loss, clipfrac) scalars.
 
-    Both aggregated with `agg`; ORIG's effective mode is "seq-mean-token-mean" (token mean per
+    Both aggregated with `agg`; the reference's effective mode is "seq-mean-token-mean" (token mean per
     1-sequence micro-batch), VERL's default is "token".
     """
     loss, clipped = policy_loss_terms(logp, old_logp, advantages, clip=clip, clip_high=clip_high)
@@ -83,15 +83,15 @@ PPO_BATCH_KEYS = ("mask", "old_logp", "advantages")
 
 @dataclasses.dataclass(frozen=True)
 class PpoStepConfig:
-    """Policy step settings (PRIME_SPEC §1.7, §3.2).
+    """Policy step settings (docs/prime_spec.md §1.7, §3.2).
 
     mini_batch_size / micro_batch_size: responses per optimiser step / per forward-backward
-    (ORIG 256 / 8); epochs: passes over the batch (ORIG 1), each in a fresh random order when
-    `shuffle` (ORIG shuffles within each GPU's shard; here globally, on the host, so results do not
-    depend on the device count; see `ppo_minibatches`). agg: loss aggregation, default ORIG's effective "seq-mean-token-mean".
-    entropy_coef: bonus -coef * entropy (ORIG script 0). kl_coef: k3 ("low_var_kl") penalty to a
-    reference policy whose log-probs come in batch["ref_logp"] (ORIG 0). temperature: divides
-    the logits as in the sampler (ORIG 1.0).
+    (reference 256 / 8); epochs: passes over the batch (reference 1), each in a fresh random order when
+    `shuffle` (reference shuffles within each GPU's shard; here globally, on the host, so results do not
+    depend on the device count; see `ppo_minibatches`). agg: loss aggregation, default the reference's effective "seq-mean-token-mean".
+    entropy_coef: bonus -coef * entropy (reference script 0). kl_coef: k3 ("low_var_kl") penalty to a
+    reference policy whose log-probs come in batch["ref_logp"] (reference 0). temperature: divides
+    the logits as in the sampler (reference 1.0).
     """
     mini_batch_size: int
     micro_batch_size: int

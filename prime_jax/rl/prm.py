@@ -1,4 +1,4 @@
-"""Implicit process reward model (PRIME_SPEC §1.4, §5): token rewards, CE loss, batch_norm, dpo_acc.
+"""Implicit process reward model (docs/prime_spec.md §1.4, §5): token rewards, CE loss, batch_norm, dpo_acc.
 
 The implicit PRM is a causal LM pi_phi trained with an outcome (CE) objective on the sequence
 log-ratio beta * sum_t log(pi_phi / pi_ref); its per-token log-ratio is the process reward.
@@ -36,9 +36,9 @@ def token_rewards(logp_prm: jax.Array, logp_ref: jax.Array, mask: jax.Array, *,
                   include_eos: bool = True, granularity: Granularity = "token") -> jax.Array:
     """Implicit process rewards: logp_prm, logp_ref, mask [B, R] -> rewards [B, R] float32.
 
-    q_t = logp_prm_t - logp_ref_t on valid tokens, 0 on padding; no beta (ORIG: beta only
+    q_t = logp_prm_t - logp_ref_t on valid tokens, 0 on padding; no beta (the reference: beta only
     enters the loss, and batch_norm rescales anyway).
-    - include_eos=True (ORIG default): the last valid token (the EOS) keeps its q;
+    - include_eos=True (reference default): the last valid token (the EOS) keeps its q;
       False (VERL): it is set to 0.
     - granularity "token" (default): reward q_t on each token; "whole": the sum of the
       token rewards above is placed on the last valid token, 0 elsewhere.
@@ -65,7 +65,7 @@ def prm_loss_terms(logp_prm: jax.Array, logp_ref: jax.Array, mask: jax.Array, ac
     """Per-row CE of sigmoid(z) vs acc, z = beta * sum_t q_t: -> [B] float32.
 
     Stable form softplus(z) - acc * z (= -acc log sigmoid(z) - (1-acc) log(1-sigmoid(z)));
-    ORIG clamps the log at -100, which only matters for |z| > 100. Gradient flows only
+    The reference clamps the log at -100, which only matters for |z| > 100. Gradient flows only
     through logp_prm.
     """
     z = beta * sequence_log_ratio(logp_prm, logp_ref, mask)
@@ -84,10 +84,10 @@ def prm_loss(logp_prm: jax.Array, logp_ref: jax.Array, mask: jax.Array, acc: jax
 
 
 def batch_norm(rewards: jax.Array, mask: jax.Array) -> jax.Array:
-    """ORIG `prime_norm: batch_norm`: rewards / (max |reverse cumsum over time| + 1e-6).
+    """The reference's `prime_norm: batch_norm`: rewards / (max |reverse cumsum over time| + 1e-6).
 
     rewards, mask [..., B, R] -> [..., B, R]; the max is over the last two axes, so [B, R] is
-    one global scope and [S, B/S, R] normalises each of S data shards on its own (ORIG: each
+    one global scope and [S, B/S, R] normalises each of S data shards on its own (the reference: each
     of 8 workers over its 128-row chunk). A pure rescale, so beta never reaches the policy.
     """
     r = rewards.astype(jnp.float32) * mask.astype(jnp.float32)
@@ -101,7 +101,7 @@ def dpo_acc(seq_scores: jax.Array, acc: jax.Array, n: int) -> jax.Array:
 
     Per group, over pairs i < j: sum 1[(s_i - s_j > 0) == (a_i - a_j > 0)] * |a_i - a_j| / sum |a_i - a_j|;
     a group whose acc are all equal counts 0.5; mean over groups. Ties in score count as
-    "i not above j" (ORIG), so with all-zero scores the value depends on the order of acc.
+    "i not above j" (the reference), so with all-zero scores the value depends on the order of acc.
     """
     if seq_scores.shape[0] % n:
         raise ValueError(f"batch of {seq_scores.shape[0]} rows is not a multiple of n={n}")
@@ -124,15 +124,15 @@ PRM_BATCH_KEYS = ("mask", "acc", "unpack")
 
 @dataclasses.dataclass(frozen=True)
 class PrmStepConfig:
-    """Implicit-PRM step settings (PRIME_SPEC §1.4, §3; ORIG defaults except where noted).
+    """Implicit-PRM step settings (docs/prime_spec.md §1.4, §3; reference defaults except where noted).
 
     mini_batch_size / micro_batch_size: rows per PRM optimiser step / per forward-backward
-    (ORIG 256 / 8). update: "after" = single forward, each row's reward from the PRM before
-    the update on its own mini-batch (ORIG default); "before" = update on the whole batch, then
+    (reference 256 / 8). update: "after" = single forward, each row's reward from the PRM before
+    the update on its own mini-batch (reference default); "before" = update on the whole batch, then
     a second forward for the rewards (VERL default, PAPER App. B.2 "double forward");
-    "none" = no update. num_shards: the batch is seen as that many contiguous chunks (ORIG: one
+    "none" = no update. num_shards: the batch is seen as that many contiguous chunks (the reference: one
     per GPU, 8) and mini-batch m takes the m-th slice of every chunk, in order; it is also the
-    scope of batch_norm when norm_scope="shard" (ORIG's effective scope). Default 1 and
+    scope of batch_norm when norm_scope="shard" (the reference's effective scope). Default 1 and
     "global": one scope over the batch, independent of the device count.
     """
     n: int
@@ -162,7 +162,7 @@ def minibatch_order(batch_size: int, mini_batch_size: int, num_shards: int) -> n
     """Row permutation putting the batch in mini-batch order: [B] int.
 
     The batch is num_shards contiguous chunks; mini-batch m is the m-th run of mini/num_shards rows
-    of every chunk (ORIG: each GPU walks its own chunk in order, gradients all-reduced).
+    of every chunk (the reference: each GPU walks its own chunk in order, gradients all-reduced).
     """
     rows = np.arange(batch_size).reshape(num_shards, batch_size // mini_batch_size, mini_batch_size // num_shards)
     return rows.transpose(1, 0, 2).reshape(-1)
@@ -182,7 +182,7 @@ def make_prm_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg:
     (M mini-batches of k micro-batches).
     `state` / `ref_params` (real or abstract) fix the shardings: params and Adam moments by their logical
     axes, the batch over the data axes, the layout's rows (r) too; the state is donated. PRM log-probs use
-    temperature 1 (ORIG). Metrics: reward_model/prm_loss (mean of the mini-batch losses; ORIG logs the last
+    temperature 1 (the reference). Metrics: reward_model/prm_loss (mean of the mini-batch losses; reference logs the last
     micro-batch's), reward_model/grad_norm (pre-clip, mean over mini-batches), reward_model/dpo_acc_before,
     and reward_model/dpo_acc_after for update="before".
     """

@@ -1,6 +1,6 @@
 """The in-sandbox half of `sandbox.run_tests`: runs untrusted code against tests, reports each outcome.
 
-The host (sandbox.py) compiles this file once and starts it, under bubblewrap, as `__main__` of a
+The host (sandbox.py, bwrap.py) compiles this file once and starts it, under bubblewrap, as `__main__` of a
 fresh interpreter (`python -I -S`: no `site`, the host's exact sys.path). It reads the payload on
 stdin, confines itself (when started as root it drops to an unprivileged uid of its own; rlimits on
 CPU, address space, processes, file size; parent-death signal; no new privileges), then loads the
@@ -246,7 +246,7 @@ def _reap(uid: int | None, undumpable) -> None:
             for entry in os.scandir(directory) if os.path.isdir(directory) else ():
                 try:
                     if entry.stat(follow_symlinks=False).st_dev != os.stat(directory).st_dev:
-                        continue  # a read-only bind inside it (the code or the venv under /tmp): not the program's
+                        continue  # a read-only mount of the interpreter's files (`bwrap.command`): not the program's
                 except OSError:  # removed meanwhile by a process finishing its last call
                     continue
                 if entry.is_dir(follow_symlinks=False):

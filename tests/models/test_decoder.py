@@ -1,4 +1,8 @@
-"""Decoder parity with transformers (PyTorch) on left-padded batches, and the HF round trip."""
+"""Decoder parity with transformers (PyTorch) on left-padded batches, the HF round trip, and the package layering."""
+
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -57,3 +61,13 @@ def test_bf16_export_loads_in_transformers(qwen2_dir, tmp_path, left_padded_batc
     ref = hf_logits(qwen2_dir, tokens, mask)
     real = mask.astype(bool)
     assert np.max(np.abs(np.asarray(back(tokens, attention_mask=mask))[real] - ref[real])) < 0.05
+
+
+def test_the_model_package_does_not_import_the_sampler():
+    """`prime_jax.models` sits below `prime_jax.sampling` (the sampler's KV cache and decode step build on the
+    decoder's layer helpers, never the other way round): importing the models loads no sampler module."""
+    code = "import sys, prime_jax.models; print(sorted(m for m in sys.modules if m.startswith('prime_jax.sampling')))"
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert out.stdout.strip() == "[]", out.stdout

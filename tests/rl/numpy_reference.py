@@ -1,4 +1,4 @@
-"""Independent numpy reference of PRIME_SPEC §1.4-1.7 and §5, written from the spec with plain loops.
+"""Independent numpy reference of docs/prime_spec.md §1.4-1.7 and §5, written from the spec with plain loops.
 
 Deliberately naive (per row, per token, per pair) so it shares no structure with prime_jax.
 float64 throughout.
@@ -40,7 +40,7 @@ def token_rewards(logp_prm, logp_ref, mask, include_eos=True, granularity="token
 
 
 def prm_loss_and_grad(logp_prm, logp_ref, mask, acc, beta=0.05):
-    """§1.4 step 4 in ORIG's probability form: BCE(sigmoid(beta * sum q), acc), mean over rows.
+    """§1.4 step 4 in the reference's probability form: BCE(sigmoid(beta * sum q), acc), mean over rows.
 
     Returns (loss, d loss / d logp_prm [B, R]).
     """

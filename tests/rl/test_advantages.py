@@ -46,7 +46,7 @@ def test_rloo_outcome_is_plain_leave_one_out():
 
 
 def test_rloo_formulas_agree_at_first_token(batch):
-    # the reference formula's extra term sums to 0 over each response's tokens (PRIME_SPEC §1.6)
+    # the reference formula's extra term sums to 0 over each response's tokens (docs/prime_spec.md §1.6)
     process, _, mask = batch
     a = np.asarray(adv.rloo_returns(_j(process), _j(mask), n=N, formula="reference"))
     b = np.asarray(adv.rloo_returns(_j(process), _j(mask), n=N, formula="paper"))
@@ -112,13 +112,13 @@ def test_coefficients_scale_each_source(batch):
 
 def test_bad_arguments_raise(batch):
     process, acc, mask = batch
-    with pytest.raises(ValueError, match="estimator='ppo'"):
+    with pytest.raises(ValueError, match="estimator='ppo': is not one of"):
         adv.compute_advantages(_j(process), _j(acc), _j(mask), n=N, estimator="ppo")
     with pytest.raises(ValueError, match="n=1"):
         adv.compute_advantages(_j(process), _j(acc), _j(mask), n=1)
     with pytest.raises(ValueError, match="rloo_formula"):
         adv.compute_advantages(_j(process), _j(acc), _j(mask), n=N, rloo_formula="eq5")
-    with pytest.raises(ValueError, match="process_credit='max'"):
+    with pytest.raises(ValueError, match="process_credit='max': is not one of"):
         adv.compute_advantages(_j(process), _j(acc), _j(mask), n=N, process_credit="max")
     with pytest.raises(ValueError, match="gamma_process=0.9"):
         adv.compute_advantages(_j(process), _j(acc), _j(mask), n=N, process_credit="min", gamma_process=0.9)

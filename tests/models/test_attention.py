@@ -1,5 +1,6 @@
-"""The Pallas splash kernel (`model.attention=splash`) against XLA's attention, run in Pallas interpret mode on CPU:
-packed rows (length-1 segments, a full-length one, a padded tail), outputs and gradients, on 1 and 8 devices."""
+"""Full-sequence attention (`prime_jax.models.attention`): the Pallas splash kernel (`model.attention=splash`) against
+XLA's attention, run in Pallas interpret mode on CPU: packed rows (length-1 segments, a full-length one, a padded
+tail), outputs and gradients, on 1 and 8 devices."""
 
 import jax
 import jax.numpy as jnp
