@@ -33,7 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
     # The lengths of a real step, for the AOT whole-step roofline (docs/aot.md, step_s):
     # - response 1435 tokens: response_length/mean of the reference run's log (PRIME issue #57, step 3;
-    #   docs/prime_spec.md §metrics); the SFT data it starts from averages 1,390 (PAPER App. D).
+    #   docs/prime_spec.md §metrics); the SFT data it starts from averages 1,390 (the paper's App. D).
     # - prompt 256 tokens: the PRIME system prompt + question + suffix in the chat template measure 718
     #   characters on MATH-500 and 2216 on LeetCode (shared/data/benchmarks); weighted 94.4% math / 5.6% code
     #   as Eurus-2-RL-Data (455,261 / 26,758 rows) and at ~3.5 characters per Qwen2.5 token: ~229, rounded up.

@@ -1,4 +1,4 @@
-"""Supervised warm start for the built-in run: the "SFT model" PRIME starts from (PAPER App. D, in miniature).
+"""Supervised warm start for the built-in run: the "SFT model" PRIME starts from (the paper's App. D, in miniature).
 
 Trains a sentencepiece tokenizer on the synthetic task corpus, initialises a small Qwen2-architecture
 decoder, fits it for a few hundred steps on reference solutions of synthetic tasks (prompt tokens

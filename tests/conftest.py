@@ -1,4 +1,4 @@
-"""Shared test setup: 8 fake CPU devices for sharding tests, tiny model configs and checkpoints.
+"""Shared test setup: 8 fake CPU devices for sharding tests; the session fixtures (tiny checkpoints, a GCS
 
 XLA_FLAGS must be set before jax is imported, so it is set here, at collection time.
 Single-device tests simply use the default device; sharding tests build meshes over all 8.
@@ -19,7 +19,14 @@ jax.config.update("jax_default_matmul_precision", "highest")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from tests.fixtures import gcs_emulator, tiny_config, tiny_llama_config, write_hf_checkpoint  # noqa: E402
+from prime_jax.data.prompts import SYSTEM_PROMPT  # noqa: E402
+from prime_jax.data.synthetic import make_tasks, reference_solution  # noqa: E402
+from prime_jax.models import Decoder, load_pretrained  # noqa: E402
+from prime_jax.models.tokenizer import train_sentencepiece  # noqa: E402
+from prime_jax.sampling import Rollout, generate  # noqa: E402
+
+from tests.fixtures import (SAMPLED, SAMPLED_PROMPTS, gcs_emulator, tiny_config, tiny_llama_config,  # noqa: E402
+                            write_hf_checkpoint)
 
 
 @pytest.fixture(scope="session")
@@ -52,3 +59,31 @@ def left_padded_batch():
         mask[i, 12 - n:] = 1
         tokens[i, : 12 - n] = 0
     return tokens, mask
+
+
+@pytest.fixture(scope="session")
+def sp_tokenizer(tmp_path_factory):
+    """A sentencepiece tokenizer trained on synthetic task text (vocabulary 512)."""
+    tasks = make_tasks(200, seed=123, difficulty=3)
+    texts = [SYSTEM_PROMPT] + [t.question() for t in tasks] + [reference_solution(t) for t in tasks]
+    return train_sentencepiece(texts, tmp_path_factory.mktemp("sp") / "tok", vocab_size=512)
+
+
+@pytest.fixture(scope="session")
+def qwen_model(qwen2_dir) -> Decoder:
+    return load_pretrained(qwen2_dir)
+
+
+@pytest.fixture(scope="session")
+def peaked_model(qwen2_dir) -> Decoder:
+    """The tiny Qwen2 with its LM head scaled up: a next-token distribution far from uniform (top token ~0.3,
+    entropy ~3.2 nats at T=0.7), so a wrong temperature or filter shows."""
+    model = load_pretrained(qwen2_dir)
+    model.lm_head[...] = model.lm_head[...] * 8
+    return model
+
+
+@pytest.fixture(scope="session")
+def sampled(qwen_model) -> Rollout:
+    """`SAMPLED_PROMPTS` sampled with `SAMPLED`: every row in the first batch, on one device."""
+    return generate(qwen_model, SAMPLED_PROMPTS, **SAMPLED)

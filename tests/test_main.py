@@ -8,19 +8,9 @@ import sys
 import time
 
 from prime_jax.metrics import read_metrics
+from tests.fixtures import SMALL, stable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The built-in run, shrunk to seconds per step.
-SMALL = ["--config.warm_start.steps=30", "--config.warm_start.num_examples=200", "--config.warm_start.arch.hidden_size=32",
-         "--config.warm_start.arch.intermediate_size=64", "--config.warm_start.arch.num_layers=2",
-         "--config.warm_start.arch.head_dim=16", "--config.synthetic.train_size=200", "--config.synthetic.val_size=16",
-         "--config.rollout.max_response_length=16", "--config.train.batch_size=8", "--config.train.max_rounds=1",
-         "--config.actor.mini_batch_size=16", "--config.actor.micro_batch_size=16", "--config.prm.mini_batch_size=32",
-         "--config.prm.micro_batch_size=16", "--config.total_steps=5", "--config.checkpoint.freq=1",
-         "--config.eval.freq=100", "--config.log.plot=False"]
-VOLATILE = ("timing/", "throughput/")
-
-
 def start(workdir):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as a user has
     cmd = [sys.executable, "-m", "prime_jax.main", "--config=configs/tiny.py", f"--config.workdir={workdir}", *SMALL]
@@ -49,10 +39,6 @@ def steps_logged(workdir):
 def checkpoints(workdir):
     d = os.path.join(workdir, "checkpoints")
     return sorted(int(x) for x in os.listdir(d) if x.isdigit()) if os.path.isdir(d) else []
-
-
-def stable(records):
-    return [{k: v for k, v in r.items() if not k.startswith(VOLATILE)} for r in records]
 
 
 def test_sigterm_then_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):

@@ -5,13 +5,12 @@ over 2 processes gathers every score and sums every host's failure counts."""
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
 
 from prime_jax.metrics import read_metrics
-from tests.test_main import SMALL, stable
+from tests.fixtures import SMALL, env, free_port, stable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TWO_STEPS = [a for a in SMALL if not a.startswith("--config.total_steps")] + [
@@ -21,18 +20,6 @@ TWO_STEPS = [a for a in SMALL if not a.startswith("--config.total_steps")] + [
 def command(workdir, *extra):
     return [sys.executable, "-m", "prime_jax.main", "--config=configs/tiny.py", f"--config.workdir={workdir}",
             *TWO_STEPS, *extra]
-
-
-def env(devices, **extra):
-    e = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    e.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **extra)
-    return e
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_processes_equal_one_process(tmp_path):

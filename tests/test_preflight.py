@@ -10,7 +10,7 @@ import jax
 from prime_jax import aot
 from prime_jax.preflight import tpu_topology
 
-from tests.test_multihost import env, free_port
+from tests.fixtures import env, free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

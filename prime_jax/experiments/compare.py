@@ -1,4 +1,4 @@
-"""PRIME vs outcome-only RL in miniature: PAPER Fig. 3 (dense vs sparse rewards) and Table 4 (other estimators).
+"""PRIME vs outcome-only RL in miniature: the paper's Fig. 3 (dense vs sparse rewards) and Table 4 (other estimators).
 
     python -m prime_jax.experiments.compare --config=configs/compare.py [--config.compare.arms=prime,rloo_outcome]
 

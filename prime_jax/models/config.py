@@ -9,7 +9,7 @@ from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
 CONFIG_ATTENTION = ("xla", "cudnn", "splash")  # config.model.attention values besides "auto"
-# decoder.causal_attention implementations; splash_interpret: the splash kernel in Pallas interpret mode (tests)
+# attention.causal_attention implementations; splash_interpret: the splash kernel in Pallas interpret mode (tests)
 ATTENTION_IMPLEMENTATIONS = (*CONFIG_ATTENTION, "splash_interpret")
 
 
@@ -51,7 +51,7 @@ class ModelConfig:
     dtype: str = "float32"
     remat: bool = False
     logits_chunk: int = 1024
-    attention: str = "xla"     # full-sequence attention: one of ATTENTION_IMPLEMENTATIONS (decoder.causal_attention)
+    attention: str = "xla"     # full-sequence attention: one of ATTENTION_IMPLEMENTATIONS (attention.causal_attention)
 
     def __post_init__(self) -> None:
         if self.model_type not in SUPPORTED_MODEL_TYPES:

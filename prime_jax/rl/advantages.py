@@ -84,7 +84,7 @@ def rloo_returns(rewards: jax.Array, mask: jax.Array, *, n: int, gamma: float = 
     - "reference" (reference `compute_rloo_returns`, default): r~ = r * n/(n-1) - sum_{j in g} m_j / (n-1)
       on masked tokens. Equals the paper's term plus (r - m_i)/(n-1), which sums to 0 over a
       response's tokens but changes intermediate returns.
-    - "paper" (PAPER Eq. 5): r~ = r - sum_{j in g, j != i} m_j / (n-1).
+    - "paper" (the paper's Eq. 5): r~ = r - sum_{j in g, j != i} m_j / (n-1).
     Unmasked tokens get r~ = 0; G_t = sum_{s>=t} gamma^(s-t) r~_s. For the outcome source pass
     acc on the last valid token and `last_token_mask(mask)` as the mask (plain RLOO).
     """

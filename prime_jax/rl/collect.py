@@ -1,4 +1,4 @@
-"""Rollouts on the host: sample, verify, filter, and "collect until full" with a prompt buffer (PRIME_SPEC §1.1-1.3).
+"""Rollouts on the host: sample, verify, filter, and "collect until full" with a prompt buffer (docs/prime_spec.md §1.1-1.3).
 
 An `Experience` is a batch of prompt groups (n contiguous rows per prompt) as numpy arrays plus
 the examples they came from. `collect` offers one sampler call up to `max_rounds` batches of prompts (the

@@ -129,7 +129,7 @@ class PrmStepConfig:
     mini_batch_size / micro_batch_size: rows per PRM optimiser step / per forward-backward
     (reference 256 / 8). update: "after" = single forward, each row's reward from the PRM before
     the update on its own mini-batch (reference default); "before" = update on the whole batch, then
-    a second forward for the rewards (VERL default, PAPER App. B.2 "double forward");
+    a second forward for the rewards (VERL default, the paper's App. B.2 "double forward");
     "none" = no update. num_shards: the batch is seen as that many contiguous chunks (the reference: one
     per GPU, 8) and mini-batch m takes the m-th slice of every chunk, in order; it is also the
     scope of batch_norm when norm_scope="shard" (the reference's effective scope). Default 1 and

@@ -8,7 +8,7 @@ Ground truth (a contract the data loaders rely on) is a JSON string, or the pars
 - assert-style `{"prelude": str, "asserts": [str, ...]}`: `prelude` (imports, helpers such as
   HumanEval's `def check(candidate): ...`) runs after the code; each assert entry is one test.
 
-Scoring follows the reference (PRIME_SPEC §2.2): the reference runs all tests in one process and
+Scoring follows the reference (docs/prime_spec.md §2.2): the reference runs all tests in one process and
 returns 1.0 if all pass, else runs the first 10 one at a time and returns passed / min(#tests, 10).
 Tests after the tenth cannot change that score (when the first ten pass it is 1.0 either way), so
 only the first min(#tests, 10) tests are run, in one sandboxed process; a test that crashes or
@@ -31,7 +31,7 @@ from prime_jax.verifiers.sandbox import Limits, Program, TestResult, run_tests
 MAX_SCORED_TESTS = 10
 _FENCE_OPEN, _FENCE_CLOSE = "```python", "```"
 # Runs before every program, in its namespace: the modules the reference's execution prelude
-# imports (PRIME_SPEC §2.2), plus their names that solutions commonly use without importing.
+# imports (docs/prime_spec.md §2.2), plus their names that solutions commonly use without importing.
 HEADER = """\
 from typing import *
 import bisect, collections, copy, datetime, functools, heapq, io, itertools, json, math, operator

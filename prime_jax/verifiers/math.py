@@ -1,6 +1,6 @@
 """Math outcome verifier: extract a response's final answer and compare it with the ground truth.
 
-Extraction follows the reference (PRIME_SPEC §2.1): the last complete `\\boxed{}` / `\\fbox{}`
+Extraction follows the reference (docs/prime_spec.md §2.1): the last complete `\\boxed{}` / `\\fbox{}`
 wins; without one, the "answer is" / "answer:" phrases and the trailing-marker rules of the
 reference pick the answer out of the text. Comparison uses math-verify (LaTeX, fractions,
 decimals, percentages, intervals, sets, tuples, symbolic equivalence) after a cheap exact

@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import jax
 import numpy as np
 
-from prime_jax.data.example import Example
 from prime_jax.mesh import allgather_rows, process_rows
 from prime_jax.sampling import Rollout
 from prime_jax.verifiers.pool import COUNT_KEYS, VerifierPool, VerifyItem
+
+if TYPE_CHECKING:  # data.eurus imports verifiers.code: the example type only, not a package cycle
+    from prime_jax.data.example import Example
 
 Decoder = Callable[[np.ndarray], str]  # response ids -> text
 # (acc [rows], lengths [rows], limit R) -> [groups] bool: the groups of n rows the online filter keeps

@@ -8,7 +8,7 @@ from flax import nnx
 
 from prime_jax.models import packed_logprobs, resolve_attention
 from prime_jax.rl.packing import PackSpec, first_fit_decreasing, from_slots, lay_out, segment_cumsum
-from tests.rl.step_data import logp_fn, tiny_model
+from tests.fixtures import logp_fn, tiny_model
 
 P, R = 4, 5
 ROW = P + R

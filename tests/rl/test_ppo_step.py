@@ -13,7 +13,7 @@ from prime_jax.mesh import make_mesh
 from prime_jax.models import response_logprobs
 from prime_jax.rl.optim import OptimConfig, init_train_state, make_lr_schedule, make_optimizer, shard_train_state
 from prime_jax.rl.ppo import PpoStepConfig, aggregate, make_ppo_step, policy_loss, ppo_minibatches
-from tests.rl.step_data import (assert_trees_close, copy_tree, layout, logp_fn, make_batch, one_device_mesh,
+from tests.fixtures import (assert_trees_close, copy_tree, layout, logp_fn, make_batch, one_device_mesh,
                                 tiny_model)
 
 B, MINI = 16, 8

@@ -14,7 +14,7 @@ from prime_jax.models import response_logprobs
 from prime_jax.rl.prm import PrmStepConfig, make_prm_step, prm_loss, prm_minibatches
 from prime_jax.rl.optim import OptimConfig, init_train_state, make_optimizer, shard_train_state
 from tests.rl import numpy_reference as ref
-from tests.rl.step_data import (assert_trees_close, copy_tree, layout, logp_fn, make_batch, one_device_mesh,
+from tests.fixtures import (assert_trees_close, copy_tree, layout, logp_fn, make_batch, one_device_mesh,
                                 tiny_model)
 
 B, MINI, N, SHARDS = 16, 8, 4, 2
