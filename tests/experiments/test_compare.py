@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+from prime_jax import settings
 from prime_jax.experiments import compare
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -43,7 +44,8 @@ def test_arms_share_the_warm_start_and_outcome_only_runs_no_prm(tmp_path, capsys
     out = tmp_path / "out"
     assert json.loads((out / "compare.json").read_text()) == results
     assert (out / "compare.png").is_file() and "RLOO, outcome verifier only" in (out / "compare.md").read_text()
-    train, heldout = compare.task_sets(c)
+    x = settings.resolve_experiment(c, tuple(compare.ARMS))
+    train, heldout = compare.task_sets(settings.resolve(x.base), x.heldout_seed)
     assert results["setup"]["train_pool"] == len(train) and not {t.question() for t in train} & {h.question() for h in heldout}
     capsys.readouterr()
     assert compare.run(c) == results  # resumable: finished runs are skipped, results unchanged
