@@ -1,7 +1,7 @@
 """Orbax checkpoints of a PRIME run: device state (policy + PRM params and optimiser states) and host state.
 
 Device arrays are saved as a named tree: every leaf under its path in the live state
-(`policy/params/layers/gate/value`, `prm/opt_state/1/0/mu/...`). Restore matches entries by name
+(`policy/params/layers/gate/value`, `prm/opt_state/inner_state/1/0/mu/...`). Restore matches entries by name
 and shape, so a renamed, missing, extra or mis-shaped entry is a one-line error naming it and two
 same-shaped leaves can never trade places; checkpoints of the older positional format (a flat leaf
 list) are refused as such. Arrays are restored straight onto the shardings of the live state (a

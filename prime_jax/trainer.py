@@ -3,6 +3,11 @@
     collect prompts -> sample n each -> decode -> verify -> online filter (+ prompt buffer)
     -> PRM kernel (token rewards, online PRM update) -> advantages -> PPO step
     -> metrics -> periodic validation -> periodic checkpoint
+
+An optimiser update whose loss or gradients are not finite is skipped (`prime_jax.rl.optim.make_optimizer`) and
+counted: `train/skipped_nonfinite` (this step's, PRM + PPO), `train/skipped_nonfinite_total` (the run's, kept in
+the optimiser states so it survives a resume); `train.max_nonfinite_steps` steps in a row that skipped one save a
+checkpoint and stop the run (`NonfiniteGuard`).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from prime_jax.mesh import batch_sharding, host_to_global
 from prime_jax.metrics import MetricWriter, plot_curves
 from prime_jax.models import save_pretrained
 from prime_jax.rl.collect import Experience, Prompt, collect
-from prime_jax.rl.optim import layout_sharding
+from prime_jax.rl.optim import layout_sharding, skipped_updates
 from prime_jax.sampling import Rollout, RowsCallback, StopCallback
 
 
@@ -43,6 +48,36 @@ class Timer:
         self.seconds[f"timing/{name}"] = time.perf_counter() - t0
 
 
+class NonfiniteGuard:
+    """Counts the PRIME steps in a row that skipped a non-finite optimiser update; `limit` in a row stop the run
+    (train.max_nonfinite_steps). A clean step resets the count."""
+
+    def __init__(self, limit: int):
+        if limit < 1:
+            raise ValueError(f"train.max_nonfinite_steps={limit}: must be >= 1")
+        self.limit, self.streak = limit, 0
+
+    def observe(self, step: int, skipped: float) -> RuntimeError | None:
+        """After step `step`, which skipped `skipped` updates: None to go on, else the error that stops the run
+        (the caller saves a checkpoint first, then raises it)."""
+        self.streak = self.streak + 1 if skipped > 0 else 0
+        if self.streak < self.limit:
+            return None
+        return RuntimeError(
+            f"step {step}: {self.streak} steps in a row skipped an optimiser update whose loss or gradients were not "
+            f"finite (NaN/inf), reaching train.max_nonfinite_steps={self.limit}; stopped with a checkpoint of the "
+            f"last good state at step {step} (skipped updates changed nothing)")
+
+    @staticmethod
+    def warning(step: int, metrics: dict[str, float]) -> str:
+        """The one-line warning for a step that skipped updates."""
+        parts = [f"{metrics[k]:.0f} {k.split('/')[0]}" for k in ("reward_model/skipped_nonfinite",
+                                                               "actor/skipped_nonfinite") if metrics.get(k, 0) > 0]
+        return (f"warning: step {step}: skipped {metrics['train/skipped_nonfinite']:.0f} optimiser update(s) with "
+                f"non-finite loss or gradients ({', '.join(parts)}); {metrics['train/skipped_nonfinite_total']:.0f} "
+                f"in this run")
+
+
 class Trainer:
     def __init__(self, parts: Components):
         self.p = parts
@@ -50,6 +85,7 @@ class Trainer:
         self.policy, self.prm = parts.policy, parts.prm
         self.buffer: list[Prompt] = []
         self.step = 0
+        self.nonfinite = NonfiniteGuard(s.max_nonfinite_steps)
         self.ckpt = Checkpointer(s.workdir, keep=s.checkpoint_keep)
         self.writer = MetricWriter(s.workdir, total_steps=s.total_steps, tensorboard=s.tensorboard,
                                    wandb_project=s.wandb_project, config=dict(s.config),
@@ -85,6 +121,10 @@ class Trainer:
             self.policy, actor = jax.block_until_ready(self.p.programs.ppo_step(
                 self.policy, {**batch, "advantages": advantages}, self.slots_to_device(ppo_slots.arrays)))
         metrics.update({k: float(v) for k, v in jax.device_get({**prm_metrics, **adv_metrics, **actor}).items()})
+        metrics["train/skipped_nonfinite"] = (metrics.get("reward_model/skipped_nonfinite", 0.0)
+                                              + metrics["actor/skipped_nonfinite"])
+        metrics["train/skipped_nonfinite_total"] = float(sum(jax.device_get(
+            [skipped_updates(self.policy.opt_state), skipped_updates(self.prm.opt_state)])))
         metrics["throughput/token_efficiency/actor"] = ppo_slots.efficiency
         metrics.update(response_length_metrics(exp))
         metrics.update(t.seconds)
@@ -113,8 +153,16 @@ class Trainer:
             if self.step % s.eval.freq == 0 or self.step == s.total_steps:
                 last.update(self.validate())
             self.writer.write(self.step, last)
-            if self.step % s.checkpoint_freq == 0 or self.step == s.total_steps or stop.requested:
+            if last["train/skipped_nonfinite"] > 0 and jax.process_index() == 0:
+                print(NonfiniteGuard.warning(self.step, last), flush=True)
+            error = self.nonfinite.observe(self.step, last["train/skipped_nonfinite"])
+            if self.step % s.checkpoint_freq == 0 or self.step == s.total_steps or stop.requested or error:
                 self.save()
+            if error:
+                self.ckpt.close()
+                stop.restore()
+                self.writer.close()
+                raise error
         self.ckpt.close()
         if self.step == s.total_steps and not stop.requested and last:
             self.finish()

@@ -4,6 +4,7 @@ import importlib.util
 import json
 import math
 import os
+import types
 
 import numpy as np
 import pyarrow as pa
@@ -16,6 +17,7 @@ from prime_jax.data.synthetic import make_tasks, reference_solution
 from prime_jax.main import run
 from prime_jax.metrics import read_metrics
 from prime_jax.models import load_pretrained
+from prime_jax.trainer import NonfiniteGuard, Trainer
 from tests.fixtures import hf_logits, write_tiny_model_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,6 +79,7 @@ def test_qwen7b_path_runs_two_iterations_with_the_reference_sanity_checks(qwen7b
         assert key in records[2], key
     assert abs(records[2]["critic/advantages/mean"]) < 1e-5  # whitened over all valid tokens
     assert records[2]["actor/lr"] == pytest.approx(5e-7)
+    assert all(r["train/skipped_nonfinite"] == r["train/skipped_nonfinite_total"] == 0 for r in records[1:])
 
 
 def test_malformed_parquet_rows_are_skipped_and_counted(qwen7b_run):
@@ -116,3 +119,41 @@ def test_metrics_file_is_json_lines(qwen7b_run):
     with open(os.path.join(c.workdir, "metrics.jsonl")) as f:
         for line in f:
             assert "step" in json.loads(line)
+
+
+def test_nonfinite_guard_stops_after_the_bound_in_a_row_and_a_clean_step_resets_it():
+    guard = NonfiniteGuard(3)
+    assert [guard.observe(step, skipped) for step, skipped in enumerate([1, 2, 0, 1, 1], 1)] == [None] * 5
+    error = guard.observe(6, 1.0)
+    assert isinstance(error, RuntimeError) and guard.streak == 3
+    assert "step 6" in str(error) and "3 steps in a row" in str(error) and "train.max_nonfinite_steps=3" in str(error)
+    with pytest.raises(ValueError, match="train.max_nonfinite_steps"):
+        NonfiniteGuard(0)
+
+
+def test_fit_saves_a_checkpoint_and_raises_after_max_nonfinite_steps_in_a_row(capsys):
+    """The loop with stub programs: steps skipping (1, 0, 1, 1) updates with train.max_nonfinite_steps=2 warn on steps
+    1, 3 and 4, then save step 4 (no regular checkpoint due) and raise there."""
+    skips = iter([1.0, 0.0, 1.0, 1.0, 0.0, 0.0])
+    saved, written, closed = [], [], []
+    t = Trainer.__new__(Trainer)
+    t.s = types.SimpleNamespace(total_steps=6, checkpoint_freq=100, max_nonfinite_steps=2, workdir="w",
+                                eval=types.SimpleNamespace(freq=100, before_train=False))
+    t.p = types.SimpleNamespace(data_skipped={})
+    t.step, t.nonfinite, total = 0, NonfiniteGuard(2), [0.0]
+
+    def iteration():
+        n = next(skips)
+        total[0] += n
+        return {"train/skipped_nonfinite": n, "train/skipped_nonfinite_total": total[0], "actor/skipped_nonfinite": n}
+
+    t.iteration, t.restore, t.validate = iteration, lambda: None, dict
+    t.save = lambda: saved.append(t.step)
+    t.writer = types.SimpleNamespace(write=lambda step, m: written.append(step), close=lambda: closed.append("w"))
+    t.ckpt = types.SimpleNamespace(close=lambda: closed.append("c"))
+    with pytest.raises(RuntimeError, match=r"step 4: 2 steps in a row .* train.max_nonfinite_steps=2"):
+        t.fit()
+    assert saved == [4] and written == [0, 1, 2, 3, 4] and sorted(closed) == ["c", "w"]
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    assert [w.split(":")[1].strip() for w in warnings] == ["step 1", "step 3", "step 4"]
+    assert "skipped 1 optimiser update(s)" in warnings[-1] and "(1 actor)" in warnings[-1] and "3 in this run" in warnings[-1]

@@ -1,7 +1,8 @@
 """Training-step plumbing shared by the policy and the implicit PRM.
 
-Global-norm clip + AdamW + per-iteration lr schedule, the explicit `TrainState`, its shardings
-(optimiser moments sharded like the params), and exact gradient accumulation over micro-batches.
+Global-norm clip + AdamW + per-iteration lr schedule behind `optax.apply_if_finite` (an update whose loss or
+gradients are not finite is skipped: params, Adam moments and counts unchanged), the explicit `TrainState`, its
+shardings (optimiser moments sharded like the params), and exact gradient accumulation over micro-batches.
 
 docs/prime_spec.md §1.4/§1.7/§3: policy AdamW lr 5e-7, betas (0.9, 0.999), weight_decay 0.01, clip 1.0;
 PRM AdamW lr 1e-6, weight_decay 0.0, clip 10.0; both constant lr, no warmup. The schedule is
@@ -71,13 +72,30 @@ def make_lr_schedule(cfg: OptimConfig, updates_per_iteration: int) -> optax.Sche
     return schedule
 
 
+# apply_if_finite gives up and applies a non-finite update after this many in a row; out of reach (its counter
+# saturates at the int32 maximum), so an update is never applied unless finite and the trainer stops the run
+# instead (train.max_nonfinite_steps).
+NEVER_GIVE_UP = int(jnp.iinfo(jnp.int32).max)
+
+
 def make_optimizer(cfg: OptimConfig, updates_per_iteration: int) -> optax.GradientTransformation:
-    """clip_by_global_norm(grad_clip) then AdamW(schedule, b1, b2, eps, weight_decay) on every param."""
-    return optax.chain(
+    """clip_by_global_norm(grad_clip) then AdamW(schedule, b1, b2, eps, weight_decay) on every param, inside
+    `optax.apply_if_finite`: gradients with a NaN/inf leave the inner state (moments, schedule count) unchanged
+    and give a zero update (`apply_gradients` then keeps the params as they are). Its state
+    (`optax.ApplyIfFiniteState`) counts the skipped updates: `skipped_updates`."""
+    return optax.apply_if_finite(optax.chain(
         optax.clip_by_global_norm(cfg.grad_clip),
         optax.adamw(make_lr_schedule(cfg, updates_per_iteration), b1=cfg.b1, b2=cfg.b2,
                     eps=cfg.eps, weight_decay=cfg.weight_decay),
-    )
+    ), max_consecutive_errors=NEVER_GIVE_UP)
+
+
+def skipped_updates(opt_state: optax.OptState) -> jax.Array:
+    """Non-finite updates skipped since the optimiser state was created (int32 scalar), from `make_optimizer`'s
+    `optax.ApplyIfFiniteState`; a step's count is the difference of this before and after it."""
+    if not isinstance(opt_state, optax.ApplyIfFiniteState):
+        raise TypeError(f"optimiser state {type(opt_state).__name__} is not make_optimizer's (optax.apply_if_finite)")
+    return opt_state.total_notfinite
 
 
 def init_train_state(params: Any, tx: optax.GradientTransformation) -> TrainState:
@@ -85,10 +103,32 @@ def init_train_state(params: Any, tx: optax.GradientTransformation) -> TrainStat
     return TrainState(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32))
 
 
-def apply_gradients(state: TrainState, grads: Any, tx: optax.GradientTransformation) -> TrainState:
-    """One optimiser update of `state` with `grads` (same tree as params)."""
+def poison_if_not_finite(grads: Any, loss: jax.Array) -> Any:
+    """`grads` with NaN in its smallest leaf when `loss` is not finite, so that `make_optimizer`'s apply_if_finite
+    (which looks at the gradients only) skips an update whose loss is NaN/inf even where its gradients are finite.
+    Bit-identical when the loss is finite; touches one leaf only."""
+    leaves, treedef = jax.tree.flatten(grads)
+    i = min(range(len(leaves)), key=lambda j: leaves[j].size)
+    leaves[i] = jnp.where(jnp.isfinite(loss), leaves[i], jnp.nan)
+    return jax.tree.unflatten(treedef, leaves)
+
+
+def apply_gradients(state: TrainState, grads: Any, tx: optax.GradientTransformation,
+                    loss: jax.Array | None = None) -> TrainState:
+    """One optimiser update of `state` with `grads` (same tree as params); with `loss`, a non-finite loss counts
+    as non-finite gradients. With `make_optimizer`'s tx an update whose gradients (or loss) are not finite is
+    skipped: params bit-identical, optimiser state unchanged but for its non-finite counters, `step` (updates
+    applied) not incremented."""
+    if loss is not None:
+        grads = poison_if_not_finite(grads, loss)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    return TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1)
+    params = optax.apply_updates(state.params, updates)
+    step = state.step + 1
+    if isinstance(opt_state, optax.ApplyIfFiniteState):
+        # A skipped update is zeros; p + 0 is p except -0.0 -> +0.0, so select the old params to stay bit-identical.
+        params = jax.tree.map(lambda new, old: jnp.where(opt_state.last_finite, new, old), params, state.params)
+        step = state.step + opt_state.last_finite.astype(state.step.dtype)
+    return TrainState(params, opt_state, step)
 
 
 def train_state_shardings(state: Any, mesh: Mesh) -> Any:

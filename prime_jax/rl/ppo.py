@@ -17,7 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from prime_jax.models import packed_logprobs
 from prime_jax.rl.packing import to_slots
 from prime_jax.rl.optim import (TrainState, accumulate_gradients, apply_gradients, batch_prefix_sharding,
-                                check_batch, check_layout, layout_sharding, train_state_shardings)
+                                check_batch, check_layout, layout_sharding, skipped_updates, train_state_shardings)
 
 Aggregation = Literal["token", "seq-mean-token-mean"]
 AGGREGATIONS = ("token", "seq-mean-token-mean")
@@ -135,7 +135,8 @@ def make_ppo_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg:
     `tx`. `state` (real or abstract) fixes the shardings (params and Adam moments by logical axes); it
     is donated. `lr_schedule` (the one inside `tx`) gives actor/lr. Metrics, means over mini-batches:
     actor/pg_loss, actor/pg_clipfrac, actor/ppo_kl (old_logp - logp), actor/entropy, actor/grad_norm
-    (pre-clip), actor/lr, and actor/kl_loss when kl_coef > 0.
+    (pre-clip), actor/lr, and actor/kl_loss when kl_coef > 0; actor/skipped_nonfinite: the mini-batch updates
+    of this call skipped (loss or gradients not finite, nothing applied; read from `tx`'s apply_if_finite state).
     """
     state_sh = train_state_shardings(state, mesh)
     batch_sh = batch_prefix_sharding(mesh)
@@ -172,13 +173,15 @@ def make_ppo_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg:
                 count = jnp.maximum(jnp.sum(mb["valid"]), 1.0) if cfg.agg == "token" else jnp.float32(cfg.mini_batch_size)
                 lr = lr_schedule(state.step)
                 micro = {k: v for k, v in mb.items() if k != "valid"}
-                _, grads, parts = accumulate_gradients(lambda p, m: micro_loss(p, m, count), state.params, micro)
+                loss, grads, parts = accumulate_gradients(lambda p, m: micro_loss(p, m, count), state.params, micro)
                 metrics = {k: jnp.sum(v) for k, v in parts.items()}
                 metrics.update({"actor/grad_norm": optax.tree.norm(grads), "actor/lr": jnp.asarray(lr, jnp.float32)})
-                return apply_gradients(state, grads, tx), metrics
+                return apply_gradients(state, grads, tx, loss), metrics
 
             new_state, metrics = jax.lax.scan(minibatch, state, slots)
-            return new_state, {k: jnp.mean(v) for k, v in metrics.items()}
+            metrics = {k: jnp.mean(v) for k, v in metrics.items()}
+            skipped = skipped_updates(new_state.opt_state) - skipped_updates(state.opt_state)
+            return new_state, {**metrics, "actor/skipped_nonfinite": skipped.astype(jnp.float32)}
 
     return jax.jit(step, in_shardings=(state_sh, batch_sh, layout_sharding(mesh)),
                    out_shardings=(state_sh, replicated), donate_argnums=0)

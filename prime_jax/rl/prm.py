@@ -24,7 +24,7 @@ from prime_jax.models import packed_logprobs
 from prime_jax.rl.packing import from_slots, segment_cumsum, to_slots
 from prime_jax.rl.advantages import last_token_mask
 from prime_jax.rl.optim import (TrainState, accumulate_gradients, apply_gradients, batch_prefix_sharding,
-                                check_batch, check_layout, layout_sharding, train_state_shardings)
+                                check_batch, check_layout, layout_sharding, skipped_updates, train_state_shardings)
 
 Granularity = Literal["token", "whole"]
 GRANULARITIES = ("token", "whole")
@@ -184,7 +184,9 @@ def make_prm_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg:
     axes, the batch over the data axes, the layout's rows (r) too; the state is donated. PRM log-probs use
     temperature 1 (the reference). Metrics: reward_model/prm_loss (mean of the mini-batch losses; reference logs the last
     micro-batch's), reward_model/grad_norm (pre-clip, mean over mini-batches), reward_model/dpo_acc_before,
-    and reward_model/dpo_acc_after for update="before".
+    and reward_model/dpo_acc_after for update="before"; with an update, reward_model/skipped_nonfinite: the mini-batch
+    updates of this call skipped (loss or gradients not finite, nothing applied; read from `tx`'s apply_if_finite
+    state).
     """
     state_sh = train_state_shardings(state, mesh)
     ref_sh = train_state_shardings(ref_params, mesh)
@@ -234,8 +236,8 @@ def make_prm_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg:
                 if cfg.update == "none":
                     _, slots = jax.lax.map(lambda m: micro_loss(state.params, m), mb)
                     return state, (jnp.zeros(()), slots)
-                _, grads, slots = accumulate_gradients(micro_loss, state.params, mb)
-                return apply_gradients(state, grads, tx), (optax.tree.norm(grads), slots)
+                loss, grads, slots = accumulate_gradients(micro_loss, state.params, mb)
+                return apply_gradients(state, grads, tx, loss), (optax.tree.norm(grads), slots)
 
             new_state, (grad_norms, (prm_slots, ref_slots)) = jax.lax.scan(minibatch, state, layout)
             logp_prm = from_slots(prm_slots, batch["unpack"])
@@ -246,6 +248,8 @@ def make_prm_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg:
                        "reward_model/dpo_acc_before": dpo_acc(jnp.sum(before, axis=-1), acc, cfg.n)}
             if cfg.update != "none":
                 metrics["reward_model/grad_norm"] = jnp.mean(grad_norms)
+                skipped = skipped_updates(new_state.opt_state) - skipped_updates(state.opt_state)
+                metrics["reward_model/skipped_nonfinite"] = skipped.astype(jnp.float32)
             if cfg.update == "before":
                 flat = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), layout)
                 after = from_slots(jax.lax.map(lambda m: logps(new_state.params, m), flat), batch["unpack"])

@@ -175,6 +175,7 @@ def resolve(c: ml_collections.ConfigDict, mesh: Mesh | None = None, arch: ModelC
         eval=EvalSettings(freq=e.freq, before_train=e.before_train,
                           max_response_length=e.max_response_length or r.max_response_length, batch_size=e.batch_size,
                           k=e.k, temperature=e.temperature),
+        max_nonfinite_steps=t.max_nonfinite_steps,
         checkpoint_freq=c.checkpoint.freq, checkpoint_keep=c.checkpoint.keep, export_hf=c.checkpoint.export_hf,
         tensorboard=c.log.tensorboard, wandb_project=c.log.wandb_project, plot=c.log.plot,
         length_mix=LengthMix(min(mix.prompt_tokens or d.max_prompt_length, d.max_prompt_length),

@@ -146,6 +146,7 @@ def _check_values(c: ml_collections.ConfigDict) -> None:
         _fail("train.accuracy_lower_bound", f"{lo} is above train.accuracy_upper_bound={hi}")
     _flag(c, "train.filter_truncated")
     _positive_int(c, "train.max_rounds")
+    _positive_int(c, "train.max_nonfinite_steps")
     packing = _flag(c, "train.packing")
     pack_length = _positive_int(c, "train.pack_length", 0, " (0: the longest sequence)")
     longest = c.data.max_prompt_length + r_len

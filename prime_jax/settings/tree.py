@@ -163,6 +163,7 @@ class RunSettings:
     ppo_pack: PackSpec
     verifier: VerifierSettings
     eval: EvalSettings
+    max_nonfinite_steps: int         # consecutive steps that skipped a non-finite update before the run stops
     checkpoint_freq: int
     checkpoint_keep: int
     export_hf: bool

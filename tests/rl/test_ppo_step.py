@@ -137,7 +137,7 @@ def test_sharded_two_axis_mesh_packed_matches_one_device_padded_and_params_stay_
     up = state.params["layers"]["up"][...]
     assert up.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None)
     assert len({repr(s.index) for s in up.addressable_shards}) == 4
-    assert state.opt_state[1][0].nu["layers"]["up"][...].sharding.spec == up.sharding.spec
+    assert state.opt_state.inner_state[1][0].nu["layers"]["up"][...].sharding.spec == up.sharding.spec
 
 
 def test_steps_raise_positive_and_lower_negative_advantage_responses(model):
@@ -165,3 +165,68 @@ def test_kl_needs_reference_log_probs(model):
     cfg = PpoStepConfig(mini_batch_size=MINI, micro_batch_size=8, **FULL)
     with pytest.raises(ValueError, match="missing \\['ref_logp'\\]"):
         run_step(cfg, params, batch, 0)
+
+
+def host_leaves(tree):
+    """Host copies of a tree's leaves (steps donate their state)."""
+    return [np.array(x) for x in jax.tree.leaves(tree)]
+
+
+def assert_bitwise_equal(got, want):
+    for i, (x, y) in enumerate(zip(got, want, strict=True)):
+        assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes(), f"leaf {i} differs"
+
+
+def nan_advantage(batch, row):
+    """The batch with a NaN advantage on the first (always valid) response token of `row`."""
+    bad = {k: v.copy() for k, v in batch.items()}
+    bad["advantages"][row, 0] = np.nan
+    return bad
+
+
+def test_step_whose_only_minibatch_has_a_nan_changes_nothing_and_the_next_clean_step_is_exact(model):
+    """A non-finite mini-batch update is skipped: params, Adam moments and counts bit-identical, weight decay not
+    applied, counted in actor/skipped_nonfinite; a clean step after it is bit for bit the clean step from the start."""
+    _, params, logps = model
+    cfg = PpoStepConfig(mini_batch_size=B, micro_batch_size=8, shuffle=False, **FULL)  # one mini-batch, two micro
+    step, tx, mesh = compiled(cfg)
+    clean = ppo_batch(6, logps, params)
+    bad = nan_advantage(clean, 11)                                # in the second micro-batch
+    slots = layout(clean, ppo_minibatches(B, cfg, 0), 8, packed=True).arrays
+
+    state = shard_train_state(init_train_state(copy_tree(params), tx), mesh)
+    start = host_leaves((state.params, state.opt_state.inner_state, state.step))
+    state, metrics = step(state, bad, slots)
+    assert float(metrics["actor/skipped_nonfinite"]) == 1.0
+    assert not np.isfinite(float(metrics["actor/grad_norm"]))     # the gradients were NaN indeed
+    assert_bitwise_equal(host_leaves((state.params, state.opt_state.inner_state, state.step)), start)
+    assert int(state.opt_state.total_notfinite) == 1 and int(state.step) == 0
+    after_skip, metrics = step(state, clean, slots)
+    assert float(metrics["actor/skipped_nonfinite"]) == 0.0 and int(after_skip.step) == 1
+
+    fresh_state = shard_train_state(init_train_state(copy_tree(params), tx), mesh)
+    want, want_metrics = step(fresh_state, clean, slots)
+    assert_bitwise_equal(host_leaves((after_skip.params, after_skip.opt_state.inner_state)),
+                         host_leaves((want.params, want.opt_state.inner_state)))
+    assert float(metrics["actor/pg_loss"]) == float(want_metrics["actor/pg_loss"])
+    assert not all(np.array_equal(a, b) for a, b in zip(host_leaves(want.params), start))   # a clean step moves
+
+
+def test_nan_in_one_of_two_minibatches_skips_only_that_update(model):
+    """Two mini-batches, a NaN advantage in the first: the step equals the reference loop that applies only the
+    second mini-batch (from the original params and a fresh optimiser), and counts one skipped update."""
+    graphdef, params, logps = model
+    cfg = PpoStepConfig(mini_batch_size=MINI, micro_batch_size=4, **FULL)
+    order = ppo_minibatches(B, cfg, 9)
+    batch = nan_advantage(ppo_batch(7, logps, params), order[0][5])
+    state, metrics, tx = run_step(cfg, params, batch, 9)
+    assert float(metrics["actor/skipped_nonfinite"]) == 1.0 and int(state.step) == 1
+
+    grad = reference_grad(graphdef, cfg)
+    (_, _), grads = grad(params, {k: v[order[1]] for k, v in batch.items()})
+    inner = tx.init(params).inner_state           # the plain clip + AdamW, one update
+    plain = optax.chain(optax.clip_by_global_norm(OPTIM.grad_clip),
+                        optax.adamw(make_lr_schedule(OPTIM, 2), b1=OPTIM.b1, b2=OPTIM.b2, eps=OPTIM.eps,
+                                    weight_decay=OPTIM.weight_decay))
+    updates, _ = plain.update(grads, inner, params)
+    assert_trees_close(state.params, optax.apply_updates(params, updates))

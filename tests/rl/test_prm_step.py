@@ -190,7 +190,7 @@ def test_sharded_two_axis_mesh_packed_matches_one_device_padded_and_params_stay_
     gate = state.params["layers"]["gate"][...]
     assert gate.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None)
     assert len({repr(s.index) for s in gate.addressable_shards}) == 4   # four distinct pieces
-    mu = state.opt_state[1][0].mu["layers"]["gate"][...]
+    mu = state.opt_state.inner_state[1][0].mu["layers"]["gate"][...]
     assert mu.sharding.spec == gate.sharding.spec
 
 
@@ -227,3 +227,48 @@ def test_bad_batch_raises_at_trace_time(model):
     del batch["acc"]
     with pytest.raises(ValueError, match="missing \\['acc'\\]"):
         step(state, ref_params, batch, slots)
+
+
+def host_leaves(tree):
+    """Host copies of a tree's leaves (steps donate their state)."""
+    return [np.array(x) for x in jax.tree.leaves(tree)]
+
+
+def assert_bitwise_equal(got, want):
+    for i, (x, y) in enumerate(zip(got, want, strict=True)):
+        assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes(), f"leaf {i} differs"
+
+
+@pytest.mark.parametrize("update", ["after", "before"])
+def test_step_whose_only_minibatch_has_a_nan_changes_nothing_and_the_next_clean_step_is_exact(model, update):
+    """A NaN outcome in one row makes the PRM loss and gradients NaN: the update is skipped (params, Adam moments and
+    counts bit-identical, counted in reward_model/skipped_nonfinite) and a clean step after it is bit for bit the
+    clean step from the start."""
+    _, params, _ = model
+    cfg = PrmStepConfig(n=N, mini_batch_size=B, micro_batch_size=8, update=update)   # one mini-batch, two micro
+    clean = make_batch(8, B)
+    bad = {**clean, "acc": clean["acc"].copy()}
+    bad["acc"][13] = np.nan                                                         # in the second micro-batch
+    step, _, state, ref_params = fresh(cfg, params)
+    start = host_leaves((state.params, state.opt_state.inner_state, state.step))
+    state, out = step(state, ref_params, bad)
+    assert float(out.metrics["reward_model/skipped_nonfinite"]) == 1.0
+    assert not np.isfinite(float(out.metrics["reward_model/grad_norm"]))         # the gradients were NaN indeed
+    assert_bitwise_equal(host_leaves((state.params, state.opt_state.inner_state, state.step)), start)
+    assert int(state.opt_state.total_notfinite) == 1 and int(state.step) == 0
+    after_skip, out = step(state, ref_params, clean)
+    assert float(out.metrics["reward_model/skipped_nonfinite"]) == 0.0 and int(after_skip.step) == 1
+
+    _, _, fresh_state, _ = fresh(cfg, params)
+    want, want_out = step(fresh_state, ref_params, clean)
+    assert_bitwise_equal(host_leaves((after_skip.params, after_skip.opt_state.inner_state)),
+                         host_leaves((want.params, want.opt_state.inner_state)))
+    assert_bitwise_equal(host_leaves(out.raw), host_leaves(want_out.raw))
+    assert not all(np.array_equal(a, b) for a, b in zip(host_leaves(want.params), start))   # a clean step moves
+
+
+def test_update_none_reports_no_skip_count(model):
+    _, params, _ = model
+    cfg = PrmStepConfig(n=N, mini_batch_size=MINI, micro_batch_size=8, update="none")
+    _, out, _ = run_step(cfg, params, make_batch(2, B))
+    assert "reward_model/skipped_nonfinite" not in out.metrics
