@@ -79,7 +79,7 @@ V5P = aot.CHIPS["v5p"]
 def _tpu_hlo(f, *shapes) -> str:
     """Compiled HLO of f for one v5p chip."""
     device = aot.parse_topology("v5p:2x2x1").devices()[0]
-    sharding = jax.sharding.SingleDeviceSharding(device)
+    sharding = jax.sharding.make_single_device_sharding(device)
     args = [jax.ShapeDtypeStruct(s, jnp.bfloat16, sharding=sharding) for s in shapes]
     return jax.jit(f).lower(*args).compile().as_text()
 

@@ -148,7 +148,7 @@ def load_pretrained(path: str | os.PathLike, *, mesh: Mesh | None = None, dtype:
     abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
     graphdef, abs_state = nnx.split(abstract)
     if mesh is None:
-        single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        single = jax.sharding.make_single_device_sharding(jax.devices()[0])
         shardings = jax.tree.map(lambda _: single, abs_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
     else:
         shardings = state_shardings(abs_state, mesh)
