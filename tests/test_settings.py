@@ -7,6 +7,7 @@ the base config. A key with no entry below must be listed in FREE_FORM, so a new
 
 import importlib.util
 import os
+import re
 
 import jax
 import ml_collections
@@ -184,7 +185,7 @@ def test_each_bad_value_is_one_line_naming_a_key_that_exists(tmp_path, key, valu
     message = str(err.value)
     assert "\n" not in message
     assert message.startswith(f"config.{named}: "), message
-    assert pytest.importorskip("re").search(fragment, message), message
+    assert re.search(fragment, message), message
     section, _, name = named.rpartition(".")
     assert name in (base_config()[section] if section else base_config()), f"{named} is not a base_config key"
 
