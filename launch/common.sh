@@ -22,7 +22,7 @@ readonly TARBALL="${TMPDIR:-/tmp}/$TARBALL_NAME.$$"
   CONFIG=${PRIME_CONFIG:-configs/qwen7b.py}
   WORKDIR=${PRIME_WORKDIR:-}
   REMOTE_DIR=${PRIME_REMOTE_DIR:-prime_jax}
-  PYTHON_VERSION=${PRIME_PYTHON_VERSION:-3.11}
+  PYTHON_VERSION=${PRIME_PYTHON_VERSION:-3.12}
   WORKER=0
   FOLLOW=0
   DRY_RUN=0
@@ -119,7 +119,7 @@ Options for both launchers (environment variable in brackets):
   --workdir DIR          passed to main as --config.workdir, e.g. gs://bucket/run1 [PRIME_WORKDIR]
   --env NAME=VALUE       extra environment for main (repeatable), e.g. WANDB_API_KEY=...
   --remote-dir DIR       directory on each host, relative to home [PRIME_REMOTE_DIR] (default: prime_jax)
-  --python-version V     Python that uv installs on hosts [PRIME_PYTHON_VERSION] (default: 3.11)
+  --python-version V     Python that uv installs on hosts [PRIME_PYTHON_VERSION] (default: 3.12)
   --worker N             host whose log 'logs' tails (default: 0)
   --follow               after 'run', tail the log (Ctrl-C stops tailing, not training)
   --dry-run              print every command instead of running it

@@ -37,11 +37,22 @@ def test_extras_pin_the_same_jax_with_its_own_accelerator_extras():
         assert jax_extra in jax_extras
 
 
+# jax version -> (the libtpu its 'tpu' extra wants, the one pinned while that is not on PyPI). A new jax pin
+# leaves this table behind, and the test is strict again.
+UNRELEASED_LIBTPU = {"0.12.1": ("==0.0.53.*", "0.0.52")}
+
+
 def test_aot_libtpu_is_the_one_jax_tpu_extra_requires():
     [aot] = project()["optional-dependencies"]["aot"]
     aot = Requirement(aot)
     [pinned] = list(aot.specifier)
     assert aot.name == "libtpu" and pinned.operator == "=="
+    dev = [Requirement(line) for line in (ROOT / "requirements-dev.txt").read_text().splitlines()
+           if line.startswith("libtpu")]
+    assert [str(r.specifier) for r in dev] == [str(aot.specifier)]  # the dev install compiles with the same libtpu
     wanted = [Requirement(r) for r in importlib.metadata.requires("jax")]
     [libtpu] = [r for r in wanted if r.name == "libtpu" and r.marker.evaluate({"extra": "tpu"})]
-    assert libtpu.specifier.contains(pinned.version)
+    if pinned_jax() in UNRELEASED_LIBTPU:
+        assert (str(libtpu.specifier), pinned.version) == UNRELEASED_LIBTPU[pinned_jax()]
+    else:
+        assert libtpu.specifier.contains(pinned.version)
