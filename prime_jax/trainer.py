@@ -147,27 +147,27 @@ class Trainer:
                   f"to train further, raise it (--config.total_steps={s.total_steps + s.checkpoint_freq})", flush=True)
         if self.step == 0:
             self.writer.write(0, {**self.p.data_skipped, **(self.validate() if s.eval.before_train else {})})
-        while self.step < s.total_steps and not stop.requested:
-            last = self.iteration()
-            self.step += 1
-            if self.step % s.eval.freq == 0 or self.step == s.total_steps:
-                last.update(self.validate())
-            self.writer.write(self.step, last)
-            if last["train/skipped_nonfinite"] > 0 and jax.process_index() == 0:
-                print(NonfiniteGuard.warning(self.step, last), flush=True)
-            error = self.nonfinite.observe(self.step, last["train/skipped_nonfinite"])
-            if self.step % s.checkpoint_freq == 0 or self.step == s.total_steps or stop.requested or error:
-                self.save()
-            if error:
-                self.ckpt.close()
-                stop.restore()
-                self.writer.close()
-                raise error
-        self.ckpt.close()
-        if self.step == s.total_steps and not stop.requested and last:
-            self.finish()
-        stop.restore()
-        self.writer.close()
+        try:
+            while self.step < s.total_steps and not stop.requested:
+                last = self.iteration()
+                self.step += 1
+                if self.step % s.eval.freq == 0 or self.step == s.total_steps:
+                    last.update(self.validate())
+                self.writer.write(self.step, last)
+                if last["train/skipped_nonfinite"] > 0 and jax.process_index() == 0:
+                    print(NonfiniteGuard.warning(self.step, last), flush=True)
+                error = self.nonfinite.observe(self.step, last["train/skipped_nonfinite"])
+                if self.step % s.checkpoint_freq == 0 or self.step == s.total_steps or stop.requested or error:
+                    self.save()
+                if error:
+                    raise error
+            if self.step == s.total_steps and not stop.requested and last:
+                self.ckpt.wait()  # the last checkpoint is written before the export
+                self.finish()
+        finally:
+            self.ckpt.close()
+            stop.restore()
+            self.writer.close()
         return last
 
     # --- pieces -------------------------------------------------------------------------------------
