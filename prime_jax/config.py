@@ -61,6 +61,11 @@ def base_config() -> ml_collections.ConfigDict:
                                         # (+ 2 bytes a param a device at bf16), not every layer's weights every step
     c.rollout.compact_tail = "auto"     # once no prompt waits, live rows move into halved batches (a decode program
                                         # each): auto (CPU only: not yet costed on TPU/GPU) | on | off
+    c.rollout.max_staleness = 0         # policy versions a rollout may lag the step that trains on it: 0 = sample
+                                        # with the current policy (synchronous); k >= 1: step t+k's rollouts are
+                                        # sampled with step t's policy while step t trains (one process only)
+    c.rollout.devices = 0               # devices of a sampler mesh of their own (the first ones; the rest train);
+                                        # 0: the sampler shares the training mesh
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 256            # prompts per step; the learner sees batch_size * n_samples rows

@@ -37,7 +37,7 @@ def run(c) -> dict[str, float]:
         if jax.process_index() == 0:
             warm_start(s, s.model.path)
         multihost_utils.sync_global_devices("warm_start")
-        s = settings_lib.resolve(c, s.mesh)  # now with the warm-start model's own architecture
+        s = settings_lib.resolve(c, s.mesh, rollout_mesh=s.rollout_mesh)  # with the warm-start model's architecture
     settings_lib.check_paths(s)
     from prime_jax.components import build
     from prime_jax.trainer import Trainer

@@ -110,7 +110,7 @@ def make_programs(s: RunSettings, graphdef: nnx.GraphDef, policy: TrainState, pr
         return sampler(params, prompts, seed)
 
     return Programs(
-        sampler=Sampler(graphdef, model_cfg, sampler_cfg, s.mesh),
+        sampler=Sampler(graphdef, model_cfg, sampler_cfg, s.rollout_mesh),
         eval_sample=eval_sample,
         prm_step=make_prm_step(graphdef, prm_tx, s.prm, mesh=s.mesh, state=prm, ref_params=ref_params),
         advantages=make_advantages(s.advantages),

@@ -4,6 +4,11 @@
     -> PRM kernel (token rewards, online PRM update) -> advantages -> PPO step
     -> metrics -> periodic validation -> periodic checkpoint
 
+With `rollout.max_staleness` k >= 1 (or a sampler mesh of its own, `rollout.devices`), the first line runs in a
+thread of its own, up to k steps ahead with the policy of an earlier step (`prime_jax.rl.rollouts_ahead`); each
+update is then published to the sampler (`timing/publish`: the previous update's copy) and the step waits only for
+what the thread has not collected yet (`timing/rollout_wait`). k = 0 on one mesh is the synchronous loop.
+
 An optimiser update whose loss or gradients are not finite is skipped (`prime_jax.rl.optim.make_optimizer`) and
 counted: `train/skipped_nonfinite` (this step's, PRM + PPO), `train/skipped_nonfinite_total` (the run's, kept in
 the optimiser states so it survives a resume); `train.max_nonfinite_steps` steps in a row that skipped one save a
@@ -27,11 +32,12 @@ from prime_jax.checkpointing import Checkpointer, StopOnSignal
 from prime_jax.components import Components
 from prime_jax.data.example import Example
 from prime_jax.eval.scoring import score_examples, summarize
-from prime_jax.mesh import batch_sharding, host_to_global
+from prime_jax.mesh import batch_sharding, host_to_global, state_shardings
 from prime_jax.metrics import MetricWriter, plot_curves
 from prime_jax.models import save_pretrained
 from prime_jax.rl.collect import Experience, Prompt, collect
 from prime_jax.rl.optim import layout_sharding, skipped_updates
+from prime_jax.rl.rollouts_ahead import RolloutsAhead, check_versions
 from prime_jax.sampling import Rollout, RowsCallback, StopCallback
 
 
@@ -85,6 +91,8 @@ class Trainer:
         self.policy, self.prm = parts.policy, parts.prm
         self.buffer: list[Prompt] = []
         self.step = 0
+        self.ahead: RolloutsAhead | None = None  # the rollout thread, during fit() when rollouts run ahead
+        self.publish_s = 0.0
         self.nonfinite = NonfiniteGuard(s.max_nonfinite_steps)
         self.ckpt = Checkpointer(s.workdir, keep=s.checkpoint_keep)
         self.writer = MetricWriter(s.workdir, total_steps=s.total_steps, tensorboard=s.tensorboard,
@@ -97,10 +105,11 @@ class Trainer:
         """One PRIME step (docs/prime_spec.md §1.9); returns its metrics."""
         t = Timer()
         with t("collect"):
-            # The step's rollout seed: a stream of its own, never validation's (`seed` + c * SEED_STRIDE).
-            seed = int(np.random.SeedSequence((self.s.seed, self.step)).generate_state(1)[0])
-            exp, self.buffer, metrics = collect(self.sample, self.next_prompts, self.buffer, self.p.tokenizer.decode,
-                                                self.p.pool, self.s.collect, seed=seed)
+            if self.ahead is None:
+                exp, metrics = self.collect(self.step, self.step, self.policy.params)
+            else:
+                exp, metrics = self.ahead.take(self.step)
+        metrics["rollout/staleness"] = check_versions(exp, self.step, self.s.max_staleness)
         host = exp.device_batch()
         with t("pack"):
             prm_slots = self.p.programs.prm_layout(host) if self.s.runs_prm else None
@@ -129,7 +138,11 @@ class Trainer:
         metrics.update(response_length_metrics(exp))
         metrics.update(t.seconds)
         metrics["timing/step"] = sum(t.seconds.values())
-        metrics["timing/gen"] = metrics.pop("timing/collect") - metrics["timing/verify_exposed"]
+        if self.ahead is None:
+            metrics["timing/gen"] = metrics.pop("timing/collect") - metrics["timing/verify_exposed"]
+        else:  # generation ran in the rollout thread (its own timing/gen); the step waited for what was left
+            metrics["timing/rollout_wait"] = metrics.pop("timing/collect")
+            metrics["timing/publish"] = self.publish_s
         metrics["throughput/gen_tokens_per_s"] = metrics["train/gen_tokens"] / max(metrics["timing/gen"], 1e-9)
         tokens = float(exp.mask.sum())
         train_s = metrics.get("timing/reward_model", 0.0) + metrics["timing/update_actor"]
@@ -147,6 +160,10 @@ class Trainer:
                   f"to train further, raise it (--config.total_steps={s.total_steps + s.checkpoint_freq})", flush=True)
         if self.step == 0:
             self.writer.write(0, {**self.p.data_skipped, **(self.validate() if s.eval.before_train else {})})
+        if (s.max_staleness or s.rollout_mesh is not s.mesh) and self.step < s.total_steps:
+            self.ahead = RolloutsAhead(self.collect, self.data_state, start=self.step, total_steps=s.total_steps,
+                                       max_staleness=s.max_staleness, sync_every=(s.checkpoint_freq, s.eval.freq))
+            self.publish()
         try:
             while self.step < s.total_steps and not stop.requested:
                 last = self.iteration()
@@ -161,10 +178,15 @@ class Trainer:
                     self.save()
                 if error:
                     raise error
+                if self.ahead is not None and self.step < s.total_steps and not stop.requested:
+                    self.publish()
             if self.step == s.total_steps and not stop.requested and last:
                 self.ckpt.wait()  # the last checkpoint is written before the export
                 self.finish()
         finally:
+            if self.ahead is not None:
+                self.ahead.close()
+                self.ahead = None
             self.ckpt.close()
             stop.restore()
             self.writer.close()
@@ -172,9 +194,35 @@ class Trainer:
 
     # --- pieces -------------------------------------------------------------------------------------
 
-    def sample(self, prompts: list[Prompt], seed: int, on_rows: RowsCallback | None = None,
-               stop: StopCallback | None = None) -> Rollout:
-        return self.p.programs.sampler(self.policy.params, [list(p.ids) for p in prompts], seed, on_rows, stop)
+    def collect(self, step: int, version: int, params: nnx.State) -> tuple[Experience, dict[str, float]]:
+        """Step `step`'s experience, sampled with policy `version` (`params`, on the sampler's mesh), and its
+        metrics; moves the data stream and the prompt buffer on. Runs in the rollout thread when there is one."""
+        t0 = time.perf_counter()
+        # The step's rollout seed: a stream of its own, never validation's (`seed` + c * SEED_STRIDE).
+        step_seed = int(np.random.SeedSequence((self.s.seed, step)).generate_state(1)[0])
+
+        def sample(prompts: list[Prompt], seed: int, on_rows: RowsCallback | None = None,
+                   stop: StopCallback | None = None) -> Rollout:
+            return self.p.programs.sampler(params, [list(p.ids) for p in prompts], seed, on_rows, stop)
+
+        exp, self.buffer, metrics = collect(sample, self.next_prompts, self.buffer, self.p.tokenizer.decode,
+                                            self.p.pool, self.s.collect, seed=step_seed, version=version)
+        if self.ahead is not None:
+            metrics["timing/gen"] = time.perf_counter() - t0 - metrics["timing/verify_exposed"]
+        return exp, metrics
+
+    def publish(self) -> None:
+        """Hands the current policy (version = step) to the rollout thread: a copy on the sampler's mesh, which the
+        next update cannot donate away."""
+        t0 = time.perf_counter()
+        params = self.policy.params
+        self.ahead.publish(self.step, jax.block_until_ready(
+            jax.device_put(params, state_shardings(params, self.s.rollout_mesh), may_alias=False)))
+        self.publish_s = time.perf_counter() - t0
+
+    def data_state(self) -> dict:
+        """The prompt stream's position and the prompt buffer, as a checkpoint stores them."""
+        return {"data": self.p.train_data.state(), "buffer": [prompt_to_json(p) for p in self.buffer]}
 
     def next_prompts(self, k: int) -> list[Prompt]:
         return [Prompt(ex, tuple(ids)) for ex, ids in self.p.train_data.next_prompts(k)]
@@ -200,8 +248,8 @@ class Trainer:
         return {**summarize(scored.examples, scored.scores), **skipped}
 
     def save(self) -> None:
-        host = {"step": self.step, "data": self.p.train_data.state(), "buffer": [prompt_to_json(p) for p in self.buffer]}
-        self.ckpt.save(self.step, {"policy": self.policy, "prm": self.prm}, host)
+        data = self.data_state() if self.ahead is None else self.ahead.state_before(self.step, self.data_state)
+        self.ckpt.save(self.step, {"policy": self.policy, "prm": self.prm}, {"step": self.step, **data})
 
     def restore(self) -> None:
         step = self.ckpt.latest_step()

@@ -8,13 +8,15 @@ import sys
 import time
 
 from prime_jax.metrics import read_metrics
-from tests.fixtures import SMALL, stable
+from tests.fixtures import SMALL, env, stable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-def start(workdir):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as a user has
-    cmd = [sys.executable, "-m", "prime_jax.main", "--config=configs/tiny.py", f"--config.workdir={workdir}", *SMALL]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def start(workdir, *overrides, devices=None):
+    """The built-in run at SMALL sizes; one CPU device as a user has, unless `devices`."""
+    e = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} if devices is None else env(devices)
+    cmd = [sys.executable, "-m", "prime_jax.main", "--config=configs/tiny.py", f"--config.workdir={workdir}", *SMALL,
+           *overrides]
+    return subprocess.Popen(cmd, cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def finish(proc, timeout=600):
@@ -67,6 +69,30 @@ def test_sigterm_then_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path)
     out = finish(start(b))  # 4) once more: the run says it is complete and which key extends it; nothing changes
     assert "is complete: step 5 of total_steps=5" in out and "--config.total_steps=6" in out
     assert [r["step"] for r in read_metrics(b)] == [0, 1, 2, 3, 4, 5]
+
+
+AHEAD = ("--config.rollout.max_staleness=1", "--config.rollout.devices=1", "--config.total_steps=6",
+         "--config.checkpoint.freq=3")
+
+
+def test_rollouts_ahead_on_a_sampler_device_resume_exactly_after_a_kill(tmp_path):
+    """Rollouts one step ahead on a device of their own (2 CPU devices: 1 samples, 1 trains): every step but the
+    sync steps (0 and the checkpoint at 3) trains on rollouts of the previous policy; a SIGKILL after the checkpoint
+    at step 3 and a resume end exactly where the uninterrupted run ends."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    finish(start(a, *AHEAD, devices=2))
+    records = read_metrics(a)
+    assert [r.get("rollout/staleness") for r in records] == [None, 0, 1, 1, 0, 1, 1]
+    assert all(r["timing/rollout_wait"] >= 0 and r["timing/publish"] >= 0 for r in records[1:])
+
+    shutil.copytree(a / "sft", b / "sft")
+    proc = start(b, *AHEAD, devices=2)
+    wait_for(lambda: 3 in checkpoints(b), proc)
+    proc.kill()
+    proc.wait()
+    out = finish(start(b, *AHEAD, devices=2))
+    assert "resumed from" in out
+    assert stable(read_metrics(b)) == stable(records)
 
 
 def test_built_in_run_on_a_gs_workdir_stores_and_resumes_in_the_bucket(gcs_bucket, tmp_path):

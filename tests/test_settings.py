@@ -98,6 +98,8 @@ RULES = [
     ("rollout.kv_cache_gib", 1e-6, "rollout.prompts_per_call", r"128 rows in flight \(32 prompts x 4\) need a"),
     ("rollout.gather_params", "no", "rollout.gather_params", "True or False"),
     ("rollout.compact_tail", "yes", "rollout.compact_tail", "'yes' is not one of auto, on, off"),
+    ("rollout.max_staleness", -1, "rollout.max_staleness", ">= 0"),
+    ("rollout.devices", -1, "rollout.devices", ">= 0"),
     ("train.batch_size", 0, "train.batch_size", ">= 1"),
     ("train.filter_accuracy", 0, "train.filter_accuracy", "True or False"),
     ("train.accuracy_lower_bound", -0.1, "train.accuracy_lower_bound", ">= 0"),

@@ -112,10 +112,10 @@ def run(c: ml_collections.ConfigDict) -> dict:
     sft = without(sft_tasks(shared), heldout)
     if shared.warm_start.needed:
         warm_start(shared, shared.model.path, tasks=sft)
-        shared = settings.resolve(x.base, shared.mesh)
+        shared = settings.resolve(x.base, shared.mesh, rollout_mesh=shared.rollout_mesh)
     for seed in x.seeds:  # seed-major: a cut-short experiment still compares every arm on its first seeds
         for arm in x.arms:
-            rs = settings.resolve(arm_config(x, shared, arm, seed), shared.mesh)
+            rs = settings.resolve(arm_config(x, shared, arm, seed), shared.mesh, rollout_mesh=shared.rollout_mesh)
             if finished(rs.workdir, rs.total_steps):
                 print(f"compare: {arm} seed {seed} already finished, skipped", flush=True)
                 continue

@@ -32,8 +32,9 @@ class Prompt:
 @dataclasses.dataclass
 class Experience:
     """Groups of n rows, host numpy. prompt_tokens/prompt_mask [G*n, P] (left-padded); tokens, mask,
-    old_logp [G*n, R]; acc [G*n] float32; trained [G*n] bool (False: a padding row that carries no loss);
-    prompts [G] (one per group)."""
+    old_logp [G*n, R] (the sampler's log-probs: the behaviour policy's); acc [G*n] float32; trained [G*n] bool
+    (False: a padding row that carries no loss); version [G*n] int64, the policy version (updates applied) that
+    sampled each row; prompts [G] (one per group)."""
 
     prompts: list[Prompt]
     prompt_tokens: np.ndarray
@@ -43,6 +44,7 @@ class Experience:
     old_logp: np.ndarray
     acc: np.ndarray
     trained: np.ndarray
+    version: np.ndarray
     n: int
 
     @property
@@ -55,7 +57,7 @@ class Experience:
         rows = (idx[:, None] * self.n + np.arange(self.n)).reshape(-1)
         return Experience([self.prompts[i] for i in idx], self.prompt_tokens[rows], self.prompt_mask[rows],
                           self.tokens[rows], self.mask[rows], self.old_logp[rows], self.acc[rows], self.trained[rows],
-                          self.n)
+                          self.version[rows], self.n)
 
     def device_batch(self) -> dict[str, np.ndarray]:
         """The arrays the PRM and PPO programs and their layouts (`Programs.prm_layout` / `ppo_layout`) read.
@@ -100,8 +102,9 @@ def accepted_groups(acc: np.ndarray, lengths: np.ndarray, n: int, cfg: CollectCo
 
 
 def collect(sample: Sampler, next_prompts: Callable[[int], list[Prompt]], buffer: list[Prompt], decode: Decoder,
-            pool: VerifierPool, cfg: CollectConfig, seed: int) -> tuple[Experience, list[Prompt], dict[str, float]]:
-    """Collects exactly `cfg.batch_size` groups for one step. Returns (experience, new buffer, metrics).
+            pool: VerifierPool, cfg: CollectConfig, seed: int, version: int) -> tuple[Experience, list[Prompt], dict[str, float]]:
+    """Collects exactly `cfg.batch_size` groups for one step with policy `version` (the one `sample` samples
+    with: every row of the step, so every group, is that one version). Returns (experience, new buffer, metrics).
 
     One sampler call is offered `max_rounds` x `batch_size` prompts (the buffer's first, then fresh ones) and
     decodes them with continuous batching while the verifiers score its rows; it stops once the online filter
@@ -125,7 +128,7 @@ def collect(sample: Sampler, next_prompts: Callable[[int], list[Prompt]], buffer
     acc, counts, span = verifier.finish()
     sampled = verifier.sampled
     exp = Experience(prompts, rollout.prompt_tokens, rollout.prompt_mask, rollout.tokens, rollout.mask,
-                     rollout.logprobs, acc, np.ones(len(acc), bool), n)
+                     rollout.logprobs, acc, np.ones(len(acc), bool), np.full(len(acc), version, np.int64), n)
     ok = sampled & accepted_groups(acc, rollout.lengths, n, cfg, rollout.mask.shape[1])
     kept = np.flatnonzero(ok)[:target]
     padding = np.flatnonzero(sampled & ~ok)[:target - kept.size]

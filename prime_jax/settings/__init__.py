@@ -12,6 +12,7 @@ kernel). The tokenizer's stop and pad ids are not known here; `Programs` adds th
 
 from __future__ import annotations
 
+import jax
 import ml_collections
 from jax.sharding import Mesh
 
@@ -65,17 +66,37 @@ def _sft_dir(c: ml_collections.ConfigDict) -> str:
     return paths.join(c.workdir, "sft")
 
 
-def resolve(c: ml_collections.ConfigDict, mesh: Mesh | None = None, arch: ModelConfig | None = None) -> RunSettings:
-    """The run's settings on `mesh` (default: `mesh.*` over every device) for architecture `arch` (default:
-    `read_architecture`). Raises ConfigError naming the first bad key."""
+# The sampler's own mesh (rollout.devices > 0): weights split over one fsdp axis, rows over its devices.
+SAMPLER_MESH = {"data": 1, "fsdp": -1, "tensor": 1}
+
+
+def _meshes(c: ml_collections.ConfigDict) -> tuple[Mesh, Mesh]:
+    """(training mesh, sampler mesh) over every device: the first `rollout.devices` sample on a mesh of their own
+    (one fsdp axis), the rest train on `mesh.*`; with rollout.devices=0 the sampler shares the training mesh."""
+    devices, split = jax.devices(), c.rollout.devices
+    if split >= len(devices):
+        _fail("rollout.devices", f"{split} leaves none of the {len(devices)} devices to train")
+    try:
+        mesh = make_mesh(mesh_axes(c), devices[split:])
+    except ValueError as e:
+        _fail("mesh", f"{e} (after rollout.devices={split} went to the sampler)" if split else str(e))
+    return mesh, make_mesh(SAMPLER_MESH, devices[:split]) if split else mesh
+
+
+def resolve(c: ml_collections.ConfigDict, mesh: Mesh | None = None, arch: ModelConfig | None = None, *,
+            rollout_mesh: Mesh | None = None) -> RunSettings:
+    """The run's settings on training mesh `mesh` and sampler mesh `rollout_mesh` (default: both from `mesh.*` and
+    `rollout.devices` over every device; a given `mesh` alone is also the sampler's) for architecture `arch`
+    (default: `read_architecture`). Raises ConfigError naming the first bad key."""
     _check_values(c)
     if mesh is None:
-        try:
-            mesh = make_mesh(mesh_axes(c))
-        except ValueError as e:
-            _fail("mesh", str(e))
+        mesh, rollout_mesh = _meshes(c)
+    elif rollout_mesh is None:
+        if c.rollout.devices:
+            _fail("rollout.devices", "a sampler mesh of its own needs the sampler's devices too (resolve's rollout_mesh)")
+        rollout_mesh = mesh
     arch = arch or read_architecture(c)
-    dp = data_parallel_size(mesh)
+    dp, sampler_dp = data_parallel_size(mesh), data_parallel_size(rollout_mesh)
     platform = mesh.devices.flat[0].platform
     m, d, r, t, a, ac, p, e = c.model, c.data, c.rollout, c.train, c.algorithm, c.actor, c.prm, c.eval
     n = r.n_samples
@@ -138,13 +159,13 @@ def resolve(c: ml_collections.ConfigDict, mesh: Mesh | None = None, arch: ModelC
     sampler = SamplerConfig(
         n=n, max_new_tokens=r.max_response_length,
         sampling=SamplingParams(temperature=float(r.temperature), top_p=float(r.top_p), top_k=int(r.top_k)),
-        rows=rows_in_flight(prompts_per_call, prompts_per_call, n, dp), buckets=length_buckets(d.max_prompt_length),
-        steps_per_sync=r.steps_per_sync, kv_block=r.kv_block, data_parallel=dp, gather_params=r.gather_params,
-        per_layer=per_layer_decode(platform),
+        rows=rows_in_flight(prompts_per_call, prompts_per_call, n, sampler_dp),
+        buckets=length_buckets(d.max_prompt_length), steps_per_sync=r.steps_per_sync, kv_block=r.kv_block,
+        data_parallel=sampler_dp, gather_params=r.gather_params, per_layer=per_layer_decode(platform),
         compact_tail=compacts_tail(platform) if r.compact_tail == "auto" else r.compact_tail == "on",
-        refill=refills_on_device(platform, dp))
+        refill=refills_on_device(platform, sampler_dp))
     if r.kv_cache_gib:
-        per_device = sampler.cache_bytes(arch.replace(dtype=m.compute_dtype), d.max_prompt_length) / dp / 2**30
+        per_device = sampler.cache_bytes(arch.replace(dtype=m.compute_dtype), d.max_prompt_length) / sampler_dp / 2**30
         if per_device > r.kv_cache_gib:
             _fail("rollout.prompts_per_call", f"{sampler.rows} rows in flight ({prompts_per_call} prompts x {n}) need "
                                               f"a {per_device:.2f} GiB/device KV cache, above "
@@ -152,7 +173,8 @@ def resolve(c: ml_collections.ConfigDict, mesh: Mesh | None = None, arch: ModelC
 
     mix = c.length_mix
     return RunSettings(
-        seed=c.seed, workdir=c.workdir, total_steps=c.total_steps, dry_run=c.dry_run, mesh=mesh, model=model,
+        seed=c.seed, workdir=c.workdir, total_steps=c.total_steps, dry_run=c.dry_run, mesh=mesh,
+        rollout_mesh=rollout_mesh, max_staleness=r.max_staleness, model=model,
         data=DataSettings(source=d.source, train_files=_globs(d.train_files), val_files=_globs(d.val_files),
                           tfds_dir=d.tfds_dir, max_prompt_length=d.max_prompt_length,
                           max_val_prompts=d.max_val_prompts, synthetic=SyntheticSettings(**c.synthetic.to_dict())),

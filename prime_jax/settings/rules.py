@@ -138,6 +138,10 @@ def _check_values(c: ml_collections.ConfigDict) -> None:
     _number(c, "rollout.kv_cache_gib", 0, note=" (0: unchecked)")
     _flag(c, "rollout.gather_params")
     _choice(c, "rollout.compact_tail", ON_OFF_AUTO)
+    if _positive_int(c, "rollout.max_staleness", 0, " (0: synchronous)") and _flag(c, "distributed"):
+        _fail("rollout.max_staleness", "rollouts ahead of training run in one process only (distributed=True); "
+                                       "use 0 on multi-host runs")
+    _positive_int(c, "rollout.devices", 0, " (0: the sampler shares the training mesh)")
 
     _positive_int(c, "train.batch_size")
     _flag(c, "train.filter_accuracy")

@@ -16,7 +16,8 @@ from prime_jax.rl.optim import OptimConfig
 from prime_jax.rl.packing import PackSpec
 from prime_jax.rl.ppo import PpoStepConfig
 from prime_jax.rl.prm import PrmStepConfig
-from prime_jax.sampling import SamplerConfig, SamplingParams, rows_in_flight
+from prime_jax.sampling import SamplerConfig, SamplingParams, refills_on_device, rows_in_flight
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelSettings:
@@ -146,7 +147,9 @@ class RunSettings:
     workdir: str
     total_steps: int
     dry_run: bool
-    mesh: Mesh
+    mesh: Mesh                       # policy, PRM, reference, optimiser states and every training program
+    rollout_mesh: Mesh               # the training sampler's (the same mesh unless rollout.devices)
+    max_staleness: int               # policy versions a step's rollouts may lag it (0: synchronous)
     model: ModelSettings
     data: DataSettings
     warm_start: WarmStartSettings
@@ -185,10 +188,11 @@ class RunSettings:
     def sampler_config(self, *, n: int, max_new_tokens: int, prompts: int, buckets: tuple[int, ...],
                        sampling: SamplingParams, pad_id: int) -> SamplerConfig:
         """A sampler of `prompts` x n rows in flight with the training sampler's layout knobs (steps per sync, KV
-        block, gathered params, tail compaction, refill) on this mesh."""
+        block, gathered params, tail compaction, refill) on the training mesh (validation samples there)."""
         dp, s = data_parallel_size(self.mesh), self.sampler
         return dataclasses.replace(s, n=n, max_new_tokens=max_new_tokens, sampling=sampling, buckets=buckets,
-                                   rows=rows_in_flight(prompts, prompts, n, dp), pad_id=pad_id)
+                                   rows=rows_in_flight(prompts, prompts, n, dp), pad_id=pad_id, data_parallel=dp,
+                                   refill=refills_on_device(self.platform, dp))
 
 
 @dataclasses.dataclass(frozen=True)

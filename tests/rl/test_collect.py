@@ -28,7 +28,7 @@ def test_collect_keeps_the_scores_and_logs_exposed_verification(setup):
     stream = iter(prompts * 10)
     cfg = CollectConfig(batch_size=3, n=N, filter_accuracy=False, max_rounds=1)
     exp, buffer, metrics = collect(sample, lambda k: [next(stream) for _ in range(k)], [], answer_text, pool, cfg,
-                                   seed=1)
+                                   seed=1, version=0)
     again = sample(prompts[:3], 1, None)  # the step's one sampler call, seed 1
     np.testing.assert_array_equal(exp.tokens, again.tokens)
     np.testing.assert_array_equal(exp.acc, verify(again, prompts[:3], N, answer_text, pool)[0])
@@ -42,7 +42,8 @@ def test_collect_stops_sampling_once_the_filter_has_enough_groups(setup):
     dropped and the prompts not used go back to the buffer, in order. Deterministic: a second run agrees."""
     prompts, sample, _, pool = setup
     cfg = CollectConfig(batch_size=2, n=N, filter_accuracy=False, max_rounds=2)
-    runs = [collect(sample, lambda k: list(prompts[3:3 + k]), list(prompts[:3]), answer_text, pool, cfg, seed=2)
+    runs = [collect(sample, lambda k: list(prompts[3:3 + k]), list(prompts[:3]), answer_text, pool, cfg, seed=2,
+                    version=0)
             for _ in range(2)]
     (exp, buffer, metrics), (exp2, buffer2, metrics2) = runs
     full = sample(prompts[:4], 2, None)  # what the call would have drawn without stopping
@@ -93,7 +94,8 @@ def test_collect_takes_the_first_accepted_groups_and_requeues_the_rest_in_order(
     right = [[1, 0], [1, 1], [0, 1], [1, 0], [0, 1], [1, 0]]
     cfg = CollectConfig(batch_size=2, n=N, max_rounds=3)
     exp, buffer, metrics = collect(_scripted_sampler(right, 2), lambda k: prompts[1:1 + k], prompts[:1],
-                                   lambda ids: "\\boxed{%d}" % ids[0], pool, cfg, seed=0)
+                                   lambda ids: "\\boxed{%d}" % ids[0], pool, cfg, seed=0, version=7)
+    assert exp.version.tolist() == [7] * 4  # every row carries the version that sampled it
     assert exp.prompts == [prompts[0], prompts[2]] and exp.acc.tolist() == [1, 0, 0, 1] and exp.trained.all()
     assert exp.tokens[:, 0].tolist() == [1, 0, 0, 1]
     assert buffer == prompts[3:]
@@ -109,6 +111,6 @@ def test_collect_pads_with_rejected_groups_when_the_offer_runs_out(setup):
     prompts = _math_prompts("ab")
     cfg = CollectConfig(batch_size=2, n=N, max_rounds=1)
     exp, buffer, metrics = collect(_scripted_sampler([[1, 0], [0, 0]], 1), lambda k: prompts[:k], [],
-                                   lambda ids: "\\boxed{%d}" % ids[0], pool, cfg, seed=0)
+                                   lambda ids: "\\boxed{%d}" % ids[0], pool, cfg, seed=0, version=0)
     assert exp.prompts == prompts and exp.trained.tolist() == [True, True, False, False] and buffer == []
     assert metrics["train/groups_kept"] == 1 and metrics["train/groups_padding"] == 1
