@@ -1,6 +1,7 @@
 """Tokenizers behind one small protocol: HF `tokenizer.json` directories and sentencepiece models.
 
-The trainer needs only: text -> ids, ids -> text, the chat template, the stop ids and the pad id.
+The trainer needs only: text -> ids, ids -> text, the chat template, the stop ids and the pad id
+(and, for step diagnostics, where each token's text lies in a decoded response: `token_char_ends`).
 `HFTokenizer` wraps a local HF tokenizer directory (Qwen2.5, Llama 3, ...); `SentencePieceTokenizer`
 wraps a `.model` file with a ChatML template and is what the built-in tiny CPU run trains for
 itself with `train_sentencepiece` (no downloads).
@@ -10,11 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol, runtime_checkable
 
 import jinja2
 import jinja2.sandbox
+import numpy as np
 import sentencepiece as spm
 
 IM_START = "<|im_start|>"
@@ -174,6 +176,22 @@ class SentencePieceTokenizer:
         """Prompt text rendered from `chat_template`."""
         _check_messages(messages)
         return self._compiled_template.render(messages=messages, add_generation_prompt=add_generation_prompt)
+
+
+def token_char_ends(decode: Callable[[Sequence[int]], str], ids: Sequence[int]) -> np.ndarray:
+    """Where each token's text ends in `decode(ids)`: [T] int64, token t covers characters [ends[t-1], ends[t]).
+
+    Tokens whose own decodes join up to the whole text (ASCII under sentencepiece and byte-level BPE) take one decode
+    each. Otherwise (a character split over byte tokens, a decoder that rewrites spaces) ends[t] is the length of the
+    decoded prefix ids[:t+1], T decodes of up to T tokens; a prefix cut inside a character decodes to replacement
+    characters that overcount, so each end is lowered to the smallest later one (the bytes of a character then all
+    end where the character does, the first of them covering it).
+    """
+    pieces = [decode([i]) for i in ids]
+    if "".join(pieces) == decode(ids):
+        return np.cumsum([len(p) for p in pieces], dtype=np.int64)
+    prefix = np.array([len(decode(ids[:t + 1])) for t in range(len(ids))], np.int64)
+    return np.minimum.accumulate(prefix[::-1])[::-1]
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:

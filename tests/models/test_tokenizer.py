@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from prime_jax.models.tokenizer import (
@@ -10,6 +11,7 @@ from prime_jax.models.tokenizer import (
     SentencePieceTokenizer,
     Tokenizer,
     load_tokenizer,
+    token_char_ends,
     train_sentencepiece,
 )
 from tests.fixtures import write_hf_tokenizer
@@ -120,3 +122,35 @@ def test_sentencepiece_vocab_size_is_an_upper_bound(tmp_path):
     small = train_sentencepiece(["ab ab ab"], tmp_path / "small", vocab_size=1000, byte_fallback=False)
     assert small.vocab_size < 1000
     assert small.decode(small.encode("ab ab")) == "ab ab"
+
+
+def test_token_char_ends_by_hand():
+    # one character per token, 0 a special token that decodes to nothing (as an EOS does): the joined-pieces path
+    def chars(ids):
+        return "".join(chr(i) for i in ids if i)
+
+    assert token_char_ends(chars, [ord(c) for c in "ab\nc"] + [0]).tolist() == [1, 2, 3, 4, 4]
+    assert token_char_ends(chars, []).tolist() == []
+
+    # bytes, an unfinished character shown as escapes: single-byte pieces do not join up to "a→b" (the prefix path),
+    # and the prefixes cut inside "→" (e2 86 92) overcount: lengths 1, len("a\\xe2") = 5, len("a\\xe2\\x86") = 9,
+    # len("a→") = 2, 3; lowered to the smallest later one: 1, 2, 2, 2, 3 (the first byte of "→" covers it)
+    def escaped(ids):
+        return bytes(ids).decode("utf-8", errors="backslashreplace")
+
+    assert token_char_ends(escaped, list("a→b".encode())).tolist() == [1, 2, 2, 2, 3]
+
+
+@pytest.mark.parametrize("kind", ["hf", "sp"])
+@pytest.mark.parametrize("text", ["17 + 5 = 22\n22 * 3 = 66\n\\boxed{66}", ROUND_TRIP])
+def test_token_char_ends_cover_the_decoded_text_in_order(hf_dir, sp_tok, kind, text):
+    """Real tokenizers, on ASCII and on characters split over byte tokens: the ends rise to the whole text, and each
+    token whose own decode is whole text covers exactly that text."""
+    tok = HFTokenizer(hf_dir) if kind == "hf" else sp_tok
+    ids = tok.encode(text)
+    ends = token_char_ends(tok.decode, ids)
+    assert ends[-1] == len(text) and np.all(np.diff(ends) >= 0)
+    starts = np.concatenate([[0], ends[:-1]])
+    whole = [(i, a, b) for i, a, b in zip(ids, starts, ends) if "\ufffd" not in tok.decode([i])]
+    assert all(text[a:b] == tok.decode([i]) for i, a, b in whole)
+    assert len(whole) >= len(ids) // 2
