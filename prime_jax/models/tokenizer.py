@@ -181,17 +181,20 @@ class SentencePieceTokenizer:
 def token_char_ends(decode: Callable[[Sequence[int]], str], ids: Sequence[int]) -> np.ndarray:
     """Where each token's text ends in `decode(ids)`: [T] int64, token t covers characters [ends[t-1], ends[t]).
 
-    Tokens whose own decodes join up to the whole text (ASCII under sentencepiece and byte-level BPE) take one decode
-    each. Otherwise (a character split over byte tokens, a decoder that rewrites spaces) ends[t] is the length of the
-    decoded prefix ids[:t+1], T decodes of up to T tokens; a prefix cut inside a character decodes to replacement
-    characters that overcount, so each end is lowered to the smallest later one (the bytes of a character then all
-    end where the character does, the first of them covering it).
+    Incremental detokenisation, as streaming servers do it: the text token t adds is decode(ids[p:t+1]) minus
+    decode(ids[p:r]), with r the first token not yet shown and p the start of the last shown token's window, kept
+    as context so that a decoder treating a text's first token specially (a stripped leading space) treats both
+    alike. A decode ending in U+FFFD (an unfinished character: its bytes split over tokens) shows nothing yet, so
+    the token completing a character covers it. Two decodes of a few tokens each per token: linear in T.
     """
-    pieces = [decode([i]) for i in ids]
-    if "".join(pieces) == decode(ids):
-        return np.cumsum([len(p) for p in pieces], dtype=np.int64)
-    prefix = np.array([len(decode(ids[:t + 1])) for t in range(len(ids))], np.int64)
-    return np.minimum.accumulate(prefix[::-1])[::-1]
+    ends, shown, p, r = np.zeros(len(ids), np.int64), 0, 0, 0
+    for t in range(len(ids)):
+        before, after = decode(ids[p:r]), decode(ids[p:t + 1])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            shown += len(after) - len(before)
+            p, r = r, t + 1
+        ends[t] = shown
+    return ends
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:

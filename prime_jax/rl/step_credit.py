@@ -92,23 +92,23 @@ def label_rows(exp: Experience, decode: Callable[[Sequence[int]], str]) -> list[
 
 def credit_metrics(rows: Sequence[LabelledRow], rewards: np.ndarray) -> dict[str, float]:
     """The module's metrics over `rows` (`label_rows`) from the PRM's token rewards [B, R] float32 of the batch."""
-    right, first, located, first_wrong = [], [], [], []
+    right, first_wrong, candidates, first_index = [], [], [], []
     for lr in rows:
-        labels = np.array(lr.steps.labels)
+        labels = np.array(lr.steps.labels, dtype=str)
         r = step_rewards(rewards[lr.row], lr.ends, lr.steps.spans)
         stop = len(labels) if lr.steps.first_wrong is None else lr.steps.first_wrong
         right.append(r[:stop][labels[:stop] == "right"])
         if lr.steps.first_wrong is not None:
-            first.append(r[stop])
             formed = labels != "malformed"
-            located.append(r[formed])
-            first_wrong.append(int(np.sum(formed[:stop])))
+            first_wrong.append(r[stop])
+            candidates.append(r[formed])
+            first_index.append(int(np.sum(formed[:stop])))
     metrics = {f"prm/steps_{label}": float(sum(lr.steps.count(label) for lr in rows)) for label in LABELS}
-    metrics["prm/first_error_rows"] = float(len(first))
-    auroc = step_auroc(np.concatenate(right) if right else np.zeros(0), np.array(first))
+    metrics["prm/first_error_rows"] = float(len(first_wrong))
+    auroc = step_auroc(np.concatenate([np.zeros(0), *right]), np.array(first_wrong))
     if auroc is not None:
         metrics["prm/step_auroc"] = auroc
-    top1 = first_error_top1(located, first_wrong)
+    top1 = first_error_top1(candidates, first_index)
     if top1 is not None:
         metrics["prm/first_error_top1"], metrics["prm/first_error_chance"] = top1
     return metrics
