@@ -9,6 +9,9 @@ thread of its own, up to k steps ahead with the policy of an earlier step (`prim
 update is then published to the sampler (`timing/publish`: the previous update's copy) and the step waits only for
 what the thread has not collected yet (`timing/rollout_wait`). k = 0 on one mesh is the synchronous loop.
 
+On a batch with synthetic math rows, the PRM's pre-update token rewards are also read back to the host for its
+step-credit diagnostics (`prime_jax.rl.step_credit`: prm/step_auroc, prm/first_error_top1, ...).
+
 An optimiser update whose loss or gradients are not finite is skipped (`prime_jax.rl.optim.make_optimizer`) and
 counted: `train/skipped_nonfinite` (this step's, PRM + PPO), `train/skipped_nonfinite_total` (the run's, kept in
 the optimiser states so it survives a resume); `train.max_nonfinite_steps` steps in a row that skipped one save a
@@ -32,12 +35,13 @@ from prime_jax.checkpointing import Checkpointer, StopOnSignal
 from prime_jax.components import Components
 from prime_jax.data.example import Example
 from prime_jax.eval.scoring import score_examples, summarize
-from prime_jax.mesh import batch_sharding, host_to_global, state_shardings
+from prime_jax.mesh import batch_sharding, global_to_host, host_to_global, state_shardings
 from prime_jax.metrics import MetricWriter, plot_curves
 from prime_jax.models import save_pretrained
 from prime_jax.rl.collect import Experience, Prompt, collect
 from prime_jax.rl.optim import layout_sharding, skipped_updates
 from prime_jax.rl.rollouts_ahead import RolloutsAhead, check_versions
+from prime_jax.rl.step_credit import credit_metrics, label_rows
 from prime_jax.sampling import Rollout, RowsCallback, StopCallback
 
 
@@ -124,6 +128,10 @@ class Trainer:
             rm_scores, prm_metrics = prm_out.rm_scores, prm_out.metrics
             # Real tokens / token slots computed; the reference forward runs on the PRM's slots.
             metrics["throughput/token_efficiency/ref"] = metrics["throughput/token_efficiency/prm"] = prm_slots.efficiency
+            with t("step_credit"):
+                labelled = label_rows(exp, self.p.tokenizer.decode)
+                if labelled:  # the same on every host (each holds the whole batch), so all join the gather or none
+                    metrics.update(credit_metrics(labelled, global_to_host(prm_out.before)))
         with t("adv"):
             advantages, adv_metrics = jax.block_until_ready(self.p.programs.advantages(rm_scores, batch["acc"], batch["mask"]))
         with t("update_actor"):

@@ -71,6 +71,7 @@ def test_qwen7b_path_runs_two_iterations_with_the_reference_sanity_checks(qwen7b
     # Step 1: PRM == reference (same checkpoint, same compute dtype), one PRM mini-batch updated "after" the rewards.
     assert first["reward_model/prm_loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert first["reward_model/dpo_acc_before"] == pytest.approx(0.5, abs=1e-6)
+    assert first["reward_model/dpo_acc_before_tie_neutral"] == 0.5   # every score tied at 0
     assert first["train_reward/reward_model"] == 0.0
     for key in ("train_verify_score/all", "actor/pg_loss", "actor/pg_clipfrac", "actor/ppo_kl", "actor/grad_norm",
                 "actor/lr", "actor/entropy", "critic/advantages/mean", "critic/returns/max", "response_length/mean",

@@ -5,7 +5,8 @@ Code: "Write a function f(x) that returns (x + 5) * 3 - 4." with APPS call-based
 `{"fn_name": "f", "inputs": [[x], ...], "outputs": [f(x), ...]}`.
 `difficulty` = number of operations in the expression; operands grow with it (additive operands
 up to 10 * difficulty, multipliers 2..9) unless `max_operand` caps them (multipliers 2..min(9, max_operand)). `reference_solution` writes a short correct response in
-the form the verifiers accept, for the supervised warm start of a tiny model.
+the form the verifiers accept, for the supervised warm start of a tiny model; `math_chain` gives a math task's
+steps in order (what `prime_jax.data.steps` checks a response's step lines against).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import ast
 import json
 import random
 import re
+from typing import NamedTuple
 
 from prime_jax.data.example import Example
 from prime_jax.data.prompts import build_messages
@@ -22,6 +24,19 @@ _MATH_PREFIX = "Compute "
 _CODE_PREFIX = "Write a function f(x) that returns "
 _NUM_CODE_TESTS = 4
 _OP_SYMBOLS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*"}
+MATH_SOURCE = "synthetic_math"
+
+
+class ChainStep(NamedTuple):
+    """One operation of a chain, `left op right = value`; str() is its line in `reference_solution`."""
+
+    left: int
+    op: str
+    right: int
+    value: int
+
+    def __str__(self) -> str:
+        return f"{self.left} {self.op} {self.right} = {self.value}"
 
 
 def random_expression(rng: random.Random, num_ops: int, max_operand: int, start: str, max_multiplier: int = 9) -> str:
@@ -41,8 +56,8 @@ def random_expression(rng: random.Random, num_ops: int, max_operand: int, start:
     return expr
 
 
-def _evaluate(node: ast.expr, x: int | None, steps: list[str] | None) -> int:
-    """Integer value of an expression tree of + - * over ints (and `x`), recording "a op b = c" steps."""
+def _evaluate(node: ast.expr, x: int | None, steps: list[ChainStep] | None) -> int:
+    """Integer value of an expression tree of + - * over ints (and `x`), recording its steps in evaluation order."""
     if isinstance(node, ast.Constant) and isinstance(node.value, int):
         return node.value
     if isinstance(node, ast.Name) and node.id == "x" and x is not None:
@@ -52,7 +67,7 @@ def _evaluate(node: ast.expr, x: int | None, steps: list[str] | None) -> int:
         symbol = _OP_SYMBOLS[type(node.op)]
         value = a + b if symbol == "+" else a - b if symbol == "-" else a * b
         if steps is not None:
-            steps.append(f"{a} {symbol} {b} = {value}")
+            steps.append(ChainStep(a, symbol, b, value))
         return value
     raise ValueError(f"not a synthetic arithmetic expression: {ast.dump(node)}")
 
@@ -106,7 +121,7 @@ def make_tasks(
                 prompt=build_messages(question, ability, system_prompt=system_prompt),
                 ability=ability,
                 ground_truth=truth,
-                data_source=f"synthetic_{ability}",
+                data_source=MATH_SOURCE if ability == "math" else "synthetic_code",
                 uid=f"synthetic-{seed}-{i}",
             )
         )
@@ -121,11 +136,19 @@ def _expression_of(example: Example) -> str:
     return match.group(1)
 
 
+def math_chain(example: Example) -> list[ChainStep] | None:
+    """The steps of a synthetic math task's chain in evaluation order (the written order: `random_expression` writes
+    left-to-right chains); None for any other example (code tasks, real datasets: told apart by `data_source`)."""
+    if example.data_source != MATH_SOURCE:
+        return None
+    steps: list[ChainStep] = []
+    _evaluate(ast.parse(_expression_of(example), mode="eval").body, None, steps)
+    return steps
+
+
 def reference_solution(example: Example) -> str:
     """A correct, short response: math = one line per operation then `\\boxed{N}`; code = a fenced `def f(x)`."""
-    expr = _expression_of(example)
-    if example.ability == "math":
-        steps: list[str] = []
-        value = _evaluate(ast.parse(expr, mode="eval").body, None, steps)
-        return "\n".join(steps) + f"\n\\boxed{{{value}}}"
-    return f"```python\ndef f(x):\n    return {expr}\n```"
+    steps = math_chain(example)
+    if steps is not None:
+        return "\n".join(map(str, steps)) + f"\n\\boxed{{{steps[-1].value}}}"
+    return f"```python\ndef f(x):\n    return {_expression_of(example)}\n```"

@@ -24,10 +24,18 @@ def _mean(records: Sequence[Mapping[str, Any]], key: str) -> float | None:
     return float(np.mean(values)) if values else None
 
 
+# A point's train-side figures: its key -> the metric it averages over the window (absent in every step: None).
+WINDOW_MEANS = {"train_verify": "train_verify_score/all", "dpo_acc": "reward_model/dpo_acc_before",
+                "dpo_acc_tie_neutral": "reward_model/dpo_acc_before_tie_neutral", "step_auroc": "prm/step_auroc",
+                "first_error_top1": "prm/first_error_top1", "first_error_chance": "prm/first_error_chance",
+                "response_length": "response_length/mean"}
+
+
 def evaluated_points(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """One point per step with a held-out score. Train-side figures are means over the steps since the
-    previous evaluation (train verifier score, PRM dpo_acc, response length); wall_s is the summed
-    training step time (`timing/step`: sampling, verifying, PRM, update; not evaluation) up to the step."""
+    """One point per step with a held-out score. Train-side figures (`WINDOW_MEANS`: train verifier score, PRM
+    dpo_acc and its tie-neutral form, the PRM's step-credit diagnostics, response length) are means over the steps
+    since the previous evaluation that logged them; wall_s is the summed training step time (`timing/step`: sampling,
+    verifying, PRM, update; not evaluation) up to the step."""
     points, window, wall = [], [], 0.0
     for r in records:
         if r["step"] > 0:
@@ -35,9 +43,8 @@ def evaluated_points(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any
             wall += r.get("timing/step", 0.0)
         if HELDOUT in r:
             points.append({"step": r["step"], "heldout": r[HELDOUT],
-                           "train_verify": _mean(window, "train_verify_score/all"),
-                           "dpo_acc": _mean(window, "reward_model/dpo_acc_before"),
-                           "response_length": _mean(window, "response_length/mean"), "wall_s": round(wall, 2)})
+                           **{key: _mean(window, metric) for key, metric in WINDOW_MEANS.items()},
+                           "wall_s": round(wall, 2)})
             window = []
     return points
 

@@ -1,6 +1,7 @@
 """Tokenizers behind one small protocol: HF `tokenizer.json` directories and sentencepiece models.
 
-The trainer needs only: text -> ids, ids -> text, the chat template, the stop ids and the pad id.
+The trainer needs only: text -> ids, ids -> text, the chat template, the stop ids and the pad id
+(and, for step diagnostics, where each token's text lies in a decoded response: `token_char_ends`).
 `HFTokenizer` wraps a local HF tokenizer directory (Qwen2.5, Llama 3, ...); `SentencePieceTokenizer`
 wraps a `.model` file with a ChatML template and is what the built-in tiny CPU run trains for
 itself with `train_sentencepiece` (no downloads).
@@ -10,11 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol, runtime_checkable
 
 import jinja2
 import jinja2.sandbox
+import numpy as np
 import sentencepiece as spm
 
 IM_START = "<|im_start|>"
@@ -174,6 +176,25 @@ class SentencePieceTokenizer:
         """Prompt text rendered from `chat_template`."""
         _check_messages(messages)
         return self._compiled_template.render(messages=messages, add_generation_prompt=add_generation_prompt)
+
+
+def token_char_ends(decode: Callable[[Sequence[int]], str], ids: Sequence[int]) -> np.ndarray:
+    """Where each token's text ends in `decode(ids)`: [T] int64, token t covers characters [ends[t-1], ends[t]).
+
+    Incremental detokenisation, as streaming servers do it: the text token t adds is decode(ids[p:t+1]) minus
+    decode(ids[p:r]), with r the first token not yet shown and p the start of the last shown token's window, kept
+    as context so that a decoder treating a text's first token specially (a stripped leading space) treats both
+    alike. A decode ending in U+FFFD (an unfinished character: its bytes split over tokens) shows nothing yet, so
+    the token completing a character covers it. Two decodes of a few tokens each per token: linear in T.
+    """
+    ends, shown, p, r = np.zeros(len(ids), np.int64), 0, 0, 0
+    for t in range(len(ids)):
+        before, after = decode(ids[p:r]), decode(ids[p:t + 1])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            shown += len(after) - len(before)
+            p, r = r, t + 1
+        ends[t] = shown
+    return ends
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:

@@ -28,6 +28,8 @@ from prime_jax.rl.optim import (TrainState, accumulate_gradients, apply_gradient
 
 Granularity = Literal["token", "whole"]
 GRANULARITIES = ("token", "whole")
+Ties = Literal["not_above", "half"]
+TIES = ("not_above", "half")
 NORM_EPS = 1e-6
 LN2 = np.float32(np.log(2.0))   # the PRM loss of a row with z = 0 (softplus(0))
 
@@ -96,13 +98,16 @@ def batch_norm(rewards: jax.Array, mask: jax.Array) -> jax.Array:
     return r / scale
 
 
-def dpo_acc(seq_scores: jax.Array, acc: jax.Array, n: int) -> jax.Array:
+def dpo_acc(seq_scores: jax.Array, acc: jax.Array, n: int, *, ties: Ties = "not_above") -> jax.Array:
     """Pairwise ranking accuracy of sequence scores vs outcome (§5): seq_scores, acc [B] -> scalar.
 
-    Per group, over pairs i < j: sum 1[(s_i - s_j > 0) == (a_i - a_j > 0)] * |a_i - a_j| / sum |a_i - a_j|;
-    a group whose acc are all equal counts 0.5; mean over groups. Ties in score count as
-    "i not above j" (the reference), so with all-zero scores the value depends on the order of acc.
+    Per group, over pairs i < j: sum agree_ij * |a_i - a_j| / sum |a_i - a_j|; a group whose acc are all equal
+    counts 0.5; mean over groups. agree_ij = 1[(s_i - s_j > 0) == (a_i - a_j > 0)], and a tie in score
+    (s_i == s_j) counts as "i not above j" with ties="not_above" (the reference: with all-zero scores the value
+    depends on the order of acc), or 0.5 with ties="half" (tie-neutral: all-equal scores give exactly 0.5).
     """
+    if ties not in TIES:
+        raise ValueError(f"ties={ties!r}: expected one of {TIES}")
     if seq_scores.shape[0] % n:
         raise ValueError(f"batch of {seq_scores.shape[0]} rows is not a multiple of n={n}")
     s = seq_scores.astype(jnp.float32).reshape(-1, n)
@@ -112,6 +117,8 @@ def dpo_acc(seq_scores: jax.Array, acc: jax.Array, n: int) -> jax.Array:
     upper = jnp.triu(jnp.ones((n, n), dtype=jnp.float32), k=1)
     weight = jnp.abs(da) * upper
     agree = ((ds > 0) == (da > 0)).astype(jnp.float32)
+    if ties == "half":
+        agree = jnp.where(ds == 0, 0.5, agree)
     total = jnp.sum(weight, axis=(1, 2))
     per_group = jnp.where(total > 0, jnp.sum(agree * weight, axis=(1, 2)) / jnp.where(total > 0, total, 1.0), 0.5)
     return jnp.mean(per_group)
@@ -152,9 +159,12 @@ class PrmStepConfig:
 
 class PrmStepOutput(NamedTuple):
     """rm_scores: normalised token rewards [B, R] (what the advantage reads); raw: un-normalised [B, R];
-    metrics: scalar dict (reward_model/...)."""
+    before: un-normalised token rewards of the PRM before its update on each row's mini-batch [B, R] (what
+    dpo_acc_before and the host's step diagnostics read; = raw unless update="before"); metrics: scalar dict
+    (reward_model/...)."""
     rm_scores: jax.Array
     raw: jax.Array
+    before: jax.Array
     metrics: dict[str, jax.Array]
 
 
@@ -184,7 +194,8 @@ def make_prm_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg:
     axes, the batch over the data axes, the layout's rows (r) too; the state is donated. PRM log-probs use
     temperature 1 (the reference). Metrics: reward_model/prm_loss (mean of the mini-batch losses; reference logs the last
     micro-batch's), reward_model/grad_norm (pre-clip, mean over mini-batches), reward_model/dpo_acc_before,
-    and reward_model/dpo_acc_after for update="before"; with an update, reward_model/skipped_nonfinite: the mini-batch
+    reward_model/dpo_acc_before_tie_neutral (score ties count half: `dpo_acc` ties="half"), and
+    reward_model/dpo_acc_after for update="before"; with an update, reward_model/skipped_nonfinite: the mini-batch
     updates of this call skipped (loss or gradients not finite, nothing applied; read from `tx`'s apply_if_finite
     state).
     """
@@ -243,9 +254,11 @@ def make_prm_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg:
             logp_prm = from_slots(prm_slots, batch["unpack"])
             logp_ref = from_slots(ref_slots, batch["unpack"])
             before = raw = rewards_of(logp_prm, logp_ref, batch["mask"])
+            seq_before = jnp.sum(before, axis=-1)
             # The mean of the mini-batch losses (each a sum over its rows / mini_batch_size) is the batch mean.
             metrics = {"reward_model/prm_loss": prm_loss(logp_prm, logp_ref, batch["mask"], acc, beta=cfg.beta),
-                       "reward_model/dpo_acc_before": dpo_acc(jnp.sum(before, axis=-1), acc, cfg.n)}
+                       "reward_model/dpo_acc_before": dpo_acc(seq_before, acc, cfg.n),
+                       "reward_model/dpo_acc_before_tie_neutral": dpo_acc(seq_before, acc, cfg.n, ties="half")}
             if cfg.update != "none":
                 metrics["reward_model/grad_norm"] = jnp.mean(grad_norms)
                 skipped = skipped_updates(new_state.opt_state) - skipped_updates(state.opt_state)
@@ -258,7 +271,7 @@ def make_prm_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg:
             scope = cfg.num_shards if cfg.norm_scope == "shard" else 1
             rm_scores = batch_norm(raw.reshape(scope, b // scope, -1),
                                    batch["mask"].reshape(scope, b // scope, -1)).reshape(b, -1)
-            return new_state, PrmStepOutput(rm_scores, raw, metrics)
+            return new_state, PrmStepOutput(rm_scores, raw, before, metrics)
 
     return jax.jit(step, in_shardings=(state_sh, ref_sh, batch_sh, slots_sh),
-                   out_shardings=(state_sh, PrmStepOutput(batch_sh, batch_sh, replicated)), donate_argnums=0)
+                   out_shardings=(state_sh, PrmStepOutput(batch_sh, batch_sh, batch_sh, replicated)), donate_argnums=0)

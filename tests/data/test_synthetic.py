@@ -1,12 +1,19 @@
 """Synthetic tasks: ground truth checked against Python's own arithmetic, reference solutions re-checked."""
 
+import itertools
 import json
 import re
 
 import pytest
 
-from prime_jax.data.prompts import CODE_SUFFIX, MATH_SUFFIX
-from prime_jax.data.synthetic import make_tasks, reference_solution
+from prime_jax.data.example import Example
+from prime_jax.data.prompts import CODE_SUFFIX, MATH_SUFFIX, build_messages
+from prime_jax.data.synthetic import (
+    ChainStep,
+    make_tasks,
+    math_chain,
+    reference_solution,
+)
 
 
 def _expr(question: str, prefix: str) -> str:
@@ -91,3 +98,20 @@ def test_max_operand_caps_every_operand():
                for n in re.findall(r"\d+", _expr(t.question(), "Compute "))) > 9
     with pytest.raises(ValueError, match="max_operand"):
         make_tasks(5, 0, max_operand=1)
+
+
+def test_math_chain_is_the_left_to_right_steps_and_only_for_synthetic_math():
+    def task(question, ability="math", source="synthetic_math"):
+        return Example(build_messages(question, ability), ability, "", source, "u")
+
+    assert math_chain(task("Compute (17 + 5) * 3 - 4.")) == [ChainStep(17, "+", 5, 22), ChainStep(22, "*", 3, 66),
+                                                               ChainStep(66, "-", 4, 62)]
+    assert [str(s) for s in math_chain(task("Compute 4 - 9 * 2."))] == ["9 * 2 = 18", "4 - 18 = -14"]  # precedence kept
+    assert math_chain(task("Write a function f(x) that returns x + 1.", "code", "synthetic_code")) is None
+    assert math_chain(task("Compute 1 + 2.", source="math500")) is None   # a real dataset's question
+    for t in make_tasks(30, seed=2, math_frac=0.5, difficulty=3):
+        chain = math_chain(t)
+        assert (chain is None) == (t.ability == "code")
+        if chain is not None:
+            assert len(chain) == 3 and str(chain[-1].value) == t.ground_truth
+            assert all(a.value == b.left for a, b in itertools.pairwise(chain))   # a chain: each step starts from the last

@@ -9,6 +9,7 @@ import pytest
 
 from prime_jax import settings
 from prime_jax.experiments import compare
+from prime_jax.metrics import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -39,6 +40,14 @@ def test_arms_share_the_warm_start_and_outcome_only_runs_no_prm(tmp_path, capsys
     assert prime["step1_prm_loss"] == pytest.approx(math.log(2), abs=1e-6)  # PRM == reference at step 1
     assert prime["prm_seconds"] > 0 and "reward_model/dpo_acc_before" in prime["reward_model_metrics"]
     assert outcome["reward_model_metrics"] == [] and outcome["prm_seconds"] == 0.0
+    # The PRM's step diagnostics on the synthetic math rows (every group kept here), from its pre-update rewards: at
+    # step 1 PRM == reference, every reward 0, so every comparison is a tie
+    step1 = read_metrics(os.path.join(c.workdir, "prime", "seed0"))[1]
+    assert step1["reward_model/dpo_acc_before_tie_neutral"] == 0.5
+    assert {"prm/steps_right", "prm/steps_wrong", "prm/steps_malformed", "prm/first_error_rows"} <= set(step1)
+    assert step1.get("prm/step_auroc", 0.5) == 0.5 and step1.get("prm/first_error_top1") == step1.get(
+        "prm/first_error_chance")
+    assert not [k for k in read_metrics(os.path.join(c.workdir, "rloo_outcome", "seed0"))[1] if k.startswith("prm/")]
     # same warm start, same held-out set, same sampler seed: identical step-0 scores
     assert results["runs"]["prime"]["0"][0] == results["runs"]["rloo_outcome"]["0"][0]
     out = tmp_path / "out"

@@ -8,7 +8,9 @@ from prime_jax.experiments import report
 
 
 def point(step, heldout, wall, dpo=None):
-    return {"step": step, "heldout": heldout, "train_verify": 0.5, "dpo_acc": dpo, "response_length": 20.0, "wall_s": wall}
+    return {"step": step, "heldout": heldout, "train_verify": 0.5, "dpo_acc": dpo, "dpo_acc_tie_neutral": dpo,
+            "step_auroc": None, "first_error_top1": None, "first_error_chance": None, "response_length": 20.0,
+            "wall_s": wall}
 
 
 @pytest.fixture
@@ -61,14 +63,24 @@ def test_outputs_are_written_and_reloadable(results, tmp_path):
 
 def test_evaluated_points_average_the_window_since_the_last_evaluation():
     records = [{"step": 0, "val/test_score/all": 0.1},
-               {"step": 1, "train_verify_score/all": 0.2, "reward_model/dpo_acc_before": 0.5, "response_length/mean": 10, "timing/step": 3.0},
+               {"step": 1, "train_verify_score/all": 0.2, "reward_model/dpo_acc_before": 0.5, "response_length/mean": 10, "timing/step": 3.0,
+                "reward_model/dpo_acc_before_tie_neutral": 0.5, "prm/step_auroc": 0.5, "prm/first_error_top1": 0.25,
+                "prm/first_error_chance": 0.25},
                {"step": 2, "train_verify_score/all": 0.4, "reward_model/dpo_acc_before": 0.7, "response_length/mean": 20, "timing/step": 1.0,
+                "reward_model/dpo_acc_before_tie_neutral": 0.6, "prm/first_error_top1": 0.75, "prm/first_error_chance": 0.5,
                 "val/test_score/all": 0.3},
                {"step": 3, "train_verify_score/all": 0.6, "response_length/mean": 30, "timing/step": 2.0, "val/test_score/all": 0.5}]
     points = report.evaluated_points(records)
-    assert points[0] == {"step": 0, "heldout": 0.1, "train_verify": None, "dpo_acc": None, "response_length": None, "wall_s": 0.0}
+    none = dict.fromkeys(("train_verify", "dpo_acc", "dpo_acc_tie_neutral", "step_auroc", "first_error_top1",
+                          "first_error_chance", "response_length"))
+    assert points[0] == {"step": 0, "heldout": 0.1, **none, "wall_s": 0.0}
+    # means over steps 1-2 of what each logged: step_auroc only at step 1 (a step without first errors leaves it out)
     assert points[1] == {"step": 2, "heldout": 0.3, "train_verify": pytest.approx(0.3), "dpo_acc": pytest.approx(0.6),
+                         "dpo_acc_tie_neutral": pytest.approx(0.55), "step_auroc": 0.5,
+                         "first_error_top1": pytest.approx(0.5), "first_error_chance": pytest.approx(0.375),
                          "response_length": 15.0, "wall_s": 4.0}
-    assert points[2]["train_verify"] == pytest.approx(0.6) and points[2]["dpo_acc"] is None and points[2]["wall_s"] == 6.0
+    assert points[2] == {"step": 3, "heldout": 0.5, **none, "train_verify": pytest.approx(0.6), "response_length": 30.0,
+                         "wall_s": 6.0}
     s = report.sanity(records)
-    assert s["reward_model_metrics"] == ["reward_model/dpo_acc_before"] and s["prm_seconds"] == 0.0
+    assert s["reward_model_metrics"] == ["reward_model/dpo_acc_before", "reward_model/dpo_acc_before_tie_neutral"]
+    assert s["prm_seconds"] == 0.0

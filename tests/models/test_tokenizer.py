@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from prime_jax.models.tokenizer import (
@@ -10,6 +11,7 @@ from prime_jax.models.tokenizer import (
     SentencePieceTokenizer,
     Tokenizer,
     load_tokenizer,
+    token_char_ends,
     train_sentencepiece,
 )
 from tests.fixtures import write_hf_tokenizer
@@ -120,3 +122,42 @@ def test_sentencepiece_vocab_size_is_an_upper_bound(tmp_path):
     small = train_sentencepiece(["ab ab ab"], tmp_path / "small", vocab_size=1000, byte_fallback=False)
     assert small.vocab_size < 1000
     assert small.decode(small.encode("ab ab")) == "ab ab"
+
+
+def test_token_char_ends_by_hand():
+    # one character per token, 0 a special token that decodes to nothing (as an EOS does)
+    def chars(ids):
+        return "".join(chr(i) for i in ids if i)
+
+    assert token_char_ends(chars, [ord(c) for c in "ab\nc"] + [0]).tolist() == [1, 2, 3, 4, 4]
+    assert token_char_ends(chars, []).tolist() == []
+
+    # bytes: "→" is e2 86 92; the prefixes "a" + e2 and "a" + e2 86 end in U+FFFD, so the byte completing it covers it
+    def utf8(ids):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+    assert token_char_ends(utf8, list("a→b".encode())).tolist() == [1, 1, 1, 2, 3]
+
+    # a decoder that strips the leading space of a text's first token: " a", " b", " c" -> "a b c"; alone each token
+    # would decode to one character, in context " b" and " c" add two: ends 1, 3, 5
+    words = {1: " a", 2: " b", 3: " c"}
+
+    def stripping(ids):
+        return "".join(words[i] for i in ids).removeprefix(" ")
+
+    assert token_char_ends(stripping, [1, 2, 3]).tolist() == [1, 3, 5]
+
+
+@pytest.mark.parametrize("kind", ["hf", "sp"])
+@pytest.mark.parametrize("text", ["17 + 5 = 22\n22 * 3 = 66\n\\boxed{66}", ROUND_TRIP])
+def test_token_char_ends_cover_the_decoded_text_in_order(hf_dir, sp_tok, kind, text):
+    """Real tokenizers, on ASCII and on characters split over byte tokens (decoded alone, a byte is U+FFFD): the ends
+    rise to the whole text, and each token whose own decode is whole text covers exactly that text."""
+    tok = HFTokenizer(hf_dir) if kind == "hf" else sp_tok
+    ids = tok.encode(text)
+    ends = token_char_ends(tok.decode, ids)
+    assert ends[-1] == len(text) and np.all(np.diff(ends) >= 0)
+    starts = np.concatenate([[0], ends[:-1]])
+    whole = [(i, a, b) for i, a, b in zip(ids, starts, ends) if "\ufffd" not in tok.decode([i])]
+    assert all(text[a:b] == tok.decode([i]) for i, a, b in whole)
+    assert len(whole) >= len(ids) // 2

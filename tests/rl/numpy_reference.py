@@ -74,8 +74,9 @@ def batch_norm(rewards, mask, shards=1):
     return out
 
 
-def dpo_acc(seq_scores, acc, n):
-    """§5 compute_dpo_accuracy: weighted pairwise sign agreement per group, 0.5 for flat groups."""
+def dpo_acc(seq_scores, acc, n, tie=None):
+    """§5 compute_dpo_accuracy: weighted pairwise sign agreement per group, 0.5 for flat groups. A score tie counts
+    as "not above" (the reference), or `tie` when given (0.5: tie-neutral)."""
     values = []
     for g in range(len(acc) // n):
         num = den = 0.0
@@ -84,7 +85,7 @@ def dpo_acc(seq_scores, acc, n):
                 da = acc[i] - acc[j]
                 ds = seq_scores[i] - seq_scores[j]
                 den += abs(da)
-                num += abs(da) * float((ds > 0) == (da > 0))
+                num += abs(da) * (tie if tie is not None and ds == 0 else float((ds > 0) == (da > 0)))
         values.append(0.5 if den == 0 else num / den)
     return float(np.mean(values))
 

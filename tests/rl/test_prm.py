@@ -75,6 +75,30 @@ def test_dpo_acc_matches_reference():
         np.testing.assert_allclose(float(got), ref.dpo_acc(scores, acc, N), rtol=1e-6)
 
 
+def test_tie_neutral_dpo_acc_matches_reference():
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        scores = np.round(rng.normal(size=8 * N), 0)                    # rounded: many ties
+        acc = rng.integers(0, 3, size=8 * N) / 2.0
+        acc[:N] = 1.0                                                    # a flat group -> 0.5
+        got = prm.dpo_acc(jnp.asarray(scores, jnp.float32), jnp.asarray(acc, jnp.float32), N, ties="half")
+        np.testing.assert_allclose(float(got), ref.dpo_acc(scores, acc, N, tie=0.5), rtol=1e-6)
+        assert ref.dpo_acc(scores, acc, N, tie=0.5) != ref.dpo_acc(scores, acc, N)   # the ties matter here
+
+
+def test_tie_neutral_dpo_acc_hand_computed():
+    # acc [1, 0, 0, 1], scores [1, 1, 0, 2]; pairs with da != 0: (0,1) da 1, ds 0: a tie; (0,2) da 1, ds 1: agree;
+    # (1,3) da -1, ds -1: agree; (2,3) da -1, ds -2: agree. Ties half: (0.5 + 3) / 4; "not above": 3 / 4
+    scores, acc = jnp.array([1.0, 1.0, 0.0, 2.0]), jnp.array([1.0, 0.0, 0.0, 1.0])
+    assert float(prm.dpo_acc(scores, acc, 4, ties="half")) == 0.875
+    assert float(prm.dpo_acc(scores, acc, 4)) == 0.75
+    # all-equal scores: exactly 0.5 whatever the order of acc ("not above" reads 0.0 for [1, 1, 0, 0], 1.0 for [0, 1])
+    for acc in ([1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0], [1.0, 0.5, 0.0, 1.0]):
+        assert float(prm.dpo_acc(jnp.full(4, 0.3), jnp.array(acc), 4, ties="half")) == 0.5
+    assert float(prm.dpo_acc(jnp.zeros(4), jnp.array([1.0, 1.0, 0.0, 0.0]), 4)) == 0.0
+    assert float(prm.dpo_acc(jnp.zeros(2), jnp.array([0.0, 1.0]), 2)) == 1.0
+
+
 def test_dpo_acc_hand_computed():
     # group 1: acc [1, 0, 0, 1], scores rank the two correct ones on top -> 1.0
     # group 2: acc [1, 0.5, 0, 0], scores [0, 1, 2, 3] -> every pair with da != 0 disagrees -> 0.0
@@ -104,3 +128,5 @@ def test_bad_arguments_raise():
         prm.token_rewards(jnp.zeros((1, 2)), jnp.zeros((1, 2)), jnp.ones((1, 2)), granularity="step")
     with pytest.raises(ValueError, match="n=4"):
         prm.dpo_acc(jnp.zeros(6), jnp.zeros(6), 4)
+    with pytest.raises(ValueError, match="ties"):
+        prm.dpo_acc(jnp.zeros(4), jnp.zeros(4), 4, ties="below")

@@ -109,6 +109,7 @@ def test_step_matches_loop_reference_for_1_2_4_micro_batches(model, micro, packe
     assert int(state.step) == B // MINI
     # log-probs are O(5) in fp32 and one Adam step amplifies rounding, so rewards agree to 1e-5 absolute
     np.testing.assert_allclose(np.asarray(out.raw), raw, rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(out.before), np.asarray(out.raw))   # "after": the rewards are pre-update
     assert np.abs(raw).max() > 1e-3                           # the second mini-batch saw an updated PRM
     np.testing.assert_allclose(np.asarray(out.rm_scores), ref.batch_norm(np.asarray(out.raw), batch["mask"], SHARDS),
                                rtol=1e-5, atol=1e-6)
@@ -116,6 +117,8 @@ def test_step_matches_loop_reference_for_1_2_4_micro_batches(model, micro, packe
     np.testing.assert_allclose(float(m["reward_model/prm_loss"]), loss, rtol=1e-5)
     np.testing.assert_allclose(float(m["reward_model/grad_norm"]), np.mean(norms), rtol=1e-5)
     np.testing.assert_allclose(float(m["reward_model/dpo_acc_before"]), ref.dpo_acc(raw.sum(1), batch["acc"], N))
+    np.testing.assert_allclose(float(m["reward_model/dpo_acc_before_tie_neutral"]),
+                               ref.dpo_acc(raw.sum(1), batch["acc"], N, tie=0.5))
     assert_trees_close(state.params, want_params)
 
 
@@ -139,6 +142,8 @@ def test_prm_equal_to_reference_scores_exactly_zero_with_ln2_loss_and_half_dpo_a
     m = out.metrics
     assert float(m["reward_model/prm_loss"]) == np.float32(np.log(2.0))
     assert float(m["reward_model/dpo_acc_before"]) == 0.5
+    assert float(m["reward_model/dpo_acc_before_tie_neutral"]) == 0.5
+    np.testing.assert_array_equal(np.asarray(out.before), 0.0)
     if update != "before":   # "before" returns the rewards of the updated PRM
         np.testing.assert_array_equal(np.asarray(out.raw), 0.0)
         np.testing.assert_array_equal(np.asarray(out.rm_scores), 0.0)
@@ -155,6 +160,8 @@ def test_update_before_is_double_forward(model):
     want_params, before, raw, _, _ = reference_iteration(graphdef, logps, tx, params, batch, mini=MINI, shards=1,
                                                          update="before")
     np.testing.assert_allclose(np.asarray(out.raw), raw, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(out.before), before, rtol=0, atol=1e-5)   # the pre-update rewards
+    assert np.abs(raw - before).max() > 1e-3
     np.testing.assert_allclose(np.asarray(out.rm_scores), ref.batch_norm(np.asarray(out.raw), batch["mask"]),
                                rtol=1e-5, atol=1e-6)
     m = out.metrics
