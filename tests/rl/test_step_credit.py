@@ -60,7 +60,7 @@ def experience(groups, step_values=True):
     trained[-n:] = False
     exp = Experience([Prompt(ex, (1,)) for ex, _ in groups], np.ones((len(tokens), 1), np.int32),
                      np.ones((len(tokens), 1), np.int32), tokens, mask, np.zeros_like(rewards),
-                     np.zeros(len(tokens), np.float32), trained, n)
+                     np.zeros(len(tokens), np.float32), trained, np.zeros(len(tokens), np.int64), n)
     return exp, rewards
 
 
