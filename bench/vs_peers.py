@@ -402,7 +402,12 @@ def ensure_venv(name: str, venv_root: str, python: str) -> str:
     print(f"making the {name} virtualenv in {venv} ({python}, {requirements}); once, this takes minutes", flush=True)
     shutil.rmtree(venv, ignore_errors=True)
     subprocess.run([python, "-m", "venv", venv], check=True)
-    subprocess.run([venv_python, "-m", "pip", "install", "--quiet", "-r", requirements], check=True)
+    log = venv + ".pip.log"
+    with open(log, "w") as f:
+        pip = subprocess.run([venv_python, "-m", "pip", "install", "-r", requirements], stdout=f,
+                             stderr=subprocess.STDOUT, check=False)
+    if pip.returncode != 0:
+        raise SystemExit(f"pip install -r {requirements} into {venv} failed (exit {pip.returncode}): {_tail(log)}")
     with open(marker, "w") as f:
         f.write(digest + "\n")
     return venv_python

@@ -53,21 +53,28 @@ class StepClock:
     """Wall-clock seconds per step and per named phase within it. `begin_step()` opens step k (closing k-1);
     `phase(name)` adds the seconds of a block to the open step; `end()` closes the last step."""
 
-    def __init__(self) -> None:
+    def __init__(self, total: int) -> None:
+        self.total = total
         self.steps: list[dict[str, float]] = []
         self._t0: float | None = None
 
     def begin_step(self) -> None:
         now = time.perf_counter()
         if self._t0 is not None:
-            self.steps[-1]["step"] = now - self._t0
+            self._close(now)
         self.steps.append({})
         self._t0 = now
 
     def end(self) -> None:
         if self._t0 is not None and "step" not in self.steps[-1]:
-            self.steps[-1]["step"] = time.perf_counter() - self._t0
+            self._close(time.perf_counter())
         self._t0 = None
+
+    def _close(self, now: float) -> None:
+        s = self.steps[-1]
+        s["step"] = now - self._t0
+        print(f"[peer] step {len(self.steps)}/{self.total} s {s['step']:.3g} gen {s.get('gen', 0.0):.3g} "
+              f"grade {s.get('grade', 0.0):.3g} tokens {s.get('gen_tokens', 0.0):.0f}", flush=True)
 
     def add(self, name: str, value: float) -> None:
         if self.steps:

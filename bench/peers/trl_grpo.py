@@ -31,13 +31,13 @@ def main(workload_path: str, out_dir: str) -> None:
     from trl import GRPOConfig, GRPOTrainer
 
     w = peer_common.load_workload(workload_path)
-    clock = peer_common.StepClock()
     torch.manual_seed(w["seed"])
     tokenizer = AutoTokenizer.from_pretrained(w["model_dir"])
     model = Qwen2ForCausalLM.from_pretrained(w["model_dir"], dtype=torch.float32)
     rows = [{"prompt": p["messages"], "solution": p["answer"]} for p in w["prompts"]]
     dataset = datasets.Dataset.from_list(rows)
     total = w["warmup"] + w["steps"]
+    clock = peer_common.StepClock(total)
     completions = len(rows) * w["n"]
 
     def reward(completions, solution, **_):

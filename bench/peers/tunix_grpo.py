@@ -53,7 +53,6 @@ def main(workload_path: str, out_dir: str) -> None:
     from tunix.rl.rollout import base_rollout
 
     w = peer_common.load_workload(workload_path)
-    clock = peer_common.StepClock()
     with open(os.path.join(w["model_dir"], "config.json")) as f:
         cfg = model_config(json.load(f))
     # Auto axes: newer JAX makes Explicit-sharding meshes by default, which Tunix 0.1.7's models do not expect.
@@ -61,6 +60,7 @@ def main(workload_path: str, out_dir: str) -> None:
     model = qwen2_params.create_model_from_safe_tensors(w["model_dir"], cfg, mesh, dtype=jnp.float32)
     tokenizer = transformers.AutoTokenizer.from_pretrained(w["model_dir"])
     total = w["warmup"] + w["steps"]
+    clock = peer_common.StepClock(total)
     prompts = len(w["prompts"])
 
     optimizer = optax.chain(optax.clip_by_global_norm(w["grad_clip"]),
