@@ -34,8 +34,8 @@ Where the sides differ (they are each framework's own algorithm and machinery, n
   prime_jax's sampler decodes with continuous batching and streams finished rows to its verifiers;
 - grading overlap: TRL and Tunix grade after generation (all of it exposed); prime_jax grades while decoding and
   reports the exposed part (`timing/verify_exposed`) beside the whole span (`timing/verify`);
-- Tunix masks any `<|endoftext|>` (its pad id) that the random policy samples inside a response out of the loss;
-  the other sides train on it (about 1 sampled token in 400);
+- Tunix treats any `<|endoftext|>` (its pad id) that the random policy samples inside a response as padding (left
+  out of attention and of the loss); the other sides keep it as a token (about 1 sampled token in 400);
 - runtimes: TRL on PyTorch (CPU, its default thread count), Tunix and prime_jax on JAX (CPU); each side in its own
   process and virtualenv (`bench/peers/requirements-*.txt`; prime_jax from its checkout's `.venv`).
 
