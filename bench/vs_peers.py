@@ -63,9 +63,11 @@ import os
 import pprint
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -182,7 +184,8 @@ def build_workload(wl: Workload, math500: str, out: str) -> dict:
 
 
 def workload_dir(wl: Workload, math500: str, work_dir: str) -> str:
-    key = json.dumps([dataclasses.asdict(wl), os.path.getsize(math500), inspect.getsource(build_workload)], sort_keys=True)
+    key = json.dumps([dataclasses.asdict(wl), os.path.getsize(math500), inspect.getsource(build_workload), SPECIALS,
+                      CHATML_TEMPLATE, MATH_SUFFIX], sort_keys=True)
     return os.path.join(work_dir, "workload-" + hashlib.sha256(key.encode()).hexdigest()[:12])
 
 
@@ -272,11 +275,12 @@ def prime_result(run_dir: str, line_times: dict[int, float], warmup: int) -> dic
     for k in sorted(s for s in records if s >= 1):
         r = records[k]
         wall = line_times[k] - line_times[k - 1] if k in line_times and k - 1 in line_times else r["timing/step"]
-        steps.append({"step": wall, "trainer_step": r["timing/step"], "gen": r["timing/gen"],
-                      "grade": r["timing/verify"], "grade_exposed": r["timing/verify_exposed"],
-                      "update_actor": r["timing/update_actor"], "reward_model": r.get("timing/reward_model", 0.0),
-                      "gen_tokens": float(r["train/gen_tokens"]),
-                      "train": wall - r["timing/gen"] - r["timing/verify_exposed"]})
+        exposed = r.get("timing/verify_exposed", 0.0)
+        gen = r.get("timing/gen", r.get("timing/collect", 0.0) - exposed)  # older checkouts: collect only
+        steps.append({"step": wall, "trainer_step": r["timing/step"], "gen": gen,
+                      "grade": r.get("timing/verify", 0.0), "grade_exposed": exposed,
+                      "update_actor": r.get("timing/update_actor", 0.0), "reward_model": r.get("timing/reward_model", 0.0),
+                      "gen_tokens": float(r.get("train/gen_tokens", 0.0)), "train": wall - gen - exposed})
     timed = steps[warmup:]
     if not timed:
         raise RuntimeError(f"no timed steps: {len(steps)} steps logged, {warmup} of them warm-up")
@@ -319,9 +323,11 @@ def run_side(side: Side, timeout: float, warmup: int) -> dict:
     step_line = re.compile(r"\] step\s+(\d+)/\d+")
     with open(log_path, "w") as log:
         proc = subprocess.Popen([side.python, *side.argv], cwd=side.cwd, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, bufsize=1)
+                                stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
+        # A side that hangs, silent or not, is killed at its limit with its children (verifier pools, workers).
+        watchdog = threading.Timer(timeout, os.killpg, (proc.pid, signal.SIGKILL))
+        watchdog.start()
         try:
-            deadline = t0 + timeout
             for line in proc.stdout:
                 now = time.perf_counter()
                 log.write(line)
@@ -330,14 +336,15 @@ def run_side(side: Side, timeout: float, warmup: int) -> dict:
                 elif (m := step_line.search(line)) is not None:
                     line_times[int(m.group(1))] = now
                     print(f"   {line.strip()}", flush=True)
-                if now > deadline:
-                    raise subprocess.TimeoutExpired(proc.args, timeout)
-            proc.wait(timeout=max(1.0, t0 + timeout - time.perf_counter()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
             proc.wait()
-            return {"error": f"timed out after {timeout:.0f} s (log: {log_path})"}
+        finally:
+            watchdog.cancel()
+            if proc.poll() is None:  # interrupted (Ctrl-C): the side and its children go too
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
     wall = time.perf_counter() - t0
+    if wall >= timeout and proc.returncode != 0:
+        return {"error": f"killed after {timeout:.0f} s (--timeout; log: {log_path})", "wall_s": wall}
     if proc.returncode != 0:
         return {"error": f"exit status {proc.returncode} (log: {log_path}): {_tail(log_path)}", "wall_s": wall}
     if side.name == "prime_jax":
