@@ -36,8 +36,18 @@ Where the sides differ (they are each framework's own algorithm and machinery, n
   reports the exposed part (`timing/verify_exposed`) beside the whole span (`timing/verify`);
 - Tunix treats any `<|endoftext|>` (its pad id) that the random policy samples inside a response as padding (left
   out of attention and of the loss); the other sides keep it as a token (about 1 sampled token in 400);
+- graders' verdicts on random text: the peers' reward looks for a LaTeX answer only and finds none, so every reward
+  is 0 and their GRPO advantages and gradients are 0 (the same compute runs regardless); prime_jax's verifier
+  falls back to the reference's text rules ("answer is", a trailing "=" ...) and scores a stray response 1 now and
+  then (`acc` in its progress lines), and spends longer per item doing so;
 - runtimes: TRL on PyTorch (CPU, its default thread count), Tunix and prime_jax on JAX (CPU); each side in its own
-  process and virtualenv (`bench/peers/requirements-*.txt`; prime_jax from its checkout's `.venv`).
+  process and virtualenv (`bench/peers/requirements-*.txt`; prime_jax from its checkout's `.venv`), prime_jax with
+  min(cores, 8) verifier workers;
+- the sides run one after another, not interleaved: on a shared machine a change of load between them shifts the
+  ratios, so compare rows of one run only.
+
+The three sides compute the same logits from the saved weights (checked once by hand, 2026-12-07: max difference
+8e-7 between transformers, prime_jax's `load_pretrained` and `tunix.models.qwen2` on a workload prompt).
 
 Step time per side: TRL from one optimiser step's `on_step_begin` to the next; Tunix from one global step's start
 to the next (`RLLearner._run_global_step`); prime_jax from one step's progress line to the next (its trainer's own
