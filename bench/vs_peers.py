@@ -217,10 +217,14 @@ def ensure_workload(wl: Workload, math500: str, work_dir: str) -> dict:
 
 # --- prime_jax: its real trainer, `python -m prime_jax.main` on a generated config ------------------------------
 
-# name -> (label, config overrides): the arms of prime_jax/experiments/compare.py ARMS
+# name -> (label, config overrides): the arms of prime_jax/experiments/compare.py ARMS, and each with its rollouts
+# collected one step ahead of training (rollout.max_staleness=1: generation and grading overlap the update)
+OUTCOME_ONLY = {"algorithm.process_coef": 0.0, "prm.update_mode": "none"}
 PRIME_ARMS = {
-    "rloo": ("RLOO (outcome only)", {"algorithm.process_coef": 0.0, "prm.update_mode": "none"}),
+    "rloo": ("RLOO", OUTCOME_ONLY),
     "prime": ("PRIME", {}),
+    "rloo_ahead": ("RLOO, rollouts ahead", {**OUTCOME_ONLY, "rollout.max_staleness": 1}),
+    "prime_ahead": ("PRIME, rollouts ahead", {"rollout.max_staleness": 1}),
 }
 
 
@@ -278,7 +282,8 @@ def write_prime_config(w: dict, arm: str, run_dir: str, total_steps: int) -> str
 
 def prime_result(run_dir: str, line_times: dict[int, float], warmup: int) -> dict:
     """Medians over the timed steps of a prime_jax run: wall step time from its progress lines, the phases from
-    `metrics.jsonl` (`timing/gen`, `timing/verify`, `timing/verify_exposed`; train = step - gen - exposed)."""
+    `metrics.jsonl` (`timing/gen`, `timing/verify`, `timing/verify_exposed`; train = step - gen - exposed, or with
+    rollouts ahead, step - `timing/rollout_wait`, the part of generation and grading the update did not hide)."""
     with open(os.path.join(run_dir, "run", "metrics.jsonl")) as f:
         records = {r["step"]: r for r in map(json.loads, filter(str.strip, f))}
     steps = []
@@ -287,10 +292,11 @@ def prime_result(run_dir: str, line_times: dict[int, float], warmup: int) -> dic
         wall = line_times[k] - line_times[k - 1] if k in line_times and k - 1 in line_times else r["timing/step"]
         exposed = r.get("timing/verify_exposed", 0.0)
         gen = r.get("timing/gen", r.get("timing/collect", 0.0) - exposed)  # older checkouts: collect only
+        waited = r.get("timing/rollout_wait", gen + exposed)  # rollouts ahead: what the step waited for
         steps.append({"step": wall, "trainer_step": r["timing/step"], "gen": gen,
                       "grade": r.get("timing/verify", 0.0), "grade_exposed": exposed,
                       "update_actor": r.get("timing/update_actor", 0.0), "reward_model": r.get("timing/reward_model", 0.0),
-                      "gen_tokens": float(r.get("train/gen_tokens", 0.0)), "train": wall - gen - exposed})
+                      "gen_tokens": float(r.get("train/gen_tokens", 0.0)), "train": wall - waited})
     timed = steps[warmup:]
     if not timed:
         raise RuntimeError(f"no timed steps: {len(steps)} steps logged, {warmup} of them warm-up")
@@ -538,7 +544,7 @@ def main() -> None:
         for arm in arms:
             run_dir = os.path.join(runs, f"prime_jax{i}-{arm}" if len(srcs) > 1 else f"prime_jax-{arm}")
             config = write_prime_config(w, arm, run_dir, total)
-            label = f"prime_jax{'@' + tag if tag else ''} {'RLOO' if arm == 'rloo' else 'PRIME'}"
+            label = f"prime_jax{'@' + tag if tag else ''} {PRIME_ARMS[arm][0]}"
             sides.append(Side("prime_jax", arm, label, python, ["-u", "-m", "prime_jax.main", f"--config={config}"],
                               src, run_dir))
 

@@ -150,7 +150,8 @@ class Trainer:
             metrics["timing/gen"] = metrics.pop("timing/collect") - metrics["timing/verify_exposed"]
         else:  # generation ran in the rollout thread (its own timing/gen); the step waited for what was left
             metrics["timing/rollout_wait"] = metrics.pop("timing/collect")
-            metrics["timing/publish"] = self.publish_s
+            metrics["timing/publish"] = self.publish_s  # the previous update's copy to the sampler, between steps
+            metrics["timing/step"] += self.publish_s
         metrics["throughput/gen_tokens_per_s"] = metrics["train/gen_tokens"] / max(metrics["timing/gen"], 1e-9)
         tokens = float(exp.mask.sum())
         train_s = metrics.get("timing/reward_model", 0.0) + metrics["timing/update_actor"]

@@ -71,6 +71,7 @@ class RolloutsAhead:
         self._error: BaseException | None = None
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="rollouts-ahead", daemon=True)
+        self._thread_started = False
 
     def version_for(self, step: int) -> int:
         return version_for(step, self.max_staleness, self.start, self.sync_every)
@@ -80,7 +81,8 @@ class RolloutsAhead:
         with self._cond:
             self._params[version] = params
             self._cond.notify_all()
-        if not self._thread.is_alive() and self._error is None and not self._closed:
+        if not self._thread_started:  # the first version: the thread starts with it (it may finish before the run)
+            self._thread_started = True
             self._thread.start()
 
     def take(self, step: int) -> tuple[Experience, dict[str, float]]:
@@ -100,7 +102,7 @@ class RolloutsAhead:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        if self._thread.is_alive():
+        if self._thread_started:
             self._thread.join()
 
     def _run(self) -> None:

@@ -80,6 +80,26 @@ def test_the_thread_samples_each_step_with_its_version_and_keeps_the_state_befor
     assert ahead.state_before(9, lambda: "current") == "current"  # never started: the caller's current state
 
 
+def test_the_trainer_may_publish_after_the_thread_collected_the_last_step():
+    """k=2: the last step's rollouts need an old version, so the thread can finish while the trainer still trains and
+    publishes its updates."""
+    done = threading.Event()
+
+    def collect_step(step, version, params):
+        if step == 4:
+            done.set()
+        return experience([version] * 2, n=2), {"version": version}
+
+    ahead = RolloutsAhead(collect_step, dict, start=0, total_steps=5, max_staleness=2, sync_every=(100,))
+    ahead.publish(0, "params0")
+    for step in range(5):
+        ahead.take(step)
+        if step == 2:
+            assert done.wait(10) and ahead._thread.join(10) is None and not ahead._thread.is_alive()
+        ahead.publish(step + 1, f"params{step + 1}")  # after the thread is gone: no error
+    ahead.close()
+
+
 def test_an_error_in_the_rollout_thread_is_raised_by_take():
     def collect_step(step, version, params):
         raise ValueError("verifier pool died")
