@@ -138,8 +138,11 @@ def test_fit_saves_a_checkpoint_and_raises_after_max_nonfinite_steps_in_a_row(ca
     skips = iter([1.0, 0.0, 1.0, 1.0, 0.0, 0.0])
     saved, written, closed = [], [], []
     t = Trainer.__new__(Trainer)
+    mesh = object()  # synchronous, one mesh: no rollout thread
     t.s = types.SimpleNamespace(total_steps=6, checkpoint_freq=100, max_nonfinite_steps=2, workdir="w",
-                                eval=types.SimpleNamespace(freq=100, before_train=False))
+                                eval=types.SimpleNamespace(freq=100, before_train=False), max_staleness=0,
+                                mesh=mesh, rollout_mesh=mesh)
+    t.ahead = None
     t.p = types.SimpleNamespace(data_skipped={})
     t.step, t.nonfinite, total = 0, NonfiniteGuard(2), [0.0]
 
