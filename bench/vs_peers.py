@@ -81,6 +81,9 @@ import threading
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from prime_jax.data.prompts import MATH_SUFFIX, build_messages  # noqa: E402  (the trainer's own prompt format)
 PEERS_DIR = os.path.join(REPO, "bench", "peers")
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "prime_jax", "peers")
 RESULT_PREFIX = "PEER_RESULT "
@@ -92,7 +95,6 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-MATH_SUFFIX = "\n\nPresent the answer in LaTex format: \\boxed{Your answer}"  # prime_jax/data/prompts.py
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,7 +161,7 @@ def build_workload(wl: Workload, math500: str, out: str) -> dict:
 
     picked = []
     for row_id, problem, answer in rows:
-        messages = [{"role": "user", "content": problem + MATH_SUFFIX}]
+        messages = build_messages(problem, "math", system_prompt=None)
         text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         length = len(tok.encode(text, add_special_tokens=False))
         if length <= wl.max_prompt_tokens:
