@@ -146,10 +146,9 @@ class Trainer:
         metrics.update(response_length_metrics(exp))
         metrics.update(t.seconds)
         metrics["timing/step"] = sum(t.seconds.values())
-        if self.ahead is None:
-            metrics["timing/gen"] = metrics.pop("timing/collect") - metrics["timing/verify_exposed"]
-        else:  # generation ran in the rollout thread (its own timing/gen); the step waited for what was left
-            metrics["timing/rollout_wait"] = metrics.pop("timing/collect")
+        waited = metrics.pop("timing/collect")  # = collect's own time when there is no rollout thread
+        if self.ahead is not None:  # generation ran in the rollout thread; the step waited for what was left
+            metrics["timing/rollout_wait"] = waited
             metrics["timing/publish"] = self.publish_s  # the previous update's copy to the sampler, between steps
             metrics["timing/step"] += self.publish_s
         metrics["throughput/gen_tokens_per_s"] = metrics["train/gen_tokens"] / max(metrics["timing/gen"], 1e-9)
@@ -216,8 +215,7 @@ class Trainer:
 
         exp, self.buffer, metrics = collect(sample, self.next_prompts, self.buffer, self.p.tokenizer.decode,
                                             self.p.pool, self.s.collect, seed=step_seed, version=version)
-        if self.ahead is not None:
-            metrics["timing/gen"] = time.perf_counter() - t0 - metrics["timing/verify_exposed"]
+        metrics["timing/gen"] = time.perf_counter() - t0 - metrics["timing/verify_exposed"]
         return exp, metrics
 
     def publish(self) -> None:
