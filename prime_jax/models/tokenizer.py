@@ -198,12 +198,17 @@ def token_char_ends(decode: Callable[[Sequence[int]], str], ids: Sequence[int]) 
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """A directory with HF tokenizer files -> `HFTokenizer`; a `.model` file -> `SentencePieceTokenizer`.
+    """A directory with HF tokenizer files -> `HFTokenizer`; a `.model` file, or a directory whose only tokenizer
+    file is `tokenizer.model` (what `prime_jax.warm_start` writes) -> `SentencePieceTokenizer`.
     Either may be local or gs:// (staged to a local copy: prime_jax.paths.stage)."""
     from prime_jax import paths
 
     path = paths.stage(path)
     if os.path.isdir(path):
+        spm = os.path.join(path, "tokenizer.model")
+        hf_files = ("tokenizer.json", "tokenizer_config.json")
+        if os.path.isfile(spm) and not any(os.path.isfile(os.path.join(path, f)) for f in hf_files):
+            return SentencePieceTokenizer(spm)
         return HFTokenizer(path)
     if path.endswith(".model") and os.path.isfile(path):
         return SentencePieceTokenizer(path)

@@ -112,6 +112,12 @@ def test_load_tokenizer_dispatch(hf_dir, tmp_path):
     assert isinstance(load_tokenizer(hf_dir), HFTokenizer)
     train_sentencepiece(CORPUS, tmp_path / "x", vocab_size=400)
     assert isinstance(load_tokenizer(tmp_path / "x.model"), SentencePieceTokenizer)
+    # A warm-start model directory: config, weights and a sentencepiece tokenizer.model, no HF tokenizer files.
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "tokenizer.model").write_bytes((tmp_path / "x.model").read_bytes())
+    from_dir = load_tokenizer(tmp_path / "model")
+    assert isinstance(from_dir, SentencePieceTokenizer)
+    assert from_dir.encode(ROUND_TRIP) == load_tokenizer(tmp_path / "x.model").encode(ROUND_TRIP)
     with pytest.raises(ValueError, match="cannot load a tokenizer"):
         load_tokenizer(tmp_path / "missing.json")
     with pytest.raises(ValueError, match="local directory"):
