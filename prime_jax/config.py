@@ -45,6 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.synthetic.math_frac = 0.75
     c.synthetic.difficulty = 2
     c.synthetic.max_operand = 0         # 0: operands grow with difficulty (10 * difficulty); >= 2 caps them
+    c.synthetic.code_steps = False      # warm-start code solutions: False `return <expr>`; True one `x = x op n` line a step
     c.synthetic.vocab_size = 512
 
     c.rollout = ml_collections.ConfigDict()

@@ -45,10 +45,11 @@ def warm_start(rs: RunSettings, out_dir: str, tasks: Sequence[Example] | None = 
     tasks = sft_tasks(rs) if tasks is None else tasks
     tmp = tempfile.mkdtemp(prefix="prime_jax_sft_") if paths.is_remote(out_dir) else out_dir + ".partial"
     os.makedirs(tmp, exist_ok=True)
-    corpus = [m["content"] for t in tasks for m in t.prompt] + [reference_solution(t) for t in tasks]
+    solutions = [reference_solution(t, code_steps=s.code_steps) for t in tasks]
+    corpus = [m["content"] for t in tasks for m in t.prompt] + solutions
     tok = train_sentencepiece(corpus, os.path.join(tmp, "tokenizer"), vocab_size=s.vocab_size)
     prompts = [tok.encode(tok.apply_chat_template(t.prompt)) for t in tasks]
-    responses = [tok.encode(reference_solution(t)) + [tok.eos_ids[0]] for t in tasks]
+    responses = [tok.encode(solution) + [tok.eos_ids[0]] for solution in solutions]
     p_len, r_len = max(map(len, prompts)), max(map(len, responses))
     n = len(tasks)
     pt, pm = np.full((n, p_len), tok.pad_id, np.int32), np.zeros((n, p_len), np.int32)

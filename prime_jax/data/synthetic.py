@@ -5,8 +5,9 @@ Code: "Write a function f(x) that returns (x + 5) * 3 - 4." with APPS call-based
 `{"fn_name": "f", "inputs": [[x], ...], "outputs": [f(x), ...]}`.
 `difficulty` = number of operations in the expression; operands grow with it (additive operands
 up to 10 * difficulty, multipliers 2..9) unless `max_operand` caps them (multipliers 2..min(9, max_operand)). `reference_solution` writes a short correct response in
-the form the verifiers accept, for the supervised warm start of a tiny model; `math_chain` gives a math task's
-steps in order (what `prime_jax.data.steps` checks a response's step lines against).
+the form the verifiers accept, for the supervised warm start of a tiny model; `task_chain` gives a task's steps in
+order (what `prime_jax.data.steps` checks a response's step lines against): `ChainStep`s of a math task, `CodeStep`s
+of a code task (its step-by-step solution assigns one operation a line, `x = x + 5`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ _CODE_PREFIX = "Write a function f(x) that returns "
 _NUM_CODE_TESTS = 4
 _OP_SYMBOLS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*"}
 MATH_SOURCE = "synthetic_math"
+CODE_SOURCE = "synthetic_code"
 
 
 class ChainStep(NamedTuple):
@@ -37,6 +39,16 @@ class ChainStep(NamedTuple):
 
     def __str__(self) -> str:
         return f"{self.left} {self.op} {self.right} = {self.value}"
+
+
+class CodeStep(NamedTuple):
+    """One operation of a code task's chain, applied to `x`; str() is its line in a step-by-step solution."""
+
+    op: str
+    right: int
+
+    def __str__(self) -> str:
+        return f"x = x {self.op} {self.right}"
 
 
 def random_expression(rng: random.Random, num_ops: int, max_operand: int, start: str, max_multiplier: int = 9) -> str:
@@ -121,7 +133,7 @@ def make_tasks(
                 prompt=build_messages(question, ability, system_prompt=system_prompt),
                 ability=ability,
                 ground_truth=truth,
-                data_source=MATH_SOURCE if ability == "math" else "synthetic_code",
+                data_source=MATH_SOURCE if ability == "math" else CODE_SOURCE,
                 uid=f"synthetic-{seed}-{i}",
             )
         )
@@ -146,9 +158,35 @@ def math_chain(example: Example) -> list[ChainStep] | None:
     return steps
 
 
-def reference_solution(example: Example) -> str:
-    """A correct, short response: math = one line per operation then `\\boxed{N}`; code = a fenced `def f(x)`."""
+def _code_ops(node: ast.expr) -> list[CodeStep]:
+    if isinstance(node, ast.Name) and node.id == "x":
+        return []
+    if (isinstance(node, ast.BinOp) and type(node.op) in _OP_SYMBOLS and isinstance(node.right, ast.Constant)
+            and isinstance(node.right.value, int)):
+        return _code_ops(node.left) + [CodeStep(_OP_SYMBOLS[type(node.op)], node.right.value)]
+    raise ValueError(f"not a left-to-right chain on x: {ast.dump(node)}")
+
+
+def code_chain(example: Example) -> list[CodeStep] | None:
+    """The operations of a synthetic code task's chain on `x`, in order ("(x + 5) * 3" -> x = x + 5, x = x * 3);
+    None for any other example."""
+    if example.data_source != CODE_SOURCE:
+        return None
+    return _code_ops(ast.parse(_expression_of(example), mode="eval").body)
+
+
+def task_chain(example: Example) -> list[ChainStep] | list[CodeStep] | None:
+    """`math_chain` or `code_chain`, whichever applies; None for examples that are not synthetic."""
+    return math_chain(example) or code_chain(example)
+
+
+def reference_solution(example: Example, *, code_steps: bool = False) -> str:
+    """A correct, short response: math = one line per operation then `\\boxed{N}`; code = a fenced `def f(x)` that
+    returns the expression, or with `code_steps` assigns one operation a line (`x = x + 5`) and returns x."""
     steps = math_chain(example)
     if steps is not None:
         return "\n".join(map(str, steps)) + f"\n\\boxed{{{steps[-1].value}}}"
+    if code_steps:
+        body = "".join(f"    {step}\n" for step in code_chain(example))
+        return f"```python\ndef f(x):\n{body}    return x\n```"
     return f"```python\ndef f(x):\n    return {_expression_of(example)}\n```"

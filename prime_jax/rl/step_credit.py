@@ -2,8 +2,7 @@
 
 Host-side numpy, on a step's batch, from the token rewards the PRM gave before its update on each row's mini-batch
 (`PrmStepOutput.before`, what reward_model/dpo_acc_before reads). Only rows with step labels take part: the trained
-rows of synthetic math tasks (`prime_jax.data.steps`); code tasks and real datasets have no step labels and are
-left out. A step's reward is the sum of the token rewards of the tokens its line covers (`step_rewards`).
+rows of synthetic math and code tasks (`prime_jax.data.steps`); real datasets have no step labels and are left out. A step's reward is the sum of the token rewards of the tokens its line covers (`step_rewards`).
 
 Metrics (`credit_metrics`), each left out when it has nothing to average:
 - prm/step_auroc: AUROC of step rewards, right steps (those before their response's first wrong step, or all of a
@@ -23,7 +22,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from prime_jax.data.steps import LABELS, StepLabels, label_steps
-from prime_jax.data.synthetic import math_chain
+from prime_jax.data.synthetic import task_chain
 from prime_jax.models.tokenizer import token_char_ends
 from prime_jax.rl.collect import Experience
 
@@ -76,11 +75,11 @@ class LabelledRow:
 
 
 def label_rows(exp: Experience, decode: Callable[[Sequence[int]], str]) -> list[LabelledRow]:
-    """The trained rows of synthetic math tasks in `exp`, their responses (valid tokens, `decode`d) labelled against
+    """The trained rows of synthetic tasks in `exp`, their responses (valid tokens, `decode`d) labelled against
     the task's chain; [] when the batch has none."""
     out = []
     for g, prompt in enumerate(exp.prompts):
-        chain = math_chain(prompt.example)
+        chain = task_chain(prompt.example)
         if chain is None:
             continue
         for row in range(g * exp.n, (g + 1) * exp.n):

@@ -120,6 +120,7 @@ def _check_values(c: ml_collections.ConfigDict) -> None:
     _number(c, "synthetic.math_frac", 0, 1)
     if not isinstance(c.synthetic.max_operand, int) or c.synthetic.max_operand < 0 or c.synthetic.max_operand == 1:
         _fail("synthetic.max_operand", f"must be 0 (grow with difficulty) or >= 2, got {c.synthetic.max_operand!r}")
+    _flag(c, "synthetic.code_steps")
 
     for key in ("param_dtype", "ref_dtype", "compute_dtype"):
         _choice(c, f"model.{key}", DTYPES)

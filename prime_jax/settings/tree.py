@@ -54,6 +54,7 @@ class SyntheticSettings:
     math_frac: float
     difficulty: int
     max_operand: int
+    code_steps: bool
     vocab_size: int
 
 

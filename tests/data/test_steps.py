@@ -1,4 +1,4 @@
-"""Step labels of synthetic math responses: hand-built responses with known labels, spans and first errors."""
+"""Step labels of synthetic math and code responses: hand-built responses with known labels, spans and first errors."""
 
 import numpy as np
 import pytest
@@ -7,7 +7,9 @@ from prime_jax.data.example import Example
 from prime_jax.data.prompts import build_messages
 from prime_jax.data.steps import label_steps, step_lines
 from prime_jax.data.synthetic import (
+    CODE_SOURCE,
     MATH_SOURCE,
+    code_chain,
     make_tasks,
     math_chain,
     reference_solution,
@@ -75,3 +77,52 @@ def test_reference_solutions_are_all_right():
         got = label_steps(math_chain(t), reference_solution(t))
         assert got.labels == ("right",) * 4 and got.first_wrong is None
         assert np.all(got.spans[:, 1] > got.spans[:, 0])
+
+
+def code_task(expression: str) -> Example:
+    return Example(prompt=build_messages(f"Write a function f(x) that returns {expression}.", "code"), ability="code",
+                   ground_truth="", data_source=CODE_SOURCE, uid=expression)
+
+
+CODE_CHAIN = code_chain(code_task("(x + 5) * 3 - 4"))   # x = x + 5, x = x * 3, x = x - 4
+RIGHT_CODE = "```python\ndef f(x):\n    x = x + 5\n    x = x * 3\n    x = x - 4\n    return x\n```"
+
+
+@pytest.mark.parametrize("text, labels, first_wrong", [
+    (RIGHT_CODE, ("right", "right", "right"), None),
+    # a wrong operand, then back on the chain; spaces optional
+    ("```python\ndef f(x):\n    x=x+5\n    x = x * 4\n    x = x - 4\n    return x\n```", ("right", "wrong", "right"), 1),
+    # a skipped step; a line in another form is malformed and takes no chain position
+    ("```python\ndef f(x):\n    y = x + 5\n    x = x + 5\n    x = x - 4\n    return x\n```",
+     ("malformed", "right", "wrong"), 2),
+    # a step past the chain's end
+    (RIGHT_CODE.replace("    return", "    x = x + 1\n    return"), ("right", "right", "right", "wrong"), 3),
+    # the one-line form has no step lines; nor has text without a def; lines after return or the fence are no steps
+    ("```python\ndef f(x):\n    return (x + 5) * 3 - 4\n```", (), None),
+    ("x = x + 5", (), None),
+    ("def f(x):\n    x = x + 5\n```\nx = x * 3", ("right",), None),
+    ("def f(x):\n    x = x + 5\n    return x\n    x = x * 3", ("right",), None),
+])
+def test_code_labels_and_first_wrong(text, labels, first_wrong):
+    got = label_steps(CODE_CHAIN, text)
+    assert got.labels == labels and got.first_wrong == first_wrong
+    assert [text[a:b].strip() == text[a:b] and "\n" not in text[a:b] for a, b in got.spans] == [True] * len(labels)
+
+
+def test_code_spans_are_the_step_lines():
+    got = label_steps(CODE_CHAIN, RIGHT_CODE)
+    assert [RIGHT_CODE[a:b] for a, b in got.spans] == ["x = x + 5", "x = x * 3", "x = x - 4"]
+    assert step_lines(RIGHT_CODE, code=True) == [tuple(s) for s in got.spans.tolist()]
+
+
+def test_code_reference_solutions_are_all_right_and_pass_their_tests():
+    import json
+
+    for t in make_tasks(40, seed=5, math_frac=0.0, difficulty=3):
+        solution = reference_solution(t, code_steps=True)
+        got = label_steps(code_chain(t), solution)
+        assert got.labels == ("right",) * 3 and got.first_wrong is None
+        namespace: dict = {}
+        exec(solution.removeprefix("```python\n").removesuffix("\n```"), namespace)   # noqa: S102 (our own code)
+        tests = json.loads(t.ground_truth)
+        assert [namespace["f"](*args) for args in tests["inputs"]] == tests["outputs"]

@@ -11,7 +11,10 @@ from prime_jax.data.prompts import CODE_SUFFIX, MATH_SUFFIX, build_messages
 from prime_jax.data.synthetic import (
     ChainStep,
     make_tasks,
+    CodeStep,
+    code_chain,
     math_chain,
+    task_chain,
     reference_solution,
 )
 
@@ -109,6 +112,12 @@ def test_math_chain_is_the_left_to_right_steps_and_only_for_synthetic_math():
     assert [str(s) for s in math_chain(task("Compute 4 - 9 * 2."))] == ["9 * 2 = 18", "4 - 18 = -14"]  # precedence kept
     assert math_chain(task("Write a function f(x) that returns x + 1.", "code", "synthetic_code")) is None
     assert math_chain(task("Compute 1 + 2.", source="math500")) is None   # a real dataset's question
+    assert code_chain(task("Write a function f(x) that returns (x + 5) * 3 - 4.", "code", "synthetic_code")) == [
+        CodeStep("+", 5), CodeStep("*", 3), CodeStep("-", 4)]
+    assert code_chain(task("Compute 1 + 2.")) is None
+    assert task_chain(task("Compute 1 + 2.")) == [ChainStep(1, "+", 2, 3)]
+    assert task_chain(task("Write a function f(x) that returns x * 2.", "code", "synthetic_code")) == [CodeStep("*", 2)]
+    assert task_chain(task("Compute 1 + 2.", source="math500")) is None
     for t in make_tasks(30, seed=2, math_frac=0.5, difficulty=3):
         chain = math_chain(t)
         assert (chain is None) == (t.ability == "code")

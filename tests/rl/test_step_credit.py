@@ -1,5 +1,7 @@
 """PRM step-credit diagnostics: hand-built responses with known first errors, hand-set token rewards, hand numbers."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -15,7 +17,7 @@ from prime_jax.rl.step_credit import (
     step_rewards,
 )
 
-R = 64        # response length
+R = 96        # response length
 EOS = 0       # decodes to nothing, as a special token does
 
 
@@ -95,15 +97,32 @@ def test_first_error_top1_by_hand():
     assert first_error_top1([], []) is None
 
 
-def test_label_rows_takes_the_trained_synthetic_math_rows():
+def test_label_rows_takes_the_trained_synthetic_rows():
     exp, _ = experience(GROUPS)
     rows = label_rows(exp, decode)
-    assert [r.row for r in rows] == [0, 1, 2, 3]              # not the code group (4, 5), nor the padding (6, 7)
+    assert [r.row for r in rows] == [0, 1, 2, 3, 4, 5]        # not the padding (6, 7)
+    # the code group's responses have no `def`, so no step lines (math lines are not code steps)
     assert [r.steps.labels for r in rows] == [("right",) * 3, ("right", "wrong", "wrong"), ("wrong", "wrong", "right"),
-                                              ("right", "malformed", "right")]
-    assert [r.steps.first_wrong for r in rows] == [None, 1, 0, None]
+                                              ("right", "malformed", "right"), (), ()]
+    assert [r.steps.first_wrong for r in rows] == [None, 1, 0, None, None, None]
     text = GROUPS[0][1][0][0]
     assert rows[0].ends.tolist() == list(range(1, len(text) + 1)) + [len(text)]    # + the EOS, no text
+    exp, _ = experience([GROUPS[0], (MATH, [])])
+    real = Example(build_messages("Compute 1 + 2.", "math"), "math", "3", "math500", "q")   # a real dataset's task
+    exp = dataclasses.replace(exp, prompts=[exp.prompts[0], Prompt(real, exp.prompts[1].ids)], trained=np.ones(4, bool))
+    assert [r.row for r in label_rows(exp, decode)] == [0, 1]
+
+
+def test_code_steps_are_labelled_and_credited():
+    text = "```python\ndef f(x):\n    x = x + 5\n    x = x * 4\n    x = x - 4\n    return x\n```"   # right, wrong, right
+    exp, rewards = experience([(CODE, [(text, []), ("", [])]), (MATH, [])])
+    (row,) = [r for r in label_rows(exp, decode) if r.steps.labels]
+    assert row.steps.labels == ("right", "wrong", "right") and row.steps.first_wrong == 1
+    for (start, _), v in zip(row.steps.spans, [0.5, -1.0, 2.0]):
+        rewards[0, start] = v
+    got = credit_metrics([row], rewards)
+    assert got["prm/step_auroc"] == 1.0                  # the one right step before it (0.5) above the first wrong (-1)
+    assert got["prm/first_error_top1"] == 1.0 and got["prm/first_error_chance"] == pytest.approx(1 / 3)
 
 
 def test_credit_metrics_by_hand():
