@@ -115,6 +115,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.prm.micro_batch_tokens = 0        # packed token budget per forward-backward (0: micro_batch_size full rows)
     c.prm.update_mode = "after"        # after (single forward) | before (double forward) | none
     c.prm.granularity = "token"        # token | whole
+    c.prm.shuffle_labels = False       # control: the PRM learns from the batch's outcome labels permuted (no information)
     c.prm.include_eos = True
     c.prm.norm_scope = "global"        # global | shard (the reference normalises per data shard)
     c.prm.zero_lr_first_iteration = False

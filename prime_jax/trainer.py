@@ -40,6 +40,7 @@ from prime_jax.metrics import MetricWriter, plot_curves
 from prime_jax.models import save_pretrained
 from prime_jax.rl.collect import Experience, Prompt, collect
 from prime_jax.rl.optim import layout_sharding, skipped_updates
+from prime_jax.rl.prm import shuffled_labels
 from prime_jax.rl.rollouts_ahead import RolloutsAhead, check_versions
 from prime_jax.rl.step_credit import credit_metrics, label_rows
 from prime_jax.sampling import Rollout, RowsCallback, StopCallback
@@ -121,10 +122,12 @@ class Trainer:
         batch = self.to_device({k: host[k] for k in ("mask", "old_logp", "acc")})
         rm_scores, prm_metrics = jnp.zeros(batch["mask"].shape, jnp.float32), {}  # outcome-only RL: no PRM work
         if prm_slots is not None:
+            extra = {"unpack": prm_slots.unpack}
+            if self.s.prm.shuffle_labels:
+                extra["labels"] = shuffled_labels(host["acc"], exp.trained, self.s.seed, self.step)
             with t("reward_model"):
                 self.prm, prm_out = jax.block_until_ready(self.p.programs.prm_step(
-                    self.prm, self.p.ref_params, {**batch, **self.to_device({"unpack": prm_slots.unpack})},
-                    self.slots_to_device(prm_slots.arrays)))
+                    self.prm, self.p.ref_params, {**batch, **self.to_device(extra)}, self.slots_to_device(prm_slots.arrays)))
             rm_scores, prm_metrics = prm_out.rm_scores, prm_out.metrics
             # Real tokens / token slots computed; the reference forward runs on the PRM's slots.
             metrics["throughput/token_efficiency/ref"] = metrics["throughput/token_efficiency/prm"] = prm_slots.efficiency

@@ -77,6 +77,7 @@ RULES = [
     ("synthetic.math_frac", 1.5, "synthetic.math_frac", "<= 1"),
     ("synthetic.max_operand", 1, "synthetic.max_operand", "must be 0"),
     ("synthetic.code_steps", 1, "synthetic.code_steps", "must be True or False"),
+    ("prm.shuffle_labels", "yes", "prm.shuffle_labels", "must be True or False"),
     ("model.path", "/nonexistent", "model.path", "no config.json in '/nonexistent'"),
     ("model.param_dtype", "fp8", "model.param_dtype", "'fp8' is not one of"),
     ("model.ref_dtype", "int8", "model.ref_dtype", "is not one of"),

@@ -137,7 +137,8 @@ class PrmStepConfig:
     (reference 256 / 8). update: "after" = single forward, each row's reward from the PRM before
     the update on its own mini-batch (reference default); "before" = update on the whole batch, then
     a second forward for the rewards (VERL default, the paper's App. B.2 "double forward");
-    "none" = no update. num_shards: the batch is seen as that many contiguous chunks (the reference: one
+    "none" = no update. shuffle_labels: the label-shuffled control (`shuffled_labels`): the PRM learns from the
+    outcome labels permuted across the batch, so its rewards carry no information about the responses. num_shards: the batch is seen as that many contiguous chunks (the reference: one
     per GPU, 8) and mini-batch m takes the m-th slice of every chunk, in order; it is also the
     scope of batch_norm when norm_scope="shard" (the reference's effective scope). Default 1 and
     "global": one scope over the batch, independent of the device count.
@@ -151,6 +152,7 @@ class PrmStepConfig:
     num_shards: int = 1
     include_eos: bool = True
     granularity: Granularity = "token"
+    shuffle_labels: bool = False
 
     def updates_per_iteration(self, batch_size: int) -> int:
         """PRM optimiser steps per call (for the lr schedule): B / mini_batch_size, or 0 for "none"."""
@@ -183,11 +185,21 @@ def prm_minibatches(batch_size: int, cfg: PrmStepConfig) -> np.ndarray:
     return minibatch_order(batch_size, cfg.mini_batch_size, cfg.num_shards).reshape(-1, cfg.mini_batch_size)
 
 
+def shuffled_labels(acc: np.ndarray, trained: np.ndarray, seed: int, step: int) -> np.ndarray:
+    """The label-shuffled control's PRM targets: acc [B] with the trained rows' values permuted among themselves by a
+    (seed, step) generator (padding rows keep theirs) -> [B] float32. Same class balance, no tie to the response."""
+    labels = np.asarray(acc, np.float32).copy()
+    rows = np.flatnonzero(trained)
+    labels[rows] = labels[np.random.default_rng([seed, step]).permutation(rows)]
+    return labels
+
+
 def make_prm_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: PrmStepConfig, *,
                   mesh: Mesh, state: TrainState, ref_params: Any) -> Callable[..., tuple[TrainState, PrmStepOutput]]:
     """The jitted PRM program: (state, ref_params, batch, layout) -> (new state, PrmStepOutput).
 
-    batch: mask [B, R] float32, acc [B] float32, unpack [B, R] int32; layout: the sequences' slots
+    batch: mask [B, R] float32, acc [B] float32, unpack [B, R] int32, and optionally labels [B] float32: the loss's
+    targets when they are not acc (`shuffled_labels`; the metrics still read acc); layout: the sequences' slots
     [M, k, r, L] from `prime_jax.rl.packing.lay_out` (and its `unpack`) with the rows of `prm_minibatches`
     (M mini-batches of k micro-batches).
     `state` / `ref_params` (real or abstract) fix the shardings: params and Adam moments by their logical
@@ -222,11 +234,12 @@ def make_prm_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg:
                 raise ValueError(f"prm batch of {b} rows is not a multiple of prm.n={cfg.n}")
             check_layout("prm", layout, b // cfg.mini_batch_size)
             acc = batch["acc"].astype(jnp.float32)
+            labels = batch["labels"].astype(jnp.float32) if "labels" in batch else acc
             valid = to_slots(batch["mask"], layout["index"]) > 0
             # The slot predicting a sequence's last response token: the next slot (that token's own) predicts nothing.
             last = valid & ~jnp.concatenate([valid[..., 1:], jnp.zeros_like(valid[..., :1])], axis=-1)
             layout = {**layout, "valid": valid, "last": last,
-                      "acc": to_slots(acc, layout["index"] // batch["mask"].shape[1])}
+                      "acc": to_slots(labels, layout["index"] // batch["mask"].shape[1])}
 
             def micro_loss(params, mb):
                 logp_ref = jax.lax.stop_gradient(logps(ref_params, mb))
@@ -256,7 +269,7 @@ def make_prm_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg:
             before = raw = rewards_of(logp_prm, logp_ref, batch["mask"])
             seq_before = jnp.sum(before, axis=-1)
             # The mean of the mini-batch losses (each a sum over its rows / mini_batch_size) is the batch mean.
-            metrics = {"reward_model/prm_loss": prm_loss(logp_prm, logp_ref, batch["mask"], acc, beta=cfg.beta),
+            metrics = {"reward_model/prm_loss": prm_loss(logp_prm, logp_ref, batch["mask"], labels, beta=cfg.beta),
                        "reward_model/dpo_acc_before": dpo_acc(seq_before, acc, cfg.n),
                        "reward_model/dpo_acc_before_tie_neutral": dpo_acc(seq_before, acc, cfg.n, ties="half")}
             if cfg.update != "none":

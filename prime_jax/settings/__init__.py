@@ -135,7 +135,7 @@ def resolve(c: ml_collections.ConfigDict, mesh: Mesh | None = None, arch: ModelC
                                 f"divide prm.mini_batch_size={p.mini_batch_size}")
     prm = PrmStepConfig(n=n, mini_batch_size=p.mini_batch_size, micro_batch_size=p.micro_batch_size, beta=p.beta,
                         update=p.update_mode, norm_scope=p.norm_scope, num_shards=num_shards,
-                        include_eos=p.include_eos, granularity=p.granularity)
+                        include_eos=p.include_eos, granularity=p.granularity, shuffle_labels=p.shuffle_labels)
     ppo = PpoStepConfig(mini_batch_size=ac.mini_batch_size, micro_batch_size=ac.micro_batch_size,
                         epochs=ac.ppo_epochs, clip=ac.clip_ratio, clip_high=ac.clip_ratio_high or None,
                         agg=ac.loss_agg, entropy_coef=ac.entropy_coeff, temperature=r.temperature or 1.0)

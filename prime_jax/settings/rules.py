@@ -193,6 +193,7 @@ def _check_values(c: ml_collections.ConfigDict) -> None:
     _choice(c, "actor.loss_agg", AGGREGATIONS)
     _number(c, "prm.beta", 0, lo_open=True)
     _choice(c, "prm.update_mode", UPDATE_MODES)
+    _flag(c, "prm.shuffle_labels")
     _choice(c, "prm.granularity", GRANULARITIES)
     _flag(c, "prm.include_eos")
     _choice(c, "prm.norm_scope", NORM_SCOPES)

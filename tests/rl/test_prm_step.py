@@ -11,7 +11,7 @@ from flax import nnx
 
 from prime_jax.mesh import make_mesh
 from prime_jax.models import response_logprobs
-from prime_jax.rl.prm import PrmStepConfig, make_prm_step, prm_loss, prm_minibatches
+from prime_jax.rl.prm import PrmStepConfig, make_prm_step, prm_loss, prm_minibatches, shuffled_labels
 from prime_jax.rl.optim import OptimConfig, init_train_state, make_optimizer, shard_train_state
 from tests.rl import numpy_reference as ref
 from tests.fixtures import (assert_trees_close, copy_tree, layout, logp_fn, make_batch, one_device_mesh,
@@ -279,3 +279,31 @@ def test_update_none_reports_no_skip_count(model):
     cfg = PrmStepConfig(n=N, mini_batch_size=MINI, micro_batch_size=8, update="none")
     _, out, _ = run_step(cfg, params, make_batch(2, B))
     assert "reward_model/skipped_nonfinite" not in out.metrics
+
+
+def test_shuffled_labels_permute_the_trained_rows_only_from_the_seed_and_step():
+    acc = np.array([1, 0, 0, 1, 1, 0, 1, 1], np.float32)
+    trained = np.array([1, 1, 1, 1, 1, 1, 0, 0], bool)
+    got = shuffled_labels(acc, trained, seed=0, step=3)
+    assert got.dtype == np.float32 and got[6:].tolist() == [1.0, 1.0]           # padding rows keep theirs
+    assert sorted(got[:6].tolist()) == sorted(acc[:6].tolist())                 # the same labels, permuted
+    np.testing.assert_array_equal(got, shuffled_labels(acc, trained, seed=0, step=3))
+    draws = {tuple(shuffled_labels(acc, trained, seed=s, step=k)[:6]) for s in range(3) for k in range(3)}
+    assert len(draws) > 1                                                       # another seed or step, another order
+
+
+def test_labels_key_trains_on_the_given_labels_and_the_metrics_read_acc(model):
+    """The label-shuffled control: the step trains exactly as on a batch whose acc were the labels, while dpo_acc
+    still ranks against the true acc."""
+    graphdef, params, logps = model
+    batch = make_batch(1, B)
+    labels = shuffled_labels(batch["acc"], np.ones(B, bool), seed=1, step=1)
+    assert not np.array_equal(labels, batch["acc"])
+    cfg = PrmStepConfig(n=N, mini_batch_size=MINI, micro_batch_size=4, num_shards=SHARDS, norm_scope="shard")
+    state, out, tx = run_step(cfg, params, {**batch, "labels": labels})
+    want_params, before, raw, loss, _ = reference_iteration(graphdef, logps, tx, params, {**batch, "acc": labels},
+                                                            mini=MINI, shards=SHARDS, update="after")
+    assert_trees_close(state.params, want_params)
+    np.testing.assert_allclose(np.asarray(out.raw), raw, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(float(out.metrics["reward_model/prm_loss"]), loss, rtol=1e-5)
+    np.testing.assert_allclose(float(out.metrics["reward_model/dpo_acc_before"]), ref.dpo_acc(raw.sum(1), batch["acc"], N))
