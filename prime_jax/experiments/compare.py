@@ -23,7 +23,7 @@ from prime_jax.data.example import Example
 from prime_jax.data.synthetic import make_tasks
 from prime_jax.experiments import report
 from prime_jax.metrics import read_metrics
-from prime_jax.settings import ExperimentSettings, RunSettings
+from prime_jax.settings import ExperimentSettings, RunSettings, SyntheticSettings
 
 # name -> (what it is, config overrides on top of the shared config)
 ARMS: dict[str, tuple[str, dict[str, object]]] = {
@@ -33,12 +33,14 @@ ARMS: dict[str, tuple[str, dict[str, object]]] = {
     "grpo_prime": ("GRPO on process + outcome rewards, online PRM", {"algorithm.adv_estimator": "grpo"}),
     "reinforce_prime": ("REINFORCE on process + outcome rewards, online PRM", {"algorithm.adv_estimator": "reinforce"}),
     "pure_min": ("RLOO, min-form process credit (PURE) + outcome, online PRM", {"algorithm.process_credit": "min"}),
-    # PRIME with other PRM settings (what else was tried when PRIME did not beat outcome-only RLOO)
+    # Ablations of PRIME's PRM (configs/compare.py: 64 rows a step, one PRM update of 64 rows, beta 0.05, lr 1e-3)
+    "prime_prm_updates4": ("PRIME, 4 PRM updates a step (mini-batches of 16)",
+                           {"prm.mini_batch_size": 16, "prm.micro_batch_size": 16}),
     "prime_beta0.5": ("PRIME, PRM beta 0.5 (10x)", {"prm.beta": 0.5}),
     "prime_prm_lr1e-4": ("PRIME, PRM lr 1e-4 (1/10)", {"prm.lr": 1e-4}),
-    "prime_actor_lr2e-5": ("PRIME, policy lr 2e-5 (1/10)", {"actor.lr": 2e-5}),
-    "rloo_outcome_actor_lr2e-5": ("RLOO outcome-only, policy lr 2e-5 (1/10)",
-                                  {"algorithm.process_coef": 0.0, "prm.update_mode": "none", "actor.lr": 2e-5}),
+    # The control: a PRM trained on shuffled outcome labels gives rewards without information about the responses,
+    # so what it gains over outcome-only RLOO is not credit assignment.
+    "prime_shuffled_labels": ("PRIME, PRM trained on shuffled outcome labels (control)", {"prm.shuffle_labels": True}),
 }
 
 
@@ -76,6 +78,14 @@ def without(tasks: list[Example], heldout: list[Example]) -> list[Example]:
     """`tasks` minus those asking a held-out question."""
     questions = {ex.question() for ex in heldout}
     return [ex for ex in tasks if ex.question() not in questions]
+
+
+def task_description(s: SyntheticSettings) -> str:
+    """One line naming the experiment's tasks, for the JSON and the figure."""
+    kinds = {"math": s.math_frac, "code (step-by-step solutions)" if s.code_steps else "code": 1.0 - s.math_frac}
+    mix = " + ".join(f"{kind}" if share == 1.0 else f"{share:.0%} {kind}" for kind, share in kinds.items() if share > 0)
+    operands = f", operands up to {s.max_operand}" if s.max_operand else ""
+    return f"synthetic {mix}, {s.difficulty}-operation chains{operands}"
 
 
 def run_one(rs: RunSettings, train, heldout) -> None:
@@ -127,7 +137,7 @@ def run(c: ml_collections.ConfigDict) -> dict:
             for arm in x.arms}
     e = shared.eval
     setup = {
-        "task": f"synthetic math, {shared.data.synthetic.difficulty}-operation chains, step-by-step warm-start solutions",
+        "task": task_description(shared.data.synthetic),
         "total_steps": shared.total_steps, "prompts_per_step": shared.collect.batch_size,
         "samples_per_prompt": shared.collect.n, "max_response_length": shared.sampler.max_new_tokens,
         "train_pool": len(train),
