@@ -50,8 +50,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.log.plot = False
 
     c.compare = ml_collections.ConfigDict()
-    c.compare.arms = "prime,rloo_outcome,grpo_prime,reinforce_prime,pure_min"  # names from compare.ARMS
+    c.compare.arms = "prime,rloo_outcome,grpo_prime,reinforce_prime,pure_min"  # names from compare.ARMS, on every seed
     c.compare.seeds = "0,1,2"
+    c.compare.ablations = "prime_prm_updates4,prime_beta0.5,prime_prm_lr1e-4,prime_shuffled_labels"  # after the arms
+    c.compare.ablation_seeds = "0"
     c.compare.heldout_seed = 1000       # synthetic tasks of the held-out set; same for every arm and seed
     c.compare.out_dir = "docs/experiments"
     c.compare.name = "compare"          # output file names: <out_dir>/<name>.{json,png,md}

@@ -111,8 +111,8 @@ def run(c: ml_collections.ConfigDict) -> dict:
 
     x = settings.resolve_experiment(c, tuple(ARMS))
     shared = settings.resolve(x.base)
-    for arm in x.arms:  # every arm's config is checked before the warm start spends any time
-        settings.check(arm_config(x, shared, arm, x.seeds[0]))
+    for arm, seed in x.runs:  # every run's config is checked before the warm start spends any time
+        settings.check(arm_config(x, shared, arm, seed))
     os.makedirs(x.workdir, exist_ok=True)
     # Runs of one experiment compile the same programs; keep them on disk for the next run (and a resume).
     jax.config.update("jax_compilation_cache_dir", os.path.join(x.workdir, "jax_cache"))
@@ -123,18 +123,18 @@ def run(c: ml_collections.ConfigDict) -> dict:
     if shared.warm_start.needed:
         warm_start(shared, shared.model.path, tasks=sft)
         shared = settings.resolve(x.base, shared.mesh, rollout_mesh=shared.rollout_mesh)
-    for seed in x.seeds:  # seed-major: a cut-short experiment still compares every arm on its first seeds
-        for arm in x.arms:
-            rs = settings.resolve(arm_config(x, shared, arm, seed), shared.mesh, rollout_mesh=shared.rollout_mesh)
-            if finished(rs.workdir, rs.total_steps):
-                print(f"compare: {arm} seed {seed} already finished, skipped", flush=True)
-                continue
-            t0 = time.perf_counter()
-            print(f"compare: {arm} seed {seed} -> {rs.workdir}", flush=True)
-            run_one(rs, train, heldout)
-            print(f"compare: {arm} seed {seed} done in {time.perf_counter() - t0:.0f}s", flush=True)
-    runs = {arm: {seed: read_metrics(os.path.join(x.workdir, arm, f"seed{seed}")) for seed in x.seeds}
-            for arm in x.arms}
+    for arm, seed in x.runs:
+        rs = settings.resolve(arm_config(x, shared, arm, seed), shared.mesh, rollout_mesh=shared.rollout_mesh)
+        if finished(rs.workdir, rs.total_steps):
+            print(f"compare: {arm} seed {seed} already finished, skipped", flush=True)
+            continue
+        t0 = time.perf_counter()
+        print(f"compare: {arm} seed {seed} -> {rs.workdir}", flush=True)
+        run_one(rs, train, heldout)
+        print(f"compare: {arm} seed {seed} done in {time.perf_counter() - t0:.0f}s", flush=True)
+    runs: dict[str, dict[int, list]] = {}
+    for arm, seed in x.runs:
+        runs.setdefault(arm, {})[seed] = read_metrics(os.path.join(x.workdir, arm, f"seed{seed}"))
     e = shared.eval
     setup = {
         "task": task_description(shared.data.synthetic),
@@ -147,8 +147,8 @@ def run(c: ml_collections.ConfigDict) -> dict:
         "warm_start": {"steps": shared.warm_start.steps, "examples": shared.warm_start.num_examples,
                        "heldout_questions_removed_from_sft_data": len(sft_tasks(shared)) - len(sft)},
         "beta": shared.prm.beta, "prm_lr": shared.prm_optim.lr, "actor_lr": shared.actor_optim.lr,
-        "arms": {arm: {"description": ARMS[arm][0], "overrides": ARMS[arm][1]} for arm in x.arms},
-        "seeds": list(x.seeds),
+        "arms": {arm: {"description": ARMS[arm][0], "overrides": ARMS[arm][1]} for arm in x.arms + x.ablations},
+        "seeds": list(x.seeds), "ablations": list(x.ablations), "ablation_seeds": list(x.ablation_seeds),
     }
     results = report.build_results(runs, setup)
     report.write_outputs(results, x.out_dir, x.name)

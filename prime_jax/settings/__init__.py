@@ -227,23 +227,33 @@ def resolve_experiment(c: ml_collections.ConfigDict, known_arms: tuple[str, ...]
     """The experiment's own keys (`compare.*`), checked; each arm's run config is then resolved by `resolve`."""
     if "compare" not in c:
         _fail("compare", "missing: start from configs/compare.py")
-    arms = _globs(c.compare.arms)
-    if not arms:
-        _fail("compare.arms", "empty")
-    for arm in arms:
-        if arm not in known_arms:
-            _fail("compare.arms", f"{arm!r} is not one of {', '.join(known_arms)}")
-    try:
-        seeds = tuple(int(x) for x in _globs(c.compare.seeds))
-    except ValueError:
-        _fail("compare.seeds", f"must be comma-separated integers, got {c.compare.seeds!r}")
-    if not seeds:
-        _fail("compare.seeds", "empty")
+    def arm_list(key: str, allow_empty: bool) -> tuple[str, ...]:
+        arms = _globs(c.compare[key])
+        if not arms and not allow_empty:
+            _fail(f"compare.{key}", "empty")
+        for arm in arms:
+            if arm not in known_arms:
+                _fail(f"compare.{key}", f"{arm!r} is not one of {', '.join(known_arms)}")
+        return arms
+
+    def seed_list(key: str) -> tuple[int, ...]:
+        try:
+            seeds = tuple(int(x) for x in _globs(c.compare[key]))
+        except ValueError:
+            _fail(f"compare.{key}", f"must be comma-separated integers, got {c.compare[key]!r}")
+        if not seeds:
+            _fail(f"compare.{key}", "empty")
+        return seeds
+
+    arms, ablations = arm_list("arms", False), arm_list("ablations", True)
+    if set(arms) & set(ablations):
+        _fail("compare.ablations", f"{sorted(set(arms) & set(ablations))} also in compare.arms")
     base = ml_collections.ConfigDict(c.to_dict())
     del base["compare"]
     _check_values(base)
-    return ExperimentSettings(arms, seeds, _positive_int(c, "compare.heldout_seed", 0), c.compare.out_dir,
-                              c.compare.name, c.workdir, base)
+    return ExperimentSettings(arms, seed_list("seeds"), ablations, seed_list("ablation_seeds"),
+                              _positive_int(c, "compare.heldout_seed", 0), c.compare.out_dir, c.compare.name,
+                              c.workdir, base)
 
 
 __all__ = ["AdvantageSettings", "ConfigError", "DataSettings", "EvalSettings", "ExperimentSettings", "LengthMix",

@@ -198,15 +198,25 @@ class RunSettings:
 
 @dataclasses.dataclass(frozen=True)
 class ExperimentSettings:
-    """`compare.*` of an experiment config; `base`: the config every arm starts from (without `compare`)."""
+    """`compare.*` of an experiment config: the arms on every seed, the ablations on their own (fewer) seeds; `base`:
+    the config every arm starts from (without `compare`)."""
 
     arms: tuple[str, ...]
     seeds: tuple[int, ...]
+    ablations: tuple[str, ...]
+    ablation_seeds: tuple[int, ...]
     heldout_seed: int
     out_dir: str
     name: str
     workdir: str
     base: ml_collections.ConfigDict
+
+    @property
+    def runs(self) -> tuple[tuple[str, int], ...]:
+        """(arm, seed) in run order: the arms seed by seed (a cut-short experiment still compares every arm on its
+        first seeds), then the ablations seed by seed."""
+        return (tuple((arm, seed) for seed in self.seeds for arm in self.arms)
+                + tuple((arm, seed) for seed in self.ablation_seeds for arm in self.ablations))
 
 
 def describe(s: RunSettings) -> str:

@@ -21,6 +21,7 @@ def toy_config(tmp_path):
     c = module.get_config()
     c.workdir, c.compare.out_dir = str(tmp_path / "runs"), str(tmp_path / "out")
     c.compare.arms, c.compare.seeds = "prime,rloo_outcome", "0"
+    c.compare.ablations, c.compare.ablation_seeds = "prime_shuffled_labels", "0"
     c.total_steps, c.eval.freq, c.checkpoint.freq = 1, 1, 1
     c.synthetic.train_size, c.synthetic.val_size, c.eval.k = 64, 4, 1
     c.warm_start.steps, c.warm_start.num_examples = 2, 64
@@ -57,8 +58,13 @@ def test_arms_share_the_warm_start_and_outcome_only_runs_no_prm(tmp_path, capsys
     train, heldout = compare.task_sets(settings.resolve(x.base), x.heldout_seed)
     assert results["setup"]["train_pool"] == len(train) and not {t.question() for t in train} & {h.question() for h in heldout}
     capsys.readouterr()
+    # the ablation ran after the arms, with the label-shuffled PRM
+    assert list(results["runs"]) == ["prime", "rloo_outcome", "prime_shuffled_labels"]
+    shuffled = read_metrics(os.path.join(c.workdir, "prime_shuffled_labels", "seed0"))
+    assert "reward_model/prm_loss" in shuffled[1] and results["setup"]["ablations"] == ["prime_shuffled_labels"]
+    capsys.readouterr()
     assert compare.run(c) == results  # resumable: finished runs are skipped, results unchanged
-    assert capsys.readouterr().out.count("already finished, skipped") == 2
+    assert capsys.readouterr().out.count("already finished, skipped") == 3
 
 
 def test_unknown_arm_is_a_config_error(tmp_path):
@@ -66,3 +72,22 @@ def test_unknown_arm_is_a_config_error(tmp_path):
     c.compare.arms = "prime,ppo"
     with pytest.raises(ValueError, match="config.compare.arms: 'ppo' is not one of"):
         compare.run(c)
+    c = toy_config(tmp_path)
+    c.compare.ablations = "prime,pure_min"
+    with pytest.raises(ValueError, match=r"config.compare.ablations: \['prime'\] also in compare.arms"):
+        compare.run(c)
+    c = toy_config(tmp_path)
+    c.compare.ablation_seeds = ""
+    with pytest.raises(ValueError, match="config.compare.ablation_seeds: empty"):
+        compare.run(c)
+
+
+def test_runs_are_the_arms_seed_by_seed_then_the_ablations(tmp_path):
+    c = toy_config(tmp_path)
+    c.compare.arms, c.compare.seeds = "prime,rloo_outcome", "0,1"
+    c.compare.ablations, c.compare.ablation_seeds = "prime_beta0.5,prime_shuffled_labels", "0"
+    assert settings.resolve_experiment(c, tuple(compare.ARMS)).runs == (
+        ("prime", 0), ("rloo_outcome", 0), ("prime", 1), ("rloo_outcome", 1), ("prime_beta0.5", 0),
+        ("prime_shuffled_labels", 0))
+    c.compare.ablations = ""
+    assert settings.resolve_experiment(c, tuple(compare.ARMS)).ablations == ()
