@@ -33,9 +33,9 @@ ARMS: dict[str, tuple[str, dict[str, object]]] = {
     "grpo_prime": ("GRPO on process + outcome rewards, online PRM", {"algorithm.adv_estimator": "grpo"}),
     "reinforce_prime": ("REINFORCE on process + outcome rewards, online PRM", {"algorithm.adv_estimator": "reinforce"}),
     "pure_min": ("RLOO, min-form process credit (PURE) + outcome, online PRM", {"algorithm.process_credit": "min"}),
-    # Ablations of PRIME's PRM (configs/compare.py: 64 rows a step, one PRM update of 64 rows, beta 0.05, lr 1e-3)
-    "prime_prm_updates4": ("PRIME, 4 PRM updates a step (mini-batches of 16)",
-                           {"prm.mini_batch_size": 16, "prm.micro_batch_size": 16}),
+    # Ablations of PRIME's PRM (configs/compare.py: 128 rows a step, 2 PRM updates of 64 rows, beta 0.05, lr 1e-3)
+    "prime_prm_updates4": ("PRIME, 4 PRM updates a step (mini-batches of 32)",
+                           {"prm.mini_batch_size": 32, "prm.micro_batch_size": 32}),
     "prime_beta0.5": ("PRIME, PRM beta 0.5 (10x)", {"prm.beta": 0.5}),
     "prime_prm_lr1e-4": ("PRIME, PRM lr 1e-4 (1/10)", {"prm.lr": 1e-4}),
     # The control: a PRM trained on shuffled outcome labels gives rewards without information about the responses,
