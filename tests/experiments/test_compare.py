@@ -91,3 +91,18 @@ def test_runs_are_the_arms_seed_by_seed_then_the_ablations(tmp_path):
         ("prime_shuffled_labels", 0))
     c.compare.ablations = ""
     assert settings.resolve_experiment(c, tuple(compare.ARMS)).ablations == ()
+
+
+@pytest.mark.parametrize("name", ["compare", "compare_gpu"])
+def test_experiment_configs_resolve_and_every_run_checks(name, tmp_path):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config()
+    c.workdir = str(tmp_path)
+    x = settings.resolve_experiment(c, tuple(compare.ARMS))
+    shared = settings.resolve(x.base)
+    assert shared.data.synthetic.code_steps and shared.warm_start.needed
+    for arm, seed in x.runs:
+        settings.check(compare.arm_config(x, shared, arm, seed))
+    assert {arm for arm, _ in x.runs} >= {"prime", "rloo_outcome", "prime_shuffled_labels"}
