@@ -32,8 +32,8 @@ class Components:
     data_skipped: dict[str, int]
     graphdef: nnx.GraphDef
     policy: TrainState
-    prm: TrainState
-    ref_params: nnx.State
+    prm: TrainState | None           # None (and no reference) for outcome-only RL: neither is loaded
+    ref_params: nnx.State | None
     programs: Programs
     pool: VerifierPool
 
@@ -52,7 +52,8 @@ def read_examples(d: DataSettings, seed: int, split: str) -> ReadResult:
 
 
 def build(s: RunSettings) -> Components:
-    """Loads data and the three models onto the settings' mesh and builds the programs."""
+    """Loads data and the models onto the settings' mesh (policy, PRM and reference; the policy alone for
+    outcome-only RL, which never runs the PRM) and builds the programs."""
     m = s.model
     tokenizer = load_tokenizer(m.tokenizer)
     train, val = read_examples(s.data, s.seed, "train"), read_examples(s.data, s.seed, "validation")
@@ -67,11 +68,12 @@ def build(s: RunSettings) -> Components:
     val_examples = val.examples[: s.data.max_val_prompts or None]
 
     policy = load_pretrained(m.path, mesh=s.mesh, dtype=m.param_dtype, **m.load_kwargs())
-    prm = load_pretrained(m.prm_path, mesh=s.mesh, dtype=m.param_dtype, **m.load_kwargs())
-    ref = load_pretrained(m.ref_path, mesh=s.mesh, dtype=m.ref_dtype, **m.load_kwargs())
     graphdef, policy_params = nnx.split(policy)
-    policy_state, prm_state = init_states(s, policy_params, nnx.state(prm))
-    ref_params = nnx.state(ref)
+    prm_params = ref_params = None
+    if s.runs_prm:
+        prm_params = nnx.state(load_pretrained(m.prm_path, mesh=s.mesh, dtype=m.param_dtype, **m.load_kwargs()))
+        ref_params = nnx.state(load_pretrained(m.ref_path, mesh=s.mesh, dtype=m.ref_dtype, **m.load_kwargs()))
+    policy_state, prm_state = init_states(s, policy_params, prm_params)
     programs = make_programs(s, graphdef, policy_state, prm_state, ref_params, stop_ids=tokenizer.eos_ids,
                              pad_id=tokenizer.pad_id)
     pool = VerifierPool(**dataclasses.asdict(s.verifier))

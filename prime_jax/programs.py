@@ -34,15 +34,17 @@ def optimizers(s: RunSettings) -> tuple[optax.GradientTransformation, optax.Grad
             make_lr_schedule(s.actor_optim, ppo_updates))
 
 
-def init_states(s: RunSettings, policy_params: nnx.State, prm_params: nnx.State) -> tuple[TrainState, TrainState]:
-    """Fresh optimiser states, created on device with the params' shardings (Adam moments fp32, like params)."""
+def init_states(s: RunSettings, policy_params: nnx.State,
+                prm_params: nnx.State | None) -> tuple[TrainState, TrainState | None]:
+    """Fresh optimiser states, created on device with the params' shardings (Adam moments fp32, like params); no PRM
+    state without PRM params (outcome-only RL)."""
     policy_tx, prm_tx, _ = optimizers(s)
 
     def init(params, tx):
         abstract = jax.eval_shape(lambda p: init_train_state(p, tx), params)
         return jax.jit(lambda p: init_train_state(p, tx), out_shardings=train_state_shardings(abstract, s.mesh))(params)
 
-    return init(policy_params, policy_tx), init(prm_params, prm_tx)
+    return init(policy_params, policy_tx), None if prm_params is None else init(prm_params, prm_tx)
 
 
 def make_advantages(a: AdvantageSettings) -> Callable[..., tuple[jax.Array, dict[str, jax.Array]]]:
@@ -72,24 +74,25 @@ class Programs:
     """sampler(params, prompts, seed, on_rows, stop) -> Rollout; eval_sample(params, prompts, *, n, max_new_tokens,
     temperature, top_p, seed, buckets, prompts_per_call) -> Rollout, validation's sampling with the training
     sampler's knobs (a Sampler built once per shape, then shared);
-    prm_step(state, ref_params, batch, slots) -> (state, PrmStepOutput); advantages(rm, acc, mask) -> (adv,
+    prm_step(state, ref_params, batch, slots) -> (state, PrmStepOutput), None without a PRM (outcome-only RL);
+    advantages(rm, acc, mask) -> (adv,
     metrics); ppo_step(state, batch, slots) -> (state, metrics). On the host: prm_layout(batch) and
     ppo_layout(batch, seed) -> the steps' `Layout` (slots) from the host batch (prompt_tokens, prompt_mask,
     tokens, mask)."""
 
     sampler: Sampler
     eval_sample: Callable[..., Rollout]
-    prm_step: Callable[..., Any]
+    prm_step: Callable[..., Any] | None
     advantages: Callable[..., Any]
     ppo_step: Callable[..., Any]
     prm_layout: Callable[[dict[str, np.ndarray]], Layout]
     ppo_layout: Callable[[dict[str, np.ndarray], Any], Layout]
 
 
-def make_programs(s: RunSettings, graphdef: nnx.GraphDef, policy: TrainState, prm: TrainState, ref_params: nnx.State,
-                  stop_ids: Sequence[int], pad_id: int) -> Programs:
-    """Builds (does not compile) the jitted programs for these (real or abstract) states; `stop_ids` and `pad_id`
-    come from the tokenizer."""
+def make_programs(s: RunSettings, graphdef: nnx.GraphDef, policy: TrainState, prm: TrainState | None,
+                  ref_params: nnx.State | None, stop_ids: Sequence[int], pad_id: int) -> Programs:
+    """Builds (does not compile) the jitted programs for these (real or abstract) states (no PRM step without a PRM
+    state); `stop_ids` and `pad_id` come from the tokenizer."""
     policy_tx, prm_tx, lr_schedule = optimizers(s)
     model_cfg = nnx.merge(graphdef, policy.params).cfg
     train_sampling = dataclasses.replace(s.sampler.sampling, stop_ids=tuple(stop_ids))
@@ -112,7 +115,8 @@ def make_programs(s: RunSettings, graphdef: nnx.GraphDef, policy: TrainState, pr
     return Programs(
         sampler=Sampler(graphdef, model_cfg, sampler_cfg, s.rollout_mesh),
         eval_sample=eval_sample,
-        prm_step=make_prm_step(graphdef, prm_tx, s.prm, mesh=s.mesh, state=prm, ref_params=ref_params),
+        prm_step=None if prm is None else make_prm_step(graphdef, prm_tx, s.prm, mesh=s.mesh, state=prm,
+                                                         ref_params=ref_params),
         advantages=make_advantages(s.advantages),
         ppo_step=make_ppo_step(graphdef, policy_tx, s.ppo, mesh=s.mesh, state=policy, lr_schedule=lr_schedule),
         prm_layout=lambda batch: lay_out(batch, prm_minibatches(len(batch["mask"]), s.prm), s.prm_pack),

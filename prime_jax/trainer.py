@@ -39,7 +39,7 @@ from prime_jax.mesh import batch_sharding, global_to_host, host_to_global, state
 from prime_jax.metrics import MetricWriter, plot_curves
 from prime_jax.models import save_pretrained
 from prime_jax.rl.collect import Experience, Prompt, collect
-from prime_jax.rl.optim import layout_sharding, skipped_updates
+from prime_jax.rl.optim import TrainState, layout_sharding, skipped_updates
 from prime_jax.rl.prm import shuffled_labels
 from prime_jax.rl.rollouts_ahead import RolloutsAhead, check_versions
 from prime_jax.rl.step_credit import credit_metrics, label_rows
@@ -144,7 +144,7 @@ class Trainer:
         metrics["train/skipped_nonfinite"] = (metrics.get("reward_model/skipped_nonfinite", 0.0)
                                               + metrics["actor/skipped_nonfinite"])
         metrics["train/skipped_nonfinite_total"] = float(sum(jax.device_get(
-            [skipped_updates(self.policy.opt_state), skipped_updates(self.prm.opt_state)])))
+            [skipped_updates(state.opt_state) for state in self.trained().values()])))
         metrics["throughput/token_efficiency/actor"] = ppo_slots.efficiency
         metrics.update(response_length_metrics(exp))
         metrics.update(t.seconds)
@@ -257,25 +257,29 @@ class Trainer:
         skipped = {"val/skipped_too_long": float(scored.skipped)} if scored.skipped else {}
         return {**summarize(scored.examples, scored.scores), **skipped}
 
+    def trained(self) -> dict[str, TrainState]:
+        """The states the run trains, by name: the policy, and the PRM unless the run is outcome-only."""
+        return {"policy": self.policy} | ({} if self.prm is None else {"prm": self.prm})
+
     def save(self) -> None:
         data = self.data_state() if self.ahead is None else self.ahead.state_before(self.step, self.data_state)
-        self.ckpt.save(self.step, {"policy": self.policy, "prm": self.prm}, {"step": self.step, **data})
+        self.ckpt.save(self.step, self.trained(), {"step": self.step, **data})
 
     def restore(self) -> None:
         step = self.ckpt.latest_step()
         if step is None:
             return
-        device, host = self.ckpt.restore(step, {"policy": self.policy, "prm": self.prm})
-        self.policy, self.prm = device["policy"], device["prm"]
+        device, host = self.ckpt.restore(step, self.trained())
+        self.policy, self.prm = device["policy"], device.get("prm")
         self.step = int(host["step"])
         self.p.train_data.restore(host["data"])
         self.buffer = [prompt_from_json(d) for d in host["buffer"]]
         print(f"resumed from {self.ckpt.directory} at step {self.step}", flush=True)
 
     def finish(self) -> None:
-        """Exports policy and PRM as HF directories and renders the curves."""
+        """Exports the trained models (policy, PRM) as HF directories and renders the curves."""
         if self.s.export_hf:
-            for name, state in (("policy", self.policy), ("prm", self.prm)):
+            for name, state in self.trained().items():
                 save_pretrained(nnx.merge(self.p.graphdef, state.params), paths.join(self.s.workdir, "export", name))
         if self.s.plot and jax.process_index() == 0:
             print(f"curves: {plot_curves(self.s.workdir)}", flush=True)

@@ -161,3 +161,33 @@ def test_fit_saves_a_checkpoint_and_raises_after_max_nonfinite_steps_in_a_row(ca
     warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
     assert [w.split(":")[1].strip() for w in warnings] == ["step 1", "step 3", "step 4"]
     assert "skipped 1 optimiser update(s)" in warnings[-1] and "(1 actor)" in warnings[-1] and "3 in this run" in warnings[-1]
+
+
+def test_outcome_only_loads_no_prm_or_reference_and_checkpoints_the_policy_alone(qwen7b_run, tmp_path, capsys):
+    """process_coef 0 with no PRM update: no PRM or reference on the mesh, none in the checkpoint, the export or
+    the memory plan; the run resumes from its policy-only checkpoint."""
+    c = qwen7b_run[0].copy_and_resolve_references()
+    c.workdir = str(tmp_path / "run")
+    c.algorithm.process_coef, c.prm.update_mode = 0.0, "none"
+    run(c)
+    assert not [k for k in read_metrics(c.workdir)[-1] if k.startswith("reward_model/")]
+    from prime_jax.checkpointing import Checkpointer
+    from prime_jax.components import build
+    from prime_jax.settings import resolve
+
+    saved = Checkpointer(c.workdir, keep=10).manager.item_metadata(2)["device"]
+    assert set(saved) == {"policy"}
+    assert os.path.isdir(os.path.join(c.workdir, "export", "policy"))
+    assert not os.path.exists(os.path.join(c.workdir, "export", "prm"))
+    c.total_steps = 3
+    capsys.readouterr()
+    run(c)
+    assert "at step 2" in capsys.readouterr().out and read_metrics(c.workdir)[-1]["step"] == 3
+    parts = build(resolve(c))
+    assert parts.prm is None and parts.ref_params is None and parts.programs.prm_step is None
+    parts.pool.close()
+    c.dry_run = True
+    capsys.readouterr()
+    run(c)
+    plan = capsys.readouterr().out.split("memory plan:")[1]
+    assert "policy (params + adam)" in plan and "prm (params + adam)" not in plan and "reference" not in plan
