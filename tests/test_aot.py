@@ -27,6 +27,7 @@ from prime_jax.settings import LengthMix
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QWEN7B = os.path.join(ROOT, "configs", "qwen7b.py")
 TINY = os.path.join(ROOT, "configs", "tiny.py")
+QWEN7B_ASYNC = os.path.join(ROOT, "configs", "qwen7b_async.py")
 
 # qwen7b's code path with the model and sequences shrunk: 2 layers, 8 prompts x 4 samples, 32 + 32 tokens.
 # 16 heads of 128 and hidden 512 make each param's per-device shard whole TPU tiles (minor dim 128,
@@ -436,6 +437,19 @@ def test_split_markdown_rows_name_each_programs_mesh(compiled_split):
     rows = aot.markdown_rows(s, topology, list(r.values()))
     meshes = [row.split("|")[3].strip() for row in rows]
     assert meshes == ["data=1, fsdp=2, tensor=1 (2 chips)"] * 2 + ["data=2, fsdp=1, tensor=1 (2 chips)"] * 2
+
+
+def test_qwen7b_async_is_the_compiled_v5p16_split():
+    """configs/qwen7b_async.py is qwen7b with the overrides docs/aot.md compiled for the v5p-16 split (no SHARDING
+    plan of its own): 4 chips sample with one fsdp axis, the other 4 train with qwen7b's mesh, one version behind."""
+    base, _ = aot.load_config_file(QWEN7B)
+    c, plans = aot.load_config_file(QWEN7B_ASYNC)
+    compiled = {"rollout.devices": 4, "rollout.max_staleness": 1, "rollout.gather_params": True,
+                "rollout.prompts_per_call": 128, "workdir": "runs/qwen7b_async"}
+    assert plans == {} and c.to_dict() == aot.config_for(base, {}, compiled).to_dict()
+    s = aot.topology_settings(c, aot.parse_topology("v5p-16"))
+    assert dict(s.rollout_mesh.shape) == dict(s.mesh.shape) == {"data": 1, "fsdp": 4, "tensor": 1}
+    assert s.prompts_per_call * s.collect.n == 512 and s.max_staleness == 1
 
 
 def test_out_of_hbm_is_reported_not_raised():
