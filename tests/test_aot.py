@@ -19,13 +19,15 @@ from prime_jax import aot
 from prime_jax.aot.compile import _oom_temp_bytes
 from prime_jax.models.attention import causal_attention
 from prime_jax.aot.compile import mix_shape
-from prime_jax.aot.step import decode_steps, step_seconds
+from prime_jax.aot.step import decode_steps, published_bytes, step_seconds, transfer_seconds
 from prime_jax.preflight import aot_memory_check
 from prime_jax.rl.packing import PackSpec
 from prime_jax.settings import LengthMix
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QWEN7B = os.path.join(ROOT, "configs", "qwen7b.py")
+TINY = os.path.join(ROOT, "configs", "tiny.py")
+QWEN7B_ASYNC = os.path.join(ROOT, "configs", "qwen7b_async.py")
 
 # qwen7b's code path with the model and sequences shrunk: 2 layers, 8 prompts x 4 samples, 32 + 32 tokens.
 # 16 heads of 128 and hidden 512 make each param's per-device shard whole TPU tiles (minor dim 128,
@@ -237,13 +239,16 @@ def test_shrunk_qwen7b_compiles_and_fits(compiled_shrunk):
 
 def test_step_seconds_add_the_programs_at_the_length_mix(compiled_shrunk):
     c, topology, reports = compiled_shrunk
-    step = step_seconds(c, list(reports.values()))
+    step = step_seconds(c, list(reports.values()), topology.chip)
     r = {name: report.seconds for name, report in reports.items()}
     # 8 prompts x 4 rows all in flight; qwen7b's mix capped at the shrunk limits: every response at its limit.
+    # One mesh (rollout.devices=0): the programs' sum, no transfer, whatever rollout.max_staleness says.
+    assert c.rollout_mesh is c.mesh
     assert step == pytest.approx({**r, "step": sum(r.values())})
+    assert step_seconds(dataclasses.replace(c, max_staleness=1), list(reports.values()), topology.chip) == step
     line = aot.summary_line(topology, list(reports.values()), step["step"])
     assert SUMMARY.match(line) and line.endswith(f" step_s={step['step']:.1f}")
-    assert step_seconds(c, [reports["prm_step"]]) is None  # not a whole step
+    assert step_seconds(c, [reports["prm_step"]], topology.chip) is None  # not a whole step
 
 
 @pytest.mark.parametrize("overrides, steps", [
@@ -352,6 +357,99 @@ def test_costs_agree_with_the_compiler_once_per_loop(compiled_shrunk):
         assert r.compiler_seconds / 4 <= r.cost.seconds_once <= 1.25 * r.compiler_seconds, r.name
         assert r.flops > 1.5 * r.cost.flops_once and r.seconds > r.cost.seconds_once, r.name
         assert 0 < r.mfu(topology.chip) < 1, r.name
+
+
+# --- a sampler mesh of its own: the tiny config on a v5p-8, 2 chips sampling (fsdp) and 2 training (data) ----
+
+# configs/tiny.py's policy: 4 layers of hidden 128, MLP 384, 4 query / 2 KV heads of 32 with qkv bias, vocabulary 512
+# (untied head): embed + layers + final norm + head.
+TINY_PARAMS = 512 * 128 + 4 * (128 * 32 * (4 + 2 * 2) + 32 * (4 + 2 * 2) + 4 * 32 * 128 + 3 * 128 * 384 + 2 * 128) \
+    + 128 + 512 * 128
+
+
+def _split_settings(overrides=None):
+    base, _ = aot.load_config_file(TINY)
+    c = aot.config_for(base, {}, {"rollout.devices": 2, "rollout.max_staleness": 1, "mesh.data": 2, "mesh.fsdp": 1,
+                                  **(overrides or {})})
+    return aot.topology_settings(c, aot.parse_topology("v5p:2x2x1"))
+
+
+@pytest.fixture(scope="module")
+def compiled_split():
+    s = _split_settings()
+    topology = aot.parse_topology("v5p:2x2x1")
+    return s, topology, {r.name: r for r in aot.compile_run(s, topology)}
+
+
+def test_split_meshes_are_the_slices_first_and_last_chips():
+    """rollout.devices=2 on 4 chips: the sampler mesh (one fsdp axis) on the first 2, the training mesh (`mesh.*`) on
+    the other 2, as a run splits jax.devices() (`settings.meshes`); without it one mesh over all 4, the sampler's
+    too."""
+    s = _split_settings()
+    ids = [d.id for d in aot.parse_topology("v5p:2x2x1").devices()]
+    assert sorted(d.id for d in s.rollout_mesh.devices.flat) == ids[:2]
+    assert sorted(d.id for d in s.mesh.devices.flat) == ids[2:]
+    assert dict(s.rollout_mesh.shape) == {"data": 1, "fsdp": 2, "tensor": 1} and s.sampler.data_parallel == 2
+    assert dict(s.mesh.shape) == {"data": 2, "fsdp": 1, "tensor": 1}
+    one = _split_settings({"rollout.devices": 0, "mesh.data": 1, "mesh.fsdp": -1})
+    assert one.rollout_mesh is one.mesh and sorted(d.id for d in one.mesh.devices.flat) == ids
+
+
+def test_split_programs_hold_the_published_policy(compiled_split):
+    """The sampler's programs take the policy copy on the sampler's 2 chips (fp32, as `Trainer.publish` copies it),
+    with the next version beside it (rollouts ahead: resident) and no training state; the PRM step has the policy's
+    train state beside it on the other 2 chips, whole on each (data-parallel)."""
+    s, topology, r = compiled_split
+    small = 64 * 1024  # norms and biases too small to split
+    policy = 4 * TINY_PARAMS / 2
+    assert published_bytes(s) == 4 * TINY_PARAMS
+    for name in ("sampler_prefill", "sampler_decode"):
+        assert policy <= r[name].resident_bytes <= policy + small, name
+        assert r[name].argument_bytes >= policy, name
+    assert 3 * 4 * TINY_PARAMS <= r["prm_step"].resident_bytes <= 3 * 4 * TINY_PARAMS + small  # params, Adam mu, nu
+    # Synchronous rollouts on the split mesh: the copy the sampler reads and nothing beside it.
+    one = aot.compile_run(_split_settings({"rollout.max_staleness": 0}), topology, ["sampler_decode"])[0]
+    assert one.resident_bytes == 0 and one.argument_bytes == r["sampler_decode"].argument_bytes
+
+
+def test_split_step_is_the_slower_side_plus_the_copy(compiled_split):
+    """step_s against the compiled programs' own seconds: sampler = one insert (32 prompts a call, 32 a step) + decode
+    (48 steps: every response at tiny's 48-token limit, in calls of 4 steps: the decode report's 12 calls); trainer =
+    PRM step + PPO step (the mix is the limits: the largest shapes); the copy = the fp32 policy over the ICI of 2
+    chips at 600 GB/s each. Rollouts ahead: max(sampler, trainer + copy); synchronous: their sum."""
+    s, topology, r = compiled_split
+    sampler = r["sampler_prefill"].seconds + r["sampler_decode"].seconds * 48 / 48
+    trainer = r["prm_step"].seconds + r["ppo_step"].seconds
+    copy = 4 * TINY_PARAMS / (2 * 600e9)
+    assert transfer_seconds(s, topology.chip) == pytest.approx(copy, rel=1e-12)
+    step = step_seconds(s, list(r.values()), topology.chip)
+    assert step == pytest.approx({"sampler_prefill": r["sampler_prefill"].seconds, "sampler_decode":
+                                  r["sampler_decode"].seconds, "prm_step": r["prm_step"].seconds, "ppo_step":
+                                  r["ppo_step"].seconds, "sampler": sampler, "trainer": trainer, "transfer": copy,
+                                  "step": max(sampler, trainer + copy)}, rel=1e-12)
+    sync = step_seconds(dataclasses.replace(s, max_staleness=0), list(r.values()), topology.chip)
+    assert sync["step"] == pytest.approx(sampler + trainer + copy, rel=1e-12)
+    assert sync["step"] > step["step"] > 0
+
+
+def test_split_markdown_rows_name_each_programs_mesh(compiled_split):
+    s, topology, r = compiled_split
+    rows = aot.markdown_rows(s, topology, list(r.values()))
+    meshes = [row.split("|")[3].strip() for row in rows]
+    assert meshes == ["data=1, fsdp=2, tensor=1 (2 chips)"] * 2 + ["data=2, fsdp=1, tensor=1 (2 chips)"] * 2
+
+
+def test_qwen7b_async_is_the_compiled_v5p16_split():
+    """configs/qwen7b_async.py is qwen7b with the overrides docs/aot.md compiled for the v5p-16 split (no SHARDING
+    plan of its own): 4 chips sample with one fsdp axis, the other 4 train with qwen7b's mesh, one version behind."""
+    base, _ = aot.load_config_file(QWEN7B)
+    c, plans = aot.load_config_file(QWEN7B_ASYNC)
+    compiled = {"rollout.devices": 4, "rollout.max_staleness": 1, "rollout.gather_params": True,
+                "rollout.prompts_per_call": 128, "workdir": "runs/qwen7b_async"}
+    assert plans == {} and c.to_dict() == aot.config_for(base, {}, compiled).to_dict()
+    s = aot.topology_settings(c, aot.parse_topology("v5p-16"))
+    assert dict(s.rollout_mesh.shape) == dict(s.mesh.shape) == {"data": 1, "fsdp": 4, "tensor": 1}
+    assert s.prompts_per_call * s.collect.n == 512 and s.max_staleness == 1
 
 
 def test_out_of_hbm_is_reported_not_raised():

@@ -7,11 +7,14 @@ topology's compile-only devices (`jax.experimental.topologies`), and the program
 exactly as the trainer builds them (`prime_jax.programs`), are lowered and compiled by libtpu with the
 config's real shapes. Per program and per device: the compiler's argument / output / temporary / code /
 alias bytes plus the other states resident meanwhile (peak = args + out - aliased + temp + code +
-resident; it fits when peak <= HBM), and a loop-aware roofline cost (`hlo_cost`).
+resident; it fits when peak <= HBM), and a loop-aware roofline cost (`hlo_cost`). With `rollout.devices` = a the
+slice's first a chips sample on a mesh of their own and the rest train, as a run splits its devices; with
+rollout.max_staleness >= 1 a step's seconds overlap the two (`step`).
 
 - `topology`: chips, slices and their compile-only devices;   - `plans`: config files and SHARDING plans;
 - `compile`: abstract states, compiling, per-program reports; - `hlo_cost`: loop-aware roofline of HLO;
-- `report`: printed lines and markdown rows;                  - `__main__`: the command line.
+- `report`: printed lines and markdown rows;                  - `step`: one whole step's seconds;
+- `__main__`: the command line.
 """
 
 from prime_jax.aot.compile import PROGRAMS, compile_run, topology_settings

@@ -4,6 +4,8 @@
     python -m prime_jax.aot --config=configs/qwen7b.py --topology=v5p-32      # slice name: its SHARDING plan
     python -m prime_jax.aot --config=configs/qwen7b.py --smallest=v5p          # smallest v5p slice that fits
     python -m prime_jax.aot --config=configs/qwen7b.py --table=v5p-8,v5p-16    # markdown rows (docs/aot.md)
+    python -m prime_jax.aot --config=configs/qwen7b.py --topology=v5p-32 --noplan \
+        --config.rollout.devices=8 --config.rollout.max_staleness=1            # 8 chips sample, 8 train, overlapped
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from prime_jax import cli
 from prime_jax.aot.compile import PROGRAMS, compile_run, topology_settings
 from prime_jax.aot.plans import config_for, load_config_file
 from prime_jax.aot.report import TABLE_HEADER, ProgramReport, markdown_rows, summary_line
-from prime_jax.aot.step import step_seconds
+from prime_jax.aot.step import SAMPLER_PROGRAMS, TRAINER_PROGRAMS, published_bytes, step_seconds
 from prime_jax.aot.topology import CHIPS, GIB, Topology, parse_topology, slice_dims
 from prime_jax.settings import RunSettings
 
@@ -35,17 +37,35 @@ def run_topology(base: ml_collections.ConfigDict, plans: dict[str, dict[str, Any
     plan = plans.get(topology.slice_name, {}) if use_plan else {}
     s = topology_settings(config_for(base, plan, overrides), topology)
     chip = topology.chip
+    split = "" if s.rollout_mesh is s.mesh else (f" on the last {s.mesh.devices.size} chips, sampler mesh "
+                                                  f"{dict(s.rollout_mesh.shape)} on the first "
+                                                  f"{s.rollout_mesh.devices.size}")
     log(f"AOT {topology.slice_name} ({topology.name}: {topology.num_chips} chips, {chip.hbm_bytes / GIB:.0f} GiB HBM, "
-        f"{chip.peak_flops / 1e12:.0f} TFLOP/s bf16 each); mesh {dict(s.mesh.shape)}; plan {plan or 'none'}")
+        f"{chip.peak_flops / 1e12:.0f} TFLOP/s bf16 each); mesh {dict(s.mesh.shape)}{split}; plan {plan or 'none'}")
     log(f"  {s.prompts_per_call} prompts x {s.collect.n} samples per sampler call, "
         f"prompt {s.data.max_prompt_length} + response {s.sampler.max_new_tokens}; "
         f"micro-batch PRM {s.prm.micro_batch_size} / actor {s.ppo.micro_batch_size}")
     reports = compile_run(s, topology, programs, hlo_dir, log=lambda line: log("  " + line))
-    step = step_seconds(s, reports)
+    step = step_seconds(s, reports, chip)
     if step is not None:
-        parts = " + ".join(f"{name} {seconds:.1f}" for name, seconds in step.items() if name != "step")
-        log(f"  one step at the length mix ({s.length_mix.describe()}): {parts} = {step['step']:.1f} s")
+        log(f"  one step at the length mix ({s.length_mix.describe()}): {describe_step(s, step)}")
     return s, reports, None if step is None else step["step"]
+
+
+def describe_step(s: RunSettings, step: dict[str, float]) -> str:
+    """`step_seconds`' figures as a sum (one mesh), or the sampler's and trainer's sums and how they combine."""
+    def parts(names: Sequence[str]) -> str:
+        return " + ".join(f"{name} {step[name]:.1f}" for name in names)
+
+    if "transfer" not in step:
+        return f"{parts([name for name in step if name != 'step'])} = {step['step']:.1f} s"
+    sampler, trainer, x = step["sampler"], step["trainer"], step["transfer"]
+    combined = (f"max({sampler:.1f}, {trainer:.1f} + {x:.3f})" if s.max_staleness
+                else f"{sampler:.1f} + {trainer:.1f} + {x:.3f}")
+    return (f"sampler ({s.rollout_mesh.devices.size} chips) {parts(SAMPLER_PROGRAMS)} = {sampler:.1f} s; trainer "
+            f"({s.mesh.devices.size} chips) {parts(TRAINER_PROGRAMS)} = {trainer:.1f} s; policy to the sampler "
+            f"{published_bytes(s) / GIB:.2f} GiB over ICI {x:.3f} s; rollout.max_staleness={s.max_staleness}: "
+            f"{combined} = {step['step']:.1f} s")
 
 
 def main(argv: Sequence[str]) -> None:

@@ -19,13 +19,13 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from prime_jax.aot.hlo_cost import program_cost
 from prime_jax.aot.report import ProgramReport, format_report
 from prime_jax.aot.topology import Chip, Topology
-from prime_jax.mesh import batch_sharding, make_mesh, state_shardings
+from prime_jax.mesh import batch_sharding, state_shardings
 from prime_jax.models import ModelConfig, abstract_model
 from prime_jax.programs import make_programs, optimizers
 from prime_jax.rl.optim import TrainState, init_train_state, layout_sharding, train_state_shardings
 from prime_jax.rl.packing import LAYOUT_KEYS, PackSpec
 from prime_jax.sampling import decode, empty_state, insert, sampler_state_shardings
-from prime_jax.settings import LengthMix, RunSettings, mesh_axes, resolve
+from prime_jax.settings import LengthMix, RunSettings, meshes, resolve
 
 PROGRAMS = ("sampler_prefill", "sampler_decode", "prm_step", "ppo_step")
 
@@ -165,18 +165,22 @@ def stand_in_stop_ids(cfg: ModelConfig) -> tuple[int, ...]:
 
 
 def topology_settings(c: Any, topology: Topology) -> RunSettings:
-    """The run's settings on a mesh over the slice's devices (the TPU platform: its attention kernels)."""
-    return resolve(c, make_mesh(mesh_axes(c), devices=topology.devices()))
+    """The run's settings on meshes over the slice's devices (the TPU platform: its attention kernels), split as a
+    run splits its devices (`settings.meshes`): with rollout.devices = a, the slice's first a chips sample on a
+    mesh of their own and the others train; else one mesh over every chip."""
+    mesh, rollout_mesh = meshes(c, topology.devices())
+    return resolve(c, mesh, rollout_mesh=rollout_mesh)
 
 
 def compile_run(s: RunSettings, topology: Topology, programs: Sequence[str] = PROGRAMS,
                 hlo_dir: str = "", log: Callable[[str], None] = lambda s: None) -> list[ProgramReport]:
-    """Compiles the run's programs (settings resolved on the slice's mesh, `topology_settings`) for `topology`;
-    one report per program (in PROGRAMS order)."""
+    """Compiles the run's programs (settings resolved on the slice's meshes, `topology_settings`) for `topology`:
+    the sampler's on the sampler mesh, the PRM and PPO steps on the training mesh; one report per program (in
+    PROGRAMS order)."""
     unknown = [p for p in programs if p not in PROGRAMS]
     if unknown:
         raise ValueError(f"--programs: unknown {unknown} (known: {list(PROGRAMS)})")
-    mesh = s.mesh
+    mesh, smesh = s.mesh, s.rollout_mesh
     run = abstract_run(s)
     cfg = s.model.config(s.model.param_dtype)
     progs = make_programs(s, run.graphdef, run.policy, run.prm, run.ref_params, stop_ids=stand_in_stop_ids(cfg),
@@ -187,15 +191,21 @@ def compile_run(s: RunSettings, topology: Topology, programs: Sequence[str] = PR
     ppo_batch = _batch(mesh, rows, {k: ((r_len,), jnp.float32) for k in ("mask", "old_logp", "advantages")})
     sampler = progs.sampler.cfg
     prompts = sampler.max_prefill  # the largest prefill batch of the sampler
-    prompt_batch = _batch(mesh, prompts, {"tokens": ((p_len,), jnp.int32), "lens": ((), jnp.int32)})
-    replicated = NamedSharding(mesh, P())
+    prompt_batch = _batch(smesh, prompts, {"tokens": ((p_len,), jnp.int32), "lens": ((), jnp.int32)})
+    replicated = NamedSharding(smesh, P())
     slots = jax.ShapeDtypeStruct((sampler.n, prompts + 1), jnp.int32, sharding=replicated)  # + the held prompt
     hold = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)  # insert's `hold`, decode's `until_free`
-    policy_rest = bytes_per_device((run.policy.opt_state, run.policy.step))
     prm_all, ref_all = bytes_per_device(run.prm), bytes_per_device(run.ref_params)
     policy_all = bytes_per_device(run.policy)
-    key = _key(mesh)
-    sampler_resident = prm_all + ref_all + policy_rest  # the policy params are the sampler's argument
+    key = _key(smesh)
+    if s.max_staleness or smesh is not mesh:  # the sampler reads the copies the trainer publishes (`Trainer.publish`)
+        params = _with_shardings(run.policy.params, state_shardings(run.policy.params, smesh))
+        # Beside it: the next version, published while rollouts run ahead; on a shared mesh, every training state.
+        sampler_resident = ((bytes_per_device(params) if s.max_staleness else 0)
+                            + (prm_all + ref_all + policy_all if smesh is mesh else 0))
+    else:  # the synchronous loop: the sampler reads the policy params in place, beside every other state
+        params = run.policy.params
+        sampler_resident = prm_all + ref_all + bytes_per_device((run.policy.opt_state, run.policy.step))
     reports: dict[str, ProgramReport] = {}
 
     def done(report: ProgramReport) -> None:
@@ -204,12 +214,12 @@ def compile_run(s: RunSettings, topology: Topology, programs: Sequence[str] = PR
 
     chip = topology.chip
     if "sampler_prefill" in programs or "sampler_decode" in programs:
-        with jax.set_mesh(mesh):  # as the sampler runs them: its state constrained to the batch axes
+        with jax.set_mesh(smesh):  # as the sampler runs them: its state constrained to the batch axes
             state = jax.eval_shape(lambda: empty_state(cfg, sampler, p_len))
-            state = _with_shardings(state, sampler_state_shardings(state, mesh))
+            state = _with_shardings(state, sampler_state_shardings(state, smesh))
             if "sampler_prefill" in programs:
                 log("compiling sampler_prefill ...")
-                done(compile_program("sampler_prefill", insert, (run.graphdef, run.policy.params, state,
+                done(compile_program("sampler_prefill", insert, (run.graphdef, params, state,
                                      prompt_batch["tokens"], prompt_batch["lens"], slots, slots, hold, key), {}, chip,
                                      sampler_resident, hlo_dir=hlo_dir)[0])
             if "sampler_decode" in programs:
@@ -220,7 +230,7 @@ def compile_run(s: RunSettings, topology: Topology, programs: Sequence[str] = PR
                 # each is costed at the mean of their block counts).
                 block = sampler.block(p_len)
                 blocks = -(-(-(-p_len // block) + -(-r_len // (2 * block)) + 1) // 2)
-                report = compile_program("sampler_decode", decode, (run.graphdef, run.policy.params, state, hold), {},
+                report = compile_program("sampler_decode", decode, (run.graphdef, params, state, hold), {},
                                          chip, sampler_resident, (sampler.steps_per_sync, blocks), hlo_dir)[0]
                 if report.cost is not None:
                     calls = -(-(r_len - 1) // sampler.steps_per_sync)

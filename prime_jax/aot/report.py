@@ -84,13 +84,16 @@ def summary_line(topology: Topology, reports: Sequence[ProgramReport], step_s: f
 
 
 def markdown_rows(s: RunSettings, topology: Topology, reports: Sequence[ProgramReport]) -> list[str]:
-    """One markdown table row per program (columns: see TABLE_HEADER)."""
+    """One markdown table row per program (columns: see TABLE_HEADER); the mesh is the program's (with a sampler mesh
+    of its own, the sampler's programs run on it, with their chip count)."""
     chip = topology.chip
-    mesh = ", ".join(f"{k}={v}" for k, v in s.mesh.shape.items())
     micro = f"{s.prm.micro_batch_size}/{s.ppo.micro_batch_size}"
     rows = []
     for r in reports:
-        cells = [topology.slice_name, f"`{topology.name}`", mesh, micro, str(s.prompts_per_call), r.name,
+        mesh = s.rollout_mesh if r.name.startswith("sampler") else s.mesh
+        where = "" if s.rollout_mesh is s.mesh else f" ({mesh.devices.size} chips)"
+        cells = [topology.slice_name, f"`{topology.name}`",
+                 ", ".join(f"{k}={v}" for k, v in mesh.shape.items()) + where, micro, str(s.prompts_per_call), r.name,
                  _gib(r.argument_bytes), _gib(r.temp_bytes), _gib(r.resident_bytes)]
         if r.error:
             why = "compiler: out of HBM" if "RESOURCE_EXHAUSTED" in r.error else r.error

@@ -14,23 +14,28 @@ GIB = 2**30
 @dataclasses.dataclass(frozen=True)
 class Chip:
     """One TPU generation. hbm_bytes: HBM per chip; peak_flops: dense bf16 FLOP/s per chip; hbm_bandwidth:
-    bytes/s per chip; cores: TensorCores per chip (v4/v5p slice names count cores); chip_config: libtpu's
+    bytes/s per chip; ici_bandwidth: inter-chip interconnect bytes/s one chip sends (or receives), all its links
+    together; cores: TensorCores per chip (v4/v5p slice names count cores); chip_config: libtpu's
     chip_config_name ("megacore": one JAX device per chip, as on a real v4/v5p VM)."""
 
     hbm_bytes: int
     peak_flops: float
     hbm_bandwidth: float
+    ici_bandwidth: float
     cores: int
     chip_config: str
     slice_prefix: str
 
 
-# Public Cloud TPU figures (cloud.google.com/tpu/docs/system-architecture-tpu-vm).
+# Public Cloud TPU figures (cloud.google.com/tpu/docs/system-architecture-tpu-vm). ICI, one direction per chip:
+# v5p 600 GB/s (docs/v5p: "bidirectional ICI bandwidth per chip 1200 GBps"); v6e 400 GB/s (docs/v6e: bidirectional
+# 800 GBps, "ICI bandwidth 3200 Gbps"); v5e 200 GB/s (docs/v6e's v5e column: 1600 Gbps); v4 300 GB/s (6 links of
+# 400 Gbps each way: the Gemini report, 2023; docs/v4 gives no per-chip figure).
 CHIPS: dict[str, Chip] = {
-    "v4": Chip(32 * GIB, 275e12, 1.2e12, cores=2, chip_config="megacore", slice_prefix="v4"),
-    "v5p": Chip(95 * GIB, 459e12, 2.765e12, cores=2, chip_config="megacore", slice_prefix="v5p"),
-    "v5e": Chip(16 * GIB, 197e12, 0.819e12, cores=1, chip_config="default", slice_prefix="v5litepod"),
-    "v6e": Chip(32 * GIB, 918e12, 1.64e12, cores=1, chip_config="default", slice_prefix="v6e"),
+    "v4": Chip(32 * GIB, 275e12, 1.2e12, 300e9, cores=2, chip_config="megacore", slice_prefix="v4"),
+    "v5p": Chip(95 * GIB, 459e12, 2.765e12, 600e9, cores=2, chip_config="megacore", slice_prefix="v5p"),
+    "v5e": Chip(16 * GIB, 197e12, 0.819e12, 200e9, cores=1, chip_config="default", slice_prefix="v5litepod"),
+    "v6e": Chip(32 * GIB, 918e12, 1.64e12, 400e9, cores=1, chip_config="default", slice_prefix="v6e"),
 }
 _3D = ("v4", "v5p")  # generations with a 3-D torus; v5e / v6e are 2-D
 

@@ -12,6 +12,9 @@ kernel). The tokenizer's stop and pad ids are not known here; `Programs` adds th
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import jax
 import ml_collections
 from jax.sharding import Mesh
@@ -70,10 +73,11 @@ def _sft_dir(c: ml_collections.ConfigDict) -> str:
 SAMPLER_MESH = {"data": 1, "fsdp": -1, "tensor": 1}
 
 
-def _meshes(c: ml_collections.ConfigDict) -> tuple[Mesh, Mesh]:
-    """(training mesh, sampler mesh) over every device: the first `rollout.devices` sample on a mesh of their own
-    (one fsdp axis), the rest train on `mesh.*`; with rollout.devices=0 the sampler shares the training mesh."""
-    devices, split = jax.devices(), c.rollout.devices
+def meshes(c: ml_collections.ConfigDict, devices: Sequence[Any] | None = None) -> tuple[Mesh, Mesh]:
+    """(training mesh, sampler mesh) over `devices` (default: every device; the AOT tool passes a TPU slice's): the
+    first `rollout.devices` sample on a mesh of their own (one fsdp axis), the rest train on `mesh.*`; with
+    rollout.devices=0 the sampler shares the training mesh (the same object)."""
+    devices, split = list(jax.devices() if devices is None else devices), c.rollout.devices
     if split >= len(devices):
         _fail("rollout.devices", f"{split} leaves none of the {len(devices)} devices to train")
     try:
@@ -90,7 +94,7 @@ def resolve(c: ml_collections.ConfigDict, mesh: Mesh | None = None, arch: ModelC
     (default: `read_architecture`). Raises ConfigError naming the first bad key."""
     _check_values(c)
     if mesh is None:
-        mesh, rollout_mesh = _meshes(c)
+        mesh, rollout_mesh = meshes(c)
     elif rollout_mesh is None:
         if c.rollout.devices:
             _fail("rollout.devices", "a sampler mesh of its own needs the sampler's devices too (resolve's rollout_mesh)")
@@ -259,4 +263,4 @@ def resolve_experiment(c: ml_collections.ConfigDict, known_arms: tuple[str, ...]
 __all__ = ["AdvantageSettings", "ConfigError", "DataSettings", "EvalSettings", "ExperimentSettings", "LengthMix",
            "ModelSettings",
            "RunSettings", "SyntheticSettings", "VerifierSettings", "WarmStartSettings", "check", "check_paths", "describe",
-           "mesh_axes", "read_architecture", "resolve", "resolve_experiment", "wants_distributed"]
+           "mesh_axes", "meshes", "read_architecture", "resolve", "resolve_experiment", "wants_distributed"]
