@@ -206,29 +206,33 @@ def answer(results: Mapping[str, Any]) -> str:
 
 def plot(results: Mapping[str, Any], path: str) -> str:
     """Left: held-out score vs step; right: the PRM's step AUROC (window means) vs step, for the arms with a PRM;
-    seed mean (line) and min-max band per arm, one colour per arm in both."""
+    seed mean (line) and min-max band per arm, one colour per arm in both; ablations dashed."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     setup = results["setup"]
     fig, (ax, credit) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [3, 2]})
+    ablations = set(setup.get("ablations", []))
     for i, arm in enumerate(results["runs"]):
         label = setup["arms"][arm]["description"] if arm in setup.get("arms", {}) else arm
-        color = f"C{i % 10}"
+        color, style = f"C{i % 10}", "--" if arm in ablations else "-"
         steps, values = curve(results, arm)
-        ax.plot(steps, values.mean(axis=0), marker="o", color=color, label=label)
+        ax.plot(steps, values.mean(axis=0), marker="o", color=color, linestyle=style, label=label)
         ax.fill_between(steps, values.min(axis=0), values.max(axis=0), color=color, alpha=0.15)
         steps, values = curve(results, arm, "step_auroc")
         keep = ~np.isnan(values).any(axis=0) & (steps > 0)
         if keep.any():
-            credit.plot(steps[keep], values[:, keep].mean(axis=0), marker="o", color=color)
+            credit.plot(steps[keep], values[:, keep].mean(axis=0), marker="o", color=color, linestyle=style)
             credit.fill_between(steps[keep], values[:, keep].min(axis=0), values[:, keep].max(axis=0), color=color,
                                 alpha=0.15)
     h = setup.get("heldout", {})
     ax.set_xlabel("RL step")
     ax.set_ylabel(f"held-out score (avg@{h.get('k', '?')}, T={h.get('temperature', '?')})")
-    ax.set_title(f"{setup.get('task', '')}\n{len(setup.get('seeds', []))} seeds: mean and min–max band", fontsize=9)
+    seeds = f"{len(setup.get('seeds', []))} seeds: mean and min–max band"
+    if ablations:
+        seeds += f"; ablations (dashed): seeds {', '.join(map(str, setup.get('ablation_seeds', [])))}"
+    ax.set_title(f"{setup.get('task', '')}\n{seeds}", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     credit.axhline(0.5, color="grey", linestyle="--", linewidth=1)
