@@ -10,6 +10,6 @@ pyarrow, TFDS or the code verifier):
   benchmarks   `load_benchmark` for MATH-500, AIME (24), AMC, Minerva, OlympiadBench, HumanEval, MBPP, LeetCode,
                LiveCodeBench v2; per-benchmark token limits, the paper's Table 1 columns
   livecodebench  LiveCodeBench release files (compressed private tests, contest-date windows)
-  synthetic    `make_tasks` / `reference_solution` for the built-in CPU run; `math_chain`, a math task's steps
-  steps        `label_steps`: a synthetic math response's step lines, right / wrong / malformed
+  synthetic    `make_tasks` / `reference_solution` for the built-in CPU run; `task_chain`, a task's steps
+  steps        `label_steps`: a synthetic math or code response's step lines, right / wrong / malformed
 """
