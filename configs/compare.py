@@ -5,31 +5,23 @@
 Synthetic code tasks of 2 operations ("Write a function f(x) that returns (x + 5) * 3."), whose warm-start solutions
 assign one operation a line (`x = x + 5`, `x = x * 3`, `return x`): a wrong step makes the function wrong, so there
 is step-level credit to assign, and `prime_jax.data.steps` labels every step line right or wrong.
-Why this regime learns (docs/experiments/README.md has the runs that chose it): RL here sharpens a skill the warm
-start half knows. After 200 warm-start steps the model copies the question's operations into step lines right about
-a quarter of the time at temperature 1 (held-out 0.24), and outcome-only RLOO raises that by ~20 points in 20 steps.
-Math chains did not learn at any policy lr tried (their errors are arithmetic facts the model does not know, not a
-skill it half knows), nor did code chains warm-started to 0.69 (little left to sharpen in 20 steps).
+Why this regime learns: RL here sharpens a skill the 200-step warm start half knows (copying the question's operations
+into step lines), where math chains' errors are arithmetic facts the model does not know; the runs that chose it are
+in docs/experiments/history.md.
 Every arm (prime_jax/experiments/compare.py ARMS) starts from the same warm-start model and differs only in the
 config keys of its ARMS row; the ablations run after the arms, on seed 0.
 """
 
-import importlib.util
 import os
 
 import ml_collections
 
-
-def _tiny() -> ml_collections.ConfigDict:
-    """configs/tiny.py (the built-in run): the model, warm start, rollout and optimiser sizes shared here."""
-    spec = importlib.util.spec_from_file_location("_tiny_config", os.path.join(os.path.dirname(__file__), "tiny.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from prime_jax.config import config_module
 
 
 def get_config() -> ml_collections.ConfigDict:
-    c = _tiny()
+    # configs/tiny.py (the built-in run): the model, warm start, rollout and optimiser sizes shared here
+    c = config_module(os.path.join(os.path.dirname(__file__), "tiny.py")).get_config()
     c.workdir = "runs/compare"       # <workdir>/sft (the one warm start), <workdir>/<arm>/seed<k> (each run)
     c.total_steps = 20
 

@@ -13,21 +13,15 @@ in the log and adjust `warm_start.steps` until it lies between about 0.2 and 0.5
 `<workdir>/sft` is removed).
 """
 
-import importlib.util
 import os
 
 import ml_collections
 
-
-def _compare() -> ml_collections.ConfigDict:
-    spec = importlib.util.spec_from_file_location("_compare_config", os.path.join(os.path.dirname(__file__), "compare.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from prime_jax.config import config_module
 
 
 def get_config() -> ml_collections.ConfigDict:
-    c = _compare()
+    c = config_module(os.path.join(os.path.dirname(__file__), "compare.py")).get_config()
     c.workdir = "runs/compare_gpu"
     c.total_steps = 60
     c.model.compute_dtype = "bfloat16"

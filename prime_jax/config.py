@@ -6,7 +6,22 @@ one place, `prime_jax.settings.resolve`, before any weights are loaded or progra
 
 from __future__ import annotations
 
+import importlib.util
+import os
+from types import ModuleType
+
 import ml_collections
+
+
+def config_module(path: str) -> ModuleType:
+    """A `configs/*.py` file loaded as a module by path (its `get_config()`, and `SHARDING` where it has plans), so one
+    config file can start from another's: `config_module(os.path.join(os.path.dirname(__file__), "tiny.py"))`."""
+    spec = importlib.util.spec_from_file_location(f"_config_{os.path.splitext(os.path.basename(path))[0]}", path)
+    if spec is None or spec.loader is None or not os.path.isfile(path):
+        raise ValueError(f"cannot load a config file from {path!r}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -14,9 +14,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from prime_jax.config import config_module
 from prime_jax.mesh import make_mesh
 from prime_jax.models import Decoder, ModelConfig, RopeScaling, response_logprobs
 from prime_jax.rl.packing import Layout, PackSpec, lay_out
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def load_config(name: str):
+    """configs/<name>.py's get_config()."""
+    return config_module(str(CONFIGS / f"{name}.py")).get_config()
 
 
 def tiny_config(**overrides) -> ModelConfig:

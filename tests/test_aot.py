@@ -219,11 +219,15 @@ def _shrunk_settings(overrides=None):
     return aot.topology_settings(c, aot.parse_topology("v5p:2x2x1"))
 
 
-@pytest.fixture(scope="module")
-def compiled_shrunk():
-    s = _shrunk_settings()
+def _compiled_on_v5p8(s):
+    """(settings, the v5p-8 topology, program name -> its compiled report)."""
     topology = aot.parse_topology("v5p:2x2x1")
     return s, topology, {r.name: r for r in aot.compile_run(s, topology)}
+
+
+@pytest.fixture(scope="module")
+def compiled_shrunk():
+    return _compiled_on_v5p8(_shrunk_settings())
 
 
 def test_shrunk_qwen7b_compiles_and_fits(compiled_shrunk):
@@ -376,9 +380,7 @@ def _split_settings(overrides=None):
 
 @pytest.fixture(scope="module")
 def compiled_split():
-    s = _split_settings()
-    topology = aot.parse_topology("v5p:2x2x1")
-    return s, topology, {r.name: r for r in aot.compile_run(s, topology)}
+    return _compiled_on_v5p8(_split_settings())
 
 
 def test_split_meshes_are_the_slices_first_and_last_chips():

@@ -5,8 +5,6 @@ fail `resolve` with a ConfigError whose message is one line starting `config.<ke
 the base config. A key with no entry below must be listed in FREE_FORM, so a new key cannot go unchecked.
 """
 
-import importlib.util
-import os
 import re
 
 import jax
@@ -16,8 +14,8 @@ import pytest
 from prime_jax import settings
 from prime_jax.config import base_config
 from prime_jax.mesh import make_mesh
+from tests.fixtures import load_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Keys whose values are free-form (paths, names): any string is accepted here; what they point at is checked
 # where it is read (model.* below, data files by preflight and the readers).
@@ -25,11 +23,6 @@ FREE_FORM = {"model.prm_path", "model.ref_path", "model.tokenizer", "model.arch"
              "warm_start.arch", "log.wandb_project"}
 
 
-def load_config(name: str) -> ml_collections.ConfigDict:
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def one_device() -> jax.sharding.Mesh:

@@ -1,6 +1,5 @@
 """The training loop end to end, in-process: configs/qwen7b.py's exact code path with its model shrunk."""
 
-import importlib.util
 import json
 import math
 import os
@@ -18,16 +17,10 @@ from prime_jax.main import run
 from prime_jax.metrics import read_metrics
 from prime_jax.models import load_pretrained
 from prime_jax.trainer import NonfiniteGuard, Trainer
-from tests.fixtures import hf_logits, write_tiny_model_dir
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.fixtures import hf_logits, load_config, write_tiny_model_dir
 
 
-def load_config(name: str):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+
 
 
 def write_parquet_with_bad_rows(path, tasks):

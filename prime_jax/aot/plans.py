@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from typing import Any
 
 import ml_collections
 
 from prime_jax.aot.topology import parse_topology
+from prime_jax.config import config_module
 
 
 def load_config_file(path: str) -> tuple[ml_collections.ConfigDict, dict[str, dict[str, Any]]]:
     """A configs/*.py file's `get_config()` and its `SHARDING` plans: slice name -> flattened config overrides
     (e.g. {"mesh.fsdp": 8, "actor.micro_batch_size": 16})."""
-    spec = importlib.util.spec_from_file_location("_aot_config", path)
-    if spec is None or spec.loader is None or not os.path.isfile(path):
-        raise ValueError(f"--config: cannot load {path!r}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        module = config_module(path)
+    except ValueError as e:
+        raise ValueError(f"--config: {e}") from None
     plans = getattr(module, "SHARDING", {})
     for name, plan in plans.items():
         parse_topology(name)

@@ -1,6 +1,5 @@
 """The comparison command end to end at toy size: one warm start, two arms, resumable, sanity figures."""
 
-import importlib.util
 import json
 import math
 import os
@@ -10,15 +9,12 @@ import pytest
 from prime_jax import settings
 from prime_jax.experiments import compare
 from prime_jax.metrics import read_metrics
+from tests.fixtures import load_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def toy_config(tmp_path):
-    spec = importlib.util.spec_from_file_location("compare_config", os.path.join(ROOT, "configs", "compare.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config()
+    c = load_config("compare")
     c.workdir, c.compare.out_dir = str(tmp_path / "runs"), str(tmp_path / "out")
     c.compare.arms, c.compare.seeds = "prime,rloo_outcome", "0"
     c.compare.ablations, c.compare.ablation_seeds = "prime_shuffled_labels", "0"
@@ -95,10 +91,7 @@ def test_runs_are_the_arms_seed_by_seed_then_the_ablations(tmp_path):
 
 @pytest.mark.parametrize("name", ["compare", "compare_gpu"])
 def test_experiment_configs_resolve_and_every_run_checks(name, tmp_path):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config()
+    c = load_config(name)
     c.workdir = str(tmp_path)
     x = settings.resolve_experiment(c, tuple(compare.ARMS))
     shared = settings.resolve(x.base)
