@@ -352,10 +352,10 @@ PROMPT_LEN, RESPONSE_LEN = 5, 6
 
 
 @functools.cache
-def tiny_model(seed: int = 0):
-    """(graphdef, params) of the 2-layer test decoder, initialised in one jitted program (eager
-    initialisation compiles every small op on its own and is several times slower)."""
-    cfg = tiny_config()
+def tiny_model(seed: int = 0, **overrides):
+    """(graphdef, params) of the 2-layer test decoder (`tiny_config(**overrides)`), initialised in one jitted
+    program (eager initialisation compiles every small op on its own and is several times slower)."""
+    cfg = tiny_config(**overrides)
     graphdef, _ = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(seed))))
     params = jax.jit(lambda: nnx.split(Decoder(cfg, rngs=nnx.Rngs(seed)))[1])()
     return graphdef, params

@@ -79,6 +79,7 @@ RULES = [
     ("model.attention", "splash", "model.attention", "needs a TPU backend"),
     ("model.attention", "cudnn", "model.attention", "needs a GPU backend"),
     ("model.remat", "no", "model.remat", "True or False"),
+    ("model.layers", "loop", "model.layers", "'loop' is not one of"),
     ("model.logits_chunk", 0, "model.logits_chunk", ">= 1"),
     ("rollout.n_samples", 0, "rollout.n_samples", ">= 1"),
     ("rollout.n_samples", 1, "rollout.n_samples", "rloo needs at least 2 samples"),
@@ -221,6 +222,7 @@ def test_resolve_derives_the_run_and_leaves_the_config_unchanged(tmp_path):
     assert s.warm_start.needed and s.model.path == str(tmp_path / "run" / "sft")
     assert s.model.tokenizer == str(tmp_path / "run" / "sft" / "tokenizer.model")
     assert s.model.prm_path == s.model.ref_path == s.model.path
+    assert s.model.scan_layers is False  # model.layers=auto unrolls on CPU
     assert s.model.attention == "xla" and s.model.arch.hidden_size == 128 and s.model.arch.vocab_size == 512
     assert s.ppo_pack.row_length == s.prm_pack.row_length == 96 + 48
     assert s.ppo_pack.micro_batch_tokens == 32 * 144 and s.prm_pack.micro_batch_tokens == 64 * 144

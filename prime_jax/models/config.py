@@ -50,6 +50,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"
     remat: bool = False
+    scan_layers: bool = True   # full-sequence forward: lax.scan over the stacked layers, or unrolled
     logits_chunk: int = 1024
     attention: str = "xla"     # full-sequence attention: one of ATTENTION_IMPLEMENTATIONS (attention.causal_attention)
 

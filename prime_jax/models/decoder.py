@@ -2,8 +2,10 @@
 
 Every weight is an `nnx.Param` carrying `axes`, a tuple of logical axis names that
 `prime_jax.mesh` maps onto mesh axes. Per-layer weights are stacked with a leading `layers`
-axis and the blocks run in one `lax.scan`, so compile time does not grow with depth (the CPU sampler runs them
-unrolled over per-layer slices instead: XLA:CPU copies a dynamically sliced weight before each dot).
+axis and the blocks run in one `lax.scan`, so compile time does not grow with depth. On CPU they run unrolled over
+per-layer slices instead (`cfg.scan_layers=False`, config `model.layers`; the sampler always does on CPU): XLA:CPU
+copies a dynamically sliced weight before each dot, and under differentiation zero-fills and copies into the
+scan's stacked residuals (the PPO step of bench/vs_peers.py's workload: 15% faster unrolled).
 
 Two entry points share the layer functions:
 - `model(tokens, attention_mask=..., positions=...)` / `model.hidden_states(..., segment_ids=...)`: full-sequence
@@ -188,7 +190,7 @@ class Decoder(nnx.Module):
         if remat:
             layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.nothing_saveable)
             norm = jax.checkpoint(rms_norm, static_argnums=(2,))
-        x, _ = self.over_layers(layer, self.embed_tokens(tokens))
+        x, _ = self.over_layers(layer, self.embed_tokens(tokens), None if cfg.scan_layers else self.layer_slices())
         return norm(x, self.final_norm[...], cfg.rms_norm_eps)
 
     def hidden_states(self, tokens: Array, *, attention_mask: Array | None = None, positions: Array | None = None,

@@ -126,6 +126,7 @@ def _check_values(c: ml_collections.ConfigDict) -> None:
         _choice(c, f"model.{key}", DTYPES)
     _choice(c, "model.attention", ("auto", *CONFIG_ATTENTION))
     _flag(c, "model.remat")
+    _choice(c, "model.layers", ("auto", "scan", "unroll"))
     _positive_int(c, "model.logits_chunk")
 
     n = _positive_int(c, "rollout.n_samples")

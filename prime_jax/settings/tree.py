@@ -32,18 +32,20 @@ class ModelSettings:
     ref_dtype: str
     compute_dtype: str
     remat: bool
+    scan_layers: bool  # resolved for the mesh's platform
     logits_chunk: int
     attention: str  # resolved for the mesh's platform
     arch: ModelConfig
 
     def load_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of `load_pretrained` besides the path and dtype."""
-        return dict(compute_dtype=self.compute_dtype, remat=self.remat, logits_chunk=self.logits_chunk,
-                    attention=self.attention)
+        return dict(compute_dtype=self.compute_dtype, remat=self.remat, scan_layers=self.scan_layers,
+                    logits_chunk=self.logits_chunk, attention=self.attention)
 
     def config(self, param_dtype: str) -> ModelConfig:
         """The architecture with this run's dtypes and memory knobs, as `load_pretrained` builds it."""
         return self.arch.replace(param_dtype=param_dtype, dtype=self.compute_dtype, remat=self.remat,
+                                 scan_layers=self.scan_layers,
                                  logits_chunk=self.logits_chunk, attention=self.attention)
 
 

@@ -4,23 +4,40 @@ import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import transformers
+from flax import nnx
 
 from prime_jax.models import load_pretrained, save_pretrained
 from tests.fixtures import hf_logits
 
 
+@pytest.mark.parametrize("scan_layers", [True, False], ids=["scan", "unroll"])
 @pytest.mark.parametrize("ckpt", ["qwen2_dir", "llama_dir"])
-def test_logits_match_transformers_with_left_padding(ckpt, request, left_padded_batch):
+def test_logits_match_transformers_with_left_padding(ckpt, scan_layers, request, left_padded_batch):
     path = request.getfixturevalue(ckpt)
     tokens, mask = left_padded_batch
-    model = load_pretrained(path)
+    model = load_pretrained(path, scan_layers=scan_layers)
     ours = np.asarray(model(tokens, attention_mask=mask))
     ref = hf_logits(path, tokens, mask)
     real = mask.astype(bool)  # padded positions are undefined in both implementations
     assert np.max(np.abs(ours[real] - ref[real])) < 1e-4
+
+
+def test_unrolled_layers_give_the_scanned_gradients(qwen2_dir, left_padded_batch):
+    """model.layers=unroll (the CPU default) and scan differentiate to the same gradients (fp32, to rounding)."""
+    tokens, mask = left_padded_batch
+
+    def grads(scan_layers):
+        graphdef, params = nnx.split(load_pretrained(qwen2_dir, scan_layers=scan_layers), nnx.Param)
+        loss = lambda p: jnp.sum(jax.nn.log_softmax(nnx.merge(graphdef, p)(tokens, attention_mask=mask))[..., 5] * mask)  # noqa: E731
+        return jax.tree.leaves(jax.grad(loss)(params))
+
+    for a, b in zip(grads(True), grads(False), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
 
 def test_config_read_from_hf(qwen2_dir, llama_dir):

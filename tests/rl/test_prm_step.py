@@ -30,19 +30,19 @@ def model():
 
 
 @functools.cache
-def compiled(cfg: PrmStepConfig, mesh_axes: tuple = ()):
-    """One compiled step per (config, mesh), shared by the tests of this module."""
-    graphdef, params = tiny_model(0)
+def compiled(cfg: PrmStepConfig, mesh_axes: tuple = (), scan_layers: bool = True):
+    """One compiled step per (config, mesh, layer loop), shared by the tests of this module."""
+    graphdef, params = tiny_model(0, scan_layers=scan_layers)
     mesh = make_mesh(dict(mesh_axes)) if mesh_axes else one_device_mesh()
     tx = make_optimizer(OPTIM, cfg.updates_per_iteration(B) or 1)
     state = init_train_state(params, tx)
     return make_prm_step(graphdef, tx, cfg, mesh=mesh, state=state, ref_params=params), tx, mesh
 
 
-def fresh(cfg, params, mesh_axes=(), packed=True):
+def fresh(cfg, params, mesh_axes=(), packed=True, scan_layers=True):
     """(step with its slots bound, tx, placed PRM state, placed reference params) for one run; steps donate
     their state."""
-    step, tx, mesh = compiled(cfg, mesh_axes)
+    step, tx, mesh = compiled(cfg, mesh_axes, scan_layers)
     state = shard_train_state(init_train_state(copy_tree(params), tx), mesh)
 
     def run(state, ref_params, batch):
@@ -53,8 +53,8 @@ def fresh(cfg, params, mesh_axes=(), packed=True):
     return run, tx, state, shard_train_state(copy_tree(params), mesh)
 
 
-def run_step(cfg, params, batch, mesh_axes=(), packed=True):
-    step, tx, state, ref_params = fresh(cfg, params, mesh_axes, packed)
+def run_step(cfg, params, batch, mesh_axes=(), packed=True, scan_layers=True):
+    step, tx, state, ref_params = fresh(cfg, params, mesh_axes, packed, scan_layers)
     state, out = step(state, ref_params, batch)
     return state, out, tx
 
@@ -127,18 +127,20 @@ def test_step_matches_loop_reference_for_1_2_4_micro_batches(model, micro, packe
 SANITY_ROWS_PER_DEVICE, SANITY_PROMPT, SANITY_RESPONSE = 128, 16, 16
 
 
-@pytest.mark.parametrize("update, packed, mesh_axes", [
-    ("after", True, ()), ("after", False, ()), ("before", True, ()), ("none", False, ()),
-    ("after", True, (("data", 2), ("fsdp", 4))), ("after", False, (("fsdp", 8),)),
+@pytest.mark.parametrize("update, packed, mesh_axes, scan_layers", [
+    ("after", True, (), True), ("after", False, (), True), ("before", True, (), True), ("none", False, (), True),
+    ("after", True, (("data", 2), ("fsdp", 4)), True), ("after", False, (("fsdp", 8),), True),
+    ("after", True, (), False),   # layers unrolled (model.layers=auto on CPU)
 ])
-def test_prm_equal_to_reference_scores_exactly_zero_with_ln2_loss_and_half_dpo_acc(model, update, packed, mesh_axes):
+def test_prm_equal_to_reference_scores_exactly_zero_with_ln2_loss_and_half_dpo_acc(model, update, packed, mesh_axes,
+                                                                                   scan_layers):
     """The step-1 sanity point (docs/prime_spec.md §1.4): PRM == reference gives q = 0 bit for bit, so batch_norm has no
     noise to scale up, the loss is exactly ln 2 and dpo_acc exactly 0.5 (acc listed symmetrically in each group)."""
     _, params, _ = model
     rows = SANITY_ROWS_PER_DEVICE * math.prod(dict(mesh_axes).values())
     batch = make_batch(6, rows, prompt_len=SANITY_PROMPT, response_len=SANITY_RESPONSE)
     cfg = PrmStepConfig(n=N, mini_batch_size=rows, micro_batch_size=rows, update=update)
-    state, out, _ = run_step(cfg, params, batch, mesh_axes, packed)
+    state, out, _ = run_step(cfg, params, batch, mesh_axes, packed, scan_layers)
     m = out.metrics
     assert float(m["reward_model/prm_loss"]) == np.float32(np.log(2.0))
     assert float(m["reward_model/dpo_acc_before"]) == 0.5
