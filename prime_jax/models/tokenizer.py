@@ -166,8 +166,10 @@ class SentencePieceTokenizer:
         return [list(ids) for ids in self._sp.encode(list(texts))]
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        """Text of `ids`; ChatML markers and control pieces dropped when `skip_special_tokens`."""
-        ids = [int(i) for i in ids]
+        """Text of `ids`; ChatML markers and control pieces dropped when `skip_special_tokens`. Ids without a piece
+        decode to nothing, as in HF tokenizers: a model's embedding may have more rows than its tokenizer has pieces
+        (Qwen2.5: 151,936 for 151,665), and a sampled id from the rest must not stop the run."""
+        ids = [i for i in map(int, ids) if 0 <= i < self.vocab_size]
         if skip_special_tokens:
             ids = [i for i in ids if i not in self._special_ids]
         return self._sp.decode(ids)

@@ -90,6 +90,14 @@ def test_sentencepiece_round_trip_specials_and_digits(sp_tok):
     assert sp_tok.decode(ids, skip_special_tokens=False) == EXPECTED_PROMPT
 
 
+def test_ids_without_a_piece_decode_to_nothing_in_both(hf_dir, sp_tok):
+    """A model with more embedding rows than tokenizer pieces may sample an id past the vocabulary: HF tokenizers
+    drop it, and so does the sentencepiece adapter (its library raises OUT_OF_RANGE)."""
+    for tok in (HFTokenizer(hf_dir), sp_tok):
+        ids = tok.encode("Compute 17")
+        assert tok.decode(ids[:1] + [tok.vocab_size, tok.vocab_size + 7] + ids[1:]) == "Compute 17"
+
+
 def test_sentencepiece_chat_template(sp_tok):
     assert sp_tok.apply_chat_template(MESSAGES) == EXPECTED_PROMPT
     assert sp_tok.apply_chat_template(MESSAGES[1:], add_generation_prompt=False) == (
