@@ -113,10 +113,13 @@ def _put_rows(state: SamplerState, slots: Array, rows: Array, prompt_lens: Array
 
 @functools.partial(jax.jit, static_argnums=(0,))
 def layer_weights(graphdef: nnx.GraphDef, params: nnx.State) -> list[dict[str, Array]]:
-    """The stacked layer weights as one dict per layer (`Decoder.layer_slices`), copied out once: what `decode`
-    and `insert`'s prefill read in the per-layer (CPU) layout. The host loop slices them once per sampler call,
-    not once per decode call. (`gather_params` does not apply to them: a CPU has nothing to gather.)"""
-    return nnx.merge(graphdef, params).layer_slices()
+    """The stacked layer weights as one dict per layer (`Decoder.layer_slices`), copied out once in the compute
+    dtype (every layer casts its weights to it before use, so results are unchanged; an fp32 policy computing in
+    bf16 keeps half the bytes): what `decode` and `insert`'s prefill read in the per-layer (CPU) layout. The host
+    loop slices them once per sampler call, not once per decode call. (`gather_params` does not apply to them: a
+    CPU has nothing to gather.)"""
+    model = nnx.merge(graphdef, params)
+    return jax.tree.map(lambda w: w.astype(model.cfg.dtype), model.layer_slices())
 
 
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnames=("state",))

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from prime_jax.sampling import KVCache, LayerKV, SamplerConfig, SamplingParams, decode_step, engine, generate
+from prime_jax.models import load_pretrained
+from prime_jax.sampling import (KVCache, LayerKV, SamplerConfig, SamplingParams, decode_step, engine, generate,
+                                layer_weights)
 from prime_jax.sampling.cache import put_prompts
 from prime_jax.sampling.config import per_layer_decode
 from tests.fixtures import SAMPLED, model_logits, random_prompts
@@ -62,3 +64,18 @@ def test_stacked_and_per_layer_cache_layouts_draw_the_same_rows(qwen_model, samp
     out = generate(qwen_model, PROMPTS, **{**SAMPLED, "prompts_per_call": 1})
     np.testing.assert_array_equal(out.tokens, sampled.tokens)
     np.testing.assert_allclose(out.logprobs, sampled.logprobs, atol=1e-5, rtol=0)
+
+
+def test_per_layer_weights_copied_in_the_compute_dtype_draw_what_fp32_copies_draw(qwen2_dir, monkeypatch):
+    """fp32 weights, bf16 compute: the CPU layout's per-layer copy is made in bf16 once (`layer_weights`, half the
+    bytes of an fp32 copy); every layer casts its weights to the compute dtype before use, so the rows are those
+    an fp32 copy draws."""
+    model = load_pretrained(qwen2_dir, compute_dtype="bfloat16")
+    graphdef, params = nnx.split(model)
+    assert {w.dtype for w in jax.tree.leaves(layer_weights(graphdef, params))} == {jnp.dtype(jnp.bfloat16)}
+    bf16_copy = generate(model, PROMPTS, **SAMPLED)
+    monkeypatch.setattr(engine, "layer_weights",
+                        jax.jit(lambda graphdef, params: nnx.merge(graphdef, params).layer_slices(), static_argnums=0))
+    fp32_copy = generate(model, PROMPTS, **SAMPLED)
+    np.testing.assert_array_equal(bf16_copy.tokens, fp32_copy.tokens)
+    np.testing.assert_array_equal(bf16_copy.logprobs, fp32_copy.logprobs)
