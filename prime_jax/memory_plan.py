@@ -1,13 +1,21 @@
 """Analytic memory plan of a run, per device, from its settings alone (no weights loaded).
 
-Counts what must live on the mesh: policy and PRM params + fp32 Adam moments, the frozen reference (neither PRM
-nor reference for outcome-only RL, which does not load them), and the
-sampler's KV cache for one sampler call (`rollout.prompts_per_call` prompts in flight, default the whole batch).
-The exact per-program figures come from the compiler (`python -m prime_jax.aot`); this is the quick check
-`--config.dry_run=True` prints and `preflight` applies off TPU.
+Three parts, in GiB per device:
+- resident, for the whole run: policy and PRM params + fp32 Adam moments, the frozen reference (neither PRM nor
+  reference for outcome-only RL, which does not load them);
+- sampling, during a sampler call: the KV cache of `rollout.prompts_per_call` prompts in flight, and the params
+  `decode` gathers (`rollout.gather_params`) or, in the per-layer CPU layout, the layer weights it copies once per
+  call in the compute dtype (`prime_jax.sampling.programs.layer_weights`);
+- update, during a PRM or PPO step: the compiler's temporaries, the gradients and the optimiser's update of them,
+  two copies of the params (XLA's memory analysis of both steps at Qwen2.5-0.5B dimensions, 2 x 8 rows of
+  96 + 32 tokens: 3.68 GiB = 2.00 x the 1.84 GiB of fp32 params; activations at the micro-batch are not counted).
+The peak is resident + the larger of the other two. The exact per-program figures come from the compiler
+(`python -m prime_jax.aot`); this is the quick check `--config.dry_run=True` prints and `preflight` applies off TPU.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 from prime_jax.settings import RunSettings, describe
 
@@ -15,25 +23,44 @@ GIB = 2**30
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
-def plan(s: RunSettings) -> dict[str, float]:
-    """GiB per device of each resident item (params fully sharded over the mesh; the cache over the data axes)."""
-    m = s.model
-    params = m.arch.num_params
-    trainable = params * (_BYTES[m.param_dtype] + 8) / GIB  # params + Adam mu, nu in fp32
-    kv = s.sampler.cache_bytes(m.arch.replace(dtype=m.compute_dtype), s.data.max_prompt_length) / GIB
-    out = {"policy (params + adam)": trainable}
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+    """GiB per device of each item, by phase (the module docstring)."""
+
+    resident: dict[str, float]
+    sampling: dict[str, float]
+    update: dict[str, float]
+
+    @property
+    def peak(self) -> float:
+        """Resident + the larger phase, GiB per device."""
+        return sum(self.resident.values()) + max(sum(self.sampling.values()), sum(self.update.values()))
+
+
+def plan(s: RunSettings) -> MemoryPlan:
+    """The plan of `s`: params fully sharded over the mesh, the cache over the data axes."""
+    m, arch = s.model, s.model.arch
+    params, per_device = arch.num_params, 1 / (s.mesh.size * GIB)
+    trainable = params * (_BYTES[m.param_dtype] + 8) * per_device  # params + Adam mu, nu in fp32
+    resident = {"policy (params + adam)": trainable}
     if s.runs_prm:
-        out.update({"prm (params + adam)": trainable, "reference": params * _BYTES[m.ref_dtype] / GIB})
-    out["sampler kv cache"] = kv
-    out = {k: v / s.mesh.size for k, v in out.items()}
+        resident.update({"prm (params + adam)": trainable, "reference": params * _BYTES[m.ref_dtype] * per_device})
+    sampling = {"sampler kv cache": s.sampler.cache_bytes(arch.replace(dtype=m.compute_dtype), s.data.max_prompt_length)
+                * per_device}
     if s.sampler.gather_params:  # replicated on every device while decoding
-        out["sampler params (gathered)"] = params * _BYTES[m.compute_dtype] / GIB
-    return out
+        sampling["sampler params (gathered)"] = params * _BYTES[m.compute_dtype] / GIB
+    elif s.sampler.per_layer:
+        embeddings = arch.vocab_size * arch.hidden_size * (1 if arch.tie_word_embeddings else 2) + arch.hidden_size
+        sampling["sampler layer weights (copy)"] = (params - embeddings) * _BYTES[m.compute_dtype] * per_device
+    update = {"update temporaries (2 x params)": 2 * params * _BYTES[m.param_dtype] * per_device}
+    return MemoryPlan(resident, sampling, update)
 
 
 def print_plan(s: RunSettings) -> None:
-    items = plan(s)
+    p = plan(s)
     print(f"memory plan: {describe(s)}")
-    for k, v in items.items():
-        print(f"  {k:<26}{v:8.2f} GiB/device")
-    print(f"  {'total resident':<26}{sum(items.values()):8.2f} GiB/device (+ activations; exact figures: prime_jax.aot)")
+    for phase, items in (("resident", p.resident), ("while sampling", p.sampling), ("while updating", p.update)):
+        print(f"  {phase}:")
+        for k, v in items.items():
+            print(f"    {k:<36}{v:8.2f} GiB/device")
+    print(f"  {'peak (resident + larger phase)':<38}{p.peak:8.2f} GiB/device (exact figures: prime_jax.aot)")

@@ -229,25 +229,38 @@ def aot_memory_check(topology: aot.Topology, reports: list[aot.ProgramReport]) -
 
 def check_memory(c: ml_collections.ConfigDict, s: settings.RunSettings, topology: aot.Topology | None = None) -> Check:
     """On a TPU slice (`topology`): every program of the run compiled ahead of time for it (`prime_jax.aot`, the
-    compiler's own peak per device) fits HBM. Elsewhere: the analytic resident state per device (params, Adam,
-    reference, one sampler call's KV cache) fits the memory JAX reports for device 0 (`bytes_limit`; on CPU the
-    host memory over the local devices)."""
+    compiler's own peak per device) fits HBM. Elsewhere: the analytic plan's peak per device (`memory_plan`:
+    resident models + the larger of a sampler call and an update) fits the memory JAX reports for device 0
+    (`bytes_limit`); on CPU, where the devices share the host, the plan over all local devices plus what this process
+    holds already (Python, the libraries) fits the host's memory."""
     if topology is not None:
         try:
             return aot_memory_check(topology, aot.compile_run(aot.topology_settings(c, topology), topology))
         except Exception as e:  # noqa: BLE001
             return _fail("memory", e, MEMORY_FIX)
     try:
-        need = sum(plan(s).values()) * GIB
+        need = plan(s).peak * GIB
     except Exception as e:  # noqa: BLE001
         return _fail("memory", e, "give --config.model.path (config.json) or model.arch so the plan knows the architecture")
-    if jax.default_backend() == "cpu":  # CPU devices share the host's memory
-        limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / jax.local_device_count()
-    else:
-        limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
+    if jax.default_backend() == "cpu":
+        held = process_rss()
+        need = need * jax.local_device_count() + held
+        limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return Check("memory", need < limit, f"peak plan {need / GIB:.2f} GiB (with this process's "
+                     f"{held / GIB:.2f}) of {limit / GIB:.2f} GiB host memory", MEMORY_FIX)
+    limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
     if not limit:
-        return Check("memory", True, f"resident plan {need / GIB:.2f} GiB/device; {jax.default_backend()} reports no device limit")
-    return Check("memory", need < limit, f"resident plan {need / GIB:.2f} GiB of {limit / GIB:.2f} GiB/device", MEMORY_FIX)
+        return Check("memory", True, f"peak plan {need / GIB:.2f} GiB/device; {jax.default_backend()} reports no device limit")
+    return Check("memory", need < limit, f"peak plan {need / GIB:.2f} GiB of {limit / GIB:.2f} GiB/device", MEMORY_FIX)
+
+
+def process_rss() -> int:
+    """Resident bytes of this process now (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
 
 
 # --- driver ------------------------------------------------------------------------------------------
