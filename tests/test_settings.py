@@ -222,7 +222,8 @@ def test_resolve_derives_the_run_and_leaves_the_config_unchanged(tmp_path):
     assert s.warm_start.needed and s.model.path == str(tmp_path / "run" / "sft")
     assert s.model.tokenizer == str(tmp_path / "run" / "sft" / "tokenizer.model")
     assert s.model.prm_path == s.model.ref_path == s.model.path
-    assert s.model.scan_layers is False  # model.layers=auto unrolls on CPU
+    assert s.model.scan_layers  # configs/tiny.py keeps the scan; model.layers=auto unrolls on CPU:
+    assert not settings.resolve(tiny(tmp_path, **{"model.layers": "auto"}), one_device()).model.scan_layers
     assert s.model.attention == "xla" and s.model.arch.hidden_size == 128 and s.model.arch.vocab_size == 512
     assert s.ppo_pack.row_length == s.prm_pack.row_length == 96 + 48
     assert s.ppo_pack.micro_batch_tokens == 32 * 144 and s.prm_pack.micro_batch_tokens == 64 * 144
