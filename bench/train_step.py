@@ -34,7 +34,7 @@ import torch.nn.functional as F  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from prime_jax.mesh import make_mesh  # noqa: E402
-from prime_jax.models import load_pretrained  # noqa: E402
+from prime_jax.models import load_pretrained, scan_layers_for  # noqa: E402
 from prime_jax.models.attention import resolve_attention  # noqa: E402
 from prime_jax.rl.packing import PackSpec, lay_out  # noqa: E402
 from prime_jax.rl.prm import PrmStepConfig, make_prm_step, prm_minibatches  # noqa: E402
@@ -84,7 +84,8 @@ def jax_steps(path: str, batch: dict[str, np.ndarray], args,
     spec = PackSpec("bench", mini_batch_size=args.mini, micro_batch_size=args.micro, data_parallel=1, packed=packed,
                     row_length=length, micro_batch_tokens=args.micro * length)
     mesh = make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
-    graphdef, params = nnx.split(load_pretrained(path, compute_dtype=args.dtype, attention=args.attention))
+    graphdef, params = nnx.split(load_pretrained(path, compute_dtype=args.dtype, attention=args.attention,
+                                                 scan_layers=args.scan_layers))
     ppo_cfg = PpoStepConfig(mini_batch_size=args.mini, micro_batch_size=args.micro)
     prm_cfg = PrmStepConfig(n=2, mini_batch_size=args.mini, micro_batch_size=args.micro)
     ppo_tx = make_optimizer(POLICY_OPTIM, ppo_cfg.updates_per_iteration(rows))
@@ -217,8 +218,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype (weights fp32)")
     ap.add_argument("--attention", default="auto", help="prime_jax model.attention: auto | xla | cudnn")
+    ap.add_argument("--layers", default="auto", help="prime_jax model.layers: auto (as a run resolves it) | scan | unroll")
     args = ap.parse_args()
     args.attention = resolve_attention(args.attention, jax.default_backend(), args.dtype)
+    args.scan_layers = scan_layers_for(args.layers, jax.default_backend())
     cfg = bench_model_config()
     batch = make_batch(args.rows, args.prompt, args.response, cfg.vocab_size)
     tokens = int(batch["prompt_mask"].sum() + batch["mask"].sum())
@@ -230,7 +233,7 @@ def main() -> None:
         theirs = torch_steps(d, batch, args)
     lengths = batch["prompt_mask"].sum(1) + batch["mask"].sum(1)
     print(f"model: qwen2 d={cfg.hidden_size} L={cfg.num_layers} V={cfg.vocab_size}, fp32 weights, {args.dtype} "
-          f"compute; batch {args.rows} rows, "
+          f"compute, layers {'scanned' if args.scan_layers else 'unrolled'}; batch {args.rows} rows, "
           f"{tokens} real tokens in {args.rows} x {width} padded slots (sequence length median {np.median(lengths):.0f}, "
           f"max {lengths.max()}), mini {args.mini}, micro {args.micro}; {jax.devices()[0].platform} "
           f"x{len(jax.devices())}, torch on {torch_device()} (threads {torch.get_num_threads()}); packed PPO step "

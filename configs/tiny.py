@@ -20,8 +20,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.compute_dtype = "float32"
     c.model.remat = False
     c.model.logits_chunk = 2048
-    # 30 steps of a 1M-parameter model are compile-bound: unrolled layers (model.layers=auto on CPU) compile each
-    # packed shape ~40% longer and save ~0.2 s a step here (docs/benchmarks.md), so this run keeps the scan.
+    # 30 steps of a 1M-parameter model are compile-bound, and unrolled layers (model.layers=auto on CPU) compile
+    # each packed shape longer than they save (docs/benchmarks.md), so this run keeps the scan.
     c.model.layers = "scan"
     c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
 

@@ -7,8 +7,8 @@ Three parts, in GiB per device:
   `decode` gathers (`rollout.gather_params`) or, in the per-layer CPU layout, the layer weights it copies once per
   call in the compute dtype (`prime_jax.sampling.programs.layer_weights`);
 - update, during a PRM or PPO step: the compiler's temporaries, the gradients and the optimiser's update of them,
-  two copies of the params (XLA's memory analysis of both steps at Qwen2.5-0.5B dimensions, 2 x 8 rows of
-  96 + 32 tokens: 3.68 GiB = 2.00 x the 1.84 GiB of fp32 params; activations at the micro-batch are not counted).
+  two copies of the params (what XLA's memory analysis of both steps reports at Qwen2.5-0.5B dimensions,
+  docs/benchmarks.md; activations at the micro-batch are not counted).
 The peak is resident + the larger of the other two. The exact per-program figures come from the compiler
 (`python -m prime_jax.aot`); this is the quick check `--config.dry_run=True` prints and `preflight` applies off TPU.
 """
@@ -50,8 +50,7 @@ def plan(s: RunSettings) -> MemoryPlan:
     if s.sampler.gather_params:  # replicated on every device while decoding
         sampling["sampler params (gathered)"] = params * _BYTES[m.compute_dtype] / GIB
     elif s.sampler.per_layer:
-        embeddings = arch.vocab_size * arch.hidden_size * (1 if arch.tie_word_embeddings else 2) + arch.hidden_size
-        sampling["sampler layer weights (copy)"] = (params - embeddings) * _BYTES[m.compute_dtype] * per_device
+        sampling["sampler layer weights (copy)"] = arch.layer_params * _BYTES[m.compute_dtype] * per_device
     update = {"update temporaries (2 x params)": 2 * params * _BYTES[m.param_dtype] * per_device}
     return MemoryPlan(resident, sampling, update)
 

@@ -11,6 +11,7 @@ SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
 CONFIG_ATTENTION = ("xla", "cudnn", "splash")  # config.model.attention values besides "auto"
 # attention.causal_attention implementations; splash_interpret: the splash kernel in Pallas interpret mode (tests)
 ATTENTION_IMPLEMENTATIONS = (*CONFIG_ATTENTION, "splash_interpret")
+LAYER_LOOPS = ("auto", "scan", "unroll")  # config.model.layers values
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,12 +70,17 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
     @property
-    def num_params(self) -> int:
+    def layer_params(self) -> int:
+        """Parameters of the transformer blocks: everything but the embedding, LM head and final norm."""
         d, f, h, kv, hd = self.hidden_size, self.intermediate_size, self.num_heads, self.num_kv_heads, self.head_dim
         attn = d * hd * (h + 2 * kv) + h * hd * d + (hd * (h + 2 * kv) if self.attention_bias else 0)
-        layer = attn + 3 * d * f + 2 * d
+        return self.num_layers * (attn + 3 * d * f + 2 * d)
+
+    @property
+    def num_params(self) -> int:
+        d = self.hidden_size
         head = 0 if self.tie_word_embeddings else self.vocab_size * d
-        return self.num_layers * layer + self.vocab_size * d + head + d
+        return self.layer_params + self.vocab_size * d + head + d
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any], **overrides: Any) -> ModelConfig:
@@ -178,3 +184,12 @@ def read_hf_config(path: str | os.PathLike, **overrides: Any) -> ModelConfig:
         return ModelConfig.from_hf(hf, **overrides)
     except ValueError as e:
         raise ValueError(f"{file}: {e}") from None
+
+
+def scan_layers_for(layers: str, platform: str) -> bool:
+    """`ModelConfig.scan_layers` for config value `model.layers` on `platform`: "auto" scans everywhere but on CPU,
+    where XLA copies each sliced weight and, differentiated, zero-fills and copies into the scan's stacked residuals
+    (docs/benchmarks.md); "scan" / "unroll" force either."""
+    if layers not in LAYER_LOOPS:
+        raise ValueError(f"model.layers={layers!r}: expected one of {LAYER_LOOPS}")
+    return layers == "scan" or (layers == "auto" and platform != "cpu")

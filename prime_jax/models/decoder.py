@@ -3,9 +3,8 @@
 Every weight is an `nnx.Param` carrying `axes`, a tuple of logical axis names that
 `prime_jax.mesh` maps onto mesh axes. Per-layer weights are stacked with a leading `layers`
 axis and the blocks run in one `lax.scan`, so compile time does not grow with depth. On CPU they run unrolled over
-per-layer slices instead (`cfg.scan_layers=False`, config `model.layers`; the sampler always does on CPU): XLA:CPU
-copies a dynamically sliced weight before each dot, and under differentiation zero-fills and copies into the
-scan's stacked residuals (the PPO step of bench/vs_peers.py's workload: 15% faster unrolled).
+per-layer slices instead (`cfg.scan_layers=False`, config `model.layers`, `config.scan_layers_for`; the sampler
+always does on CPU).
 
 Two entry points share the layer functions:
 - `model(tokens, attention_mask=..., positions=...)` / `model.hidden_states(..., segment_ids=...)`: full-sequence

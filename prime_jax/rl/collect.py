@@ -147,6 +147,6 @@ def collect(sample: Sampler, next_prompts: Callable[[int], list[Prompt]], buffer
     metrics.update({f"verifier/{k}": int(v) for k, v in sorted(counts.items())})
     metrics["timing/verify"] = span
     # Both sides time the same callbacks with their own clocks; where decoding hid all of them the difference is
-    # timer noise of either sign (-0.0002 s seen), so it is clamped at 0.
+    # timer noise of either sign, so it is clamped at 0.
     metrics["timing/verify_exposed"] = max(0.0, verifier.exposed_s - rollout.callbacks_hidden_s)
     return batch, new_buffer, metrics

@@ -21,7 +21,7 @@ from jax.sharding import Mesh
 
 from prime_jax import paths
 from prime_jax.mesh import data_parallel_size, make_mesh
-from prime_jax.models import ModelConfig, read_hf_config, resolve_attention
+from prime_jax.models import ModelConfig, read_hf_config, resolve_attention, scan_layers_for
 from prime_jax.rl.collect import CollectConfig
 from prime_jax.rl.optim import OptimConfig
 from prime_jax.rl.packing import PackSpec
@@ -116,7 +116,7 @@ def resolve(c: ml_collections.ConfigDict, mesh: Mesh | None = None, arch: ModelC
         path=model_path, prm_path=m.prm_path or model_path, ref_path=m.ref_path or model_path,
         tokenizer=m.tokenizer or (paths.join(model_path, "tokenizer.model") if builtin else model_path),
         param_dtype=m.param_dtype, ref_dtype=m.ref_dtype, compute_dtype=m.compute_dtype, remat=m.remat,
-        scan_layers=m.layers == "scan" or (m.layers == "auto" and platform != "cpu"),
+        scan_layers=scan_layers_for(m.layers, platform),
         logits_chunk=m.logits_chunk, attention=attention, arch=arch)
 
     needed = builtin and not (paths.path(model_path) / "config.json").exists()

@@ -9,7 +9,7 @@ from typing import Any, NoReturn
 import ml_collections
 
 from prime_jax import paths
-from prime_jax.models.config import CONFIG_ATTENTION
+from prime_jax.models.config import CONFIG_ATTENTION, LAYER_LOOPS
 from prime_jax.rl.advantages import check_advantage_args
 from prime_jax.rl.ppo import AGGREGATIONS
 from prime_jax.rl.prm import GRANULARITIES, NORM_SCOPES, UPDATE_MODES
@@ -126,7 +126,7 @@ def _check_values(c: ml_collections.ConfigDict) -> None:
         _choice(c, f"model.{key}", DTYPES)
     _choice(c, "model.attention", ("auto", *CONFIG_ATTENTION))
     _flag(c, "model.remat")
-    _choice(c, "model.layers", ("auto", "scan", "unroll"))
+    _choice(c, "model.layers", LAYER_LOOPS)
     _positive_int(c, "model.logits_chunk")
 
     n = _positive_int(c, "rollout.n_samples")

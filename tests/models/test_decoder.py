@@ -11,7 +11,7 @@ import pytest
 import transformers
 from flax import nnx
 
-from prime_jax.models import load_pretrained, save_pretrained
+from prime_jax.models import load_pretrained, save_pretrained, scan_layers_for
 from tests.fixtures import hf_logits
 
 
@@ -38,6 +38,13 @@ def test_unrolled_layers_give_the_scanned_gradients(qwen2_dir, left_padded_batch
 
     for a, b in zip(grads(True), grads(False), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+def test_model_layers_resolve_per_platform():
+    assert [scan_layers_for(v, p) for v in ("auto", "scan", "unroll") for p in ("cpu", "tpu")] == [
+        False, True, True, True, False, False]
+    with pytest.raises(ValueError, match="model.layers='loop'"):
+        scan_layers_for("loop", "cpu")
 
 
 def test_config_read_from_hf(qwen2_dir, llama_dir):
