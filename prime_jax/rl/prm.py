@@ -137,9 +137,10 @@ class PrmStepConfig:
     (reference 256 / 8). update: "after" = single forward, each row's reward from the PRM before
     the update on its own mini-batch (reference default); "before" = update on the whole batch, then
     a second forward for the rewards (VERL default, the paper's App. B.2 "double forward");
-    "none" = no update. shuffle_labels: the label-shuffled control (`shuffled_labels`): the PRM learns from the
-    outcome labels permuted across the batch, so its rewards carry no information about the responses. num_shards: the batch is seen as that many contiguous chunks (the reference: one
-    per GPU, 8) and mini-batch m takes the m-th slice of every chunk, in order; it is also the
+    "none" = no update. shuffle_labels: the label-shuffled control (`shuffled_labels`; the trainer passes the
+    step its `labels`): the PRM learns from the outcome labels permuted across the batch, so its rewards carry no
+    information about the responses. num_shards: the batch is seen as that many contiguous chunks (the reference:
+    one per GPU, 8) and mini-batch m takes the m-th slice of every chunk, in order; it is also the
     scope of batch_norm when norm_scope="shard" (the reference's effective scope). Default 1 and
     "global": one scope over the batch, independent of the device count.
     """
