@@ -335,8 +335,13 @@ def stable(records):
 
 
 def env(devices, **extra):
+    """The environment of a child process with `devices` CPU devices (and `extra` variables). A process of a
+    multi-process run gets no persistent compilation cache (conftest.py): a CPU program with cross-process (gloo)
+    collectives loaded from that cache hangs in its first collective (jax 0.12.1)."""
     e = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     e.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **extra)
+    if "JAX_COORDINATOR_ADDRESS" in e:
+        e.pop("JAX_COMPILATION_CACHE_DIR", None)
     return e
 
 
