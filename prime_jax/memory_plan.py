@@ -6,9 +6,13 @@ Three parts, in GiB per device:
 - sampling, during a sampler call: the KV cache of `rollout.prompts_per_call` prompts in flight, and the params
   `decode` gathers (`rollout.gather_params`) or, in the per-layer CPU layout, the layer weights it copies once per
   call in the compute dtype (`prime_jax.sampling.programs.layer_weights`);
-- update, during a PRM or PPO step: the compiler's temporaries, the gradients and the optimiser's update of them,
-  two copies of the params (what XLA's memory analysis of both steps reports at Qwen2.5-0.5B dimensions,
-  docs/benchmarks.md; activations at the micro-batch are not counted).
+- update, during a PRM or PPO step: the compiler's temporaries, the larger of two moments: the optimiser's update
+  (gradients and the update of them: two copies of the params), and the backward pass of a micro-batch (the
+  gradients, one copy of the params, beside the fp32 logits of one `model.logits_chunk` of tokens, held 3 times in
+  the PPO step, which also takes the entropy, and twice in the PRM step, and the layer inputs remat keeps).
+  XLA's memory analysis of both steps equals this to 1% at 43M parameters with a 152k vocabulary (logits-bound)
+  and at Qwen2.5-0.5B dimensions (optimiser-bound); docs/benchmarks.md. Without remat the activations the
+  backward keeps are larger than the layer inputs counted here.
 The peak is resident + the larger of the other two. The exact per-program figures come from the compiler
 (`python -m prime_jax.aot`); this is the quick check `--config.dry_run=True` prints and `preflight` applies off TPU.
 """
@@ -51,8 +55,27 @@ def plan(s: RunSettings) -> MemoryPlan:
         sampling["sampler params (gathered)"] = params * _BYTES[m.compute_dtype] / GIB
     elif s.sampler.per_layer:
         sampling["sampler layer weights (copy)"] = arch.layer_params * _BYTES[m.compute_dtype] * per_device
-    update = {"update temporaries (2 x params)": 2 * params * _BYTES[m.param_dtype] * per_device}
-    return MemoryPlan(resident, sampling, update)
+    return MemoryPlan(resident, sampling, update_temporaries(s))
+
+
+def update_temporaries(s: RunSettings) -> dict[str, float]:
+    """GiB per device of the larger update step's temporaries (the module docstring): the optimiser's two copies of
+    the params, or the backward pass's gradients + logits chunks + layer inputs, whichever is larger."""
+    m, arch = s.model, s.model.arch
+    param_bytes = arch.num_params * _BYTES[m.param_dtype]
+    backward = {}
+    for name, spec, copies in (("ppo", s.ppo_pack, 3), ("prm", s.prm_pack, 2)):
+        if name == "prm" and not s.runs_prm:
+            continue
+        tokens = spec.micro_batch_tokens
+        logits = copies * min(m.logits_chunk, tokens) * arch.vocab_size * 4
+        layer_inputs = arch.num_layers * tokens * arch.hidden_size * _BYTES[m.compute_dtype] if m.remat else 0
+        backward[name] = param_bytes + logits + layer_inputs
+    per_device = 1 / (s.mesh.size * GIB)
+    name, worst = max(backward.items(), key=lambda kv: kv[1])
+    if worst <= 2 * param_bytes:
+        return {"update temporaries (2 x params)": 2 * param_bytes * per_device}
+    return {f"update temporaries ({name}: grads + logits chunks)": worst * per_device}
 
 
 def print_plan(s: RunSettings) -> None:

@@ -42,7 +42,8 @@ def init_states(s: RunSettings, policy_params: nnx.State,
 
     def init(params, tx):
         abstract = jax.eval_shape(lambda p: init_train_state(p, tx), params)
-        return jax.jit(lambda p: init_train_state(p, tx), out_shardings=train_state_shardings(abstract, s.mesh))(params)
+        return jax.jit(lambda p: init_train_state(p, tx), out_shardings=train_state_shardings(abstract, s.mesh),
+                       donate_argnums=0)(params)
 
     return init(policy_params, policy_tx), None if prm_params is None else init(prm_params, prm_tx)
 
