@@ -38,14 +38,13 @@ from prime_jax import aot, cli, paths, settings
 from prime_jax.data.eurus import read_eurus
 from prime_jax.data.tfds_reader import iter_tfds_rows
 from prime_jax.distributed import init_distributed
-from prime_jax.memory_plan import plan
+from prime_jax.memory_plan import CPU_COMPILER_HEAP_BYTES, GIB, plan
 from prime_jax.mesh import make_mesh
 from prime_jax.models import ModelConfig, read_hf_config
 from prime_jax.models.tokenizer import load_tokenizer
 from prime_jax.verifiers import code, math
 from prime_jax.verifiers.sandbox import bwrap_available
 
-GIB = 2**30
 # Resolves a config whose model cannot be read yet, so that every other check still runs (the model lines fail).
 STAND_IN_ARCH = ModelConfig(model_type="qwen2", vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1,
                             num_heads=1, num_kv_heads=1, head_dim=8)
@@ -232,7 +231,7 @@ def check_memory(c: ml_collections.ConfigDict, s: settings.RunSettings, topology
     compiler's own peak per device) fits HBM. Elsewhere: the analytic plan's peak per device (`memory_plan`:
     resident models + the larger of a sampler call and an update) fits the memory JAX reports for device 0
     (`bytes_limit`); on CPU, where the devices share the host, the plan over all local devices plus what this process
-    holds already (Python, the libraries) fits the host's memory."""
+    holds already (Python, the libraries) and the heap XLA:CPU's compiler leaves behind fits the host's memory."""
     if topology is not None:
         try:
             return aot_memory_check(topology, aot.compile_run(aot.topology_settings(c, topology), topology))
@@ -244,10 +243,11 @@ def check_memory(c: ml_collections.ConfigDict, s: settings.RunSettings, topology
         return _fail("memory", e, "give --config.model.path (config.json) or model.arch so the plan knows the architecture")
     if jax.default_backend() == "cpu":
         held = process_rss()
-        need = need * jax.local_device_count() + held
+        need = need * jax.local_device_count() + held + CPU_COMPILER_HEAP_BYTES
         limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        return Check("memory", need < limit, f"peak plan {need / GIB:.2f} GiB (with this process's "
-                     f"{held / GIB:.2f}) of {limit / GIB:.2f} GiB host memory", MEMORY_FIX)
+        return Check("memory", need < limit, f"peak plan {need / GIB:.2f} GiB (with this process's {held / GIB:.2f} "
+                     f"and the compiler's {CPU_COMPILER_HEAP_BYTES / GIB:.2f}) of {limit / GIB:.2f} GiB host memory",
+                     MEMORY_FIX)
     limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
     if not limit:
         return Check("memory", True, f"peak plan {need / GIB:.2f} GiB/device; {jax.default_backend()} reports no device limit")
