@@ -37,7 +37,8 @@ def optimizers(s: RunSettings) -> tuple[optax.GradientTransformation, optax.Grad
 def init_states(s: RunSettings, policy_params: nnx.State,
                 prm_params: nnx.State | None) -> tuple[TrainState, TrainState | None]:
     """Fresh optimiser states, created on device with the params' shardings (Adam moments fp32, like params); no PRM
-    state without PRM params (outcome-only RL)."""
+    state without PRM params (outcome-only RL). The params are donated: the states hold them, with no second copy
+    (the arrays passed in are deleted)."""
     policy_tx, prm_tx, _ = optimizers(s)
 
     def init(params, tx):
