@@ -37,7 +37,7 @@ from prime_jax.data.example import Example
 from prime_jax.eval.scoring import score_examples, summarize
 from prime_jax.mesh import batch_sharding, global_to_host, host_to_global, state_shardings
 from prime_jax.metrics import MetricWriter, plot_curves
-from prime_jax.models import save_pretrained
+from prime_jax.models import in_compute_dtype, save_pretrained
 from prime_jax.rl.collect import Experience, Prompt, collect
 from prime_jax.rl.optim import TrainState, layout_sharding, skipped_updates
 from prime_jax.rl.prm import shuffled_labels
@@ -223,9 +223,10 @@ class Trainer:
 
     def publish(self) -> None:
         """Hands the current policy (version = step) to the rollout thread: a copy on the sampler's mesh, which the
-        next update cannot donate away."""
+        next update cannot donate away, in the compute dtype (the sampler draws what the master copy would draw, from
+        half the bytes of fp32 params)."""
         t0 = time.perf_counter()
-        params = self.policy.params
+        params = in_compute_dtype(self.policy.params, self.s.model.compute_dtype)
         self.ahead.publish(self.step, jax.block_until_ready(
             jax.device_put(params, state_shardings(params, self.s.rollout_mesh), may_alias=False)))
         self.publish_s = time.perf_counter() - t0

@@ -398,13 +398,16 @@ def test_split_meshes_are_the_slices_first_and_last_chips():
 
 
 def test_split_programs_hold_the_published_policy(compiled_split):
-    """The sampler's programs take the policy copy on the sampler's 2 chips (fp32, as `Trainer.publish` copies it),
+    """The sampler's programs take the policy copy on the sampler's 2 chips (in the compute dtype, as `Trainer.publish`
+    copies it: fp32 in the tiny config; half the bytes at bf16 compute),
     with the next version beside it (rollouts ahead: resident) and no training state; the PRM step has the policy's
     train state beside it on the other 2 chips, whole on each (data-parallel)."""
     s, topology, r = compiled_split
     small = 64 * 1024  # norms and biases too small to split
     policy = 4 * TINY_PARAMS / 2
     assert published_bytes(s) == 4 * TINY_PARAMS
+    bf16 = dataclasses.replace(s, model=dataclasses.replace(s.model, compute_dtype="bfloat16"))
+    assert published_bytes(bf16) == 2 * TINY_PARAMS
     for name in ("sampler_prefill", "sampler_decode"):
         assert policy <= r[name].resident_bytes <= policy + small, name
         assert r[name].argument_bytes >= policy, name

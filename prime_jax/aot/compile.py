@@ -20,7 +20,7 @@ from prime_jax.aot.hlo_cost import program_cost
 from prime_jax.aot.report import ProgramReport, format_report
 from prime_jax.aot.topology import Chip, Topology
 from prime_jax.mesh import batch_sharding, state_shardings
-from prime_jax.models import ModelConfig, abstract_model
+from prime_jax.models import ModelConfig, abstract_model, in_compute_dtype
 from prime_jax.programs import make_programs, optimizers
 from prime_jax.rl.optim import TrainState, init_train_state, layout_sharding, train_state_shardings
 from prime_jax.rl.packing import LAYOUT_KEYS, PackSpec
@@ -199,7 +199,8 @@ def compile_run(s: RunSettings, topology: Topology, programs: Sequence[str] = PR
     policy_all = bytes_per_device(run.policy)
     key = _key(smesh)
     if s.max_staleness or smesh is not mesh:  # the sampler reads the copies the trainer publishes (`Trainer.publish`)
-        params = _with_shardings(run.policy.params, state_shardings(run.policy.params, smesh))
+        published = jax.eval_shape(lambda p: in_compute_dtype(p, s.model.compute_dtype), run.policy.params)
+        params = _with_shardings(published, state_shardings(published, smesh))
         # Beside it: the next version, published while rollouts run ahead; on a shared mesh, every training state.
         sampler_resident = ((bytes_per_device(params) if s.max_staleness else 0)
                             + (prm_all + ref_all + policy_all if smesh is mesh else 0))

@@ -41,9 +41,9 @@ def decode_steps(s: RunSettings, mix: LengthMix) -> float:
 
 
 def published_bytes(s: RunSettings) -> int:
-    """Bytes of the policy params as `Trainer.publish` copies them to the sampler: all of them, in the dtype they
-    train in (model.param_dtype)."""
-    _, params = nnx.split(abstract_model(s.model.config(s.model.param_dtype)))
+    """Bytes of the policy params as `Trainer.publish` copies them to the sampler: all of them, in the compute dtype
+    (model.compute_dtype)."""
+    _, params = nnx.split(abstract_model(s.model.config(s.model.compute_dtype)))
     return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(params))
 
 

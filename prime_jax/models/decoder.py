@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +34,13 @@ from prime_jax.models.attention import causal_attention
 from prime_jax.models.config import ModelConfig
 
 Array = jax.Array
+
+
+def in_compute_dtype(params: Any, dtype: Any) -> Any:
+    """`params` with every floating-point leaf cast to `dtype`, the compute dtype. Every layer, the embedding and the
+    head cast their weights to it before use, so such a copy computes exactly what the master copy computes, in
+    fewer bytes (half for fp32 params computing in bf16)."""
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
 
 
 def positions_from_mask(attention_mask: Array) -> Array:

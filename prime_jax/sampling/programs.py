@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from prime_jax.mesh import replicate
-from prime_jax.models.decoder import Decoder
+from prime_jax.models.decoder import Decoder, in_compute_dtype
 from prime_jax.sampling.cache import KVCache, decode_step, put_prompts
 from prime_jax.sampling.select import is_stop, select_tokens
 from prime_jax.sampling.state import SamplerState, constrain_state, map_state
@@ -138,8 +138,7 @@ def decode(graphdef: nnx.GraphDef, params: nnx.State, state: SamplerState, until
     cfg = state.cfg
     model: Decoder = nnx.merge(graphdef, params)
     if cfg.gather_params:  # the same weights the layers cast to the compute dtype, cast and gathered up front
-        cast = lambda x: x.astype(model.cfg.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x  # noqa: E731
-        model = nnx.merge(graphdef, jax.tree.map(lambda x: replicate(cast(x)), params))
+        model = nnx.merge(graphdef, jax.tree.map(replicate, in_compute_dtype(params, model.cfg.dtype)))
     r, block, prompt_slots = cfg.max_new_tokens, cfg.block(state.prompt_len), cfg.prompt_slots(state.prompt_len)
     ring = cfg.cache_len(state.prompt_len) - prompt_slots
     layers = (layers or model.layer_slices()) if cfg.per_layer else None  # loop invariants, outside the while loop

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from prime_jax.models import load_pretrained
+from prime_jax.models import in_compute_dtype, load_pretrained
 from prime_jax.sampling import (KVCache, LayerKV, SamplerConfig, SamplingParams, decode_step, engine, generate,
                                 layer_weights)
 from prime_jax.sampling.cache import put_prompts
@@ -79,3 +79,17 @@ def test_per_layer_weights_copied_in_the_compute_dtype_draw_what_fp32_copies_dra
     fp32_copy = generate(model, PROMPTS, **SAMPLED)
     np.testing.assert_array_equal(bf16_copy.tokens, fp32_copy.tokens)
     np.testing.assert_array_equal(bf16_copy.logprobs, fp32_copy.logprobs)
+
+
+def test_the_copy_publish_hands_the_sampler_draws_what_the_fp32_params_draw(qwen2_dir, monkeypatch):
+    """fp32 weights, bf16 compute, the stacked TPU/GPU layout: the copy `Trainer.publish` hands the rollout thread
+    (every weight in bf16, `in_compute_dtype`: half the bytes) draws the rows the fp32 params draw."""
+    monkeypatch.setattr(engine, "per_layer_decode", lambda platform: False)
+    model = load_pretrained(qwen2_dir, compute_dtype="bfloat16")
+    graphdef, params = nnx.split(model)
+    copy = nnx.merge(graphdef, in_compute_dtype(params, "bfloat16"))
+    assert {w.dtype for w in jax.tree.leaves(nnx.state(copy))} == {jnp.dtype(jnp.bfloat16)}
+    fp32 = generate(model, PROMPTS, **{**SAMPLED, "prompts_per_call": 1})
+    bf16 = generate(copy, PROMPTS, **{**SAMPLED, "prompts_per_call": 1})
+    np.testing.assert_array_equal(bf16.tokens, fp32.tokens)
+    np.testing.assert_array_equal(bf16.logprobs, fp32.logprobs)
