@@ -9,10 +9,9 @@ Three parts, in GiB per device:
 - update, during a PRM or PPO step: the compiler's temporaries, the larger of two moments: the optimiser's update
   (gradients and the update of them: two copies of the params), and the backward pass of a micro-batch (the
   gradients, one copy of the params, beside the fp32 logits of one `model.logits_chunk` of tokens, held 3 times in
-  the PPO step, which also takes the entropy, and twice in the PRM step, and the layer inputs remat keeps).
-  XLA's memory analysis of both steps equals this to 1% at 43M parameters with a 152k vocabulary (logits-bound)
-  and at Qwen2.5-0.5B dimensions (optimiser-bound); docs/benchmarks.md. Without remat the activations the
-  backward keeps are larger than the layer inputs counted here.
+  the PPO step, which also takes the entropy, and twice in the PRM step, and the layer inputs remat keeps), as XLA's
+  memory analysis of both steps reports them (docs/benchmarks.md). Without remat the activations the backward keeps
+  are larger than the layer inputs counted here.
 The peak is resident + the larger of the other two. The exact per-program figures come from the compiler
 (`python -m prime_jax.aot`); this is the quick check `--config.dry_run=True` prints and `preflight` applies off TPU.
 """
@@ -21,13 +20,14 @@ from __future__ import annotations
 
 import dataclasses
 
+from prime_jax.rl.packing import PackSpec
 from prime_jax.settings import RunSettings, describe
 
 GIB = 2**30
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # On CPU the devices' memory is the process's heap, which also holds what XLA:CPU's compiler allocated while compiling
-# a step: glibc keeps it after the compile (0.25-0.37 GiB per compile measured at 43M and 0.5B parameters, reused by
-# the next compile, not returned by malloc_trim); the host check counts it once.
+# a step: glibc keeps it after the compile (reused by the next compile, not returned by malloc_trim; measured in
+# docs/benchmarks.md); the host check counts it once.
 CPU_COMPILER_HEAP_BYTES = int(0.4 * GIB)
 
 
@@ -59,27 +59,27 @@ def plan(s: RunSettings) -> MemoryPlan:
         sampling["sampler params (gathered)"] = params * _BYTES[m.compute_dtype] / GIB
     elif s.sampler.per_layer:
         sampling["sampler layer weights (copy)"] = arch.layer_params * _BYTES[m.compute_dtype] * per_device
-    return MemoryPlan(resident, sampling, update_temporaries(s))
+    label, update_bytes = update_temporaries(s)
+    return MemoryPlan(resident, sampling, {label: update_bytes * per_device})
 
 
-def update_temporaries(s: RunSettings) -> dict[str, float]:
-    """GiB per device of the larger update step's temporaries (the module docstring): the optimiser's two copies of
-    the params, or the backward pass's gradients + logits chunks + layer inputs, whichever is larger."""
+def update_temporaries(s: RunSettings) -> tuple[str, int]:
+    """(label, bytes over the mesh) of the larger update step's temporaries (the module docstring): the optimiser's
+    two copies of the params, or the backward pass's gradients + logits chunks + layer inputs, whichever is larger."""
     m, arch = s.model, s.model.arch
     param_bytes = arch.num_params * _BYTES[m.param_dtype]
-    backward = {}
-    for name, spec, copies in (("ppo", s.ppo_pack, 3), ("prm", s.prm_pack, 2)):
-        if name == "prm" and not s.runs_prm:
-            continue
+
+    def backward(spec: PackSpec, logits_copies: int) -> int:
         tokens = spec.micro_batch_tokens
-        logits = copies * min(m.logits_chunk, tokens) * arch.vocab_size * 4
+        logits = logits_copies * min(m.logits_chunk, tokens) * arch.vocab_size * 4
         layer_inputs = arch.num_layers * tokens * arch.hidden_size * _BYTES[m.compute_dtype] if m.remat else 0
-        backward[name] = param_bytes + logits + layer_inputs
-    per_device = 1 / (s.mesh.size * GIB)
-    name, worst = max(backward.items(), key=lambda kv: kv[1])
+        return param_bytes + logits + layer_inputs
+
+    passes = {"ppo": backward(s.ppo_pack, 3), **({"prm": backward(s.prm_pack, 2)} if s.runs_prm else {})}
+    name, worst = max(passes.items(), key=lambda kv: kv[1])
     if worst <= 2 * param_bytes:
-        return {"update temporaries (2 x params)": 2 * param_bytes * per_device}
-    return {f"update temporaries ({name}: grads + logits chunks)": worst * per_device}
+        return "update temporaries (2 x params)", 2 * param_bytes
+    return f"update temporaries ({name}: grads + logits chunks)", worst
 
 
 def print_plan(s: RunSettings) -> None:
@@ -88,5 +88,5 @@ def print_plan(s: RunSettings) -> None:
     for phase, items in (("resident", p.resident), ("while sampling", p.sampling), ("while updating", p.update)):
         print(f"  {phase}:")
         for k, v in items.items():
-            print(f"    {k:<36}{v:8.2f} GiB/device")
-    print(f"  {'peak (resident + larger phase)':<38}{p.peak:8.2f} GiB/device (exact figures: prime_jax.aot)")
+            print(f"    {k:<48}{v:8.2f} GiB/device")
+    print(f"  {'peak (resident + larger phase)':<50}{p.peak:8.2f} GiB/device (exact figures: prime_jax.aot)")

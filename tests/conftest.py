@@ -15,8 +15,8 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # One persistent compilation cache for the session, this process and the runs it starts (`python -m prime_jax.main`,
-# about twenty): a program compiles once, whichever test or process meets it first (a SMALL built-in run after
-# another: 36 -> 18 s; tests/rl in this process: 137 -> 123 s). Multi-process runs go without (`fixtures.env`).
+# about twenty): a program compiles once, whichever test or process meets it first (docs/benchmarks.md, "The test
+# suite"). Multi-process runs go without (`fixtures.env`).
 _JIT_CACHE = tempfile.TemporaryDirectory(prefix="prime_jax_test_jit_cache_")
 os.environ["JAX_COMPILATION_CACHE_DIR"] = _JIT_CACHE.name
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"

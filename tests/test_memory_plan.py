@@ -23,9 +23,7 @@ EMBED = 151_936 * 896             # tied: one [vocab, hidden] matrix
 def resolve(**overrides):
     c = load_config("qwen0_5b")
     c.rollout.prompts_per_call = 2
-    for key, value in overrides.items():
-        section, leaf = key.split(".")
-        c[section][leaf] = value
+    c.update_from_flattened_dict(overrides)
     return settings.resolve(c, one_device_mesh())
 
 
@@ -68,9 +66,7 @@ RUN = {"model.param_dtype": "float32", "model.ref_dtype": "bfloat16", "model.com
 
 def test_logits_bound_update_at_43m_parameters_and_a_152k_vocabulary():
     c = load_config("tiny")
-    for key, value in RUN.items():
-        *sections, leaf = key.split(".")
-        (c[sections[0]] if sections else c)[leaf] = value
+    c.update_from_flattened_dict(RUN)
     c.model.arch = ml_collections.ConfigDict(tiny_config(**VOCAB_BOUND).to_hf())
     s = settings.resolve(c, one_device_mesh())
     assert s.model.arch.num_params == 42_832_128  # what transformers' Qwen2ForCausalLM of these dims counts
