@@ -81,8 +81,8 @@ def jax_steps(path: str, batch: dict[str, np.ndarray], args,
     calls reuse the first call's compile."""
     rows = len(batch["acc"])
     length = batch["prompt_tokens"].shape[1] + batch["tokens"].shape[1]
-    spec = PackSpec("bench", mini_batch_size=args.mini, micro_batch_size=args.micro, data_parallel=1, packed=packed,
-                    row_length=length, micro_batch_tokens=args.micro * length)
+    spec = PackSpec("bench", mini_batch_size=args.mini, micro_batch_size=args.micro, data_parallel=1,
+                    layout="packed" if packed else "padded", row_length=length, micro_batch_tokens=args.micro * length)
     mesh = make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
     graphdef, params = nnx.split(load_pretrained(path, compute_dtype=args.dtype, attention=args.attention,
                                                  scan_layers=args.scan_layers))

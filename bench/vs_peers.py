@@ -220,13 +220,17 @@ def ensure_workload(wl: Workload, math500: str, work_dir: str) -> dict:
 # --- prime_jax: its real trainer, `python -m prime_jax.main` on a generated config ------------------------------
 
 # name -> (label, config overrides): the arms of prime_jax/experiments/compare.py ARMS, and each with its rollouts
-# collected one step ahead of training (rollout.max_staleness=1: generation and grading overlap the update)
+# collected one step ahead of training (rollout.max_staleness=1: generation and grading overlap the update), and each
+# with its training passes in the shared-prompt layout (train.layout=shared_prompt: each prompt's layers run once for
+# its 4 samples; the default packed layout runs them once per sample)
 OUTCOME_ONLY = {"algorithm.process_coef": 0.0, "prm.update_mode": "none"}
 PRIME_ARMS = {
     "rloo": ("RLOO", OUTCOME_ONLY),
     "prime": ("PRIME", {}),
     "rloo_ahead": ("RLOO, rollouts ahead", {**OUTCOME_ONLY, "rollout.max_staleness": 1}),
     "prime_ahead": ("PRIME, rollouts ahead", {"rollout.max_staleness": 1}),
+    "rloo_shared": ("RLOO, shared prompts", {**OUTCOME_ONLY, "train.layout": "shared_prompt"}),
+    "prime_shared": ("PRIME, shared prompts", {"train.layout": "shared_prompt"}),
 }
 
 

@@ -91,7 +91,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.accuracy_upper_bound = 0.8
     c.train.filter_truncated = False
     c.train.max_rounds = 8              # max_rounds x batch_size prompts offered to a step's sampler call, which stops once the filter has a batch
-    c.train.packing = True              # PRM / reference / PPO passes on packed rows; False: one padded row per sequence
+    c.train.layout = "packed"           # PRM / reference / PPO passes: "packed" rows; "padded", one row per sequence;
+                                        # "shared_prompt", each prompt's layers once for its samples (XLA attention)
     c.train.pack_length = 0             # slots per packed row (0: data.max_prompt_length + rollout.max_response_length)
     c.train.max_nonfinite_steps = 3     # a PRM/PPO update with non-finite loss or gradients is skipped; this many steps
                                         # in a row that skipped one stop the run (checkpoint of the last good state)

@@ -371,9 +371,10 @@ def one_device_mesh():
 
 
 def make_batch(seed: int, rows: int, vocab: int = 97, prompt_len: int = PROMPT_LEN,
-               response_len: int = RESPONSE_LEN) -> dict[str, np.ndarray]:
+               response_len: int = RESPONSE_LEN, group: int = 1) -> dict[str, np.ndarray]:
     """Left-padded prompts [B, P], right-padded responses [B, R] with lengths 1..R, acc [B] with every
-    group of 4 listed symmetrically (so all-zero scores give dpo_acc exactly 0.5)."""
+    group of 4 listed symmetrically (so all-zero scores give dpo_acc exactly 0.5); each run of `group` rows shares
+    its first row's prompt (the n samples of a prompt; 1: every row its own)."""
     rng = np.random.default_rng(seed)
     prompt_lens = rng.integers(2, prompt_len + 1, rows)
     prompt_mask = (np.arange(prompt_len)[None] >= prompt_len - prompt_lens[:, None]).astype(np.int32)
@@ -383,6 +384,8 @@ def make_batch(seed: int, rows: int, vocab: int = 97, prompt_len: int = PROMPT_L
     mask = (np.arange(response_len)[None] < lengths[:, None]).astype(np.float32)
     tokens = (rng.integers(1, vocab, (rows, response_len)) * mask).astype(np.int32)
     acc = np.tile(np.array([1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0, 0.0], np.float32), rows // 8 + 1)[:rows]
+    first = np.arange(rows) // group * group
+    prompt_mask, prompt_tokens = prompt_mask[first], prompt_tokens[first]
     return dict(prompt_tokens=prompt_tokens, prompt_mask=prompt_mask, tokens=tokens, mask=mask, acc=acc)
 
 
@@ -406,10 +409,11 @@ def assert_trees_close(a, b, rtol=1e-5, atol=1e-5):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
 
 
-def layout(batch: dict[str, np.ndarray], minibatches: np.ndarray, micro: int, packed: bool, dp: int = 1) -> Layout:
-    """The step's slots: `micro` rows per micro-batch padded, a budget of `micro` full rows packed (a row holds the
-    longest sequence, P + R slots)."""
+def layout(batch: dict[str, np.ndarray], minibatches: np.ndarray, micro: int, kind: str = "packed",
+           dp: int = 1) -> Layout:
+    """The step's slots in layout `kind` (`prime_jax.rl.packing.LAYOUTS`): `micro` rows per micro-batch padded or
+    shared-prompt, a budget of `micro` full rows packed (a row holds the longest sequence, P + R slots)."""
     row = batch["prompt_tokens"].shape[1] + batch["tokens"].shape[1]
     spec = PackSpec("test", mini_batch_size=minibatches.shape[1], micro_batch_size=micro, data_parallel=dp,
-                    packed=packed, row_length=row, micro_batch_tokens=max(micro, dp) * row)
+                    layout=kind, row_length=row, micro_batch_tokens=max(micro, dp) * row)
     return lay_out(batch, minibatches, spec)

@@ -105,7 +105,7 @@ RULES = [
     ("train.filter_truncated", None, "train.filter_truncated", "True or False"),
     ("train.max_rounds", 0, "train.max_rounds", ">= 1"),
     ("train.max_nonfinite_steps", 0, "train.max_nonfinite_steps", ">= 1"),
-    ("train.packing", "yes", "train.packing", "True or False"),
+    ("train.layout", "rows", "train.layout", "'rows' is not one of packed, padded, shared_prompt"),
     ("train.pack_length", -1, "train.pack_length", ">= 0"),
     ("train.pack_length", 100, "train.pack_length", "100 is shorter than the longest sequence"),
     ("algorithm.adv_estimator", "gae", "algorithm.adv_estimator", "'gae' is not one of"),

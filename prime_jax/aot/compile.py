@@ -83,13 +83,18 @@ def _key(mesh: Any) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=NamedSharding(mesh, P()))
 
 
-def _slots(mesh: Any, spec: PackSpec, num_minibatches: int, padded_width: int,
+def _slots(mesh: Any, spec: PackSpec, num_minibatches: int, p_len: int, r_len: int,
            shape: tuple[int, int] | None = None) -> dict[str, jax.ShapeDtypeStruct]:
-    """A step's slots [M, k, r, L] at the packed (k, r) `shape`, by default the largest `spec` allows."""
+    """A step's slots [M, k, r, L] at the packed (k, r) `shape`, by default the largest `spec` allows (shared
+    prompt: as many prompt rows as responses, the most a micro-batch can need)."""
     k, r = shape or (spec.shapes()[-1] if spec.packed else
                      (spec.mini_batch_size // spec.micro_batch_size, spec.micro_batch_size))
-    shape = (num_minibatches, k, r, spec.row_length if spec.packed else padded_width)
-    return {key: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=layout_sharding(mesh)) for key in LAYOUT_KEYS}
+    width = {"packed": spec.row_length, "padded": p_len + r_len, "shared_prompt": r_len}[spec.layout]
+    shapes = dict.fromkeys(LAYOUT_KEYS, (num_minibatches, k, r, width))
+    if spec.layout == "shared_prompt":
+        shapes.update(prefix_tokens=(num_minibatches, k, r, max(p_len - 1, 1)),
+                      prefix_segment_ids=(num_minibatches, k, r, max(p_len - 1, 1)), prefix_of=(num_minibatches, k, r, r))
+    return {key: jax.ShapeDtypeStruct(v, jnp.int32, sharding=layout_sharding(mesh)) for key, v in shapes.items()}
 
 
 def mix_shape(spec: PackSpec, mix: LengthMix) -> tuple[int, int]:
@@ -253,6 +258,6 @@ def compile_run(s: RunSettings, topology: Topology, programs: Sequence[str] = PR
             if label != name and shape == largest:
                 continue
             log(f"compiling {label} ...")
-            slots = _slots(mesh, spec, minibatches, p_len + r_len, shape)
+            slots = _slots(mesh, spec, minibatches, p_len, r_len, shape)
             done(compile_program(label, getattr(progs, name), args(slots), {}, chip, resident, hlo_dir=hlo_dir)[0])
     return [reports[p] for p in (*PROGRAMS, "prm_step@mix", "ppo_step@mix") if p in reports]

@@ -5,10 +5,11 @@ from prime_jax.models.attention import causal_attention, resolve_attention
 from prime_jax.models.config import ModelConfig, RopeScaling, read_hf_config, scan_layers_for
 from prime_jax.models.decoder import Decoder, in_compute_dtype, positions_from_mask
 from prime_jax.models.hf_io import abstract_model, hf_state_dict, load_pretrained, save_pretrained
-from prime_jax.models.logprobs import logprobs_from_hidden, packed_logprobs, response_logprobs, token_logprobs
+from prime_jax.models.logprobs import (logprobs_from_hidden, packed_logprobs, response_logprobs, slot_logprobs,
+                                      token_logprobs)
 
 __all__ = [
     "Decoder", "ModelConfig", "RopeScaling", "abstract_model", "causal_attention", "hf_state_dict", "in_compute_dtype",
     "load_pretrained", "logprobs_from_hidden", "packed_logprobs", "positions_from_mask", "read_hf_config",
-    "resolve_attention", "response_logprobs", "save_pretrained", "scan_layers_for", "token_logprobs",
+    "resolve_attention", "response_logprobs", "save_pretrained", "scan_layers_for", "slot_logprobs", "token_logprobs",
 ]

@@ -200,6 +200,54 @@ class Decoder(nnx.Module):
         x, _ = self.over_layers(layer, self.embed_tokens(tokens), None if cfg.scan_layers else self.layer_slices())
         return norm(x, self.final_norm[...], cfg.rms_norm_eps)
 
+    def shared_prompt_hidden_states(self, prompt_tokens: Array, prompt_segments: Array, tokens: Array,
+                                    segment_ids: Array, positions: Array, prompt_of: Array,
+                                    remat: bool | None = None) -> Array:
+        """Final-norm hidden states [N, L, D] of N continuations, each of one of G prompts computed once.
+
+        prompt_tokens, prompt_segments: [G, Lp] int (prompt g's tokens from slot 0, segment 1 on its tokens, 0 on
+        padding); tokens, segment_ids, positions: [N, L] int, continuation n's tokens (segment 1, 0 on padding) at
+        positions that go on from its prompt's; prompt_of: [N, G] one-hot (a zero row: no prompt).
+        A continuation attends to every token of its prompt and, causally, to its own tokens, so its hidden states
+        are those of the concatenated sequence (`prime_jax.rl.packing`'s shared-prompt layout puts the prompt's last
+        token at slot 0 of each continuation). The prompt's keys and values reach its continuations by a one-hot
+        contraction (exact, and a contraction again in the backward pass); the attention is XLA's. remat: see
+        `hidden_states`.
+        """
+        cfg = self.cfg
+        remat = cfg.remat if remat is None else remat
+        inv_freq = rope_frequencies(cfg)
+        lp = prompt_tokens.shape[1]
+        prompt_positions = jnp.broadcast_to(jnp.arange(lp, dtype=jnp.int32), prompt_tokens.shape)
+        attend_prompt = causal_attention("xla", prompt_segments, lp)
+        prompt_of = prompt_of.astype(cfg.dtype)
+        sees_prompt = (jnp.einsum("ng,gt->nt", prompt_of, (prompt_segments > 0).astype(cfg.dtype)) > 0)
+        own = jnp.tril(jnp.ones((tokens.shape[1],) * 2, jnp.bool_))[None] & (
+            segment_ids[:, :, None] == segment_ids[:, None, :])
+        mask = jnp.concatenate([jnp.broadcast_to((sees_prompt[:, None, :] & (segment_ids[:, :, None] > 0)),
+                                                 (*tokens.shape, lp)), own], axis=-1)[:, None]   # [N, 1, L, Lp + L]
+
+        def attend(q, kp, vp, k, v):
+            k = jnp.concatenate([jnp.einsum("ng,gktd->nktd", prompt_of, kp.astype(q.dtype)), k.astype(q.dtype)], axis=2)
+            v = jnp.concatenate([jnp.einsum("ng,gktd->nktd", prompt_of, vp.astype(q.dtype)), v.astype(q.dtype)], axis=2)
+            return jax.nn.dot_product_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask=mask,
+                                                implementation="xla")
+
+        def layer(carry, p):
+            xp, x = carry
+            qp, kp, vp = layer_qkv(cfg, p, xp, prompt_positions, inv_freq)
+            q, k, v = layer_qkv(cfg, p, x, positions, inv_freq)
+            return (_attend_and_mlp(cfg, p, xp, qp, kp, vp, attend_prompt),
+                    output_and_mlp(cfg, p, x, attend(q, kp, vp, k, v))), None
+
+        norm = rms_norm
+        if remat:
+            layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.nothing_saveable)
+            norm = jax.checkpoint(rms_norm, static_argnums=(2,))
+        (_, x), _ = self.over_layers(layer, (self.embed_tokens(prompt_tokens), self.embed_tokens(tokens)),
+                                     None if cfg.scan_layers else self.layer_slices())
+        return norm(x, self.final_norm[...], cfg.rms_norm_eps)
+
     def hidden_states(self, tokens: Array, *, attention_mask: Array | None = None, positions: Array | None = None,
                       segment_ids: Array | None = None, remat: bool | None = None) -> Array:
         """Final-norm hidden states [B, T, D] (compute dtype); causal attention restricted to `attention_mask`.

@@ -82,3 +82,17 @@ def packed_logprobs(model: Decoder, tokens: Array, segment_ids: Array, positions
     h = model.hidden_states(tokens, segment_ids=segment_ids, positions=positions, remat=remat)
     return logprobs_from_hidden(h, model.head_weight(), targets, chunk=model.cfg.logits_chunk,
                                 temperature=temperature, with_entropy=with_entropy)
+
+
+def slot_logprobs(model: Decoder, micro: dict[str, Array], *, temperature: float = 1.0, with_entropy: bool = False,
+                  remat: bool | None = None) -> Array | tuple[Array, Array]:
+    """Log-prob of `targets` at every slot of one micro-batch of a `prime_jax.rl.packing` layout: the LAYOUT_KEYS
+    arrays [r, L] (packed or padded rows: `packed_logprobs`) and, in the shared-prompt layout, the PREFIX_KEYS arrays
+    (`Decoder.shared_prompt_hidden_states`). -> logp [r, L] float32 (and entropy [r, L] when `with_entropy`)."""
+    if "prefix_tokens" not in micro:
+        return packed_logprobs(model, micro["tokens"], micro["segment_ids"], micro["positions"], micro["targets"],
+                               temperature=temperature, with_entropy=with_entropy, remat=remat)
+    h = model.shared_prompt_hidden_states(micro["prefix_tokens"], micro["prefix_segment_ids"], micro["tokens"],
+                                          micro["segment_ids"], micro["positions"], micro["prefix_of"], remat=remat)
+    return logprobs_from_hidden(h, model.head_weight(), micro["targets"], chunk=model.cfg.logits_chunk,
+                                temperature=temperature, with_entropy=with_entropy)

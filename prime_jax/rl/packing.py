@@ -3,14 +3,21 @@
 A *sequence* is one response row's real prompt tokens followed by its response tokens (up to and including
 the stop: `mask` = 1). The passes read `[M, k, r, L]` slots: M mini-batches (one optimiser step each, their
 rows chosen by the program's own order), k micro-batches per mini-batch (gradients accumulated exactly),
-r rows of L slots per micro-batch.
+r rows of L slots per micro-batch. `train.layout` picks one of three layouts:
 
-- packed (`train.packing=True`): each mini-batch's sequences are packed first-fit-decreasing into rows of
+- packed (default): each mini-batch's sequences are packed first-fit-decreasing into rows of
   L = `train.pack_length` slots, several per row, told apart by segment ids 1, 2, ... (0 = empty slot), with
   positions restarting at 0 in each; a micro-batch holds at most `<pass>.micro_batch_tokens` / L rows.
   Rows without response tokens (padding groups) are left out: they carry no loss.
-- padded (`train.packing=False`): one sequence per row in the batch's own layout (left-padded prompt,
-  right-padded response), `<pass>.micro_batch_size` rows per micro-batch (comparison and debugging).
+- padded: one sequence per row in the batch's own layout (left-padded prompt, right-padded response),
+  `<pass>.micro_batch_size` rows per micro-batch (comparison and debugging).
+- shared_prompt: each prompt once per micro-batch. A micro-batch holds `<pass>.micro_batch_size` responses, one a
+  row of L = R slots (the prompt's last token, then the response but its last token), and beside them the
+  `prefix_*` arrays [M, k, g, P - 1]: the distinct prompts of those rows but their last token, one a row, which
+  `prefix_of` [M, k, r, g] (one-hot) ties to the responses (`Decoder.shared_prompt_hidden_states`). The n samples of
+  a prompt share its tokens: the prompt's layers run once for them, not n times, and no LM head runs on it. g is
+  the smallest of r / 8, r / 4, r / 2, r (whole dp) holding every micro-batch's prompts; rows of one prompt are
+  put in the same micro-batch where they fit.
 
 `index` maps each slot that predicts a response token to that token's flat position b * R + j in the
 [B, R] layout the losses use (B * R: the slot predicts nothing), `Layout.unpack` the other way; `to_slots` /
@@ -35,23 +42,40 @@ import jax.numpy as jnp
 import numpy as np
 
 LAYOUT_KEYS = ("tokens", "segment_ids", "positions", "targets", "index")
+PREFIX_KEYS = ("prefix_tokens", "prefix_segment_ids", "prefix_of")   # the shared-prompt layout's prompts
+LAYOUTS = ("packed", "padded", "shared_prompt")
 
 
 @dataclasses.dataclass(frozen=True)
 class PackSpec:
     """How one pass lays out its sequences. name: its config section ("prm", "actor"), for error messages.
 
-    packed: several sequences per row of `row_length` slots, at most `micro_batch_tokens` slots per
-    micro-batch; else one left-padded sequence per row, `micro_batch_size` rows per micro-batch.
+    layout "packed": several sequences per row of `row_length` slots, at most `micro_batch_tokens` slots per
+    micro-batch; "padded": one left-padded sequence per row, `micro_batch_size` rows per micro-batch;
+    "shared_prompt": `micro_batch_size` response rows per micro-batch beside their distinct prompts (`LAYOUTS`).
     """
 
     name: str
     mini_batch_size: int
     micro_batch_size: int
     data_parallel: int
-    packed: bool = True
+    layout: str = "packed"
     row_length: int = 0
     micro_batch_tokens: int = 0
+
+    def __post_init__(self):
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"{self.name} layout {self.layout!r}: expected one of {LAYOUTS}")
+
+    @property
+    def packed(self) -> bool:
+        return self.layout == "packed"
+
+    def prompt_rows(self, prompts: int) -> int:
+        """Shared prompt: the prompt rows g per micro-batch for at most `prompts` distinct prompts in one, the
+        smallest of micro / 8, micro / 4, micro / 2, micro (whole dp) holding them."""
+        dp, r = self.data_parallel, self.micro_batch_size
+        return next(g for g in sorted({-(-r // (2 ** i * dp)) * dp for i in range(4)}) if g >= prompts)
 
     @property
     def max_rows(self) -> int:
@@ -82,8 +106,9 @@ class Layout(NamedTuple):
 
     @property
     def efficiency(self) -> float:
-        """Real tokens / token slots computed."""
-        return self.real_tokens / max(1, self.arrays["tokens"].size)
+        """Real tokens / token slots computed (above 1 where prompts are shared: a prompt's slots serve n sequences)."""
+        computed = sum(self.arrays[k].size for k in ("tokens", "prefix_tokens") if k in self.arrays)
+        return self.real_tokens / max(1, computed)
 
 
 def lay_out(batch: dict[str, np.ndarray], minibatches: np.ndarray, spec: PackSpec) -> Layout:
@@ -104,7 +129,8 @@ def lay_out(batch: dict[str, np.ndarray], minibatches: np.ndarray, spec: PackSpe
     minibatches = np.asarray(minibatches)
     trained = r_len[minibatches.reshape(-1)] > 0
     real = int((p_len + r_len)[minibatches.reshape(-1)][trained].sum())
-    arrays = (_packed(batch, prompt_mask, p_len, r_len, minibatches, spec) if spec.packed
+    arrays = (_packed(batch, prompt_mask, p_len, r_len, minibatches, spec) if spec.layout == "packed" else
+              _shared_prompt(batch, prompt_mask, p_len, r_len, minibatches, spec) if spec.layout == "shared_prompt"
               else _padded(batch, prompt_mask, mask, minibatches, spec))
     index = arrays["index"].reshape(-1)
     slot = np.flatnonzero(index < mask.size)
@@ -177,6 +203,50 @@ def _packed(batch: dict[str, np.ndarray], prompt_mask: np.ndarray, p_len: np.nda
                 out["index"][m, q, pred] = b * r + np.arange(n)
                 o += p + n
     return {key: v.reshape(len(rows_of), k, per_micro, length) for key, v in out.items()}
+
+
+def _shared_prompt(batch: dict[str, np.ndarray], prompt_mask: np.ndarray, p_len: np.ndarray, r_len: np.ndarray,
+                   minibatches: np.ndarray, spec: PackSpec) -> dict[str, np.ndarray]:
+    """Each mini-batch's responses in micro-batches of spec.micro_batch_size rows (rows of one prompt together),
+    one a row of R slots, and each micro-batch's distinct prompts but their last token, one a row of P - 1 slots;
+    LAYOUT_KEYS [M, k, r, R] and PREFIX_KEYS [M, k, g, P - 1], [M, k, r, g]."""
+    b, r = batch["mask"].shape
+    lp = max(prompt_mask.shape[1] - 1, 1)
+    prompts = np.where(prompt_mask, batch["prompt_tokens"], -1)
+    _, group = np.unique(np.concatenate([prompts, p_len[:, None]], axis=1), axis=0, return_inverse=True)
+    group = np.where(r_len > 0, group.reshape(-1), np.iinfo(np.int64).max)   # no response: no prompt, last
+    micro = spec.micro_batch_size
+    rows = np.stack([m[np.argsort(group[m], kind="stable")] for m in np.asarray(minibatches)])
+    rows = rows.reshape(len(rows), -1, micro)                                  # [M, k, r]
+    trained = r_len[rows] > 0
+    firsts = [np.unique(group[rows[m, q][trained[m, q]]], return_index=True)[1] for m, q in np.ndindex(rows.shape[:2])]
+    g = spec.prompt_rows(max(len(f) for f in firsts))
+    out = {key: np.zeros((*rows.shape, r), np.int32) for key in LAYOUT_KEYS}
+    out["index"][:] = b * r
+    out.update(prefix_tokens=np.zeros((*rows.shape[:2], g, lp), np.int32),
+               prefix_segment_ids=np.zeros((*rows.shape[:2], g, lp), np.int32),
+               prefix_of=np.zeros((*rows.shape, g), np.int32))
+    for (m, q), first in zip(np.ndindex(rows.shape[:2]), firsts):
+        ids = rows[m, q]
+        slot_of = {}
+        for j, i in enumerate(first):
+            row = ids[trained[m, q]][i]
+            slot_of[group[row]] = j
+            p = int(p_len[row])
+            out["prefix_tokens"][m, q, j, :p - 1] = batch["prompt_tokens"][row][prompt_mask[row]][:-1]
+            out["prefix_segment_ids"][m, q, j, :p - 1] = 1
+        for s, row in enumerate(ids):
+            p, n = int(p_len[row]), int(r_len[row])
+            if n == 0:
+                continue
+            out["prefix_of"][m, q, s, slot_of[group[row]]] = 1
+            out["tokens"][m, q, s, :n] = np.concatenate([batch["prompt_tokens"][row][prompt_mask[row]][-1:],
+                                                         batch["tokens"][row, :n - 1]])
+            out["segment_ids"][m, q, s, :n] = 1
+            out["positions"][m, q, s, :n] = p - 1 + np.arange(n)
+            out["targets"][m, q, s, :n] = batch["tokens"][row, :n]
+            out["index"][m, q, s, :n] = row * r + np.arange(n)
+    return out
 
 
 # --- device side -----------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """PPO-clip policy loss and the jitted policy step (docs/prime_spec.md §1.7).
 
 All arrays are [B, R] over response tokens; the policy's forward-backward runs on the slots of
-`prime_jax.rl.packing` (packed rows), the loss terms are gathered there from the [B, R] layout.
+`prime_jax.rl.packing` (packed rows or shared prompts), the loss terms are gathered there from the [B, R] layout.
 """
 import dataclasses
 from collections.abc import Callable
@@ -14,7 +14,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from prime_jax.models import packed_logprobs
+from prime_jax.models import slot_logprobs
 from prime_jax.rl.packing import to_slots
 from prime_jax.rl.optim import (TrainState, accumulate_gradients, apply_gradients, batch_prefix_sharding,
                                 check_batch, check_layout, layout_sharding, skipped_updates, train_state_shardings)
@@ -145,8 +145,7 @@ def make_ppo_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg:
 
     def micro_loss(params: Any, mb: dict[str, jax.Array], count: jax.Array):
         model = nnx.merge(graphdef, params)
-        logp, entropy = packed_logprobs(model, mb["tokens"], mb["segment_ids"], mb["positions"], mb["targets"],
-                                        temperature=cfg.temperature, with_entropy=True)
+        logp, entropy = slot_logprobs(model, mb, temperature=cfg.temperature, with_entropy=True)
         weight = mb["weight"]
         logp = jnp.where(weight > 0, logp, mb["old_logp"])   # slots that predict nothing stay finite in exp()
         mean = lambda x: jnp.sum(x * weight) / count  # noqa: E731  (share of the mini-batch mean)

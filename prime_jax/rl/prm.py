@@ -6,7 +6,7 @@ All arrays are [B, R] over response tokens, rows of one prompt contiguous (n per
 
 `make_prm_step` builds the one jitted program of §1.4: reference log-probs, the PRM's
 mini-batch updates in order with micro-batch gradient accumulation, and the token rewards.
-The model passes run on the slots of `prime_jax.rl.packing` (packed rows); their log-probs come
+The model passes run on the slots of `prime_jax.rl.packing` (packed rows or shared prompts); their log-probs come
 back in the [B, R] layout, where the loss, rewards and metrics are computed.
 """
 import dataclasses
@@ -20,7 +20,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from prime_jax.models import packed_logprobs
+from prime_jax.models import slot_logprobs
 from prime_jax.rl.packing import from_slots, segment_cumsum, to_slots
 from prime_jax.rl.advantages import last_token_mask
 from prime_jax.rl.optim import (TrainState, accumulate_gradients, apply_gradients, batch_prefix_sharding,
@@ -220,9 +220,7 @@ def make_prm_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg:
 
     def logps(params: Any, micro: dict[str, jax.Array], remat: bool | None = None) -> jax.Array:
         """Log-probs at the slots of one micro-batch: [r, L] float32."""
-        model = nnx.merge(graphdef, params)
-        return packed_logprobs(model, micro["tokens"], micro["segment_ids"], micro["positions"], micro["targets"],
-                               remat=remat)
+        return slot_logprobs(nnx.merge(graphdef, params), micro, remat=remat)
 
     def rewards_of(logp_prm: jax.Array, logp_ref: jax.Array, mask: jax.Array) -> jax.Array:
         return token_rewards(jax.lax.stop_gradient(logp_prm), logp_ref, mask,

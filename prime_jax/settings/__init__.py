@@ -149,11 +149,11 @@ def resolve(c: ml_collections.ConfigDict, mesh: Mesh | None = None, arch: ModelC
     def pack(section: str) -> PackSpec:
         s = c[section]
         tokens = s.micro_batch_tokens or s.micro_batch_size * pack_length
-        if t.packing and tokens % (pack_length * dp):
+        if t.layout == "packed" and tokens % (pack_length * dp):
             _fail(f"{section}.micro_batch_tokens", f"{tokens} is not a multiple of train.pack_length={pack_length} "
                                                    f"times the data-parallel size {dp}")
         return PackSpec(section, mini_batch_size=s.mini_batch_size, micro_batch_size=s.micro_batch_size,
-                        data_parallel=dp, packed=t.packing, row_length=pack_length, micro_batch_tokens=tokens)
+                        data_parallel=dp, layout=t.layout, row_length=pack_length, micro_batch_tokens=tokens)
 
     def optim(section: str) -> OptimConfig:
         s = c[section]

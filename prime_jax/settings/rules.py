@@ -11,6 +11,7 @@ import ml_collections
 from prime_jax import paths
 from prime_jax.models.config import CONFIG_ATTENTION, LAYER_LOOPS
 from prime_jax.rl.advantages import check_advantage_args
+from prime_jax.rl.packing import LAYOUTS
 from prime_jax.rl.ppo import AGGREGATIONS
 from prime_jax.rl.prm import GRANULARITIES, NORM_SCOPES, UPDATE_MODES
 
@@ -153,7 +154,7 @@ def _check_values(c: ml_collections.ConfigDict) -> None:
     _flag(c, "train.filter_truncated")
     _positive_int(c, "train.max_rounds")
     _positive_int(c, "train.max_nonfinite_steps")
-    packing = _flag(c, "train.packing")
+    packing = _choice(c, "train.layout", LAYOUTS) == "packed"
     pack_length = _positive_int(c, "train.pack_length", 0, " (0: the longest sequence)")
     longest = c.data.max_prompt_length + r_len
     if packing and 0 < pack_length < longest:

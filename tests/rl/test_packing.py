@@ -2,11 +2,12 @@
 padded ones (length-1 responses, a row-filling sequence), segment isolation, bad input named by its config key."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from prime_jax.models import packed_logprobs, resolve_attention
+from prime_jax.models import packed_logprobs, resolve_attention, slot_logprobs
 from prime_jax.rl.packing import PackSpec, first_fit_decreasing, from_slots, lay_out, segment_cumsum
 from tests.fixtures import logp_fn, tiny_model
 
@@ -24,9 +25,17 @@ def batch_of(prompt_lens, response_lens, seed=0):
                 tokens=(rng.integers(1, 97, (len(p), R)) * mask).astype(np.int32), mask=mask)
 
 
-def spec(packed=True, mini=4, micro=2, tokens=2 * ROW, dp=1, row=ROW):
-    return PackSpec("actor", mini_batch_size=mini, micro_batch_size=micro, data_parallel=dp, packed=packed,
+def spec(layout="packed", mini=4, micro=2, tokens=2 * ROW, dp=1, row=ROW):
+    return PackSpec("actor", mini_batch_size=mini, micro_batch_size=micro, data_parallel=dp, layout=layout,
                     row_length=row, micro_batch_tokens=tokens)
+
+
+def shared_batch(seed=0):
+    """PROMPTS / RESPONSES with rows 0, 2, 5 sharing row 2's prompt and rows 4, 7 row 7's (their lengths too)."""
+    batch = batch_of([3, 4, 3, 3, 3, 3, 1, 3], RESPONSES, seed)
+    for dst, src in ((0, 2), (5, 2), (4, 7)):
+        batch["prompt_tokens"][dst] = batch["prompt_tokens"][src]
+    return batch
 
 
 # Lengths: a length-1 response after a 1-token prompt, a sequence filling a whole row, a padding row (no response).
@@ -63,7 +72,7 @@ def test_packed_rows_hold_each_sequence_once_with_restarting_positions():
 def test_padded_layout_is_the_batch_row_by_row():
     batch = batch_of(PROMPTS, RESPONSES)
     mini = np.array([[3, 0, 5, 1], [2, 4, 6, 7]])
-    a = lay_out(batch, mini, spec(packed=False)).arrays
+    a = lay_out(batch, mini, spec("padded")).arrays
     assert a["tokens"].shape == (2, 2, 2, ROW)
     row = a["tokens"].reshape(8, ROW)[1]   # mini-batch 0, second row: batch row 0
     np.testing.assert_array_equal(row, np.concatenate([batch["prompt_tokens"][0], batch["tokens"][0]]))
@@ -123,6 +132,70 @@ def test_packed_logprobs_equal_padded_and_segments_are_isolated():
     keep = np.arange(8) != 2
     np.testing.assert_array_equal(changed[keep], ours[keep])
     assert np.abs(changed[2] - ours[2]).max() > 1e-3
+
+
+def test_shared_prompt_layout_holds_each_prompt_once_per_micro_batch():
+    batch = shared_batch()
+    p_len = batch["prompt_mask"].sum(1)
+    mini = np.array([[3, 0, 5, 1, 2, 4, 6, 7]])
+    lay = lay_out(batch, mini, spec("shared_prompt", mini=8, micro=4))
+    a = lay.arrays
+    # Rows sorted by prompt: the 4 distinct trained prompts ({0, 2, 5}, {4, 7}, {1}, {6}) in 2 micro-batches of 4
+    # rows, the padding row 3 (no prompt) last: 3 prompts in one of them at most, so g = 4 (of 1, 2, 4).
+    assert a["tokens"].shape == (1, 2, 4, R) and a["prefix_tokens"].shape == (1, 2, 4, P - 1)
+    assert a["prefix_of"].shape == (1, 2, 4, 4) and a["index"][0, 1, 3, 0] == 8 * R       # row 3 last
+    for q in range(2):
+        used = a["prefix_of"][0, q].sum(0) > 0
+        prompts = [tuple(t) for t in a["prefix_tokens"][0, q][used]]
+        assert len(set(prompts)) == len(prompts) and not a["prefix_segment_ids"][0, q][~used].any()
+    for q in range(2):
+        for s in range(4):
+            idx = a["index"][0, q, s]
+            if not np.any(idx < 8 * R):
+                assert a["prefix_of"][0, q, s].sum() == 0 and a["segment_ids"][0, q, s].sum() == 0
+                continue
+            b, n = int(idx[0]) // R, RESPONSES[int(idx[0]) // R]
+            prompt = batch["prompt_tokens"][b, P - p_len[b]:]
+            g = int(np.argmax(a["prefix_of"][0, q, s]))
+            assert a["prefix_of"][0, q, s].sum() == 1
+            np.testing.assert_array_equal(a["prefix_tokens"][0, q, g, :p_len[b] - 1], prompt[:-1])
+            assert a["prefix_segment_ids"][0, q, g].tolist() == [1] * (p_len[b] - 1) + [0] * (P - p_len[b])
+            np.testing.assert_array_equal(a["tokens"][0, q, s, :n], np.concatenate([prompt[-1:], batch["tokens"][b, :n - 1]]))
+            np.testing.assert_array_equal(a["targets"][0, q, s, :n], batch["tokens"][b, :n])
+            np.testing.assert_array_equal(a["positions"][0, q, s, :n], p_len[b] - 1 + np.arange(n))
+            np.testing.assert_array_equal(idx, np.where(np.arange(R) < n, b * R + np.arange(R), 8 * R))
+            assert a["segment_ids"][0, q, s].tolist() == [1] * n + [0] * (R - n)
+    real = sum(int(p) + r for p, r in zip(p_len, RESPONSES) if r)
+    computed = a["tokens"].size + a["prefix_tokens"].size
+    assert lay.real_tokens == real and lay.efficiency == pytest.approx(real / computed)
+    assert spec("shared_prompt", mini=64, micro=64, dp=2).prompt_rows(9) == 16   # 8, 16, 32, 64
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_shared_prompt_logprobs_and_gradients_equal_padded(remat):
+    graphdef, params = tiny_model(0)
+    batch = shared_batch(seed=1)
+    mask = batch["mask"]
+    padded = np.asarray(logp_fn(graphdef)(params, batch)[0]) * mask
+    lay = lay_out(batch, np.arange(8).reshape(1, 8), spec("shared_prompt", mini=8, micro=8))
+    assert lay.arrays["prefix_tokens"].shape[2] == 4                 # 8 rows, 4 distinct trained prompts: 8 / 2
+
+    def shared(p):
+        micro = {k: v[0, 0] for k, v in lay.arrays.items()}
+        return from_slots(slot_logprobs(nnx.merge(graphdef, p), micro, remat=remat), lay.unpack)
+
+    ours = np.asarray(jax.jit(shared)(params))
+    np.testing.assert_allclose(ours, padded, atol=1e-5)
+    packed_lay = lay_out(batch, np.arange(8).reshape(1, 8), spec(mini=8, tokens=8 * ROW))
+
+    def packed(p):
+        micro = {k: v[0, 0] for k, v in packed_lay.arrays.items()}
+        return from_slots(slot_logprobs(nnx.merge(graphdef, p), micro), packed_lay.unpack)
+
+    weights = np.random.default_rng(0).normal(size=mask.shape) * mask
+    grad = lambda f: jax.jit(jax.grad(lambda p: jnp.sum(f(p) * weights)))(params)  # noqa: E731
+    for x, y in zip(jax.tree.leaves(grad(shared)), jax.tree.leaves(grad(packed)), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
 
 
 def test_bad_batches_are_named():

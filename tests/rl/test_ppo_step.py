@@ -1,4 +1,4 @@
-"""The jitted PPO step vs a plain mini-batch loop; packed vs padded slots, micro-batching, sharding, learning
+"""The jitted PPO step vs a plain mini-batch loop; packed, padded and shared-prompt slots, micro-batching, sharding, learning
 direction, errors."""
 import functools
 
@@ -41,9 +41,10 @@ def compiled(cfg: PpoStepConfig, mesh_axes: tuple = ()):
     return step, tx, mesh
 
 
-def ppo_batch(seed, logps, params):
-    """A batch whose old log-probs are near the current policy's and advantages are random."""
-    batch = make_batch(seed, B)
+def ppo_batch(seed, logps, params, group=4):
+    """A batch whose old log-probs are near the current policy's and advantages are random; runs of `group` rows
+    share a prompt."""
+    batch = make_batch(seed, B, group=group)
     rng = np.random.default_rng(seed)
     logp, _ = logps(params, batch)
     batch["old_logp"] = np.asarray(logp) + rng.normal(0, 0.1, logp.shape).astype(np.float32)
@@ -52,10 +53,10 @@ def ppo_batch(seed, logps, params):
     return batch
 
 
-def run_step(cfg, params, batch, seed, mesh_axes=(), packed=True):
+def run_step(cfg, params, batch, seed, mesh_axes=(), kind="packed"):
     step, tx, mesh = compiled(cfg, mesh_axes)
     state = shard_train_state(init_train_state(copy_tree(params), tx), mesh)
-    slots = layout(batch, ppo_minibatches(B, cfg, seed), cfg.micro_batch_size, packed, dp=len(mesh.devices.flat))
+    slots = layout(batch, ppo_minibatches(B, cfg, seed), cfg.micro_batch_size, kind, dp=len(mesh.devices.flat))
     state, metrics = step(state, batch, slots.arrays)
     return state, metrics, tx
 
@@ -99,12 +100,13 @@ def reference_iteration(graphdef, cfg, tx, params, batch, seed):
     return params, {k: np.mean([h[k] for h in history]) for k in history[0]}
 
 
-@pytest.mark.parametrize("micro, packed", [(8, True), (4, True), (2, True), (4, False)])
-def test_step_matches_loop_reference_for_1_2_4_micro_batches(model, micro, packed):
+@pytest.mark.parametrize("micro, kind", [(8, "packed"), (4, "packed"), (2, "packed"), (4, "padded"),
+                                         (4, "shared_prompt")])
+def test_step_matches_loop_reference_for_1_2_4_micro_batches(model, micro, kind):
     graphdef, params, logps = model
     batch = ppo_batch(0, logps, params)
     cfg = PpoStepConfig(mini_batch_size=MINI, micro_batch_size=micro, **FULL)
-    state, metrics, tx = run_step(cfg, params, batch, 7, packed=packed)
+    state, metrics, tx = run_step(cfg, params, batch, 7, kind=kind)
     want_params, want = reference_iteration(graphdef, cfg, tx, params, batch, 7)
     assert int(state.step) == B // MINI
     for k, v in want.items():
@@ -114,22 +116,23 @@ def test_step_matches_loop_reference_for_1_2_4_micro_batches(model, micro, packe
     assert_trees_close(state.params, want_params)
 
 
-def test_packed_and_padded_agree_on_one_device(model):
+def test_layouts_agree_on_one_device(model):
     _, params, logps = model
     batch = ppo_batch(4, logps, params)
-    cfg = PpoStepConfig(mini_batch_size=MINI, micro_batch_size=4, **FULL)   # both layouts compiled above
-    packed_state, packed, _ = run_step(cfg, params, batch, 5, packed=True)
-    padded_state, padded, _ = run_step(cfg, params, batch, 5, packed=False)
-    for k in padded:
-        np.testing.assert_allclose(float(packed[k]), float(padded[k]), rtol=1e-5, atol=1e-6, err_msg=k)
-    assert_trees_close(packed_state.params, padded_state.params)
+    cfg = PpoStepConfig(mini_batch_size=MINI, micro_batch_size=4, **FULL)   # every layout compiled above
+    padded_state, padded, _ = run_step(cfg, params, batch, 5, kind="padded")
+    for kind in ("packed", "shared_prompt"):
+        state, metrics, _ = run_step(cfg, params, batch, 5, kind=kind)
+        for k in padded:
+            np.testing.assert_allclose(float(metrics[k]), float(padded[k]), rtol=1e-5, atol=1e-6, err_msg=f"{kind} {k}")
+        assert_trees_close(state.params, padded_state.params)
 
 
 def test_sharded_two_axis_mesh_packed_matches_one_device_padded_and_params_stay_sharded(model):
     _, params, logps = model
     batch = ppo_batch(1, logps, params)
     cfg = PpoStepConfig(mini_batch_size=MINI, micro_batch_size=8, **FULL)
-    one_state, one_metrics, _ = run_step(cfg, params, batch, 3, packed=False)
+    one_state, one_metrics, _ = run_step(cfg, params, batch, 3, kind="padded")
     state, metrics, _ = run_step(cfg, params, batch, 3, mesh_axes=(("data", 2), ("fsdp", 4)))
     for k in one_metrics:
         np.testing.assert_allclose(float(metrics[k]), float(one_metrics[k]), rtol=1e-5, atol=1e-6, err_msg=k)
@@ -152,7 +155,7 @@ def test_steps_raise_positive_and_lower_negative_advantage_responses(model):
     start = seq_logp(params)
     for i in range(3):
         batch["old_logp"] = batch["ref_logp"] = np.asarray(logps(state.params, batch)[0])   # on-policy rollout
-        state, metrics = step(state, batch, layout(batch, ppo_minibatches(B, cfg, i), 8, packed=True).arrays)
+        state, metrics = step(state, batch, layout(batch, ppo_minibatches(B, cfg, i), 8, kind="packed").arrays)
         assert float(metrics["actor/pg_clipfrac"]) == 0.0     # ratio 1 on the first mini-batch, within 1 +- 0.2 after it
     delta = seq_logp(state.params) - start
     assert np.all(delta[sign > 0] > 0) and np.all(delta[sign < 0] < 0), delta
@@ -192,7 +195,7 @@ def test_step_whose_only_minibatch_has_a_nan_changes_nothing_and_the_next_clean_
     step, tx, mesh = compiled(cfg)
     clean = ppo_batch(6, logps, params)
     bad = nan_advantage(clean, 11)                                # in the second micro-batch
-    slots = layout(clean, ppo_minibatches(B, cfg, 0), 8, packed=True).arrays
+    slots = layout(clean, ppo_minibatches(B, cfg, 0), 8, kind="packed").arrays
 
     state = shard_train_state(init_train_state(copy_tree(params), tx), mesh)
     start = host_leaves((state.params, state.opt_state.inner_state, state.step))

@@ -1,4 +1,4 @@
-"""The jitted PRM step vs a plain mini-batch loop; packed vs padded slots, micro-batching, update modes, sharding,
+"""The jitted PRM step vs a plain mini-batch loop; packed, padded and shared-prompt slots, micro-batching, update modes, sharding,
 learning."""
 import functools
 import math
@@ -39,22 +39,22 @@ def compiled(cfg: PrmStepConfig, mesh_axes: tuple = (), scan_layers: bool = True
     return make_prm_step(graphdef, tx, cfg, mesh=mesh, state=state, ref_params=params), tx, mesh
 
 
-def fresh(cfg, params, mesh_axes=(), packed=True, scan_layers=True):
+def fresh(cfg, params, mesh_axes=(), kind="packed", scan_layers=True):
     """(step with its slots bound, tx, placed PRM state, placed reference params) for one run; steps donate
     their state."""
     step, tx, mesh = compiled(cfg, mesh_axes, scan_layers)
     state = shard_train_state(init_train_state(copy_tree(params), tx), mesh)
 
     def run(state, ref_params, batch):
-        slots = layout(batch, prm_minibatches(len(batch["acc"]), cfg), cfg.micro_batch_size, packed,
+        slots = layout(batch, prm_minibatches(len(batch["acc"]), cfg), cfg.micro_batch_size, kind,
                        dp=len(mesh.devices.flat))
         return step(state, ref_params, {**batch, "unpack": slots.unpack}, slots.arrays)
 
     return run, tx, state, shard_train_state(copy_tree(params), mesh)
 
 
-def run_step(cfg, params, batch, mesh_axes=(), packed=True, scan_layers=True):
-    step, tx, state, ref_params = fresh(cfg, params, mesh_axes, packed, scan_layers)
+def run_step(cfg, params, batch, mesh_axes=(), kind="packed", scan_layers=True):
+    step, tx, state, ref_params = fresh(cfg, params, mesh_axes, kind, scan_layers)
     state, out = step(state, ref_params, batch)
     return state, out, tx
 
@@ -98,12 +98,13 @@ def reference_iteration(graphdef, logps, tx, params, batch, *, mini, shards, upd
     return params, before, raw, np.mean(losses), norms
 
 
-@pytest.mark.parametrize("micro, packed", [(8, True), (4, True), (2, True), (4, False)])
-def test_step_matches_loop_reference_for_1_2_4_micro_batches(model, micro, packed):
+@pytest.mark.parametrize("micro, kind", [(8, "packed"), (4, "packed"), (2, "packed"), (4, "padded"),
+                                         (4, "shared_prompt")])
+def test_step_matches_loop_reference_for_1_2_4_micro_batches(model, micro, kind):
     graphdef, params, logps = model
-    batch = make_batch(1, B)
+    batch = make_batch(1, B, group=N)
     cfg = PrmStepConfig(n=N, mini_batch_size=MINI, micro_batch_size=micro, num_shards=SHARDS, norm_scope="shard")
-    state, out, tx = run_step(cfg, params, batch, packed=packed)
+    state, out, tx = run_step(cfg, params, batch, kind=kind)
     want_params, before, raw, loss, norms = reference_iteration(graphdef, logps, tx, params, batch, mini=MINI,
                                                                 shards=SHARDS, update="after")
     assert int(state.step) == B // MINI
@@ -127,20 +128,23 @@ def test_step_matches_loop_reference_for_1_2_4_micro_batches(model, micro, packe
 SANITY_ROWS_PER_DEVICE, SANITY_PROMPT, SANITY_RESPONSE = 128, 16, 16
 
 
-@pytest.mark.parametrize("update, packed, mesh_axes, scan_layers", [
-    ("after", True, (), True), ("after", False, (), True), ("before", True, (), True), ("none", False, (), True),
-    ("after", True, (("data", 2), ("fsdp", 4)), True), ("after", False, (("fsdp", 8),), True),
-    ("after", True, (), False),   # layers unrolled (model.layers=auto on CPU)
+@pytest.mark.parametrize("update, kind, mesh_axes, scan_layers", [
+    ("after", "packed", (), True), ("after", "padded", (), True), ("before", "packed", (), True),
+    ("none", "padded", (), True), ("after", "packed", (("data", 2), ("fsdp", 4)), True),
+    ("after", "padded", (("fsdp", 8),), True),
+    ("after", "packed", (), False),   # layers unrolled (model.layers=auto on CPU)
+    ("after", "shared_prompt", (), False), ("after", "shared_prompt", (("data", 2), ("fsdp", 4)), True),
 ])
-def test_prm_equal_to_reference_scores_exactly_zero_with_ln2_loss_and_half_dpo_acc(model, update, packed, mesh_axes,
+def test_prm_equal_to_reference_scores_exactly_zero_with_ln2_loss_and_half_dpo_acc(model, update, kind, mesh_axes,
                                                                                    scan_layers):
     """The step-1 sanity point (docs/prime_spec.md §1.4): PRM == reference gives q = 0 bit for bit, so batch_norm has no
     noise to scale up, the loss is exactly ln 2 and dpo_acc exactly 0.5 (acc listed symmetrically in each group)."""
     _, params, _ = model
     rows = SANITY_ROWS_PER_DEVICE * math.prod(dict(mesh_axes).values())
-    batch = make_batch(6, rows, prompt_len=SANITY_PROMPT, response_len=SANITY_RESPONSE)
+    batch = make_batch(6, rows, prompt_len=SANITY_PROMPT, response_len=SANITY_RESPONSE,
+                       group=N if kind == "shared_prompt" else 1)
     cfg = PrmStepConfig(n=N, mini_batch_size=rows, micro_batch_size=rows, update=update)
-    state, out, _ = run_step(cfg, params, batch, mesh_axes, packed, scan_layers)
+    state, out, _ = run_step(cfg, params, batch, mesh_axes, kind, scan_layers)
     m = out.metrics
     assert float(m["reward_model/prm_loss"]) == np.float32(np.log(2.0))
     assert float(m["reward_model/dpo_acc_before"]) == 0.5
@@ -172,23 +176,24 @@ def test_update_before_is_double_forward(model):
     assert_trees_close(state.params, want_params)
 
 
-def test_packed_and_padded_agree_on_one_device(model):
+def test_layouts_agree_on_one_device(model):
     _, params, _ = model
-    batch = make_batch(5, B)
+    batch = make_batch(5, B, group=N)
     cfg = PrmStepConfig(n=N, mini_batch_size=MINI, micro_batch_size=4, num_shards=SHARDS, norm_scope="shard")
-    packed_state, packed, _ = run_step(cfg, params, batch, packed=True)     # both layouts compiled above
-    padded_state, padded, _ = run_step(cfg, params, batch, packed=False)
-    np.testing.assert_allclose(np.asarray(packed.raw), np.asarray(padded.raw), rtol=0, atol=1e-5)
-    for k in padded.metrics:
-        np.testing.assert_allclose(float(packed.metrics[k]), float(padded.metrics[k]), rtol=1e-5, err_msg=k)
-    assert_trees_close(packed_state.params, padded_state.params)
+    padded_state, padded, _ = run_step(cfg, params, batch, kind="padded")     # every layout compiled above
+    for kind in ("packed", "shared_prompt"):
+        state, out, _ = run_step(cfg, params, batch, kind=kind)
+        np.testing.assert_allclose(np.asarray(out.raw), np.asarray(padded.raw), rtol=0, atol=1e-5, err_msg=kind)
+        for k in padded.metrics:
+            np.testing.assert_allclose(float(out.metrics[k]), float(padded.metrics[k]), rtol=1e-5, err_msg=f"{kind} {k}")
+        assert_trees_close(state.params, padded_state.params)
 
 
 def test_sharded_two_axis_mesh_packed_matches_one_device_padded_and_params_stay_sharded(model):
     _, params, _ = model
     batch = make_batch(1, B)
     cfg = PrmStepConfig(n=N, mini_batch_size=MINI, micro_batch_size=8, num_shards=SHARDS, norm_scope="shard")
-    one_state, one_out, _ = run_step(cfg, params, batch, packed=False)
+    one_state, one_out, _ = run_step(cfg, params, batch, kind="padded")
     state, out, _ = run_step(cfg, params, batch, mesh_axes=(("data", 2), ("fsdp", 4)))
     np.testing.assert_allclose(np.asarray(out.raw), np.asarray(one_out.raw), rtol=0, atol=1e-5)
     np.testing.assert_allclose(np.asarray(out.rm_scores), ref.batch_norm(np.asarray(out.raw), batch["mask"], SHARDS),
@@ -227,7 +232,7 @@ def test_bad_batch_raises_at_trace_time(model):
     step = compiled(cfg)[0]
     _, _, state, ref_params = fresh(cfg, params)
     batch = make_batch(1, B)
-    lay = layout(batch, prm_minibatches(B, cfg), 8, packed=True)
+    lay = layout(batch, prm_minibatches(B, cfg), 8, kind="packed")
     batch["unpack"], slots = lay.unpack, lay.arrays
     with pytest.raises(ValueError, match="not a whole number of prm.mini_batch_size=8"):
         step(state, ref_params, {**make_batch(1, 12), "unpack": lay.unpack[:12]}, slots)
