@@ -1,7 +1,7 @@
 """prime_jax against its peers on one RL workload: TRL's GRPOTrainer, Tunix's GRPO learner and prime_jax's own
 trainer (outcome-only RLOO and PRIME), one after another in one run; prints step-time ratios with a breakdown.
 
-    python bench/vs_peers.py [--steps 5] [--warmup 2] [--peers trl,tunix] [--arms rloo,prime]
+    python bench/vs_peers.py [--steps 5] [--warmup 2] [--peers trl,tunix] [--arms rloo,rloo_shared,prime,prime_shared]
                              [--prime-src DIR ...] [--prime-python PY ...] [--json out.json]
 
 The workload (issue 27), the same on every side as far as each allows:
@@ -231,6 +231,10 @@ PRIME_ARMS = {
     "prime_ahead": ("PRIME, rollouts ahead", {"rollout.max_staleness": 1}),
     "rloo_shared": ("RLOO, shared prompts", {**OUTCOME_ONLY, "train.layout": "shared_prompt"}),
     "prime_shared": ("PRIME, shared prompts", {"train.layout": "shared_prompt"}),
+    "rloo_shared_ahead": ("RLOO, shared prompts, rollouts ahead",
+                          {**OUTCOME_ONLY, "train.layout": "shared_prompt", "rollout.max_staleness": 1}),
+    "prime_shared_ahead": ("PRIME, shared prompts, rollouts ahead",
+                           {"train.layout": "shared_prompt", "rollout.max_staleness": 1}),
 }
 
 
@@ -489,7 +493,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5, help="timed steps per side (their median is reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, caches)")
     p.add_argument("--peers", default="trl,tunix", help="comma-separated: trl, tunix (empty: none)")
-    p.add_argument("--arms", default="rloo,prime", help=f"prime_jax arms: {', '.join(PRIME_ARMS)} (empty: none)")
+    p.add_argument("--arms", default="rloo,rloo_shared,prime,prime_shared", help=f"prime_jax arms: {', '.join(PRIME_ARMS)} (empty: none)")
     p.add_argument("--prime-src", action="append", default=None,
                    help="a prime_jax checkout to measure (repeatable: before/after in one run; default: this repo)")
     p.add_argument("--prime-python", action="append", default=None,
