@@ -20,7 +20,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from prime_jax.models import slot_logprobs
+from prime_jax.models import in_compute_dtype, slot_logprobs
 from prime_jax.rl.packing import from_slots, segment_cumsum, to_slots
 from prime_jax.rl.advantages import last_token_mask
 from prime_jax.rl.optim import (TrainState, accumulate_gradients, apply_gradients, batch_prefix_sharding,
@@ -171,6 +171,13 @@ class PrmStepOutput(NamedTuple):
     metrics: dict[str, jax.Array]
 
 
+def same_weights(params: Any, ref_params: Any, dtype: Any) -> jax.Array:
+    """Whether the PRM computes exactly what the reference computes: every weight equal once cast to the compute
+    `dtype` (both models cast their weights to it before use). -> scalar bool"""
+    a, b = in_compute_dtype(params, dtype), in_compute_dtype(ref_params, dtype)
+    return jnp.all(jnp.stack([jnp.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)]))
+
+
 def minibatch_order(batch_size: int, mini_batch_size: int, num_shards: int) -> np.ndarray:
     """Row permutation putting the batch in mini-batch order: [B] int.
 
@@ -214,6 +221,7 @@ def make_prm_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg:
     """
     state_sh = train_state_shardings(state, mesh)
     ref_sh = train_state_shardings(ref_params, mesh)
+    compute_dtype = nnx.merge(graphdef, state.params).cfg.dtype
     batch_sh = batch_prefix_sharding(mesh)
     slots_sh = layout_sharding(mesh)
     replicated = NamedSharding(mesh, P())
@@ -240,26 +248,26 @@ def make_prm_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg:
             layout = {**layout, "valid": valid, "last": last,
                       "acc": to_slots(labels, layout["index"] // batch["mask"].shape[1])}
 
-            def micro_loss(params, mb):
+            def micro_loss(params, mb, same):
                 logp_ref = jax.lax.stop_gradient(logps(ref_params, mb))
-                # q = logp_prm - logp_ref must be exactly 0 where PRM == reference (step 1): batch_norm would scale
-                # rounding noise up to reward size. A differentiated forward that keeps activations for the backward
-                # compiles differently (XLA:CPU moves the norms' rsqrt and the softmax's exp and sums out of its
-                # fused library kernels to keep them, changing last bits); rematerialised, it keeps only the layer
-                # inputs and computes what the reference's forward computes. Same FLOPs with model.remat (the TPU
-                # configs); without it the backward recomputes the layers, still faster on CPU (configs/tiny.py
-                # shapes: x0.85). A separate undifferentiated scoring forward would cost one forward more in both.
+                # Rematerialised: same FLOPs with model.remat (the TPU configs); without it, still faster on CPU
+                # (configs/tiny.py shapes: x0.85).
                 logp_prm = logps(params, mb, remat=True)
+                # A PRM equal to the reference (step 1) gives q = 0 exactly (`same_weights`), with the gradient of
+                # logp_prm: its differentiated forward may round differently from the reference's (XLA compiles
+                # it differently, for some shapes), and batch_norm would scale that noise up to reward size.
+                logp_prm = jnp.where(same, logp_ref + (logp_prm - jax.lax.stop_gradient(logp_prm)), logp_prm)
                 # z = beta * sum_t q_t of each sequence, read at its last predicting slot
                 z = cfg.beta * segment_cumsum(jnp.where(mb["valid"], logp_prm - logp_ref, 0.0), mb["segment_ids"])
                 terms = jnp.where(mb["last"], jax.nn.softplus(z) - mb["acc"] * z, 0.0)   # prm_loss_terms per sequence
                 return jnp.sum(terms) / cfg.mini_batch_size, (jax.lax.stop_gradient(logp_prm), logp_ref)
 
             def minibatch(state, mb):
+                same = same_weights(state.params, ref_params, compute_dtype)
                 if cfg.update == "none":
-                    _, slots = jax.lax.map(lambda m: micro_loss(state.params, m), mb)
+                    _, slots = jax.lax.map(lambda m: micro_loss(state.params, m, same), mb)
                     return state, (jnp.zeros(()), slots)
-                loss, grads, slots = accumulate_gradients(micro_loss, state.params, mb)
+                loss, grads, slots = accumulate_gradients(lambda p, m: micro_loss(p, m, same), state.params, mb)
                 return apply_gradients(state, grads, tx, loss), (optax.tree.norm(grads), slots)
 
             new_state, (grad_norms, (prm_slots, ref_slots)) = jax.lax.scan(minibatch, state, layout)
@@ -278,6 +286,7 @@ def make_prm_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg:
             if cfg.update == "before":
                 flat = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), layout)
                 after = from_slots(jax.lax.map(lambda m: logps(new_state.params, m), flat), batch["unpack"])
+                after = jnp.where(same_weights(new_state.params, ref_params, compute_dtype), logp_ref, after)
                 raw = rewards_of(after, logp_ref, batch["mask"])
                 metrics["reward_model/dpo_acc_after"] = dpo_acc(jnp.sum(raw, axis=-1), acc, cfg.n)
             scope = cfg.num_shards if cfg.norm_scope == "shard" else 1

@@ -4,6 +4,7 @@ import functools
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -11,7 +12,8 @@ from flax import nnx
 
 from prime_jax.mesh import make_mesh
 from prime_jax.models import response_logprobs
-from prime_jax.rl.prm import PrmStepConfig, make_prm_step, prm_loss, prm_minibatches, shuffled_labels
+from prime_jax.rl.prm import (PrmStepConfig, make_prm_step, prm_loss, prm_minibatches, same_weights,
+                              shuffled_labels)
 from prime_jax.rl.optim import OptimConfig, init_train_state, make_optimizer, shard_train_state
 from tests.rl import numpy_reference as ref
 from tests.fixtures import (assert_trees_close, copy_tree, layout, logp_fn, make_batch, one_device_mesh,
@@ -141,8 +143,7 @@ def test_prm_equal_to_reference_scores_exactly_zero_with_ln2_loss_and_half_dpo_a
     noise to scale up, the loss is exactly ln 2 and dpo_acc exactly 0.5 (acc listed symmetrically in each group)."""
     _, params, _ = model
     rows = SANITY_ROWS_PER_DEVICE * math.prod(dict(mesh_axes).values())
-    batch = make_batch(6, rows, prompt_len=SANITY_PROMPT, response_len=SANITY_RESPONSE,
-                       group=N if kind == "shared_prompt" else 1)
+    batch = make_batch(6, rows, prompt_len=SANITY_PROMPT, response_len=SANITY_RESPONSE, group=N)
     cfg = PrmStepConfig(n=N, mini_batch_size=rows, micro_batch_size=rows, update=update)
     state, out, _ = run_step(cfg, params, batch, mesh_axes, kind, scan_layers)
     m = out.metrics
@@ -314,3 +315,14 @@ def test_labels_key_trains_on_the_given_labels_and_the_metrics_read_acc(model):
     np.testing.assert_allclose(np.asarray(out.raw), raw, rtol=0, atol=1e-5)
     np.testing.assert_allclose(float(out.metrics["reward_model/prm_loss"]), loss, rtol=1e-5)
     np.testing.assert_allclose(float(out.metrics["reward_model/dpo_acc_before"]), ref.dpo_acc(raw.sum(1), batch["acc"], N))
+
+
+def test_same_weights_compares_the_weights_each_model_computes_with():
+    params = tiny_model(0)[1]
+    bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    assert bool(same_weights(params, bf16, jnp.bfloat16))                   # fp32 PRM, bf16 reference copy
+    assert not bool(same_weights(params, bf16, jnp.float32))                # fp32 compute reads the lost bits
+    leaves, treedef = jax.tree.flatten(params)
+    leaves[0] = leaves[0].at[(0,) * leaves[0].ndim].set(jnp.nextafter(leaves[0].ravel()[0], jnp.inf))
+    nudged = jax.tree.unflatten(treedef, leaves)                            # one weight one ulp up
+    assert bool(same_weights(params, params, jnp.float32)) and not bool(same_weights(params, nudged, jnp.float32))
