@@ -255,8 +255,7 @@ class Decoder(nnx.Module):
         segment_ids: [B, T] int (packed rows): a token attends, causally, only to tokens of its own segment;
         `positions` must then be given (restarting at 0 in each segment) and `attention_mask` is not used.
         remat (default `cfg.remat`): under differentiation, keep only each layer's input and recompute the layers and
-        the final norm in the backward pass. The differentiated forward then saves nothing the undifferentiated one
-        does not materialise, so it compiles to the same arithmetic (`make_prm_step` relies on this).
+        the final norm in the backward pass.
         Without segment ids the attention mask serves as segment ids (real tokens see real tokens, padding sees
         padding, so padded positions, whose values are undefined, stay finite).
         """

@@ -226,9 +226,9 @@ def make_prm_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg:
     slots_sh = layout_sharding(mesh)
     replicated = NamedSharding(mesh, P())
 
-    def logps(params: Any, micro: dict[str, jax.Array], remat: bool | None = None) -> jax.Array:
+    def logps(params: Any, micro: dict[str, jax.Array]) -> jax.Array:
         """Log-probs at the slots of one micro-batch: [r, L] float32."""
-        return slot_logprobs(nnx.merge(graphdef, params), micro, remat=remat)
+        return slot_logprobs(nnx.merge(graphdef, params), micro)
 
     def rewards_of(logp_prm: jax.Array, logp_ref: jax.Array, mask: jax.Array) -> jax.Array:
         return token_rewards(jax.lax.stop_gradient(logp_prm), logp_ref, mask,
@@ -250,9 +250,7 @@ def make_prm_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg:
 
             def micro_loss(params, mb, same):
                 logp_ref = jax.lax.stop_gradient(logps(ref_params, mb))
-                # Rematerialised: same FLOPs with model.remat (the TPU configs); without it, still faster on CPU
-                # (configs/tiny.py shapes: x0.85).
-                logp_prm = logps(params, mb, remat=True)
+                logp_prm = logps(params, mb)
                 # A PRM equal to the reference (step 1) gives q = 0 exactly (`same_weights`), with the gradient of
                 # logp_prm: its differentiated forward may round differently from the reference's (XLA compiles
                 # it differently, for some shapes), and batch_norm would scale that noise up to reward size.
