@@ -22,7 +22,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from prime_jax.mesh import logical_to_spec
 from prime_jax.models.config import ModelConfig
-from prime_jax.sampling.cache import KVCache, LayerKV
+from prime_jax.sampling.cache import KVCache, LayerKV, PromptKV
 from prime_jax.sampling.config import SamplerConfig
 
 Array = jax.Array
@@ -32,7 +32,8 @@ Array = jax.Array
 class SamplerState:
     """Everything the programs carry; N = cfg.rows slots, R = max_new_tokens, P = cfg.prompt_slots(prompt_len).
 
-    cache: KV of every layer, S = cfg.cache_len(prompt_len) slots per row: `KVCache` [L, N, K, S, Dh], or with
+    cache: KV of every layer, S = cfg.cache_len(prompt_len) slots per row: `KVCache` (k [L, S, K, Dh, N], v
+    [L, S, K, N, Dh]), or with
     cfg.per_layer one `LayerKV` per layer (k [N, K, Dh, S], v [N, K, S, Dh]); row b's prompt in slots
     0..prompt_lens[b]-1, its generated tokens in a ring over slots P..S-1, all rows writing at P + ring each
     step; prompt_lens [N] int32; ring: int32 scalar, the ring slot the next step writes; last [N] int32 the
@@ -49,7 +50,7 @@ class SamplerState:
     """
 
     cache: KVCache | tuple[LayerKV, ...]
-    held: KVCache
+    held: PromptKV
     held_logits: Array
     held_len: Array
     prompt_lens: Array
@@ -77,13 +78,12 @@ def _state_axes(state: SamplerState) -> SamplerState:
     over tensor."""
     b1, b2 = ("batch",), ("batch", None)
     if isinstance(state.cache, KVCache):
-        stacked = ("layers", "batch", "kv_heads", None, "head_dim")
-        cache = KVCache(k=stacked, v=stacked)
+        cache = KVCache(k=("layers", None, "kv_heads", "head_dim", "batch"), v=("layers", None, "kv_heads", "batch", "head_dim"))
     else:
         cache = tuple(LayerKV(k=("batch", "kv_heads", "head_dim", None), v=("batch", "kv_heads", None, "head_dim"))
                       for _ in state.cache)
     held = ("layers", None, "kv_heads", None, "head_dim")
-    return state.replace(cache=cache, held=KVCache(k=held, v=held), held_logits=(None, None), held_len=(None,),
+    return state.replace(cache=cache, held=PromptKV(k=held, v=held), held_logits=(None, None), held_len=(None,),
                          prompt_lens=b1, ring=(), last=b1, keys=b1, steps=b1, tokens=b2, logprobs=b2,
                          done=b1, slot_row=b1, next_row=(), rng=(), fin_rows=(None,), fin_tokens=(None, None),
                          fin_logprobs=(None, None), fin_lens=(None,), fin_count=())
@@ -116,7 +116,7 @@ def empty_state(model_cfg: ModelConfig, cfg: SamplerConfig, prompt_len: int) -> 
     zeros = jnp.zeros((n,), jnp.int32)
     cache = (LayerKV if cfg.per_layer else KVCache).zeros(model_cfg, n, cfg.cache_len(prompt_len))
     return constrain_state(SamplerState(
-        cache=cache, held=KVCache.zeros(model_cfg, 1, prompt_len),
+        cache=cache, held=PromptKV.zeros(model_cfg, 1, prompt_len),
         held_logits=jnp.zeros((1, model_cfg.vocab_size), jnp.float32), held_len=jnp.ones((1,), jnp.int32),
         prompt_lens=jnp.ones((n,), jnp.int32),
         ring=jnp.zeros((), jnp.int32), last=zeros, keys=jax.random.split(jax.random.key(0), n), steps=zeros,

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from prime_jax.models import in_compute_dtype, load_pretrained
-from prime_jax.sampling import (KVCache, LayerKV, SamplerConfig, SamplingParams, decode_step, engine, generate,
+from prime_jax.sampling import (KVCache, LayerKV, PromptKV, SamplerConfig, SamplingParams, decode_step, engine, generate,
                                 layer_weights)
 from prime_jax.sampling.cache import put_prompts
 from prime_jax.sampling.config import per_layer_decode
@@ -37,7 +37,7 @@ def test_decode_steps_over_either_layout_give_the_full_forward_logits(qwen_model
     def prefill(params, layers):
         logits, (k, v) = nnx.merge(graphdef, params).prefill(tokens, lens, layers)
         cache = (LayerKV if per_layer else KVCache).zeros(qwen_model.cfg, 2, cfg.cache_len(8))
-        return logits, put_prompts(cache, jnp.arange(2), KVCache(k=k, v=v))
+        return logits, put_prompts(cache, jnp.arange(2), PromptKV(k=k, v=v))
 
     @jax.jit
     def step(params, layers, cache, t):

@@ -87,7 +87,8 @@ def test_sharded_mesh_gives_the_same_tokens(qwen2_dir, sampled):
         stacked = decode(graphdef, params, empty_state(model.cfg, cfg, 8), jnp.int32(9))
         per_layer = decode(graphdef, params, empty_state(model.cfg, dataclasses.replace(cfg, per_layer=True), 8),
                            jnp.int32(9))
-    for kv, spec in [(stacked.cache.k, P(None, ("data", "fsdp"), "tensor", None, None)),  # [L, N, K, S, Dh]
+    for kv, spec in [(stacked.cache.k, P(None, None, "tensor", None, ("data", "fsdp"))),  # [L, S, K, Dh, N]
+                     (stacked.cache.v, P(None, None, "tensor", ("data", "fsdp"), None)),  # [L, S, K, N, Dh]
                      (per_layer.cache[1].k, P(("data", "fsdp"), "tensor", None, None))]:  # [N, K, Dh, S]
         assert kv.sharding.is_equivalent_to(jax.sharding.NamedSharding(mesh, spec), kv.ndim)
     assert stacked.tokens.sharding.is_equivalent_to(batch_sharding(mesh, 2), 2)

@@ -42,9 +42,10 @@ def test_programs_lower_from_abstract_inputs_and_donate_their_state(per_layer):
                         rows=8, buckets=(16,), kv_block=8, pad_id=PAD, per_layer=per_layer)
     state = jax.eval_shape(lambda: empty_state(tiny_config(), cfg, 16))
     kv = state.cache[1] if per_layer else state.cache
-    # [L, N, K, S, Dh], prompt 16 + ring 8; per layer: k [N, K, Dh, S], v [N, K, S, Dh], no block padding
+    # k [L, S, K, Dh, N], v [L, S, K, N, Dh], prompt 16 + ring 8 (Dh = N = 8); per layer: k [N, K, Dh, S], v [N, K, S, Dh],
+    # no block padding
     assert state.tokens.shape == (8, 8) and (kv.k.shape, kv.v.shape) == (
-        ((8, 2, 8, 24), (8, 2, 24, 8)) if per_layer else ((2, 8, 2, 24, 8),) * 2)
+        ((8, 2, 8, 24), (8, 2, 24, 8)) if per_layer else ((2, 24, 2, 8, 8),) * 2)
     layers = jax.eval_shape(layer_weights, graphdef, params) if per_layer else None
     scalar = jax.ShapeDtypeStruct((), jnp.int32)
     rng = jax.eval_shape(lambda: jax.random.key(0))
