@@ -23,7 +23,7 @@ from prime_jax.mesh import batch_sharding, state_shardings
 from prime_jax.models import ModelConfig, abstract_model, in_compute_dtype
 from prime_jax.programs import make_programs, optimizers
 from prime_jax.rl.optim import TrainState, init_train_state, layout_sharding, train_state_shardings
-from prime_jax.rl.packing import LAYOUT_KEYS, PackSpec
+from prime_jax.rl.packing import LAYOUT_KEYS, PREFIX_KEYS, PackSpec
 from prime_jax.sampling import decode, empty_state, insert, sampler_state_shardings
 from prime_jax.settings import LengthMix, RunSettings, meshes, resolve
 
@@ -92,8 +92,8 @@ def _slots(mesh: Any, spec: PackSpec, num_minibatches: int, p_len: int, r_len: i
     width = {"packed": spec.row_length, "padded": p_len + r_len, "shared_prompt": r_len}[spec.layout]
     shapes = dict.fromkeys(LAYOUT_KEYS, (num_minibatches, k, r, width))
     if spec.layout == "shared_prompt":
-        shapes.update(prefix_tokens=(num_minibatches, k, r, max(p_len - 1, 1)),
-                      prefix_segment_ids=(num_minibatches, k, r, max(p_len - 1, 1)), prefix_of=(num_minibatches, k, r, r))
+        prompts = (num_minibatches, k, r, max(p_len - 1, 1))
+        shapes.update(zip(PREFIX_KEYS, (prompts, prompts, (num_minibatches, k, r, r))))
     return {key: jax.ShapeDtypeStruct(v, jnp.int32, sharding=layout_sharding(mesh)) for key, v in shapes.items()}
 
 

@@ -223,9 +223,8 @@ def _shared_prompt(batch: dict[str, np.ndarray], prompt_mask: np.ndarray, p_len:
     g = spec.prompt_rows(max(len(f) for f in firsts))
     out = {key: np.zeros((*rows.shape, r), np.int32) for key in LAYOUT_KEYS}
     out["index"][:] = b * r
-    out.update(prefix_tokens=np.zeros((*rows.shape[:2], g, lp), np.int32),
-               prefix_segment_ids=np.zeros((*rows.shape[:2], g, lp), np.int32),
-               prefix_of=np.zeros((*rows.shape, g), np.int32))
+    out.update({key: np.zeros(shape, np.int32) for key, shape in
+                zip(PREFIX_KEYS, ((*rows.shape[:2], g, lp), (*rows.shape[:2], g, lp), (*rows.shape, g)))})
     for (m, q), first in zip(np.ndindex(rows.shape[:2]), firsts):
         ids = rows[m, q]
         slot_of = {}
