@@ -193,12 +193,17 @@ class Decoder(nnx.Module):
             q, k, v = layer_qkv(cfg, p, x, positions, inv_freq)
             return _attend_and_mlp(cfg, p, x, q, k, v, attend), None
 
+        return self._layers_then_norm(layer, self.embed_tokens(tokens), remat, lambda x: x)
+
+    def _layers_then_norm(self, layer: Callable, carry: Any, remat: bool, hidden: Callable[[Any], Array]) -> Array:
+        """carry, _ = layer(carry, p) over the layers (scanned or unrolled, `cfg.scan_layers`), then the final norm of
+        hidden(carry). remat: each layer and the norm rematerialised (`hidden_states`)."""
         norm = rms_norm
         if remat:
             layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.nothing_saveable)
             norm = jax.checkpoint(rms_norm, static_argnums=(2,))
-        x, _ = self.over_layers(layer, self.embed_tokens(tokens), None if cfg.scan_layers else self.layer_slices())
-        return norm(x, self.final_norm[...], cfg.rms_norm_eps)
+        carry, _ = self.over_layers(layer, carry, None if self.cfg.scan_layers else self.layer_slices())
+        return norm(hidden(carry), self.final_norm[...], self.cfg.rms_norm_eps)
 
     def shared_prompt_hidden_states(self, prompt_tokens: Array, prompt_segments: Array, tokens: Array,
                                     segment_ids: Array, positions: Array, prompt_of: Array,
@@ -240,13 +245,8 @@ class Decoder(nnx.Module):
             return (_attend_and_mlp(cfg, p, xp, qp, kp, vp, attend_prompt),
                     output_and_mlp(cfg, p, x, attend(q, kp, vp, k, v))), None
 
-        norm = rms_norm
-        if remat:
-            layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.nothing_saveable)
-            norm = jax.checkpoint(rms_norm, static_argnums=(2,))
-        (_, x), _ = self.over_layers(layer, (self.embed_tokens(prompt_tokens), self.embed_tokens(tokens)),
-                                     None if cfg.scan_layers else self.layer_slices())
-        return norm(x, self.final_norm[...], cfg.rms_norm_eps)
+        return self._layers_then_norm(layer, (self.embed_tokens(prompt_tokens), self.embed_tokens(tokens)), remat,
+                                      lambda carry: carry[1])
 
     def hidden_states(self, tokens: Array, *, attention_mask: Array | None = None, positions: Array | None = None,
                       segment_ids: Array | None = None, remat: bool | None = None) -> Array:
