@@ -129,7 +129,7 @@ def lay_out(batch: dict[str, np.ndarray], minibatches: np.ndarray, spec: PackSpe
     minibatches = np.asarray(minibatches)
     trained = r_len[minibatches.reshape(-1)] > 0
     real = int((p_len + r_len)[minibatches.reshape(-1)][trained].sum())
-    arrays = (_packed(batch, prompt_mask, p_len, r_len, minibatches, spec) if spec.layout == "packed" else
+    arrays = (_packed(batch, prompt_mask, p_len, r_len, minibatches, spec) if spec.packed else
               _shared_prompt(batch, prompt_mask, p_len, r_len, minibatches, spec) if spec.layout == "shared_prompt"
               else _padded(batch, prompt_mask, mask, minibatches, spec))
     index = arrays["index"].reshape(-1)
@@ -215,30 +215,23 @@ def _shared_prompt(batch: dict[str, np.ndarray], prompt_mask: np.ndarray, p_len:
     prompts = np.where(prompt_mask, batch["prompt_tokens"], -1)
     _, group = np.unique(np.concatenate([prompts, p_len[:, None]], axis=1), axis=0, return_inverse=True)
     group = np.where(r_len > 0, group.reshape(-1), np.iinfo(np.int64).max)   # no response: no prompt, last
-    micro = spec.micro_batch_size
     rows = np.stack([m[np.argsort(group[m], kind="stable")] for m in np.asarray(minibatches)])
-    rows = rows.reshape(len(rows), -1, micro)                                  # [M, k, r]
-    trained = r_len[rows] > 0
-    firsts = [np.unique(group[rows[m, q][trained[m, q]]], return_index=True)[1] for m, q in np.ndindex(rows.shape[:2])]
-    g = spec.prompt_rows(max(len(f) for f in firsts))
+    rows = rows.reshape(len(rows), -1, spec.micro_batch_size)                   # [M, k, r]
+    trained = [ids[r_len[ids] > 0] for ids in rows.reshape(-1, rows.shape[2])]   # per micro-batch
+    g = spec.prompt_rows(max(len(np.unique(group[ids])) for ids in trained))
     out = {key: np.zeros((*rows.shape, r), np.int32) for key in LAYOUT_KEYS}
     out["index"][:] = b * r
     out.update({key: np.zeros(shape, np.int32) for key, shape in
                 zip(PREFIX_KEYS, ((*rows.shape[:2], g, lp), (*rows.shape[:2], g, lp), (*rows.shape, g)))})
-    for (m, q), first in zip(np.ndindex(rows.shape[:2]), firsts):
-        ids = rows[m, q]
-        slot_of = {}
-        for j, i in enumerate(first):
-            row = ids[trained[m, q]][i]
-            slot_of[group[row]] = j
+    for (m, q), ids in zip(np.ndindex(rows.shape[:2]), trained):
+        _, first, slot = np.unique(group[ids], return_index=True, return_inverse=True)   # prompt row of each response
+        for j, row in enumerate(ids[first]):
             p = int(p_len[row])
             out["prefix_tokens"][m, q, j, :p - 1] = batch["prompt_tokens"][row][prompt_mask[row]][:-1]
             out["prefix_segment_ids"][m, q, j, :p - 1] = 1
-        for s, row in enumerate(ids):
+        for s, (row, j) in enumerate(zip(ids, slot.reshape(-1))):   # trained rows first: the sort put the rest last
             p, n = int(p_len[row]), int(r_len[row])
-            if n == 0:
-                continue
-            out["prefix_of"][m, q, s, slot_of[group[row]]] = 1
+            out["prefix_of"][m, q, s, j] = 1
             out["tokens"][m, q, s, :n] = np.concatenate([batch["prompt_tokens"][row][prompt_mask[row]][-1:],
                                                          batch["tokens"][row, :n - 1]])
             out["segment_ids"][m, q, s, :n] = 1
