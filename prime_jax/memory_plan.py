@@ -9,7 +9,8 @@ Three parts, in GiB per device:
 - update, during a PRM or PPO step: the compiler's temporaries, the larger of two moments: the optimiser's update
   (gradients and the update of them: two copies of the params), and the backward pass of a micro-batch (the
   gradients, one copy of the params, beside the fp32 logits of one `model.logits_chunk` of tokens, held 3 times in
-  the PPO step, which also takes the entropy, and twice in the PRM step, and the layer inputs remat keeps), as XLA's
+  the PPO step, which also takes the entropy, and twice in the PRM step, and what remat keeps: the layer inputs, and
+  the matmul outputs with `model.remat_saves=dots`), as XLA's
   memory analysis of both steps reports them (docs/benchmarks.md). Without remat the activations the backward keeps
   are larger than the layer inputs counted here.
 The peak is resident + the larger of the other two. The exact per-program figures come from the compiler
@@ -68,12 +69,15 @@ def update_temporaries(s: RunSettings) -> tuple[str, int]:
     two copies of the params, or the backward pass's gradients + logits chunks + layer inputs, whichever is larger."""
     m, arch = s.model, s.model.arch
     param_bytes = arch.num_params * _BYTES[m.param_dtype]
+    # what each layer keeps per token for the backward under remat: its input, and with remat_saves="dots" its matmul
+    # outputs (q, k, v, the output projection, gate, up)
+    dots = (arch.num_heads + 2 * arch.num_kv_heads) * arch.head_dim + arch.hidden_size + 2 * arch.intermediate_size
+    kept_per_token = (arch.hidden_size + (dots if m.remat_saves == "dots" else 0)) if m.remat else 0
 
     def backward(spec: PackSpec, logits_copies: int) -> int:
         tokens = spec.micro_batch_tokens
         logits = logits_copies * min(m.logits_chunk, tokens) * arch.vocab_size * 4
-        layer_inputs = arch.num_layers * tokens * arch.hidden_size * _BYTES[m.compute_dtype] if m.remat else 0
-        return param_bytes + logits + layer_inputs
+        return param_bytes + logits + arch.num_layers * tokens * kept_per_token * _BYTES[m.compute_dtype]
 
     passes = {"ppo": backward(s.ppo_pack, 3), **({"prm": backward(s.prm_pack, 2)} if s.runs_prm else {})}
     name, worst = max(passes.items(), key=lambda kv: kv[1])

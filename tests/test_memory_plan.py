@@ -42,6 +42,10 @@ def test_phases_at_qwen2_5_0_5b_dimensions():
     # at the config's 8 rows of 1536 the backward pass is larger: the gradients (1.84 GiB), 3 logits chunks of
     # 1024 x 151,936 fp32 (1.74) and 24 layers' remat inputs of 12,288 bf16 tokens (0.49)
     assert p.update == pytest.approx({"update temporaries (ppo: grads + logits chunks)": 4.07}, abs=0.005)
+    # keeping the matmul outputs too (model.remat_saves=dots): per layer and token q (14 x 64), k and v (2 x 64 each),
+    # the output projection (896), gate and up (4864 each): 11,776 bf16 values, 24 x 12,288 x 11,776 x 2 B = 6.47 GiB
+    dots = plan(resolve(**{"model.remat_saves": "dots"}))
+    assert dots.update == pytest.approx({"update temporaries (ppo: grads + logits chunks)": 4.07 + 6.47}, abs=0.01)
     # the CPU sampler's per-layer copy in bf16: everything but the embedding and the final norm, 2 bytes a weight
     assert p.sampling["sampler layer weights (copy)"] == pytest.approx((QWEN25_0_5B_PARAMS - EMBED - 896) * 2 / GIB)
     assert p.peak == pytest.approx(sum(p.resident.values()) + max(sum(p.sampling.values()), sum(p.update.values())))

@@ -79,6 +79,7 @@ RULES = [
     ("model.attention", "splash", "model.attention", "needs a TPU backend"),
     ("model.attention", "cudnn", "model.attention", "needs a GPU backend"),
     ("model.remat", "no", "model.remat", "True or False"),
+    ("model.remat_saves", "all", "model.remat_saves", "'all' is not one of"),
     ("model.layers", "loop", "model.layers", "'loop' is not one of"),
     ("model.logits_chunk", 0, "model.logits_chunk", ">= 1"),
     ("rollout.n_samples", 0, "rollout.n_samples", ">= 1"),

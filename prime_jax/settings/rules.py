@@ -9,7 +9,7 @@ from typing import Any, NoReturn
 import ml_collections
 
 from prime_jax import paths
-from prime_jax.models.config import CONFIG_ATTENTION, LAYER_LOOPS
+from prime_jax.models.config import CONFIG_ATTENTION, LAYER_LOOPS, REMAT_SAVES
 from prime_jax.rl.advantages import check_advantage_args
 from prime_jax.rl.packing import LAYOUTS
 from prime_jax.rl.ppo import AGGREGATIONS
@@ -127,6 +127,7 @@ def _check_values(c: ml_collections.ConfigDict) -> None:
         _choice(c, f"model.{key}", DTYPES)
     _choice(c, "model.attention", ("auto", *CONFIG_ATTENTION))
     _flag(c, "model.remat")
+    _choice(c, "model.remat_saves", REMAT_SAVES)
     _choice(c, "model.layers", LAYER_LOOPS)
     _positive_int(c, "model.logits_chunk")
 

@@ -32,6 +32,7 @@ class ModelSettings:
     ref_dtype: str
     compute_dtype: str
     remat: bool
+    remat_saves: str
     scan_layers: bool  # resolved for the mesh's platform
     logits_chunk: int
     attention: str  # resolved for the mesh's platform
@@ -39,12 +40,14 @@ class ModelSettings:
 
     def load_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of `load_pretrained` besides the path and dtype."""
-        return dict(compute_dtype=self.compute_dtype, remat=self.remat, scan_layers=self.scan_layers,
+        return dict(compute_dtype=self.compute_dtype, remat=self.remat, remat_saves=self.remat_saves,
+                    scan_layers=self.scan_layers,
                     logits_chunk=self.logits_chunk, attention=self.attention)
 
     def config(self, param_dtype: str) -> ModelConfig:
         """The architecture with this run's dtypes and memory knobs, as `load_pretrained` builds it."""
         return self.arch.replace(param_dtype=param_dtype, dtype=self.compute_dtype, remat=self.remat,
+                                 remat_saves=self.remat_saves,
                                  scan_layers=self.scan_layers,
                                  logits_chunk=self.logits_chunk, attention=self.attention)
 

@@ -8,6 +8,7 @@ from flax import nnx
 
 from prime_jax.models import (Decoder, load_pretrained, logprobs_from_hidden, packed_logprobs, response_logprobs,
                               token_logprobs)
+from prime_jax.models.config import REMAT_SAVES
 from tests.fixtures import tiny_config
 
 
@@ -80,22 +81,29 @@ def test_chunked_peak_memory_below_full_logits_at_large_vocab():
 
 
 def test_remat_keeps_values_and_gradients_and_saves_activation_memory():
-    """packed_logprobs(remat=True) (layers and final norm recomputed in the backward pass, whatever cfg.remat says):
-    same log-probs and gradients, less compiled temp memory for the gradient."""
-    graphdef, params = nnx.split(Decoder(tiny_config(), rngs=nnx.Rngs(0)))
+    """packed_logprobs(remat=True) (layers and final norm recomputed in the backward pass, whatever cfg.remat says),
+    keeping nothing or the matmul outputs (cfg.remat_saves): same log-probs and gradients as without remat, compiled
+    temp memory for the gradient ordered nothing < dots < no remat."""
+    graphdefs = {saves: nnx.split(Decoder(tiny_config(remat_saves=saves), rngs=nnx.Rngs(0)))[0]
+                 for saves in REMAT_SAVES}
+    params = nnx.split(Decoder(tiny_config(), rngs=nnx.Rngs(0)))[1]
     tokens = jax.random.randint(jax.random.key(0), (4, 128), 1, 97)
     segments = jnp.repeat(jnp.array([[1, 2]]), 64, axis=1).repeat(4, axis=0)   # two sequences of 64 per row
     positions = jnp.tile(jnp.arange(64), (4, 2))
 
-    def loss(p, remat):
-        model = nnx.merge(graphdef, p)
+    def loss(p, remat, saves):
+        model = nnx.merge(graphdefs[saves], p)
         logp = packed_logprobs(model, tokens, segments, positions, jnp.roll(tokens, -1, 1), remat=remat)
         return jnp.sum(logp), logp
 
-    grad = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
-    ((_, plain), g_plain), ((_, remat), g_remat) = grad(params, False), grad(params, True)
-    np.testing.assert_allclose(remat, plain, rtol=1e-6, atol=1e-6)
-    for a, b in zip(jax.tree.leaves(g_remat), jax.tree.leaves(g_plain)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    temp = [grad.lower(params, r).compile().memory_analysis().temp_size_in_bytes for r in (False, True)]
-    assert temp[1] < temp[0], temp
+    grad = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=(1, 2))
+    runs = [(False, "nothing"), (True, "nothing"), (True, "dots")]
+    (_, plain), g_plain = grad(params, *runs[0])
+    for remat, saves in runs[1:]:
+        (_, logp), g = grad(params, remat, saves)
+        np.testing.assert_allclose(logp, plain, rtol=1e-6, atol=1e-6)
+        for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_plain)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    plain_temp, nothing_temp, dots_temp = (grad.lower(params, *run).compile().memory_analysis().temp_size_in_bytes
+                                           for run in runs)
+    assert nothing_temp < dots_temp < plain_temp, (nothing_temp, dots_temp, plain_temp)
