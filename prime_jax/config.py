@@ -41,7 +41,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.ref_dtype = "bfloat16"    # the frozen reference
     c.model.compute_dtype = "bfloat16"
     c.model.remat = True
-    c.model.remat_saves = "nothing"  # with remat, what each layer keeps for the backward: nothing | dots (its matmul outputs)
+    c.model.remat_saves = "nothing"  # with remat, what a layer keeps for the backward: nothing | dots (matmul outputs)
     c.model.layers = "auto"    # full-sequence forward: auto (unroll on CPU, scan elsewhere) | scan | unroll
     c.model.logits_chunk = 1024
     c.model.attention = "auto"  # training attention: auto (16-bit: cuDNN on GPU, Pallas splash on TPU; else XLA) | xla | cudnn | splash

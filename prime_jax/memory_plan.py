@@ -66,7 +66,8 @@ def plan(s: RunSettings) -> MemoryPlan:
 
 def update_temporaries(s: RunSettings) -> tuple[str, int]:
     """(label, bytes over the mesh) of the larger update step's temporaries (the module docstring): the optimiser's
-    two copies of the params, or the backward pass's gradients + logits chunks + layer inputs, whichever is larger."""
+    two copies of the params, or the backward pass's gradients + logits chunks + what remat keeps, whichever is
+    larger."""
     m, arch = s.model, s.model.arch
     param_bytes = arch.num_params * _BYTES[m.param_dtype]
     # what each layer keeps per token for the backward under remat: its input, and with remat_saves="dots" its matmul

@@ -89,10 +89,10 @@ def cached_attention(q: Array, k_cache: Array, v_cache: Array, layer: Array, vis
     """Attention of one new token per row over layer `layer` of the sampler's stacked cache, read in place.
 
     q: [B, 1, H, Dh]; k_cache [L, S, K, Dh, B], v_cache [L, S, K, B, Dh] (`KVCache`), slots 0..prompt_slots-1 the
-    row's prompt, the rest a ring of generated tokens written at a shared index; visible: [B, S] bool, the slots each row attends
-    (`sampler_visible`); counts: [B] the ring slots each row sees. The cache is read in blocks of `block` slots
-    (prompt_slots and the ring are whole blocks): the prompt blocks up to the longest prompt and the ring
-    blocks of the longest response so far, with an online softmax in fp32 (while loops), so the work follows
+    row's prompt, the rest a ring of generated tokens written at a shared index; visible: [B, S] bool, the slots
+    each row attends (`sampler_visible`); counts: [B] the ring slots each row sees. The cache is read in blocks of
+    `block` slots (prompt_slots and the ring are whole blocks): the prompt blocks up to the longest prompt and the
+    ring blocks of the longest response so far, with an online softmax in fp32 (while loops), so the work follows
     the filled length, not S; a slot a row does not see adds exactly nothing. -> [B, 1, H, Dh]
     """
     b, _, h, dh = q.shape
@@ -168,9 +168,10 @@ def decode_step(model: Decoder, tokens: Array, positions: Array, cache: KVCache 
     A row's prompt is in slots 0..prompt_slots-1 of its cache and its generated tokens in a ring after them;
     row b attends its first prompt_lens[b] slots and the counts[b] ring slots written last (this one included).
     cache: `KVCache` (k [L, S, K, Dh, B], v [L, S, K, B, Dh]), read in place in blocks of `block`
-    (`cached_attention`); or a tuple of per-layer `LayerKV`, each read whole (`whole_cache_attention`; see `prime_jax.sampling.config.per_layer_decode`
-    for when that pays), which needs `layers`. layers: the layer weights already sliced (`layer_slices`, once
-    outside a decode loop): the layers run unrolled over them; without, a scan over the stacked weights.
+    (`cached_attention`); or a tuple of per-layer `LayerKV`, each read whole (`whole_cache_attention`; see
+    `prime_jax.sampling.config.per_layer_decode` for when that pays), which needs `layers`. layers: the layer
+    weights already sliced (`layer_slices`, once outside a decode loop): the layers run unrolled over them; without,
+    a scan over the stacked weights.
     -> (logits [B, V] float32, cache).
     """
     cfg = model.cfg

@@ -65,15 +65,15 @@ def insert(graphdef: nnx.GraphDef, params: nnx.State, state: SamplerState, promp
     kv = state.cache
     if b:
         logits, (k, v) = model.prefill(prompt_tokens, prompt_lens, layers if cfg.per_layer else None)
-        cache = PromptKV(k=k, v=v)
-        kv = jax.lax.fori_loop(0, cfg.n, lambda j, kv: put_prompts(kv, slots[j, :b], cache), kv)  # sample j
+        prompt = PromptKV(k=k, v=v)
+        kv = jax.lax.fori_loop(0, cfg.n, lambda j, kv: put_prompts(kv, slots[j, :b], prompt), kv)  # sample j
     else:  # the held prompt's samples only: nothing to prefill
         logits = jnp.zeros((0, model.cfg.vocab_size), jnp.float32)
     kv = put_prompts(kv, slots[:, b], state.held)  # (a second loop here would copy the whole cache on TPU)
     held = (state.held, state.held_logits, state.held_len)
     if b:  # the prompt to hold: taken out of the batch, the held one kept where hold == B
-        new = (PromptKV(k=state.held.k.at[:, :, :, :cache.k.shape[3]].set(_row(cache.k, hold, 1)),
-                       v=state.held.v.at[:, :, :, :cache.v.shape[3]].set(_row(cache.v, hold, 1))),
+        new = (PromptKV(k=state.held.k.at[:, :, :, :prompt.k.shape[3]].set(_row(prompt.k, hold, 1)),
+                        v=state.held.v.at[:, :, :, :prompt.v.shape[3]].set(_row(prompt.v, hold, 1))),
                _row(logits, hold, 0), _row(prompt_lens, hold, 0))
         held = jax.tree.map(lambda new, old: jnp.where(hold < b, new, old), new, held)
 

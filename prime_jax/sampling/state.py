@@ -33,20 +33,19 @@ class SamplerState:
     """Everything the programs carry; N = cfg.rows slots, R = max_new_tokens, P = cfg.prompt_slots(prompt_len).
 
     cache: KV of every layer, S = cfg.cache_len(prompt_len) slots per row: `KVCache` (k [L, S, K, Dh, N], v
-    [L, S, K, N, Dh]), or with
-    cfg.per_layer one `LayerKV` per layer (k [N, K, Dh, S], v [N, K, S, Dh]); row b's prompt in slots
-    0..prompt_lens[b]-1, its generated tokens in a ring over slots P..S-1, all rows writing at P + ring each
-    step; prompt_lens [N] int32; ring: int32 scalar, the ring slot the next step writes; last [N] int32 the
-    row's last drawn token, fed at the next step; keys [N] per-row PRNG keys; steps [N] int32 tokens drawn
-    (stop included); tokens [N, R] int32 (pad after stop); logprobs [N, R] float32 (0 after stop); done [N]
-    bool (a free slot is done); held: the KV cache [L, 1, K, prompt_len, Dh] of the held prompt (prefilled, not all
-    of its samples started yet; `insert`), held_logits [1, V] float32 its next-token logits, held_len [1] int32 its
-    length; slot_row [N] int32 the row each slot started last (-1: none yet); next_row: int32 scalar, the row the
-    next start takes (the held prompt has samples left to start while next_row % n != 0); rng: the call's PRNG key
-    (a row's key is fold_in(rng, row)); fin_rows [F], fin_tokens [F, R], fin_logprobs [F, R], fin_lens [F]: the rows
-    (slot_row values, -1 or already collected ones included) whose slots `decode` refilled in its current call,
-    fin_count of them (F = N with cfg.refill, else 0). `cfg` and `prompt_len` (the largest prompt the cache holds)
-    are static.
+    [L, S, K, N, Dh]), or with cfg.per_layer one `LayerKV` per layer (k [N, K, Dh, S], v [N, K, S, Dh]); row
+    b's prompt in slots 0..prompt_lens[b]-1, its generated tokens in a ring over slots P..S-1, all rows
+    writing at P + ring each step; prompt_lens [N] int32; ring: int32 scalar, the ring slot the next step
+    writes; last [N] int32 the row's last drawn token, fed at the next step; keys [N] per-row PRNG keys; steps
+    [N] int32 tokens drawn (stop included); tokens [N, R] int32 (pad after stop); logprobs [N, R] float32 (0
+    after stop); done [N] bool (a free slot is done); held: the `PromptKV` [L, 1, K, prompt_len, Dh] of the
+    held prompt (prefilled, not all of its samples started yet; `insert`), held_logits [1, V] float32 its
+    next-token logits, held_len [1] int32 its length; slot_row [N] int32 the row each slot started last (-1:
+    none yet); next_row: int32 scalar, the row the next start takes (the held prompt has samples left to start
+    while next_row % n != 0); rng: the call's PRNG key (a row's key is fold_in(rng, row)); fin_rows [F],
+    fin_tokens [F, R], fin_logprobs [F, R], fin_lens [F]: the rows (slot_row values, -1 or already collected
+    ones included) whose slots `decode` refilled in its current call, fin_count of them (F = N with
+    cfg.refill, else 0). `cfg` and `prompt_len` (the largest prompt the cache holds) are static.
     """
 
     cache: KVCache | tuple[LayerKV, ...]
@@ -78,7 +77,8 @@ def _state_axes(state: SamplerState) -> SamplerState:
     over tensor."""
     b1, b2 = ("batch",), ("batch", None)
     if isinstance(state.cache, KVCache):
-        cache = KVCache(k=("layers", None, "kv_heads", "head_dim", "batch"), v=("layers", None, "kv_heads", "batch", "head_dim"))
+        cache = KVCache(k=("layers", None, "kv_heads", "head_dim", "batch"),
+                        v=("layers", None, "kv_heads", "batch", "head_dim"))
     else:
         cache = tuple(LayerKV(k=("batch", "kv_heads", "head_dim", None), v=("batch", "kv_heads", None, "head_dim"))
                       for _ in state.cache)

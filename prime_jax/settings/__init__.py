@@ -116,8 +116,7 @@ def resolve(c: ml_collections.ConfigDict, mesh: Mesh | None = None, arch: ModelC
         path=model_path, prm_path=m.prm_path or model_path, ref_path=m.ref_path or model_path,
         tokenizer=m.tokenizer or (paths.join(model_path, "tokenizer.model") if builtin else model_path),
         param_dtype=m.param_dtype, ref_dtype=m.ref_dtype, compute_dtype=m.compute_dtype, remat=m.remat,
-        remat_saves=m.remat_saves,
-        scan_layers=scan_layers_for(m.layers, platform),
+        remat_saves=m.remat_saves, scan_layers=scan_layers_for(m.layers, platform),
         logits_chunk=m.logits_chunk, attention=attention, arch=arch)
 
     needed = builtin and not (paths.path(model_path) / "config.json").exists()

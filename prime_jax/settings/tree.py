@@ -38,18 +38,18 @@ class ModelSettings:
     attention: str  # resolved for the mesh's platform
     arch: ModelConfig
 
+    def _knobs(self) -> dict[str, Any]:
+        """The `ModelConfig` fields this run sets besides the dtypes."""
+        return dict(remat=self.remat, remat_saves=self.remat_saves, scan_layers=self.scan_layers,
+                    logits_chunk=self.logits_chunk, attention=self.attention)
+
     def load_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of `load_pretrained` besides the path and dtype."""
-        return dict(compute_dtype=self.compute_dtype, remat=self.remat, remat_saves=self.remat_saves,
-                    scan_layers=self.scan_layers,
-                    logits_chunk=self.logits_chunk, attention=self.attention)
+        return dict(compute_dtype=self.compute_dtype, **self._knobs())
 
     def config(self, param_dtype: str) -> ModelConfig:
         """The architecture with this run's dtypes and memory knobs, as `load_pretrained` builds it."""
-        return self.arch.replace(param_dtype=param_dtype, dtype=self.compute_dtype, remat=self.remat,
-                                 remat_saves=self.remat_saves,
-                                 scan_layers=self.scan_layers,
-                                 logits_chunk=self.logits_chunk, attention=self.attention)
+        return self.arch.replace(param_dtype=param_dtype, dtype=self.compute_dtype, **self._knobs())
 
 
 @dataclasses.dataclass(frozen=True)
