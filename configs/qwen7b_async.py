@@ -1,6 +1,7 @@
 """configs/qwen7b.py with rollouts one step ahead of training on a v5p-16, the split that beats its synchronous step
 at the roofline (docs/aot.md, "Rollouts ahead on a sampler mesh of its own"): the slice's first 4 chips sample,
-the other 4 train (FSDP), the sampler one policy version behind (rollout.max_staleness=1).
+the other 4 train (FSDP, keeping the matmul outputs for the backward), the sampler one policy version behind
+(rollout.max_staleness=1).
 
     python -m prime_jax.main --config=configs/qwen7b_async.py
     JAX_PLATFORMS=cpu python -m prime_jax.aot --config=configs/qwen7b_async.py --topology=v5p-16
@@ -23,4 +24,5 @@ def get_config() -> ml_collections.ConfigDict:
     c.rollout.max_staleness = 1
     c.rollout.prompts_per_call = 128    # 512 rows in flight on the 4 sampling chips (28 GiB of KV cache each)
     c.rollout.gather_params = True      # decode reads the bf16 policy gathered once a call, as qwen7b's v5p-16 plan
+    c.model.remat_saves = "dots"        # the 4 training chips have the HBM to keep the matmul outputs (87 of 95 GiB)
     return c

@@ -446,11 +446,12 @@ def test_split_markdown_rows_name_each_programs_mesh(compiled_split):
 
 def test_qwen7b_async_is_the_compiled_v5p16_split():
     """configs/qwen7b_async.py is qwen7b with the overrides docs/aot.md compiled for the v5p-16 split (no SHARDING
-    plan of its own): 4 chips sample with one fsdp axis, the other 4 train with qwen7b's mesh, one version behind."""
+    plan of its own): 4 chips sample with one fsdp axis, the other 4 train with qwen7b's mesh keeping the matmul outputs
+    for the backward, one version behind."""
     base, _ = aot.load_config_file(QWEN7B)
     c, plans = aot.load_config_file(QWEN7B_ASYNC)
     compiled = {"rollout.devices": 4, "rollout.max_staleness": 1, "rollout.gather_params": True,
-                "rollout.prompts_per_call": 128, "workdir": "runs/qwen7b_async"}
+                "rollout.prompts_per_call": 128, "model.remat_saves": "dots", "workdir": "runs/qwen7b_async"}
     assert plans == {} and c.to_dict() == aot.config_for(base, {}, compiled).to_dict()
     s = aot.topology_settings(c, aot.parse_topology("v5p-16"))
     assert dict(s.rollout_mesh.shape) == dict(s.mesh.shape) == {"data": 1, "fsdp": 4, "tensor": 1}
