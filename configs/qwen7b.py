@@ -48,7 +48,7 @@ def get_config() -> ml_collections.ConfigDict:
 SHARDING = {
     "v5p-8": {"mesh.data": 1, "mesh.fsdp": 4, "mesh.tensor": 1, "rollout.prompts_per_call": 64},
     "v5p-16": {"mesh.data": 1, "mesh.fsdp": 8, "mesh.tensor": 1, "rollout.gather_params": True,
-               "model.remat_saves": "dots"},
+               "model.remat_saves": "dots", "actor.micro_batch_size": 16, "prm.micro_batch_size": 16},
     "v5p-32": {"mesh.data": 2, "mesh.fsdp": 8, "mesh.tensor": 1, "actor.micro_batch_size": 16, "prm.micro_batch_size": 16},
     "v4-64": {"mesh.data": 1, "mesh.fsdp": 32, "mesh.tensor": 1, "actor.micro_batch_size": 32, "prm.micro_batch_size": 32},
 }

@@ -1,13 +1,14 @@
-"""configs/qwen7b.py with rollouts one step ahead of training on a v5p-16, the split that beats its synchronous step
-at the roofline (docs/aot.md, "Rollouts ahead on a sampler mesh of its own"): the slice's first 4 chips sample,
-the other 4 train (FSDP, keeping the matmul outputs for the backward), the sampler one policy version behind
-(rollout.max_staleness=1).
+"""configs/qwen7b.py with rollouts one step ahead of training on a v5p-16 (docs/aot.md, "Rollouts ahead on a sampler
+mesh of its own"): the slice's first 4 chips sample, the other 4 train (FSDP, keeping the matmul outputs for the
+backward), the sampler one policy version behind (rollout.max_staleness=1).
 
     python -m prime_jax.main --config=configs/qwen7b_async.py
     JAX_PLATFORMS=cpu python -m prime_jax.aot --config=configs/qwen7b_async.py --topology=v5p-16
 
-Bound by the 4 training chips; only on a v5p-16 does a split beat the synchronous step (on a v5p-32 the shared
-mesh wins), and 128 prompts a sampler call is the most that fits on 4 chips. Figures: docs/aot.md.
+At the roofline it ties with qwen7b's synchronous v5p-16 plan (127.0 s a step, bound by the 4 training chips,
+against 126.3 s); its sampler idles ~74 s a step, which absorbs what the roofline leaves out (refills, late long
+responses, host-side verification). On a v5p-32 the shared mesh wins, and 128 prompts a sampler call is the most
+that fits on 4 chips. Figures: docs/aot.md.
 """
 
 import os

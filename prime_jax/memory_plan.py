@@ -8,7 +8,7 @@ Three parts, in GiB per device:
   call in the compute dtype (`prime_jax.sampling.programs.layer_weights`);
 - update, during a PRM or PPO step: the compiler's temporaries, the larger of two moments: the optimiser's update
   (gradients and the update of them: two copies of the params), and the backward pass of a micro-batch (the
-  gradients, one copy of the params, beside the fp32 logits of one `model.logits_chunk` of tokens, held 3 times in
+  gradients, one copy of the params, beside the fp32 logits of `model.logits_chunk` tokens a device, held 3 times in
   the PPO step, which also takes the entropy, and twice in the PRM step, and what remat keeps: the layer inputs, and
   the matmul outputs with `model.remat_saves=dots`), as XLA's
   memory analysis of both steps reports them (docs/benchmarks.md). Without remat the activations the backward keeps
@@ -77,7 +77,7 @@ def update_temporaries(s: RunSettings) -> tuple[str, int]:
 
     def backward(spec: PackSpec, logits_copies: int) -> int:
         tokens = spec.micro_batch_tokens
-        logits = logits_copies * min(m.logits_chunk, tokens) * arch.vocab_size * 4
+        logits = logits_copies * min(m.logits_chunk * spec.data_parallel, tokens) * arch.vocab_size * 4   # a chunk a device
         return param_bytes + logits + arch.num_layers * tokens * kept_per_token * _BYTES[m.compute_dtype]
 
     passes = {"ppo": backward(s.ppo_pack, 3), **({"prm": backward(s.prm_pack, 2)} if s.runs_prm else {})}

@@ -107,18 +107,23 @@ def data_parallel_size(mesh: Mesh) -> int:
     return math.prod(mesh.shape[a] for a in BATCH_AXES if a in mesh.shape)
 
 
+def batch_split(rows: int) -> tuple[tuple[str, ...], int]:
+    """Inside a jit under `jax.set_mesh(mesh)`: the batch axes a batch of `rows` rows is split over and how many ways
+    (`((), 1)` without a mesh, or when the rows do not divide)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return (), 1
+    axes = tuple(a for a in BATCH_AXES if a in mesh.shape and mesh.shape[a] > 1)
+    size = math.prod(mesh.shape[a] for a in axes)
+    return ((), 1) if not axes or rows % size else (axes, size)
+
+
 def constrain_batch(x: jax.Array) -> jax.Array:
     """Inside a jit under `jax.set_mesh(mesh)`: keep activations split over the batch axes (as MaxText
     constrains activations), so GSPMD never prefers sharding them over the model dims. No-op without a mesh
     or when the batch does not divide."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return x
-    axes = tuple(a for a in BATCH_AXES if a in mesh.shape and mesh.shape[a] > 1)
-    size = math.prod(mesh.shape[a] for a in axes)
-    if not axes or x.shape[0] % size:
-        return x
-    return jax.lax.with_sharding_constraint(x, P(axes, *([None] * (x.ndim - 1))))
+    axes, _ = batch_split(x.shape[0])
+    return jax.lax.with_sharding_constraint(x, P(axes, *([None] * (x.ndim - 1)))) if axes else x
 
 
 def replicate(x: jax.Array) -> jax.Array:

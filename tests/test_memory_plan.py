@@ -51,6 +51,19 @@ def test_phases_at_qwen2_5_0_5b_dimensions():
     assert p.peak == pytest.approx(sum(p.resident.values()) + max(sum(p.sampling.values()), sum(p.update.values())))
 
 
+def test_logits_chunks_are_per_device_on_a_mesh():
+    """Split over 8 devices, the params, gradients and remat inputs divide by 8 but each device makes the logits of
+    `logits_chunk` tokens of its own rows (`logprobs_from_hidden`): (1.84 + 0.49) / 8 + 1.74 GiB."""
+    from prime_jax.mesh import make_mesh
+
+    c = load_config("qwen0_5b")
+    c.rollout.prompts_per_call = 8
+    c.mesh.fsdp = 8
+    s = settings.resolve(c, make_mesh({"data": 1, "fsdp": 8, "tensor": 1}))
+    assert plan(s).update == pytest.approx({"update temporaries (ppo: grads + logits chunks)": (1.84 + 0.49) / 8 + 1.74},
+                                           abs=0.005)
+
+
 def test_outcome_only_rl_plans_the_policy_alone():
     p = plan(resolve(**{"algorithm.process_coef": 0.0, "prm.update_mode": "none"}))
     assert list(p.resident) == ["policy (params + adam)"]

@@ -1,7 +1,7 @@
 """Token log-probs without materialising [B, T, V] float32 logits.
 
-The LM head is applied to a fixed number of tokens at a time inside a `lax.scan`, each chunk
-rematerialised in the backward pass, so peak memory is one [chunk, V] block rather than the whole
+The LM head is applied to a fixed number of tokens a device at a time inside a `lax.scan`, each block
+rematerialised in the backward pass, so peak memory is one [chunk, V] block a device rather than the whole
 [B, T, V] tensor (152k vocab x 4k tokens x 4 bytes = 2.5 GB per sequence).
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from prime_jax.mesh import batch_split, constrain_batch
 from prime_jax.models.decoder import Decoder
 
 Array = jax.Array
@@ -19,32 +20,37 @@ def logprobs_from_hidden(hidden: Array, head: Array, targets: Array, *, chunk: i
                          with_entropy: bool = False) -> Array | tuple[Array, Array]:
     """log softmax(h @ head / temperature)[target] per token, in fp32.
 
+    The logits are made `chunk` tokens a device at a time: a scan over column blocks of every row at once, so each
+    device scores the rows it holds (batch-split activations, the head gathered) and no device holds a whole
+    [tokens, V] block. (Blocks of the flattened tokens would each sit on one device, and GSPMD then splits the
+    head's contraction over devices and all-reduces every fp32 [chunk, V] block of logits.)
     hidden: [B, N, D]; head: [D, V]; targets: [B, N] int32 -> [B, N] float32 (and entropy [B, N]).
     """
     if temperature <= 0:
         raise ValueError(f"log-prob temperature must be > 0, got {temperature}")
     b, n, d = hidden.shape
-    total = b * n
-    chunk = min(chunk, total)
-    pad = -total % chunk
-    h = jnp.pad(hidden.reshape(total, d), ((0, pad), (0, 0))).reshape(-1, chunk, d)
-    t = jnp.pad(targets.reshape(total), (0, pad)).reshape(-1, chunk)
+    _, ways = batch_split(b)
+    cols = min(n, max(1, chunk * ways // b))       # columns per block: ~chunk tokens on each device
+    pad = -n % cols
+    h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(b, -1, cols, d).swapaxes(0, 1)   # [blocks, B, cols, D]
+    t = jnp.pad(targets, ((0, 0), (0, pad))).reshape(b, -1, cols).swapaxes(0, 1)
     w = head.astype(hidden.dtype)
 
     @jax.checkpoint
     def one_chunk(_, xs):
         hc, tc = xs
-        logits = jnp.einsum("nd,dv->nv", hc, w, preferred_element_type=jnp.float32) / temperature
+        logits = constrain_batch(jnp.einsum("bnd,dv->bnv", constrain_batch(hc), w,
+                                            preferred_element_type=jnp.float32)) / temperature
         lse = jax.nn.logsumexp(logits, axis=-1)
-        lp = jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0] - lse
+        lp = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0] - lse
         ent = lse - jnp.sum(jax.nn.softmax(logits, axis=-1) * logits, axis=-1) if with_entropy else jnp.zeros_like(lse)
         return None, (lp, ent)
 
     _, (lp, ent) = jax.lax.scan(one_chunk, None, (h, t))
-    lp = lp.reshape(-1)[:total].reshape(b, n)
+    lp = lp.swapaxes(0, 1).reshape(b, -1)[:, :n]
     if not with_entropy:
         return lp
-    return lp, ent.reshape(-1)[:total].reshape(b, n)
+    return lp, ent.swapaxes(0, 1).reshape(b, -1)[:, :n]
 
 
 def token_logprobs(model: Decoder, tokens: Array, attention_mask: Array, *, positions: Array | None = None,

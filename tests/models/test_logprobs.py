@@ -107,3 +107,30 @@ def test_remat_keeps_values_and_gradients_and_saves_activation_memory():
     plain_temp, nothing_temp, dots_temp = (grad.lower(params, *run).compile().memory_analysis().temp_size_in_bytes
                                            for run in runs)
     assert nothing_temp < dots_temp < plain_temp, (nothing_temp, dots_temp, plain_temp)
+
+
+def test_sharded_batch_scores_its_own_rows_without_reducing_logits():
+    """Rows split over 8 devices (fsdp), the head split over its hidden dim as FSDP stores it: each device makes the
+    logits of its own rows, ~chunk tokens a block, and no [*, V] block of logits is all-reduced (blocks of the
+    flattened tokens each sat on one device, and GSPMD all-reduced every fp32 [chunk, V] block); values equal numpy."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from prime_jax.mesh import make_mesh
+
+    b, n, d, v, chunk = 8, 24, 16, 1031, 6
+    rng = np.random.default_rng(0)
+    hidden, head = rng.normal(size=(b, n, d)).astype(np.float32), rng.normal(size=(d, v)).astype(np.float32)
+    targets = rng.integers(0, v, (b, n)).astype(np.int32)
+    mesh = make_mesh({"fsdp": 8})
+    args = (jax.device_put(hidden, NamedSharding(mesh, P("fsdp"))), jax.device_put(head, NamedSharding(mesh, P("fsdp"))),
+            jax.device_put(targets, NamedSharding(mesh, P("fsdp"))))
+    fn = jax.jit(lambda h, w, t: logprobs_from_hidden(h, w, t, chunk=chunk))
+    with jax.set_mesh(mesh):
+        hlo = fn.lower(*args).compile().as_text()
+        ours = np.asarray(fn(*args))
+    reduced = [line for line in hlo.splitlines() if " all-reduce(" in line and f",{v}]" in line.split("=")[1]]
+    assert not reduced, reduced[:1]
+    assert f"f32[1,{chunk},{v}]" in hlo   # one row of chunk tokens a device per block
+    logits = np.einsum("bnd,dv->bnv", hidden.astype(np.float64), head)
+    ref = np.take_along_axis(jax.nn.log_softmax(logits, axis=-1), targets[..., None], axis=-1)[..., 0]
+    assert np.max(np.abs(ours - np.asarray(ref))) < 1e-4
