@@ -20,37 +20,43 @@ def logprobs_from_hidden(hidden: Array, head: Array, targets: Array, *, chunk: i
                          with_entropy: bool = False) -> Array | tuple[Array, Array]:
     """log softmax(h @ head / temperature)[target] per token, in fp32.
 
-    The logits are made `chunk` tokens a device at a time: a scan over column blocks of every row at once, so each
-    device scores the rows it holds (batch-split activations, the head gathered) and no device holds a whole
-    [tokens, V] block. (Blocks of the flattened tokens would each sit on one device, and GSPMD then splits the
-    head's contraction over devices and all-reduces every fp32 [chunk, V] block of logits.)
+    The logits are made `chunk` tokens a device at a time: each device's rows (split over the batch axes) are
+    flattened and scanned in blocks of `chunk` tokens, all devices in step, so each device scores its own rows with
+    the gathered head and none holds a [tokens, V] block of other rows. (Blocks of all rows' flattened tokens would
+    each sit on one device, and GSPMD then splits the head's contraction over the devices and all-reduces every
+    fp32 [chunk, V] block of logits.) On one device: plain blocks of `chunk` tokens.
     hidden: [B, N, D]; head: [D, V]; targets: [B, N] int32 -> [B, N] float32 (and entropy [B, N]).
     """
     if temperature <= 0:
         raise ValueError(f"log-prob temperature must be > 0, got {temperature}")
     b, n, d = hidden.shape
     _, ways = batch_split(b)
-    cols = min(n, max(1, chunk * ways // b))       # columns per block: ~chunk tokens on each device
-    pad = -n % cols
-    h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(b, -1, cols, d).swapaxes(0, 1)   # [blocks, B, cols, D]
-    t = jnp.pad(targets, ((0, 0), (0, pad))).reshape(b, -1, cols).swapaxes(0, 1)
+    per_device = b // ways * n
+    size = min(chunk, per_device)
+    pad = -per_device % size
+
+    def blocks(x: Array) -> Array:   # [B, N, ...] -> [blocks, ways, size, ...]
+        x = x.reshape(ways, per_device, *x.shape[2:])
+        x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
+        return x.reshape(ways, -1, size, *x.shape[2:]).swapaxes(0, 1)
+
+    def unblock(x: Array) -> Array:  # [blocks, ways, size] -> [B, N]
+        return x.swapaxes(0, 1).reshape(ways, -1)[:, :per_device].reshape(b, n)
+
     w = head.astype(hidden.dtype)
 
     @jax.checkpoint
     def one_chunk(_, xs):
         hc, tc = xs
-        logits = constrain_batch(jnp.einsum("bnd,dv->bnv", constrain_batch(hc), w,
+        logits = constrain_batch(jnp.einsum("wnd,dv->wnv", constrain_batch(hc), w,
                                             preferred_element_type=jnp.float32)) / temperature
         lse = jax.nn.logsumexp(logits, axis=-1)
         lp = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0] - lse
         ent = lse - jnp.sum(jax.nn.softmax(logits, axis=-1) * logits, axis=-1) if with_entropy else jnp.zeros_like(lse)
         return None, (lp, ent)
 
-    _, (lp, ent) = jax.lax.scan(one_chunk, None, (h, t))
-    lp = lp.swapaxes(0, 1).reshape(b, -1)[:, :n]
-    if not with_entropy:
-        return lp
-    return lp, ent.swapaxes(0, 1).reshape(b, -1)[:, :n]
+    _, (lp, ent) = jax.lax.scan(one_chunk, None, (blocks(hidden), blocks(targets)))
+    return (unblock(lp), unblock(ent)) if with_entropy else unblock(lp)
 
 
 def token_logprobs(model: Decoder, tokens: Array, attention_mask: Array, *, positions: Array | None = None,
