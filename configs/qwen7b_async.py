@@ -5,10 +5,9 @@ backward), the sampler one policy version behind (rollout.max_staleness=1).
     python -m prime_jax.main --config=configs/qwen7b_async.py
     JAX_PLATFORMS=cpu python -m prime_jax.aot --config=configs/qwen7b_async.py --topology=v5p-16
 
-At the roofline it ties with qwen7b's synchronous v5p-16 plan (127.0 s a step, bound by the 4 training chips,
-against 126.3 s); its sampler idles ~74 s a step, which absorbs what the roofline leaves out (refills, late long
-responses, host-side verification). On a v5p-32 the shared mesh wins, and 128 prompts a sampler call is the most
-that fits on 4 chips. Figures: docs/aot.md.
+At the roofline it ties with qwen7b's synchronous v5p-16 plan (bound by the 4 training chips); its idle sampler
+absorbs what the roofline leaves out (refills, late long responses, host-side verification). On a v5p-32 the shared
+mesh wins, and 128 prompts a sampler call is the most that fits on 4 chips. Figures: docs/aot.md.
 """
 
 import os
@@ -25,5 +24,5 @@ def get_config() -> ml_collections.ConfigDict:
     c.rollout.max_staleness = 1
     c.rollout.prompts_per_call = 128    # 512 rows in flight on the 4 sampling chips (28 GiB of KV cache each)
     c.rollout.gather_params = True      # decode reads the bf16 policy gathered once a call, as qwen7b's v5p-16 plan
-    c.model.remat_saves = "dots"        # the 4 training chips have the HBM to keep the matmul outputs (87 of 95 GiB)
+    c.model.remat_saves = "dots"        # the 4 training chips have the HBM to keep the matmul outputs
     return c

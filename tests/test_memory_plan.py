@@ -12,6 +12,7 @@ import pytest
 
 from prime_jax import settings
 from prime_jax.memory_plan import GIB, plan
+from prime_jax.mesh import make_mesh
 from tests.fixtures import env, load_config, one_device_mesh, tiny_config, write_hf_checkpoint, write_hf_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,8 +55,6 @@ def test_phases_at_qwen2_5_0_5b_dimensions():
 def test_logits_chunks_are_per_device_on_a_mesh():
     """Split over 8 devices, the params, gradients and remat inputs divide by 8 but each device makes the logits of
     `logits_chunk` tokens of its own rows (`logprobs_from_hidden`): (1.84 + 0.49) / 8 + 1.74 GiB."""
-    from prime_jax.mesh import make_mesh
-
     c = load_config("qwen0_5b")
     c.rollout.prompts_per_call = 8
     c.mesh.fsdp = 8

@@ -5,7 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
+from prime_jax.mesh import make_mesh
 from prime_jax.models import (Decoder, load_pretrained, logprobs_from_hidden, packed_logprobs, response_logprobs,
                               token_logprobs)
 from prime_jax.models.config import REMAT_SAVES
@@ -113,10 +115,6 @@ def test_sharded_batch_scores_its_own_rows_without_reducing_logits():
     """Rows split over 8 devices (fsdp), the head split over its hidden dim as FSDP stores it: each device makes the
     logits of its own rows, ~chunk tokens a block, and no [*, V] block of logits is all-reduced (blocks of the
     flattened tokens each sat on one device, and GSPMD all-reduced every fp32 [chunk, V] block); values equal numpy."""
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
-    from prime_jax.mesh import make_mesh
-
     b, n, d, v, chunk = 8, 24, 16, 1031, 6
     rng = np.random.default_rng(0)
     hidden, head = rng.normal(size=(b, n, d)).astype(np.float32), rng.normal(size=(d, v)).astype(np.float32)
